@@ -1,0 +1,108 @@
+"""Adam/AdamW optimizer state keyed by parameter name: what the reconstruction needs.
+
+State is tied to parameters by identity (live optimizer) or by the documented param-group
+order (files, see ``probe.optim_loading``), never by guessing; shapes are always checked.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class AdamHyper:
+    """Hyperparameters of one param group, as ``torch.optim.Adam``/``AdamW`` store them.
+
+    ``decoupled`` is True for AdamW (``p *= 1 - lr * wd``) and False for Adam with L2 decay
+    (``wd * p`` is added to the gradient, after clipping).
+    """
+
+    lr: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    decoupled: bool = True
+
+
+@dataclass
+class ParamAdamState:
+    """Adam moments of one parameter after ``step`` completed steps (step 0: empty state)."""
+
+    step: int = 0
+    exp_avg: Tensor | None = None  # m, same shape as the parameter
+    exp_avg_sq: Tensor | None = None  # v
+    max_exp_avg_sq: Tensor | None = None  # amsgrad's running max of v
+
+
+@dataclass
+class AdamState:
+    """Optimizer state and hyperparameters for every parameter the optimizer updates.
+
+    Keys are names as in ``model.named_parameters()``; parameters absent from ``hyper``
+    are not trained (frozen, e.g. the base weights under LoRA).
+    """
+
+    hyper: dict[str, AdamHyper]
+    state: dict[str, ParamAdamState]
+    group_of: dict[str, int] = field(default_factory=dict)
+    source: str = "live optimizer"
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.hyper)
+
+    def with_overrides(self, **overrides: Any) -> "AdamState":
+        """A copy with hyperparameters (lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled) replaced in every group."""
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(overrides) - set(AdamHyper.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown optimizer hyperparameter(s) {sorted(unknown)}; allowed: {sorted(AdamHyper.__dataclass_fields__)}")
+        return replace(self, hyper={n: replace(h, **overrides) for n, h in self.hyper.items()})
+
+    @classmethod
+    def from_optimizer(cls, optimizer: torch.optim.Optimizer, model: nn.Module) -> "AdamState":
+        """Read a live ``torch.optim.Adam``/``AdamW``, mapping its parameters to names by identity."""
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(f"only torch.optim.Adam and AdamW can be reconstructed, got {type(optimizer).__name__}")
+        name_of = {id(p): n for n, p in model.named_parameters()}
+        hyper: dict[str, AdamHyper] = {}
+        state: dict[str, ParamAdamState] = {}
+        group_of: dict[str, int] = {}
+        for gi, group in enumerate(optimizer.param_groups):
+            if group.get("maximize", False):
+                raise ValueError("optimizer uses maximize=True, which probe does not reconstruct; use maximize=False")
+            lr = group["lr"]
+            lr = float(lr.item() if isinstance(lr, Tensor) else lr)
+            # torch >= 2.x: AdamW has decoupled_weight_decay=True; older AdamW objects lack the key.
+            decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
+            h = AdamHyper(
+                lr=lr,
+                beta1=float(group["betas"][0]),
+                beta2=float(group["betas"][1]),
+                eps=float(group["eps"]),
+                weight_decay=float(group["weight_decay"]),
+                amsgrad=bool(group.get("amsgrad", False)),
+                decoupled=decoupled,
+            )
+            for p in group["params"]:
+                if id(p) not in name_of:
+                    raise ValueError(
+                        "the optimizer holds a parameter that is not in model.named_parameters(); "
+                        "pass the model the optimizer was built over"
+                    )
+                n = name_of[id(p)]
+                hyper[n], group_of[n] = h, gi
+                st = optimizer.state.get(p, {})
+                step = st.get("step", 0)
+                state[n] = ParamAdamState(
+                    step=int(step.item() if isinstance(step, Tensor) else step),
+                    exp_avg=st.get("exp_avg"),
+                    exp_avg_sq=st.get("exp_avg_sq"),
+                    max_exp_avg_sq=st.get("max_exp_avg_sq"),
+                )
+        return cls(hyper=hyper, state=state, group_of=group_of)

@@ -1,0 +1,93 @@
+"""The policy-gradient loss on the update batch U, per sequence (DESIGN section 2).
+
+``L = sum_i c_i``; the aggregation mode (verl's ``loss_agg_mode``) fixes the normaliser.
+Normalisers are computed once over the *whole* U, so microbatches of U sum to one batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+@dataclass
+class LossConfig:
+    """How the trainer turns U into a loss.
+
+    Args:
+        agg_mode: loss aggregation, as verl's ``loss_agg_mode``: ``seq-mean-token-mean`` (GRPO),
+            ``token-mean`` (DAPO), ``seq-mean-token-sum``, ``seq-mean-token-sum-norm`` (Dr. GRPO).
+        clip_ratio: PPO clip epsilon (lower side). Used only when U carries ``old_logprobs``
+            and ``use_old_logprobs`` is on; otherwise the on-policy loss ``-A * log p`` is used.
+        clip_ratio_high: upper clip epsilon (DAPO clip-higher); defaults to ``clip_ratio``.
+        use_old_logprobs: use U's stored ``old_logprobs`` for the PPO ratio (off-policy inner epochs).
+        max_response_length: ``L_max`` of ``seq-mean-token-sum-norm``; default: longest response in U.
+        temperature: the log-probs of the loss are those of ``logits / temperature`` (as verl does
+            with the rollout temperature).
+    """
+
+    agg_mode: str = "seq-mean-token-mean"
+    clip_ratio: float = 0.2
+    clip_ratio_high: float | None = None
+    use_old_logprobs: bool = False
+    max_response_length: int | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.agg_mode not in AGG_MODES:
+            raise ValueError(f"unknown loss agg_mode {self.agg_mode!r}; choose one of {', '.join(AGG_MODES)}")
+
+
+@dataclass
+class Normalisers:
+    """Counts over the whole update batch that fix the loss scale."""
+
+    n_sequences: int  # N
+    n_tokens: int  # T_total, response tokens in U
+    max_length: int  # L_max
+
+
+def normalisers(target_mask: Tensor, cfg: LossConfig) -> Normalisers:
+    """Counts of the whole U from its ``[N, T-1]`` response-target mask."""
+    lengths = target_mask.sum(-1)
+    n_tokens = int(lengths.sum())
+    if n_tokens == 0:
+        raise ValueError("the update batch has no response tokens: every response is empty")
+    return Normalisers(
+        n_sequences=int(target_mask.shape[0]),
+        n_tokens=n_tokens,
+        max_length=int(cfg.max_response_length or int(lengths.max())),
+    )
+
+
+def per_sequence_loss(
+    logprobs: Tensor,  # [B, T-1] log p of each target, 0 off the response
+    mask: Tensor,  # [B, T-1] bool
+    advantages: Tensor,  # [B]
+    norm: Normalisers,
+    cfg: LossConfig,
+    old_logprobs: Tensor | None = None,  # [B, T-1]
+) -> Tensor:  # [B]  c_i
+    """Each sequence's term c_i of the loss; ``sum_i c_i`` over all of U is the trainer's loss."""
+    mask_f = mask.to(logprobs.dtype)
+    adv = advantages.to(logprobs.dtype)[:, None]  # [B, 1]
+    if cfg.use_old_logprobs:
+        if old_logprobs is None:
+            raise ValueError("loss.use_old_logprobs is on but U has no old_logprobs; add them to the rollouts or turn it off")
+        ratio = torch.exp((logprobs - old_logprobs.to(logprobs.dtype)) * mask_f)  # [B, T-1]
+        high = cfg.clip_ratio if cfg.clip_ratio_high is None else cfg.clip_ratio_high
+        clipped = ratio.clamp(1.0 - cfg.clip_ratio, 1.0 + high)
+        per_token = torch.maximum(-adv * ratio, -adv * clipped)  # [B, T-1]
+    else:
+        per_token = -adv * logprobs  # [B, T-1]; gradient equals the ratio form at ratio = 1
+    token_sum = (per_token * mask_f).sum(-1)  # [B]
+    if cfg.agg_mode == "seq-mean-token-mean":
+        return token_sum / mask_f.sum(-1).clamp(min=1.0) / norm.n_sequences
+    if cfg.agg_mode == "token-mean":
+        return token_sum / norm.n_tokens
+    if cfg.agg_mode == "seq-mean-token-sum":
+        return token_sum / norm.n_sequences
+    return token_sum / (norm.n_sequences * norm.max_length)  # seq-mean-token-sum-norm
