@@ -1,0 +1,450 @@
+"""Adam/AdamW optimizer state from files, mapped to parameter names (DESIGN section 2).
+
+Three kinds of file are read, always with ``torch.load(..., map_location="cpu", weights_only=True)``
+(a pickle that needs arbitrary classes is refused, never executed):
+
+* ``torch``: ``torch.save(optimizer.state_dict())``.
+* ``lightning``: a Lightning ``.ckpt``; its ``optimizer_states[optimizer_index]`` is such a state dict.
+* ``hf_trainer``: a ``transformers.Trainer`` checkpoint directory (``checkpoint-N/``) holding
+  ``optimizer.pt``; an ``optimizer.pt`` path with a ``trainer_state.json`` beside it counts as one too.
+
+Mapping rules. A saved state dict names parameters only by integer ids, listed group by group in
+``param_groups``. As ``torch.optim.Optimizer.load_state_dict`` does, the k-th id met walking the
+groups in order belongs to the k-th parameter of the order the optimizer was built in. ``param_order``
+says what that order is:
+
+* ``model``: every parameter of ``model.named_parameters()`` (``AdamW(model.parameters())``).
+* ``trainable``: those with ``requires_grad`` only (``AdamW(p for p in model.parameters() if p.requires_grad)``).
+* ``hf_trainer``: what ``transformers.Trainer.create_optimizer`` builds: group 0 the trainable parameters
+  that get weight decay, group 1 the trainable biases and norm weights (no decay), each in
+  ``named_parameters()`` order. The split is re-derived here from the rule of transformers 5
+  (not inside an ``nn.LayerNorm``, name without ``bias``/``layernorm``/``rmsnorm``/``norm`` parts) and, if
+  the saved group sizes say so, from the older rule (not inside an ``nn.LayerNorm``, no ``bias``).
+* a list of names in optimizer order, or a path to a text file with one name a line (``#`` comments
+  allowed). Names may carry a wrapper's prefix (a LightningModule's ``model.``) or lack the model's
+  own (PEFT's ``base_model.model.``): one common prefix is stripped or added to match
+  ``model.named_parameters()``.
+* ``auto`` (default): for HF Trainer checkpoints ``hf_trainer`` first, otherwise ``model`` / ``trainable``
+  by the number of saved ids, then the other orders as fall-backs. The first order whose length,
+  group sizes and every state tensor's shape fit is taken; if another order would fit too (e.g. an
+  empty state has no shapes to tell them apart) ``AdamState.source`` says so.
+
+For a Lightning checkpoint the default assumes ``configure_optimizers`` passed ``self.parameters()``
+(or its ``requires_grad`` subset) of a LightningModule whose only parameters are the wrapped model's;
+the LightningModule's ``model.`` prefix does not matter because mapping is by position. A module with
+extra parameters (a value head) or custom groups needs an explicit ``param_order`` list.
+
+Parameters with ``requires_grad=False`` on the model passed are left out of the result (torch skips
+parameters without a gradient, so they are not trained). A trainable parameter listed in a group but
+without state while others have taken steps is an error; an empty state everywhere is step 0.
+Hyperparameters come from each saved group (its ``lr`` is the one the scheduler set for the next step),
+``step`` from each parameter's state; every one can be overridden.
+"""
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from probe.adam import AdamHyper, AdamState, ParamAdamState
+
+FORMATS = ("auto", "torch", "lightning", "hf_trainer")
+PARAM_ORDERS = ("auto", "model", "trainable", "hf_trainer")
+KINDS = ("auto", "adamw", "adam")
+HF_OPTIMIZER_FILE = "optimizer.pt"
+EXPECTED_FILES = (
+    "a torch.save(optimizer.state_dict()) file, a Lightning .ckpt, "
+    f"or an HF Trainer checkpoint directory (checkpoint-N/) containing {HF_OPTIMIZER_FILE}"
+)
+FIX_ORDER = (
+    "set optimizer.param_order to the order the optimizer was built in "
+    "('model', 'trainable', 'hf_trainer', or a list / text file of parameter names), "
+    "and pass the model (with the same LoRA adapters and frozen parameters) it was trained with"
+)
+# transformers 5 (Trainer.get_decay_parameter_names): names matching these get no weight decay.
+HF_NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")
+HF_NO_DECAY_PATTERNS_LEGACY = (r"bias",)  # transformers before the norm patterns were added
+
+
+@dataclass
+class OptimizerSettings:
+    """Where the Adam/AdamW state of the update lives and how to map it to parameters.
+
+    Args:
+        path: optimizer state file or directory: ``torch.save(optimizer.state_dict())``, a Lightning
+            ``.ckpt``, or an HF Trainer ``checkpoint-N/`` directory.
+        format: ``auto`` (from the path and contents), ``torch``, ``lightning`` or ``hf_trainer``.
+        param_order: the order the optimizer was built over: ``auto``, ``model`` (all of
+            ``model.named_parameters()``), ``trainable`` (``requires_grad`` only), ``hf_trainer``
+            (decay group then no-decay group, as ``transformers.Trainer`` builds them), a list of
+            parameter names in optimizer order, or a path to a text file with one name per line.
+        optimizer_index: which optimizer of a Lightning checkpoint (``optimizer_states[i]``).
+        kind: ``adamw`` (decoupled weight decay), ``adam`` (Adam with L2 decay added to the gradient),
+            or ``auto``: the saved ``decoupled_weight_decay`` flag, else ``adamw``.
+        lr: override the saved learning rate (default: each group's saved lr, i.e. after the scheduler).
+        beta1: override the saved first-moment decay.
+        beta2: override the saved second-moment decay.
+        eps: override the saved epsilon.
+        weight_decay: override the saved weight decay (in every group).
+        amsgrad: override the saved amsgrad flag.
+    """
+
+    path: str
+    format: str = "auto"
+    param_order: str | list[str] = "auto"
+    optimizer_index: int = 0
+    kind: str = "auto"
+    lr: float | None = None
+    beta1: float | None = None
+    beta2: float | None = None
+    eps: float | None = None
+    weight_decay: float | None = None
+    amsgrad: bool | None = None
+
+    def __post_init__(self) -> None:
+        self.path = str(self.path)
+        if self.format not in FORMATS:
+            raise ValueError(f"optimizer.format={self.format!r} is not one of {FORMATS}")
+        if self.kind not in KINDS:
+            raise ValueError(f"optimizer.kind={self.kind!r} is not one of {KINDS}")
+        if self.optimizer_index < 0:
+            raise ValueError(f"optimizer.optimizer_index={self.optimizer_index} must be >= 0")
+        if isinstance(self.param_order, (list, tuple)):
+            self.param_order = [str(n) for n in self.param_order]
+
+
+@dataclass
+class _Order:
+    """A candidate optimizer order: names in position order; ``group_sizes`` if the rule fixes them."""
+
+    label: str
+    names: list[str]
+    group_sizes: list[int] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# public entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def load_optimizer_state(settings_or_path: OptimizerSettings | str | Path, model: nn.Module, **overrides: Any) -> AdamState:
+    """Read Adam/AdamW state from a file and key it by ``model.named_parameters()`` names.
+
+    ``settings_or_path`` is an ``OptimizerSettings`` or a path; keyword arguments set (or replace)
+    its fields, e.g. ``load_optimizer_state("ckpt/optimizer.pt", model, param_order="trainable", lr=1e-6)``.
+    """
+    if isinstance(settings_or_path, OptimizerSettings):
+        settings = replace(settings_or_path, **overrides) if overrides else settings_or_path
+    else:
+        settings = OptimizerSettings(path=str(settings_or_path), **overrides)
+
+    file, fmt = _resolve_file(Path(settings.path), settings.format)
+    saved = _load_weights_only(file)
+    optimizer_state, fmt = _optimizer_state_dict(saved, file, fmt, settings.optimizer_index)
+    groups, state = optimizer_state["param_groups"], optimizer_state["state"]
+    ids = [pid for g in groups for pid in g["params"]]  # position k -> saved id
+    group_sizes = [len(g["params"]) for g in groups]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{file}: a parameter id appears in more than one param group; the file is not a torch optimizer state_dict")
+    stray = sorted(set(state) - set(ids), key=str)
+    if stray:
+        raise ValueError(f"{file}: state holds ids {stray[:5]} that no param group lists; the file is not a torch optimizer state_dict")
+
+    params = dict(model.named_parameters())
+    candidates = _candidate_orders(settings.param_order, fmt, model, len(ids))
+    fitting: list[tuple[_Order, list[str]]] = []
+    problems: list[str] = []
+    for order in candidates:
+        problem = _check_order(order, ids, group_sizes, state, params, file)
+        if problem is None:
+            fitting.append((order, order.names))
+        else:
+            problems.append(f"param_order={order.label}: {problem}")
+    if not fitting:
+        tried = "\n  ".join(problems)
+        raise ValueError(
+            f"optimizer state in {file} ({fmt}, {len(ids)} parameters in groups of {group_sizes}) does not fit the model "
+            f"({len(params)} parameters, {sum(p.requires_grad for p in params.values())} trainable):\n  {tried}\n"
+            f"Fix: {FIX_ORDER}."
+        )
+    chosen, names = fitting[0]
+    notes = [f"param_order={chosen.label}"]
+    others = [o.label for o, n in fitting[1:] if n != names]
+    if others:
+        notes.append(
+            f"param_order={'/'.join(dict.fromkeys(others))} would fit the saved shapes too; "
+            f"took the default {chosen.label} (set optimizer.param_order to choose)"
+        )
+
+    hyper: dict[str, AdamHyper] = {}
+    states: dict[str, ParamAdamState] = {}
+    group_of: dict[str, int] = {}
+    any_steps = any(_step_of(s) > 0 for s in state.values())
+    frozen = 0
+    position = 0
+    for gi, group in enumerate(groups):
+        group_hyper = _group_hyper(group, gi, settings, file)
+        for pid in group["params"]:
+            name = names[position]
+            position += 1
+            if not params[name].requires_grad:
+                frozen += 1  # torch skips parameters without a gradient: not trained
+                continue
+            entry = state.get(pid, {})
+            if not entry and any_steps:
+                raise ValueError(
+                    f"{file}: parameter {name!r} (id {pid}, group {gi}) has no optimizer state while others have taken steps. "
+                    f"Fix: if it is not trained, set requires_grad=False on it (e.g. load the same LoRA/freezing setup); "
+                    f"otherwise {FIX_ORDER}."
+                )
+            states[name] = _param_state(entry, name, pid, group_hyper, file)
+            hyper[name], group_of[name] = group_hyper, gi
+    if frozen:
+        notes.append(f"{frozen} listed parameter(s) with requires_grad=False left out")
+    source = f"{file} ({fmt}" + (f", optimizer {settings.optimizer_index}" if fmt == "lightning" else "") + "; " + "; ".join(notes) + ")"
+    return AdamState(hyper=hyper, state=states, group_of=group_of, source=source)
+
+
+# ---------------------------------------------------------------------------------------------
+# files
+# ---------------------------------------------------------------------------------------------
+
+
+def _resolve_file(path: Path, fmt: str) -> tuple[Path, str]:
+    """The file to read and its format (``auto`` resolved as far as the path tells)."""
+    if not path.exists():
+        raise FileNotFoundError(f"optimizer state not found: {path} does not exist; expected {EXPECTED_FILES}")
+    if path.is_dir():
+        file = path / HF_OPTIMIZER_FILE
+        if file.is_file():
+            return file, ("hf_trainer" if fmt == "auto" else fmt)
+        checkpoints = sorted(p.name for p in path.glob("checkpoint-*") if (p / HF_OPTIMIZER_FILE).is_file())
+        ckpts = sorted(p.name for p in path.glob("*.ckpt"))
+        found = checkpoints + ckpts
+        hint = f"; pass one of {found} inside it" if found else ""
+        raise FileNotFoundError(f"optimizer state not found: directory {path} holds no {HF_OPTIMIZER_FILE}{hint}; expected {EXPECTED_FILES}")
+    if fmt == "auto" and path.name == HF_OPTIMIZER_FILE and (path.parent / "trainer_state.json").is_file():
+        return path, "hf_trainer"
+    return path, fmt
+
+
+def _load_weights_only(file: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` (memory-mapped when the file allows), with clear errors."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{file} was refused for safety: it is not a weights-only file (it pickles objects other than tensors and "
+            f"plain containers, which could run code when loaded), and probe only loads with weights_only=True. "
+            f"Fix: if you trust the file, re-save just the optimizer state, e.g. "
+            f"torch.save(torch.load(path, weights_only=False)['optimizer_states'][0], 'optimizer.pt') for a Lightning "
+            f"checkpoint, or torch.save(optimizer.state_dict(), 'optimizer.pt') from the training script. "
+            f"(torch said: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+        ) from e
+    except (RuntimeError, EOFError) as e:
+        raise ValueError(f"could not read {file} with torch.load: {e}; expected {EXPECTED_FILES}") from e
+
+
+def _optimizer_state_dict(saved: Any, file: Path, fmt: str, optimizer_index: int) -> tuple[dict, str]:
+    """The optimizer ``state_dict`` inside what was loaded, and the resolved format."""
+    if not isinstance(saved, dict):
+        raise ValueError(f"{file} holds a {type(saved).__name__}, not a dict; expected {EXPECTED_FILES}")
+    if fmt == "auto":
+        fmt = "lightning" if "optimizer_states" in saved else "torch"
+    if fmt == "lightning":
+        if "optimizer_states" not in saved:
+            raise ValueError(f"{file} is not a Lightning checkpoint (no 'optimizer_states'; keys: {sorted(saved)[:10]}); set optimizer.format")
+        states = saved["optimizer_states"]
+        if not states:
+            raise ValueError(
+                f"{file} holds no optimizer state (saved with save_weights_only=True?); "
+                "save a full checkpoint (trainer.save_checkpoint(path) or ModelCheckpoint(save_weights_only=False))"
+            )
+        if optimizer_index >= len(states):
+            raise ValueError(f"optimizer.optimizer_index={optimizer_index} but {file} holds {len(states)} optimizer state(s)")
+        saved = states[optimizer_index]
+    if not (isinstance(saved, dict) and "state" in saved and "param_groups" in saved):
+        keys = sorted(saved)[:10] if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"{file} is not an optimizer state_dict (expected keys 'state' and 'param_groups', found {keys}); expected {EXPECTED_FILES}")
+    return saved, fmt
+
+
+# ---------------------------------------------------------------------------------------------
+# orders
+# ---------------------------------------------------------------------------------------------
+
+
+def hf_trainer_decay_names(model: nn.Module, no_decay_patterns: tuple[str, ...] = HF_NO_DECAY_PATTERNS) -> set[str]:
+    """Names ``transformers.Trainer`` applies weight decay to (its ``get_decay_parameter_names`` rule).
+
+    A parameter is decayed unless a module on its path is an ``nn.LayerNorm`` or its lower-cased name
+    matches one of ``no_decay_patterns``.
+    """
+    patterns = [re.compile(p) for p in no_decay_patterns]
+    decay = set()
+    for name, _ in model.named_parameters():
+        parts = name.split(".")
+        path = [model.get_submodule(".".join(parts[:k])) for k in range(1, len(parts))]  # children, not the root
+        if any(isinstance(m, nn.LayerNorm) for m in path):
+            continue
+        if any(p.search(name.lower()) for p in patterns):
+            continue
+        decay.add(name)
+    return decay
+
+
+def _hf_trainer_order(model: nn.Module, no_decay_patterns: tuple[str, ...], label: str) -> _Order:
+    decay = hf_trainer_decay_names(model, no_decay_patterns)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    decayed = [n for n in trainable if n in decay]
+    not_decayed = [n for n in trainable if n not in decay]
+    return _Order(label, decayed + not_decayed, [len(decayed), len(not_decayed)])
+
+
+def _named_order(kind: str, model: nn.Module) -> list[_Order]:
+    if kind == "model":
+        return [_Order("model", [n for n, _ in model.named_parameters()])]
+    if kind == "trainable":
+        return [_Order("trainable", [n for n, p in model.named_parameters() if p.requires_grad])]
+    return [  # hf_trainer: the current rule, then the older one (told apart by the saved group sizes)
+        _hf_trainer_order(model, HF_NO_DECAY_PATTERNS, "hf_trainer"),
+        _hf_trainer_order(model, HF_NO_DECAY_PATTERNS_LEGACY, "hf_trainer (older transformers rule: only biases undecayed)"),
+    ]
+
+
+def _candidate_orders(param_order: str | list[str], fmt: str, model: nn.Module, n_ids: int) -> list[_Order]:
+    if isinstance(param_order, list):
+        return [_Order("explicit list", _match_names(param_order, model, n_ids))]
+    if param_order in PARAM_ORDERS[1:]:
+        return _named_order(param_order, model)
+    if param_order != "auto":
+        file = Path(param_order)
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"optimizer.param_order={param_order!r} is neither one of {PARAM_ORDERS} nor an existing text file of parameter names"
+            )
+        names = [ln.strip() for ln in file.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+        return [_Order(f"names from {file}", _match_names(names, model, n_ids))]
+    n_all = sum(1 for _ in model.parameters())
+    if fmt == "hf_trainer":
+        first = ["hf_trainer", "trainable", "model"]
+    else:  # the count decides between model and trainable; hf_trainer grouping as a fall-back
+        first = ["model", "trainable"] if n_ids == n_all else ["trainable", "model"]
+        first.append("hf_trainer")
+    orders: list[_Order] = []
+    for order in (o for kind in first for o in _named_order(kind, model)):
+        if not any(order.names == o.names and order.group_sizes == o.group_sizes for o in orders):
+            orders.append(order)  # model and trainable coincide when everything is trainable
+    return orders
+
+
+def _match_names(names: list[str], model: nn.Module, n_ids: int) -> list[str]:
+    """Map user-given names onto ``model.named_parameters()`` names, stripping/adding one common prefix."""
+    if len(names) != n_ids:
+        raise ValueError(
+            f"optimizer.param_order lists {len(names)} names but the saved optimizer state holds {n_ids} parameters; "
+            "list every parameter the optimizer was built over, in its order"
+        )
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"optimizer.param_order lists {dup[:5]} more than once")
+    model_names = [n for n, _ in model.named_parameters()]
+    known = set(model_names)
+    if all(n in known for n in names) or not names:
+        return list(names)
+    first = names[0].split(".")
+    for k in range(len(first)):  # strip the first k components of the given names ...
+        strip = ".".join(first[:k]) + ("." if k else "")
+        rest = names[0][len(strip):]
+        for model_name in model_names:  # ... and add whatever the model's name holds before the rest
+            if model_name == rest or model_name.endswith("." + rest):
+                add = model_name[: len(model_name) - len(rest)]
+                mapped = [add + n[len(strip):] if n.startswith(strip) else None for n in names]
+                if all(m in known for m in mapped):
+                    return mapped  # type: ignore[return-value]
+    unknown = [n for n in names if n not in known]
+    raise ValueError(
+        f"optimizer.param_order names {unknown[:3]} (and {max(0, len(unknown) - 3)} more) are not parameters of the model, "
+        f"even after stripping or adding one common prefix; model names look like {model_names[:2]}"
+    )
+
+
+def _check_order(order: _Order, ids: list, group_sizes: list[int], state: dict, params: dict[str, Tensor], file: Path) -> str | None:
+    """None if ``order`` fits the saved groups and every state tensor's shape, else the first problem."""
+    if len(order.names) != len(ids):
+        return f"{len(order.names)} parameters in this order but {len(ids)} saved"
+    if order.group_sizes is not None and order.group_sizes != group_sizes:
+        return f"groups of sizes {order.group_sizes} expected but {group_sizes} saved"
+    for position, (pid, name) in enumerate(zip(ids, order.names)):
+        param_shape = tuple(params[name].shape)
+        for key, value in state.get(pid, {}).items():
+            if key == "step" or not isinstance(value, Tensor):
+                continue
+            if tuple(value.shape) != param_shape:
+                return (
+                    f"parameter {name!r} has shape {param_shape} but the saved {key} at position {position} (id {pid}) "
+                    f"in {file} has shape {tuple(value.shape)}"
+                )
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# hyperparameters and per-parameter state
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_float(x: Any) -> float:
+    return float(x.item() if isinstance(x, Tensor) else x)
+
+
+def _group_hyper(group: dict, gi: int, settings: OptimizerSettings, file: Path) -> AdamHyper:
+    if group.get("maximize", False):
+        raise ValueError(f"{file}: param group {gi} uses maximize=True, which probe does not reconstruct")
+    missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in group]
+    if missing:
+        raise ValueError(f"{file}: param group {gi} lacks {missing}; it is not an Adam/AdamW state (only those are reconstructed)")
+    if settings.kind == "auto":
+        decoupled = bool(group.get("decoupled_weight_decay", True))
+    else:
+        decoupled = settings.kind == "adamw"
+    saved = AdamHyper(
+        lr=_as_float(group["lr"]),
+        beta1=_as_float(group["betas"][0]),
+        beta2=_as_float(group["betas"][1]),
+        eps=_as_float(group["eps"]),
+        weight_decay=_as_float(group["weight_decay"]),
+        amsgrad=bool(group.get("amsgrad", False)),
+        decoupled=decoupled,
+    )
+    overrides = {k: getattr(settings, k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad")}
+    return replace(saved, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _step_of(entry: dict) -> int:
+    step = entry.get("step", 0)
+    return int(_as_float(step))
+
+
+def _param_state(entry: dict, name: str, pid: Any, hyper: AdamHyper, file: Path) -> ParamAdamState:
+    step = _step_of(entry)
+    if step > 0:
+        needed = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hyper.amsgrad else [])
+        missing = [k for k in needed if not isinstance(entry.get(k), Tensor)]
+        if missing:
+            raise ValueError(
+                f"{file}: state of parameter {name!r} (id {pid}) at step {step} lacks {missing}"
+                + ("; amsgrad is on (saved or overridden) but the optimizer ran without it: set optimizer.amsgrad=false" if "max_exp_avg_sq" in missing else "")
+            )
+    return ParamAdamState(
+        step=step,
+        exp_avg=entry.get("exp_avg"),
+        exp_avg_sq=entry.get("exp_avg_sq"),
+        max_exp_avg_sq=entry.get("max_exp_avg_sq"),
+    )
+
