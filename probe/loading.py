@@ -1,0 +1,232 @@
+"""Loading a policy (HF causal LM + tokenizer, optional PEFT LoRA) from a local directory.
+
+Local directories only: hub ids are never fetched (``local_files_only=True``), safetensors
+are preferred, and ``trust_remote_code`` is off unless asked for. Every missing piece is
+reported as a FileNotFoundError that names the path and the fix.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from probe.precision import exact_float64_norms
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "double": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+@dataclass
+class LoraSettings:
+    """A fresh LoRA adapter to wrap the policy with (``peft.LoraConfig``).
+
+    Args:
+        r: rank of the low-rank update.
+        alpha: scaling numerator (``lora_alpha``); the update is scaled by ``alpha / r``.
+        dropout: dropout on the LoRA input (0 keeps the probe deterministic).
+        target_modules: module names to adapt, e.g. ``["q_proj", "v_proj"]`` or ``"all-linear"``;
+            None uses PEFT's default for the architecture.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+
+
+@dataclass
+class PolicySettings:
+    """Where the policy comes from and how it is loaded.
+
+    Args:
+        path: local directory of an HF checkpoint (``config.json``, weights, tokenizer). Hub ids are not
+            fetched: download the model first and pass its directory.
+        dtype: parameter dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64`` (float64 also makes
+            RMSNorm compute in float64, see ``probe.precision``).
+        attn_implementation: ``sdpa`` (default), ``eager`` or another one transformers knows.
+        adapter_path: local directory of a saved PEFT adapter to load on top (trainable).
+        lora: wrap the policy in a fresh LoRA adapter with these settings (instead of ``adapter_path``).
+        trust_remote_code: allow model code shipped inside the checkpoint directory to run (off by default).
+        device: where to put the model, e.g. ``cpu`` or ``cuda:0``.
+    """
+
+    path: str
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    adapter_path: str | None = None
+    lora: LoraSettings | None = None
+    trust_remote_code: bool = False
+    device: str = "cpu"
+
+    def load(self) -> tuple[torch.nn.Module, Any]:
+        """``load_policy`` with these settings."""
+        return load_policy(
+            self.path,
+            dtype=self.dtype,
+            attn_implementation=self.attn_implementation,
+            adapter_path=self.adapter_path,
+            lora=self.lora,
+            trust_remote_code=self.trust_remote_code,
+            device=self.device,
+        )
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch dtype from a name such as ``"bfloat16"``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64")
+    return DTYPES[key]
+
+
+HUB_HINT = (
+    "probe loads local directories only and never fetches hub ids; "
+    "download the model first (e.g. `hf download <id> --local-dir DIR`) and pass DIR"
+)
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """The directory as a Path, after checking it holds ``config.json`` and weights; else FileNotFoundError."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"policy directory {str(directory)!r} does not exist; {HUB_HINT}")
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory / 'config.json'} is missing: {directory} is not an HF checkpoint directory "
+            "(save one with model.save_pretrained(dir)); " + HUB_HINT
+        )
+    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"no model weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}; "
+            "save them with model.save_pretrained(dir) (safetensors) or point path at the directory that holds them"
+        )
+    return directory
+
+
+def check_adapter_dir(path: str | Path) -> Path:
+    """The adapter directory as a Path, after checking it holds ``adapter_config.json`` and weights."""
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist; pass the local directory a PEFT adapter was saved to")
+    if not (directory / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{directory / 'adapter_config.json'} is missing: {directory} is not a PEFT adapter directory "
+            "(save one with peft_model.save_pretrained(dir))"
+        )
+    if not any((directory / name).is_file() for name in ADAPTER_WEIGHT_FILES):
+        raise FileNotFoundError(
+            f"no adapter weights in {directory}: expected {' or '.join(ADAPTER_WEIGHT_FILES)}; save them with peft_model.save_pretrained(dir)"
+        )
+    return directory
+
+
+def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
+    for directory in (model_dir, adapter_dir):
+        if directory is not None and any((directory / name).is_file() for name in TOKENIZER_FILES):
+            return directory
+    where = str(model_dir) + ("" if adapter_dir is None else f" or {adapter_dir}")
+    raise FileNotFoundError(
+        f"no tokenizer in {where}: expected one of {', '.join(TOKENIZER_FILES)}; "
+        "save it next to the model with tokenizer.save_pretrained(dir)"
+    )
+
+
+def load_policy(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "float32",
+    attn_implementation: str = "sdpa",
+    adapter_path: str | Path | None = None,
+    lora: LoraSettings | None = None,
+    trust_remote_code: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.nn.Module, Any]:
+    """Load a causal LM and its tokenizer from a local directory, optionally with a LoRA adapter.
+
+    Args:
+        path: local HF checkpoint directory (config.json, weights, tokenizer).
+        dtype: parameter dtype name or torch dtype.
+        attn_implementation: attention kernel (``sdpa``, ``eager``, ...).
+        adapter_path: saved PEFT adapter directory, loaded trainable with ``PeftModel.from_pretrained``.
+        lora: settings of a fresh LoRA adapter to wrap the model with (exclusive with ``adapter_path``).
+        trust_remote_code: allow code inside the checkpoint directory to run.
+        device: target device.
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode. A tokenizer without a pad token gets
+        its EOS token as pad.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if adapter_path is not None and lora is not None:
+        raise ValueError("give either adapter_path (load a saved adapter) or lora (wrap in a fresh one), not both")
+    torch_dtype = resolve_dtype(dtype)
+    model_dir = check_checkpoint_dir(path)
+    adapter_dir = check_adapter_dir(adapter_path) if adapter_path is not None else None
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(_tokenizer_dir(model_dir, adapter_dir)), local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    has_safetensors = any((model_dir / n).is_file() for n in WEIGHT_FILES[:2])
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=torch_dtype,
+        attn_implementation=attn_implementation,
+        local_files_only=True,
+        use_safetensors=has_safetensors,
+        trust_remote_code=trust_remote_code,
+    )
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    elif lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        config = LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    model = model.to(device=device)  # dtypes stay as loaded: PEFT keeps LoRA weights of a bf16/fp16 base in float32
+    if torch_dtype == torch.float64:
+        exact_float64_norms(model)
+    model.eval()
+    return model, tokenizer
+
+
+def toy_policy(
+    cfg: Any = None,
+    root: str | Path | None = None,
+    **load_kwargs: Any,
+) -> tuple[torch.nn.Module, Any]:
+    """The built-in toy world's policy and tokenizer: builds it once (cached), then :func:`load_policy`.
+
+    Args:
+        cfg: a :class:`probe.toy.ToyWorldConfig` (default config when None).
+        root: cache root (default ``$PROBE_CACHE`` or ``~/.cache/probe``).
+        **load_kwargs: passed to :func:`load_policy` (dtype, attn_implementation, lora, device, ...).
+    """
+    from probe.toy.world import build_toy_world
+
+    return load_policy(build_toy_world(cfg, root=root), **load_kwargs)

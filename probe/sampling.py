@@ -1,0 +1,389 @@
+"""Sampling responses from a policy, GRPO group advantages, and update batches without dead groups.
+
+Pure torch/transformers. Records follow the rollout contract (DESIGN section 6):
+``prompt_ids``, ``response_ids`` (cut after the first EOS, EOS included), ``group``,
+``old_logprobs`` (one per response token) and flat metadata fields (``temperature``,
+``top_p``, ``top_k``, ``truncated``, ...).
+
+``old_logprobs`` are log-probs of the temperature-``tau`` policy, ``log_softmax(z / tau)``
+in float64, i.e. what :func:`probe.logprobs.teacher_force` gives at the same temperature.
+With top-p/top-k truncation the behaviour distribution differs from that policy; its
+log-probs (renormalised over the kept tokens) are then recorded as ``sampling_logprobs``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class SamplingSettings:
+    """How responses are sampled from the policy.
+
+    Args:
+        n_per_prompt: responses per prompt (the GRPO group size G); at least 2 for update batches.
+        max_new_tokens: longest response; a response that reaches it without EOS is flagged ``truncated``.
+        temperature: sampling temperature tau > 0; ``old_logprobs`` are those of ``logits / tau``.
+        top_p: nucleus sampling mass (None: off). Recorded in each record.
+        top_k: keep only the k most likely tokens (None: off). Recorded in each record.
+        seed: seed of the sampling generator; the same seed gives the same responses.
+        batch_size: sequences generated together (None: all at once).
+    """
+
+    n_per_prompt: int = 4
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int = 0
+    batch_size: int | None = None
+
+
+def _eos_set(eos_token_id: int | Sequence[int] | None, tokenizer: Any) -> list[int]:
+    if eos_token_id is None and tokenizer is not None:
+        eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        raise ValueError("no EOS token id: pass eos_token_id=... or a tokenizer whose eos_token_id is set")
+    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+
+
+def _pad_id(pad_token_id: int | None, tokenizer: Any, eos: list[int]) -> int:
+    if pad_token_id is None and tokenizer is not None:
+        pad_token_id = tokenizer.pad_token_id
+    return int(eos[0] if pad_token_id is None else pad_token_id)
+
+
+def truncate_logits(logits: Tensor, top_p: float | None, top_k: int | None) -> Tensor:  # [R, V] -> [R, V]
+    """Set to -inf every token outside the top-k and outside the smallest set of mass >= top_p."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [R, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # [R, V]
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(-1) - probs  # [R, V] mass of strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # the most likely token is always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _last_logits_only(model: torch.nn.Module) -> dict:
+    """``logits_to_keep=1`` where the model takes it: the prompt pass then never builds [R, P, V] logits."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrapper -> HF model
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(base.forward).parameters else {}
+
+
+@torch.no_grad()
+def _sample_rows(
+    model: torch.nn.Module,
+    rows: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    eos: list[int],
+    pad_id: int,
+    generator: torch.Generator,
+) -> tuple[list[list[int]], list[list[float]], list[list[float]], list[bool]]:
+    """Sample one response per row with a KV cache. Returns ids, policy log-probs, sampling log-probs, truncated."""
+    device = next(model.parameters()).device
+    R, P = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((R, P), pad_id, dtype=torch.long, device=device)  # [R, P] left-padded
+    attention_mask = torch.zeros((R, P), dtype=torch.long, device=device)
+    for i, r in enumerate(rows):
+        input_ids[i, P - len(r) :] = torch.tensor(r, dtype=torch.long, device=device)
+        attention_mask[i, P - len(r) :] = 1
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [R, P]
+    eos_ids = torch.tensor(eos, device=device)
+
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **_last_logits_only(model))
+    # transformers >= 5.2x names the KV cache `cache`; older versions `past_key_values`
+    cache_key = "cache" if "cache" in out else "past_key_values"
+    cache, logits = out[cache_key], out.logits[:, -1]  # [R, V]
+    next_position = position_ids[:, -1:] + 1  # [R, 1]
+    finished = torch.zeros(R, dtype=torch.bool, device=device)
+    tokens, policy_lps, sampling_lps = [], [], []
+    for step in range(max_new_tokens):
+        z = logits.double() / temperature  # [R, V]
+        policy_logp = torch.log_softmax(z, dim=-1)  # [R, V]
+        sampling_logp = torch.log_softmax(truncate_logits(z, top_p, top_k), dim=-1)  # [R, V]
+        token = torch.multinomial(sampling_logp.exp(), 1, generator=generator).squeeze(-1)  # [R]
+        token = torch.where(finished, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        policy_lps.append(policy_logp.gather(-1, token[:, None]).squeeze(-1))
+        sampling_lps.append(sampling_logp.gather(-1, token[:, None]).squeeze(-1))
+        finished = finished | torch.isin(token, eos_ids)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(R, 1)], dim=-1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=attention_mask,
+            position_ids=next_position,
+            use_cache=True,
+            **{cache_key: cache},
+        )
+        cache, logits = out[cache_key], out.logits[:, -1]
+        next_position = next_position + 1
+
+    token_mat = torch.stack(tokens, dim=1).tolist()  # [R, S]
+    policy_mat = torch.stack(policy_lps, dim=1).tolist()
+    sampling_mat = torch.stack(sampling_lps, dim=1).tolist()
+    responses, policy, sampling, truncated = [], [], [], []
+    for i in range(R):
+        ids = token_mat[i]
+        end = next((t + 1 for t, tok in enumerate(ids) if tok in eos), None)  # cut after the first EOS
+        length = len(ids) if end is None else end
+        responses.append(ids[:length])
+        policy.append(policy_mat[i][:length])
+        sampling.append(sampling_mat[i][:length])
+        truncated.append(end is None)
+    return responses, policy, sampling, truncated
+
+
+def sample_responses(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    n_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    tokenizer: Any = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    groups: Sequence[Hashable] | None = None,
+    batch_size: int | None = None,
+) -> list[dict]:
+    """Sample ``n_per_prompt`` responses to each prompt; records are grouped prompt by prompt.
+
+    Args:
+        model: a causal LM (HF or PEFT-wrapped); its train/eval mode is left as it is.
+        prompts: prompt token ids, one list per prompt.
+        n_per_prompt: responses per prompt (G).
+        max_new_tokens: longest response; responses cut there without EOS get ``truncated=True``.
+        temperature: tau > 0; ``old_logprobs`` are float64 log-probs of ``softmax(logits / tau)``.
+        top_p: nucleus sampling (None: off); the truncated behaviour log-probs go to ``sampling_logprobs``.
+        top_k: top-k sampling (None: off); as top_p.
+        tokenizer: where to read ``eos_token_id``/``pad_token_id`` from when they are not given.
+        eos_token_id: end-of-sequence id (or ids); responses are cut after the first one, EOS included.
+        pad_token_id: filler for finished rows (default: the tokenizer's pad, else EOS).
+        seed: seed of a fresh generator on the model's device (ignored when ``generator`` is given).
+        generator: a ``torch.Generator`` on the model's device, advanced in place.
+        groups: the ``group`` of each prompt (default: the prompt's position 0..len(prompts)-1).
+        batch_size: sequences sampled together (None: all).
+
+    Returns:
+        One record per response: ``prompt_ids``, ``response_ids``, ``group``, ``old_logprobs``,
+        ``truncated``, ``temperature``, ``top_p``, ``top_k`` (+ ``sampling_logprobs`` when truncated sampling is on).
+    """
+    if not temperature or temperature <= 0:
+        raise ValueError(
+            f"temperature must be > 0, got {temperature}: greedy decoding has no sampling distribution "
+            "to take old_logprobs or importance weights from; use a small positive temperature instead"
+        )
+    if n_per_prompt < 1 or max_new_tokens < 1:
+        raise ValueError(f"n_per_prompt and max_new_tokens must be >= 1, got {n_per_prompt} and {max_new_tokens}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}; use None to turn nucleus sampling off")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}; use None to turn top-k sampling off")
+    if groups is not None and len(groups) != len(prompts):
+        raise ValueError(f"groups has {len(groups)} entries for {len(prompts)} prompts: give one group per prompt")
+    for k, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {k} is empty: every prompt needs at least one token (e.g. BOS)")
+    eos = _eos_set(eos_token_id, tokenizer)
+    pad_id = _pad_id(pad_token_id, tokenizer, eos)
+    if generator is None:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(int(seed or 0))
+    truncated_sampling = (top_p is not None and top_p < 1.0) or top_k is not None
+
+    rows = [(k, list(map(int, p))) for k, p in enumerate(prompts) for _ in range(n_per_prompt)]
+    size = len(rows) if not batch_size or batch_size <= 0 else batch_size
+    records: list[dict] = []
+    for start in range(0, len(rows), size):
+        chunk = rows[start : start + size]
+        responses, policy, sampling, truncated = _sample_rows(
+            model,
+            [r for _, r in chunk],
+            max_new_tokens=max_new_tokens,
+            temperature=float(temperature),
+            top_p=top_p,
+            top_k=top_k,
+            eos=eos,
+            pad_id=pad_id,
+            generator=generator,
+        )
+        for (k, prompt), response, lp, slp, cut in zip(chunk, responses, policy, sampling, truncated):
+            record = {
+                "prompt_ids": prompt,
+                "response_ids": response,
+                "group": k if groups is None else groups[k],
+                "old_logprobs": lp,
+                "truncated": cut,
+                "temperature": float(temperature),
+                "top_p": top_p,
+                "top_k": top_k,
+            }
+            if truncated_sampling:
+                record["sampling_logprobs"] = slp
+            records.append(record)
+    return records
+
+
+def group_advantages(
+    rewards: Tensor,  # [N]
+    groups: Sequence[Hashable],  # [N]
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+) -> Tensor:  # [N] float64
+    """GRPO advantages: ``A_i = r_i - mean_g(r)``, divided by ``std_g(r) + eps`` when ``normalize_std``.
+
+    ``std_g`` is the unbiased (n-1) standard deviation of the group, as verl and TRL compute it;
+    a group of one sequence gets advantage 0.
+    """
+    rewards = torch.as_tensor(rewards, dtype=torch.float64)
+    if rewards.ndim != 1 or rewards.shape[0] != len(groups):
+        raise ValueError(f"rewards must be a vector with one entry per group label; got shape {tuple(rewards.shape)} and {len(groups)} labels")
+    label_ids: dict[Hashable, int] = {}
+    group_index = torch.tensor([label_ids.setdefault(g, len(label_ids)) for g in groups], dtype=torch.long)  # [N]
+    n_groups = len(label_ids)
+    counts = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, torch.ones_like(rewards))  # [K]
+    means = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, rewards) / counts  # [K]
+    centred = rewards - means[group_index]  # [N]
+    if not normalize_std:
+        return centred
+    sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, centred**2)  # [K]
+    std = torch.sqrt(sq / (counts - 1).clamp(min=1))  # [K]
+    return centred / (std[group_index] + eps)
+
+
+def ids_reward_from_text(reward_fn: Callable[[str, str], float], tokenizer: Any) -> Callable[[Sequence[int], Sequence[int]], float]:
+    """Turn a text reward ``reward_fn(prompt, response)`` into one on token ids (decoded with special tokens kept)."""
+
+    def reward_on_ids(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> float:
+        prompt = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
+        response = tokenizer.decode(list(response_ids), skip_special_tokens=False)
+        return float(reward_fn(prompt, response))
+
+    return reward_on_ids
+
+
+def sample_update_batch(
+    model: torch.nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    reward_fn: Callable[[Sequence[int], Sequence[int]], float],
+    n_per_prompt: int,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    tokenizer: Any = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    seed: int | None = 0,
+    generator: torch.Generator | None = None,
+    groups: Sequence[Hashable] | None = None,
+    batch_size: int | None = None,
+    normalize_std: bool = True,
+    eps: float = 1e-6,
+    filter_zero_advantage_prompts: bool = True,
+    max_resample_attempts: int = 5,
+    zero_tol: float = 1e-8,
+    spare_prompts: Sequence[Sequence[int]] = (),
+) -> list[dict]:
+    """Sample an update batch U: G responses per prompt, rewards, GRPO advantages.
+
+    A prompt group whose advantages are all zero (``|A| <= zero_tol``: every response got
+    the same reward) contributes nothing to the update; with ``filter_zero_advantage_prompts``
+    such groups are sampled again, up to ``max_resample_attempts`` times, each time with
+    the next of ``spare_prompts`` if any are left (else the same prompt). Groups still dead
+    after that raise a ValueError.
+
+    Args:
+        model: the policy.
+        prompts: prompt token ids, one list per group.
+        reward_fn: ``reward_fn(prompt_ids, response_ids) -> float`` (see :func:`ids_reward_from_text`).
+        n_per_prompt: group size G (>= 2).
+        max_new_tokens: longest response.
+        temperature: sampling temperature.
+        top_p: nucleus sampling (None: off).
+        top_k: top-k sampling (None: off).
+        tokenizer: source of EOS/pad ids when not given.
+        eos_token_id: EOS id(s).
+        pad_token_id: pad id.
+        seed: seed of the sampling generator (ignored when ``generator`` is given).
+        generator: a ``torch.Generator`` on the model's device.
+        groups: group label of each prompt (default 0..len(prompts)-1).
+        batch_size: sequences sampled together.
+        normalize_std: divide advantages by the group's std (GRPO); off: mean-centred only (Dr. GRPO).
+        eps: added to the std.
+        filter_zero_advantage_prompts: resample all-zero-advantage groups (on) or keep them (off).
+        max_resample_attempts: how many times dead groups are sampled again before giving up.
+        zero_tol: an advantage with ``|A| <= zero_tol`` counts as zero.
+        spare_prompts: replacement prompts for dead groups, used in order.
+
+    Returns:
+        Records as :func:`sample_responses` gives, plus ``reward``, ``advantage`` and
+        ``resample_attempt`` (0 for the first draw); ordered group by group.
+    """
+    if n_per_prompt < 2:
+        raise ValueError(
+            f"n_per_prompt={n_per_prompt}: group advantages need at least 2 responses per prompt "
+            "(a group of one always has advantage 0); set n_per_prompt >= 2"
+        )
+    if max_resample_attempts < 0:
+        raise ValueError(f"max_resample_attempts must be >= 0, got {max_resample_attempts}")
+    if generator is None:
+        device = next(model.parameters()).device
+        generator = torch.Generator(device=device).manual_seed(int(seed or 0))
+    labels = list(range(len(prompts))) if groups is None else list(groups)
+    sample_kw = dict(
+        n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        tokenizer=tokenizer, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator, batch_size=batch_size,
+    )  # fmt: skip
+
+    def draw(prompt_list: list[list[int]], label_list: list[Hashable], attempt: int) -> list[list[dict]]:
+        records = sample_responses(model, prompt_list, groups=label_list, **sample_kw)
+        rewards = torch.tensor([float(reward_fn(r["prompt_ids"], r["response_ids"])) for r in records], dtype=torch.float64)
+        advantages = group_advantages(rewards, [r["group"] for r in records], normalize_std=normalize_std, eps=eps)
+        for r, rew, adv in zip(records, rewards.tolist(), advantages.tolist()):
+            r.update(reward=rew, advantage=adv, resample_attempt=attempt)
+        return [records[k * n_per_prompt : (k + 1) * n_per_prompt] for k in range(len(prompt_list))]
+
+    def is_dead(group_records: list[dict]) -> bool:
+        return all(abs(r["advantage"]) <= zero_tol for r in group_records)
+
+    by_group = draw([list(p) for p in prompts], labels, attempt=0)
+    spares = iter([list(p) for p in spare_prompts])
+    attempt = 0
+    while filter_zero_advantage_prompts:
+        dead = [k for k, g in enumerate(by_group) if is_dead(g)]
+        if not dead:
+            break
+        if attempt >= max_resample_attempts:
+            raise ValueError(
+                f"{len(dead)} of {len(by_group)} prompt groups still have all advantages |A| <= {zero_tol:g} "
+                f"(every response got the same reward) after {attempt} resampling attempts "
+                f"(max_resample_attempts={max_resample_attempts}, n_per_prompt={n_per_prompt}, temperature={temperature}). "
+                "Fix: raise max_resample_attempts or n_per_prompt, raise the temperature, give spare prompts, "
+                "use prompts of middling difficulty for this policy, or set filter_zero_advantage_prompts=False to keep them."
+            )
+        attempt += 1
+        new_prompts = [next(spares, None) or list(by_group[k][0]["prompt_ids"]) for k in dead]
+        redrawn = draw(new_prompts, [labels[k] for k in dead], attempt=attempt)
+        for k, group_records in zip(dead, redrawn):
+            by_group[k] = group_records
+    return [r for g in by_group for r in g]

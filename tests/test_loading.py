@@ -1,0 +1,142 @@
+"""Loading policies from local directories: HF checkpoints, PEFT adapters, clear errors for missing pieces."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from probe.loading import LoraSettings, PolicySettings, load_policy, toy_policy
+from probe.toy import task
+from probe.toy.tokenizer import save_tokenizer
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # tiny models: one thread is fastest
+
+INPUT = torch.tensor([[1, 7, 14, 8, 15, 5, 6, 2], [1, 4, 14, 4, 15, 12, 2, 0]])
+MASK = torch.tensor([[1] * 8, [1] * 7 + [0]])
+
+
+def qwen2_gqa(seed: int = 0) -> Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=len(task.VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=task.BOS_ID, eos_token_id=task.EOS_ID,
+        pad_token_id=task.PAD_ID, attn_implementation="sdpa",
+    )  # fmt: skip
+    return Qwen2ForCausalLM(config).eval()
+
+
+@pytest.fixture()
+def qwen_dir(tmp_path):
+    model = qwen2_gqa()
+    model.save_pretrained(tmp_path / "base")
+    save_tokenizer(tmp_path / "base")
+    return tmp_path / "base", model
+
+
+def logits_of(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=INPUT, attention_mask=MASK).logits
+
+
+def test_gqa_qwen2_with_a_saved_lora_adapter_loads_with_the_in_memory_logits(qwen_dir, tmp_path):
+    base_dir, base = qwen_dir
+    assert base.config.num_key_value_heads < base.config.num_attention_heads
+    base_logits = logits_of(base)
+    in_memory = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    with torch.no_grad():  # LoRA B starts at zero; give the adapter a real effect
+        generator = torch.Generator().manual_seed(0)
+        for name, p in in_memory.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5, generator=generator)
+    in_memory.save_pretrained(tmp_path / "adapter")
+    expected = logits_of(in_memory.eval())
+    assert (expected - base_logits).abs().max() > 1e-2  # the adapter changes the output
+
+    model, tokenizer = load_policy(base_dir, adapter_path=tmp_path / "adapter")
+    assert isinstance(model, PeftModel) and not model.training
+    # same float32 weights and kernels: only summation order could differ
+    torch.testing.assert_close(logits_of(model), expected, rtol=0, atol=1e-5)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)  # adapter trainable, base frozen
+    assert tokenizer.eos_token_id == task.EOS_ID
+
+
+def test_plain_checkpoint_loads_with_the_saved_logits_in_eval_mode(qwen_dir):
+    base_dir, base = qwen_dir
+    model, _ = load_policy(base_dir)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and not model.training
+    assert model.config.num_key_value_heads == 2
+    torch.testing.assert_close(logits_of(model), logits_of(base), rtol=0, atol=1e-6)
+
+
+def test_fresh_lora_wraps_the_model_without_changing_its_output(qwen_dir):
+    base_dir, base = qwen_dir
+    model, _ = load_policy(base_dir, lora=LoraSettings(r=2, alpha=4, target_modules=["q_proj", "v_proj"]))
+    assert isinstance(model, PeftModel)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]  # e.g. ...q_proj.lora_A.default.weight
+    assert {n.split(".")[-3] for n in trainable} == {"lora_A", "lora_B"}
+    assert {n.split(".")[-4] for n in trainable} == {"q_proj", "v_proj"}
+    torch.testing.assert_close(logits_of(model), logits_of(base), rtol=0, atol=1e-6)  # B = 0 at start
+
+
+def test_float64_loading_gives_a_float64_model(qwen_dir):
+    base_dir, base = qwen_dir
+    model, _ = load_policy(base_dir, dtype="float64")
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    torch.testing.assert_close(logits_of(model).float(), logits_of(base), rtol=0, atol=1e-4)  # float32 vs float64 forward
+
+
+def test_policy_settings_load_like_load_policy(qwen_dir):
+    base_dir, _ = qwen_dir
+    model, _ = PolicySettings(path=str(base_dir), dtype="bfloat16").load()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_missing_directory_names_the_path_and_says_hub_ids_are_not_fetched(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"'Qwen/Qwen2-0.5B' does not exist.*never fetches hub ids.*--local-dir"):
+        load_policy("Qwen/Qwen2-0.5B")
+    with pytest.raises(FileNotFoundError, match=r"config\.json is missing.*save_pretrained"):
+        load_policy(tmp_path)
+
+
+def test_missing_weights_name_the_expected_files_and_the_fix(qwen_dir):
+    base_dir, _ = qwen_dir
+    (base_dir / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"no model weights in {base_dir}.*model\.safetensors.*save_pretrained"):
+        load_policy(base_dir)
+
+
+def test_missing_tokenizer_names_the_directory_and_the_fix(qwen_dir):
+    base_dir, _ = qwen_dir
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (base_dir / name).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"no tokenizer in {base_dir}.*tokenizer\.save_pretrained"):
+        load_policy(base_dir)
+
+
+def test_missing_adapter_pieces_are_named(qwen_dir, tmp_path):
+    base_dir, _ = qwen_dir
+    with pytest.raises(FileNotFoundError, match=r"adapter directory .*nowhere.* does not exist"):
+        load_policy(base_dir, adapter_path=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"adapter_config\.json is missing"):
+        load_policy(base_dir, adapter_path=tmp_path / "empty")
+    with pytest.raises(ValueError, match=r"either adapter_path .* or lora"):
+        load_policy(base_dir, adapter_path=tmp_path / "empty", lora=LoraSettings())
+
+
+def test_unknown_dtype_lists_the_choices(qwen_dir):
+    with pytest.raises(ValueError, match=r"unknown dtype 'float8'.*bfloat16"):
+        load_policy(qwen_dir[0], dtype="float8")
+
+
+def test_toy_policy_loads_the_cached_toy_world(toy_world_dir, tmp_path):
+    model, tokenizer = toy_policy()  # default root: the session's $PROBE_CACHE, already built
+    reference, _ = load_policy(toy_world_dir)
+    torch.testing.assert_close(logits_of(model), logits_of(reference), rtol=0, atol=0)
+    copy = tmp_path / "copy"
+    shutil.copytree(toy_world_dir, copy)
+    assert load_policy(copy)[1].eos_token_id == tokenizer.eos_token_id == task.EOS_ID

@@ -1,0 +1,221 @@
+"""Sampling: deterministic responses with exact old log-probs, GRPO advantages, dead-group resampling."""
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from probe.batch import collate
+from probe.logprobs import teacher_force
+from probe.precision import exact_float64_norms
+from probe.sampling import group_advantages, sample_responses, sample_update_batch, truncate_logits
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")  # tiny models: one thread is fastest
+
+EOS, PAD = 2, 0
+PROMPTS = [[1, 5, 14, 6, 15], [1, 7], [1, 4, 4, 4, 4, 4, 4, 14]]  # different lengths: left padding is exercised
+
+
+@pytest.fixture(scope="module")
+def policy() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # a peaked EOS logit so responses end at different lengths
+        model.lm_head.weight[EOS] += 0.3 * model.lm_head.weight.norm(dim=-1).mean()
+    return model
+
+
+def sample(model, **kw):
+    args = dict(n_per_prompt=4, max_new_tokens=6, temperature=0.7, eos_token_id=EOS, pad_token_id=PAD, seed=3)
+    return sample_responses(model, PROMPTS, **{**args, **kw})
+
+
+def test_same_seed_gives_the_same_records_and_another_seed_other_ones(policy):
+    assert sample(policy) == sample(policy)
+    assert [r["response_ids"] for r in sample(policy)] != [r["response_ids"] for r in sample(policy, seed=4)]
+    generator = torch.Generator().manual_seed(3)
+    assert sample(policy, generator=generator, seed=None) == sample(policy)  # seed == a fresh generator with that seed
+
+
+def test_records_are_grouped_by_prompt_cut_after_eos_and_flag_truncation(policy):
+    records = sample(policy, n_per_prompt=8)
+    assert [r["group"] for r in records] == [k for k in range(len(PROMPTS)) for _ in range(8)]
+    assert [r["prompt_ids"] for r in records] == [p for p in PROMPTS for _ in range(8)]
+    kinds = set()
+    for r in records:
+        ids = r["response_ids"]
+        assert len(r["old_logprobs"]) == len(ids) >= 1
+        assert EOS not in ids[:-1]  # cut after the first EOS
+        if r["truncated"]:
+            assert len(ids) == 6 and ids[-1] != EOS
+        else:
+            assert ids[-1] == EOS
+        kinds.add(r["truncated"])
+    assert kinds == {True, False}  # both cases occur, so the checks above were exercised
+    assert all(r["temperature"] == 0.7 and r["top_p"] is None and r["top_k"] is None for r in records)
+    assert all("sampling_logprobs" not in r for r in records)
+
+
+def test_old_logprobs_equal_teacher_forced_logprobs_at_the_sampling_temperature(policy):
+    records = sample(policy, n_per_prompt=8)
+    batch = collate(records, pad_token_id=PAD)
+    with torch.no_grad():
+        stats = teacher_force(policy, batch, temperature=0.7)
+    # float32 model: the KV-cache pass and the full pass differ only in summation order (~1e-7 observed)
+    torch.testing.assert_close(batch.old_logprobs, stats.logprobs, rtol=0, atol=1e-5)
+    assert float(stats.logprobs.abs().sum()) > 1.0  # not trivially zero
+
+
+def test_old_logprobs_match_teacher_forcing_to_float64_precision_on_a_float64_policy(policy):
+    model = exact_float64_norms(LlamaForCausalLM(policy.config).double().eval())
+    model.load_state_dict({k: v.double() for k, v in policy.state_dict().items()})
+    with sdpa_kernel(SDPBackend.MATH):
+        records = sample(model, temperature=1.3)
+        with torch.no_grad():
+            stats = teacher_force(model, collate(records, pad_token_id=PAD), temperature=1.3)
+    old = collate(records, pad_token_id=PAD).old_logprobs
+    torch.testing.assert_close(old, stats.logprobs, rtol=0, atol=1e-10)  # float64 end to end: ~1e-15 expected
+
+
+def test_first_tokens_follow_the_tempered_softmax(policy):
+    # independent truth: the model's own next-token distribution softmax(logits / tau)
+    temperature, n = 0.8, 4000
+    records = sample_responses(policy, [[1, 7]], n_per_prompt=n, max_new_tokens=1, temperature=temperature, eos_token_id=EOS, seed=11)
+    counts = torch.bincount(torch.tensor([r["response_ids"][0] for r in records]), minlength=16).double()
+    with torch.no_grad():
+        probs = torch.softmax(policy(torch.tensor([[1, 7]])).logits[0, -1].double() / temperature, -1)
+    bound = 5 * torch.sqrt(probs * (1 - probs) / n) + 1e-3  # 5 binomial standard errors per token
+    assert torch.all((counts / n - probs).abs() <= bound)
+    lp = torch.tensor([r["old_logprobs"][0] for r in records], dtype=torch.float64)
+    torch.testing.assert_close(lp, probs.log()[[r["response_ids"][0] for r in records]], rtol=0, atol=1e-6)
+
+
+def test_top_k_samples_only_the_k_most_likely_tokens_and_records_their_renormalised_logprobs(policy):
+    records = sample_responses(policy, [[1, 7]], n_per_prompt=500, max_new_tokens=1, temperature=1.0, top_k=3, eos_token_id=EOS, seed=1)
+    with torch.no_grad():
+        logits = policy(torch.tensor([[1, 7]])).logits[0, -1].double()
+    top3 = set(torch.topk(logits, 3).indices.tolist())
+    seen = {r["response_ids"][0] for r in records}
+    assert seen <= top3 and len(seen) >= 2
+    kept = torch.log_softmax(logits[list(sorted(top3))], -1)
+    truth = dict(zip(sorted(top3), kept.tolist()))
+    full = torch.log_softmax(logits, -1)
+    for r in records[:20]:
+        token = r["response_ids"][0]
+        assert r["top_k"] == 3 and r["top_p"] is None
+        assert r["sampling_logprobs"][0] == pytest.approx(truth[token], abs=1e-6)  # behaviour distribution
+        assert r["old_logprobs"][0] == pytest.approx(float(full[token]), abs=1e-6)  # untruncated policy
+
+
+def test_top_p_keeps_the_smallest_set_of_mass_at_least_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]], dtype=torch.float64))
+    kept = torch.isfinite(truncate_logits(logits, top_p=0.75, top_k=None))
+    assert kept.tolist() == [[True, True, False, False]]  # 0.5 + 0.3 >= 0.75
+    kept = torch.isfinite(truncate_logits(logits, top_p=0.85, top_k=None))
+    assert kept.tolist() == [[True, True, True, False]]
+    kept = torch.isfinite(truncate_logits(logits, top_p=0.1, top_k=None))
+    assert kept.tolist() == [[True, False, False, False]]  # the most likely token always stays
+
+
+def test_greedy_temperature_is_refused_with_the_fix(policy):
+    with pytest.raises(ValueError, match=r"temperature must be > 0.*small positive temperature"):
+        sample(policy, temperature=0.0)
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+def test_group_advantages_are_centred_and_scaled_by_the_unbiased_group_std():
+    rewards = [1.0, 0.0, 0.5, 2.0, 4.0, 3.0]
+    groups = ["a", "a", "a", 7, 7, "solo"]
+    centred = group_advantages(torch.tensor(rewards), groups, normalize_std=False)
+    assert centred.dtype == torch.float64
+    assert centred.tolist() == pytest.approx([0.5, -0.5, 0.0, -1.0, 1.0, 0.0], abs=1e-12)
+    eps = 1e-6
+    std_a, std_7 = statistics.stdev([1.0, 0.0, 0.5]), statistics.stdev([2.0, 4.0])
+    expected = [0.5 / (std_a + eps), -0.5 / (std_a + eps), 0.0, -1.0 / (std_7 + eps), 1.0 / (std_7 + eps), 0.0]
+    assert group_advantages(rewards, groups, normalize_std=True, eps=eps).tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_a_group_with_equal_rewards_has_zero_advantages():
+    advantages = group_advantages([1.0, 1.0, 1.0, 0.0, 1.0], [0, 0, 0, 1, 1])
+    assert advantages[:3].abs().max() == 0.0 and advantages[3:].abs().min() > 0.5
+
+
+# --------------------------------------------------------------------------- update batch
+
+
+def alternating_reward_after(dead_calls: int):
+    """Reward 0 for the first ``dead_calls`` calls, then 0, 1, 0, 1, ... (a live group)."""
+    calls = []
+
+    def reward(prompt_ids, response_ids) -> float:
+        calls.append(1)
+        k = len(calls) - 1
+        return 0.0 if k < dead_calls else float(k % 2)
+
+    return reward
+
+
+def test_update_batch_resamples_a_dead_group_until_it_has_signal(policy):
+    records = sample_update_batch(
+        policy, PROMPTS[:2], reward_fn=alternating_reward_after(4), n_per_prompt=4, max_new_tokens=4,
+        eos_token_id=EOS, pad_token_id=PAD, seed=0, max_resample_attempts=2,
+    )  # fmt: skip
+    assert [r["group"] for r in records] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [r["resample_attempt"] for r in records] == [1, 1, 1, 1, 0, 0, 0, 0]  # group 0 was drawn twice
+    for k in (0, 1):
+        group = [r for r in records if r["group"] == k]
+        assert max(abs(r["advantage"]) for r in group) > 0.5
+        rewards = [r["reward"] for r in group]
+        assert sum(r["advantage"] for r in group) == pytest.approx(0.0, abs=1e-12)
+        assert group[0]["advantage"] == pytest.approx((rewards[0] - statistics.mean(rewards)) / (statistics.stdev(rewards) + 1e-6))
+
+
+def test_update_batch_takes_spare_prompts_for_dead_groups(policy):
+    spare = [1, 9, 14, 9, 15]
+    records = sample_update_batch(
+        policy, PROMPTS[:2], reward_fn=alternating_reward_after(4), n_per_prompt=4, max_new_tokens=4,
+        eos_token_id=EOS, seed=0, spare_prompts=[spare],
+    )  # fmt: skip
+    assert [r["prompt_ids"] for r in records[:4]] == [spare] * 4 and records[4]["prompt_ids"] == PROMPTS[1]
+
+
+def test_update_batch_gives_up_after_the_attempt_limit_with_the_numbers_and_the_fix(policy):
+    with pytest.raises(ValueError) as info:
+        sample_update_batch(
+            policy, PROMPTS, reward_fn=lambda p, r: 1.0, n_per_prompt=3, max_new_tokens=3,
+            eos_token_id=EOS, seed=0, max_resample_attempts=2, zero_tol=1e-7,
+        )  # fmt: skip
+    message = str(info.value)
+    assert "3 of 3 prompt groups" in message and "after 2 resampling attempts" in message
+    assert "|A| <= 1e-07" in message and "max_resample_attempts=2" in message and "Fix:" in message
+
+
+def test_update_batch_keeps_dead_groups_when_filtering_is_off(policy):
+    records = sample_update_batch(
+        policy, PROMPTS, reward_fn=lambda p, r: 1.0, n_per_prompt=2, max_new_tokens=3, eos_token_id=EOS,
+        seed=0, filter_zero_advantage_prompts=False,
+    )  # fmt: skip
+    assert len(records) == 6 and all(r["advantage"] == 0.0 and r["reward"] == 1.0 for r in records)
+
+
+def test_update_batch_needs_two_responses_per_prompt(policy):
+    with pytest.raises(ValueError, match=r"n_per_prompt=1.*at least 2"):
+        sample_update_batch(policy, PROMPTS, reward_fn=lambda p, r: 1.0, n_per_prompt=1, max_new_tokens=3, eos_token_id=EOS)
+
+
+def test_update_batch_is_deterministic_under_a_seed(policy):
+    reward = lambda p, r: float(len(r) % 2)  # noqa: E731
+    kw = dict(reward_fn=reward, n_per_prompt=4, max_new_tokens=5, eos_token_id=EOS, seed=5, temperature=1.0)
+    first, second = sample_update_batch(policy, PROMPTS, **kw), sample_update_batch(policy, PROMPTS, **kw)
+    assert first == second and all(math.isfinite(r["advantage"]) for r in first)
