@@ -1,0 +1,253 @@
+"""The LightningDataModule of a probe run: the update batch U and one or more evaluation batches E.
+
+Each batch is read from a rollout file or sampled from the policy. Whatever its source, it
+is written to the run directory (``rollouts/update.jsonl``, ``rollouts/eval_00.jsonl``, ...)
+before use, so every run can be repeated from files and a rerun on the same directory
+reuses exactly the same sequences. Sampling happens on rank 0 only; all ranks then read
+the written files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.rollouts import fill_advantages, read_rollouts, write_rollouts
+from probe.batch import SequenceBatch, collate
+from probe.rewards import resolve_reward
+from probe.sampling import SamplingSettings, sample_responses, sample_update_batch
+
+log = logging.getLogger("probe")
+
+
+@dataclass
+class PromptSource:
+    """Where prompts come from when a batch is sampled.
+
+    Args:
+        prompts: ``toy`` (the toy addition task) or a local JSONL file with a ``prompt`` text
+            field per line (and optionally ``answer``, passed to the reward).
+        n_prompts: number of prompts (prompt groups).
+        offset: skip this many prompts first (disjoint prompts for U and E, or a held-out split).
+        seed: seed of the toy prompt generator.
+    """
+
+    prompts: str = "toy"
+    n_prompts: int = 8
+    offset: int = 0
+    seed: int = 0
+
+
+@dataclass
+class UpdateBatchSettings:
+    """The update batch U.
+
+    Args:
+        path: a rollout file (JSONL or Parquet, DESIGN section 6) to read U from; empty: sample it.
+        source: prompts to sample from (when ``path`` is empty).
+        sampling: sampling settings (G = ``n_per_prompt`` responses per prompt).
+        reward: ``toy``, ``gsm8k`` or ``package.module:function`` (reward(prompt, response[, answer])).
+        normalize_std: divide group advantages by the group's reward std (GRPO); off: Dr. GRPO.
+        filter_zero_advantage_prompts: resample prompt groups whose advantages are all zero.
+        max_resample_attempts: resampling attempts before a clear error.
+        zero_tol: an advantage with ``|A| <= zero_tol`` counts as zero.
+    """
+
+    path: str = ""
+    source: PromptSource = field(default_factory=PromptSource)
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(n_per_prompt=8, max_new_tokens=4))
+    reward: str = "toy"
+    normalize_std: bool = True
+    filter_zero_advantage_prompts: bool = True
+    max_resample_attempts: int = 5
+    zero_tol: float = 1e-8
+
+
+@dataclass
+class EvalBatchSettings:
+    """One evaluation batch E (sequences from the policy whose entropy is probed).
+
+    Args:
+        path: a rollout file to read E from; empty: sample it from the policy.
+        source: prompts to sample from (when ``path`` is empty).
+        sampling: sampling settings; ``temperature`` is the tau whose entropy is measured.
+        allow_truncated_sampling: accept top-p/top-k sampling for E. The entropy measured is then
+            that of the untruncated temperature-tau policy while E came from another
+            distribution: only turn this on knowingly.
+    """
+
+    path: str = ""
+    source: PromptSource = field(default_factory=lambda: PromptSource(offset=1000))
+    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(n_per_prompt=16, max_new_tokens=4, seed=1))
+    allow_truncated_sampling: bool = False
+
+    def __post_init__(self) -> None:
+        s = self.sampling
+        truncated = (s.top_p is not None and s.top_p < 1.0) or (s.top_k is not None and s.top_k > 0)
+        if truncated and not self.allow_truncated_sampling:
+            raise ValueError(
+                f"evaluation batch sampled with top_p={s.top_p}, top_k={s.top_k}: the entropy would be of another "
+                "distribution than the policy's. Fix: remove top_p/top_k for E, or set allow_truncated_sampling=true knowingly"
+            )
+        if not (s.temperature > 0 and math.isfinite(s.temperature)):
+            raise ValueError(
+                f"evaluation temperature {s.temperature}: E must be sampled at a temperature > 0 (temperature 0 is "
+                "greedy decoding, whose entropy is 0). Fix: set data.evals[k].sampling.temperature, e.g. 1.0"
+            )
+
+
+def _load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]], dict[tuple, Any]]:
+    """Prompt token ids and, per prompt, its reference answer (or None)."""
+    if source.prompts == "toy":
+        from probe.toy.task import make_prompts
+
+        prompts = make_prompts(source.offset + source.n_prompts, source.seed)[source.offset :]
+        return prompts, {}
+    path = Path(source.prompts)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} not found. Fix: give 'toy' or a local JSONL file with a 'prompt' field per line")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = rows[source.offset : source.offset + source.n_prompts]
+    if len(rows) < source.n_prompts:
+        raise ValueError(f"{path} has {len(rows)} prompts after offset {source.offset}; asked for {source.n_prompts}")
+    prompts, answers = [], {}
+    for i, row in enumerate(rows):
+        if "prompt" not in row:
+            raise ValueError(f"{path}: line {source.offset + i + 1} has no 'prompt' field. Fix: one JSON object with 'prompt' per line")
+        ids = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+        prompts.append(ids)
+        answers[tuple(ids)] = row.get("answer")
+    return prompts, answers
+
+
+def _indexed_collate(records: list[dict], pad_token_id: int) -> SequenceBatch:
+    return collate(records, pad_token_id=pad_token_id, index=[r["index"] for r in records])
+
+
+class ProbeDataModule(pl.LightningDataModule):
+    """Yields the evaluation batches E (``predict_dataloader``) and holds the update batch U."""
+
+    def __init__(
+        self,
+        update: UpdateBatchSettings = UpdateBatchSettings(),
+        evals: list[EvalBatchSettings] = [EvalBatchSettings()],  # noqa: B006 (jsonargparse default)
+        eval_batch_size: int = 64,
+        num_workers: int = 0,
+    ):
+        """
+        Args:
+            update: the update batch U.
+            evals: one or more evaluation batches (``eval_00``, ``eval_01``, ...), sharing one update.
+            eval_batch_size: sequences of E per predict batch.
+            num_workers: DataLoader workers.
+        """
+        super().__init__()
+        if not evals:
+            raise ValueError("data.evals is empty: give at least one evaluation batch")
+        self.update_settings, self.eval_settings = update, list(evals)
+        self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
+        self.update_records: list[dict] = []
+        self.eval_records: list[list[dict]] = []
+        self.pad_token_id = 0
+
+    # ---- building the batches ----------------------------------------------------------------
+    def _sample_update(self, policy: torch.nn.Module, tokenizer: Any) -> list[dict]:
+        s = self.update_settings
+        prompts, answers = _load_prompts(s.source, tokenizer)
+        reward = resolve_reward(s.reward)
+
+        def reward_on_ids(prompt_ids, response_ids) -> float:
+            prompt = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
+            response = tokenizer.decode(list(response_ids), skip_special_tokens=False)
+            answer = answers.get(tuple(prompt_ids))
+            return float(reward(prompt, response, answer) if answer is not None else reward(prompt, response))
+
+        sp = s.sampling
+        return sample_update_batch(
+            policy, prompts, reward_fn=reward_on_ids, n_per_prompt=sp.n_per_prompt, max_new_tokens=sp.max_new_tokens,
+            temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, tokenizer=tokenizer, seed=sp.seed,
+            batch_size=sp.batch_size, normalize_std=s.normalize_std,
+            filter_zero_advantage_prompts=s.filter_zero_advantage_prompts,
+            max_resample_attempts=s.max_resample_attempts, zero_tol=s.zero_tol,
+        )
+
+    def _sample_eval(self, settings: EvalBatchSettings, policy: torch.nn.Module, tokenizer: Any) -> list[dict]:
+        prompts, _ = _load_prompts(settings.source, tokenizer)
+        sp = settings.sampling
+        return sample_responses(
+            policy, prompts, n_per_prompt=sp.n_per_prompt, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,
+            top_p=sp.top_p, top_k=sp.top_k, tokenizer=tokenizer, seed=sp.seed, batch_size=sp.batch_size,
+        )
+
+    def _materialise(self, target: Path, settings: Any, make: Any, vocab_size: int) -> None:
+        """Write the batch's rollout file into the run directory unless a previous run already did."""
+        if target.exists():
+            log.info("reusing %s (resumed run)", target)
+            return
+        if settings.path:
+            records = read_rollouts(settings.path, vocab_size=vocab_size)
+            log.info("read %d sequences from %s", len(records), settings.path)
+        else:
+            records = make()
+        write_rollouts(list(records), target)
+
+    def setup(self, stage: str) -> None:
+        trainer = self.trainer
+        module = trainer.lightning_module
+        run_dir = module.open_run_dir(trainer)
+        policy, tokenizer = module.policy, module.tokenizer
+        vocab_size = int(policy.get_input_embeddings().weight.shape[0])
+        self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        rollouts = run_dir.path / "rollouts"
+        if trainer.global_rank == 0:
+            device = trainer.strategy.root_device
+            policy.to(device)
+            self._materialise(rollouts / "update.jsonl", self.update_settings,
+                              lambda: self._sample_update(policy, tokenizer), vocab_size)
+            for k, settings in enumerate(self.eval_settings):
+                self._materialise(rollouts / f"eval_{k:02d}.jsonl", settings,
+                                  lambda s=settings: self._sample_eval(s, policy, tokenizer), vocab_size)
+        trainer.strategy.barrier("probe-rollouts")
+        update = list(read_rollouts(rollouts / "update.jsonl", vocab_size=vocab_size))
+        if any(r.get("advantage") is None for r in update):
+            update = fill_advantages(update, normalize_std=self.update_settings.normalize_std)
+        self.update_records = [dict(r, index=i) for i, r in enumerate(update)]
+        self.eval_records = []
+        for k in range(len(self.eval_settings)):
+            records = read_rollouts(rollouts / f"eval_{k:02d}.jsonl", vocab_size=vocab_size)
+            self._check_eval(records, rollouts / f"eval_{k:02d}.jsonl", self.eval_settings[k])
+            self.eval_records.append([dict(r, index=i) for i, r in enumerate(records)])
+
+    @staticmethod
+    def _check_eval(records: list[dict], path: Path, settings: EvalBatchSettings) -> None:
+        truncated = [r for r in records if (r.get("top_p") not in (None, 1.0)) or (r.get("top_k") not in (None, 0))]
+        if truncated and not settings.allow_truncated_sampling:
+            raise ValueError(
+                f"{path}: {len(truncated)} evaluation sequences were sampled with top-p/top-k truncation; the entropy "
+                "would be of another distribution. Fix: sample E without top_p/top_k, or set allow_truncated_sampling=true knowingly"
+            )
+
+    # ---- what the loops and callbacks read ---------------------------------------------------
+    @property
+    def update_batch(self) -> SequenceBatch:
+        """U as one padded batch (index = position in U)."""
+        return _indexed_collate(self.update_records, self.pad_token_id)
+
+    def eval_batch(self, k: int = 0) -> SequenceBatch:
+        return _indexed_collate(self.eval_records[k], self.pad_token_id)
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        loaders = [
+            DataLoader(records, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
+                       collate_fn=partial(_indexed_collate, pad_token_id=self.pad_token_id))
+            for records in self.eval_records
+        ]
+        return loaders[0] if len(loaders) == 1 else loaders

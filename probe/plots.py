@@ -1,0 +1,69 @@
+"""Plots of a run (matplotlib, headless): Delta H vs eta, attribution histogram, ESS vs eta."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def plot_delta_h(eval_result: dict, etas: list[float], path: Path, title: str = "") -> Path:
+    """Delta H (SNIS, +-1 SE) vs eta for each part, with the first- and second-order predictions."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    eta = np.asarray(etas)
+    for k, (part, res) in enumerate(eval_result["parts"].items()):
+        color = f"C{k}"
+        dh, se = np.asarray(res["delta_h"], float), np.asarray(res["se"], float)
+        ax.errorbar(eta, dh, yerr=se, fmt="o", color=color, capsize=3, label=f"{part} (SNIS)")
+        if res.get("first_order") is not None:
+            ax.plot(eta, res["first_order"] * eta, "-", color=color, alpha=0.7, label=f"{part} 1st order")
+        if res.get("second_order") is not None and res.get("first_order") is not None:
+            ax.plot(eta, res["first_order"] * eta + 0.5 * res["second_order"] * eta**2, "--", color=color, alpha=0.7,
+                    label=f"{part} 2nd order")
+    ax.set_xscale("log")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_xlabel("eta (learning rate)")
+    ax.set_ylabel("Delta H (nats / sequence)")
+    ax.set_title(title or "entropy change vs step size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_ess(eval_result: dict, etas: list[float], n_samples: int, path: Path) -> Path:
+    """Effective sample size of the importance weights vs eta, per part."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for k, (part, res) in enumerate(eval_result["parts"].items()):
+        ax.plot(etas, res["ess"], "o-", color=f"C{k}", label=part)
+    ax.axhline(0.1 * n_samples, color="grey", ls=":", label="10% of samples")
+    ax.set_xscale("log")
+    ax.set_xlabel("eta (learning rate)")
+    ax.set_ylabel("ESS")
+    ax.set_ylim(0, n_samples * 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_attributions(attributions: np.ndarray, eta: float, path: Path) -> Path:
+    """Histogram of each update sequence's first-order share eta * a_i of Delta H."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.hist(eta * np.asarray(attributions), bins=min(50, max(5, len(attributions) // 2)), color="C0")
+    ax.axvline(0.0, color="grey", lw=0.5)
+    ax.set_xlabel(f"eta * a_i at eta = {eta:.3g} (nats)")
+    ax.set_ylabel("update sequences")
+    ax.set_title("per-sequence first-order attribution")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,143 @@
+"""The run directory: results written as they are made, resumable, never silently overwritten.
+
+Layout (DESIGN section 6), per evaluation batch ``k`` (the first at the root, further ones
+in ``eval_01/``, ``eval_02/``, ...): ``per_sequence/<part>/eta_<j>.npy``,
+``eval_delta_matrix.npy``, ``attributions.npy``; at the root ``summary.json``,
+``config.yaml``, ``plots/*.png``, ``update.safetensors``, the rollout files ``rollouts/``,
+and ``partial/`` (per-batch results kept for resuming, removed once the run finishes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+class RunDirectoryExists(FileExistsError):
+    pass
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if hasattr(o, "item") and callable(o.item):
+        return o.item()
+    return str(o)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (non-finite floats are written as null, which JSON can read)."""
+    text = json.dumps(_finite_or_none(obj), indent=2, default=_json_default, allow_nan=False)
+    _atomic_write_bytes(Path(path), text.encode())
+
+
+def _finite_or_none(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_none(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _finite_or_none(obj.tolist())
+    if isinstance(obj, (np.floating,)):
+        return _finite_or_none(float(obj))
+    return obj
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npy")
+    np.save(tmp, np.asarray(array))
+    os.replace(tmp, path)
+
+
+class RunDirectory:
+    """One run's folder. ``open()`` creates it, resumes an unfinished one, or refuses a finished one."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    # ---- life cycle -------------------------------------------------------------------------
+    @classmethod
+    def open(cls, root: str, name: str = "", overwrite: bool = False) -> "RunDirectory":
+        name = name or time.strftime("%Y%m%d-%H%M%S")
+        run = cls(Path(root) / name)
+        if run.is_finished():
+            if not overwrite:
+                raise RunDirectoryExists(
+                    f"run directory {run.path} already holds a finished run (summary.json status 'complete'); "
+                    "it is never overwritten silently: choose another --run.name, or pass --run.overwrite=true to replace it"
+                )
+            shutil.rmtree(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        return run
+
+    @property
+    def resuming(self) -> bool:
+        return (self.path / "partial").exists()
+
+    def is_finished(self) -> bool:
+        summary = self.path / "summary.json"
+        if not summary.exists():
+            return False
+        try:
+            return json.loads(summary.read_text()).get("status") == "complete"
+        except (json.JSONDecodeError, OSError):
+            return False
+
+    def finish(self, summary: dict) -> None:
+        """Write the final summary (status complete) and drop the resume cache."""
+        summary = {"schema_version": SCHEMA_VERSION, **summary, "status": "complete"}
+        write_json(self.path / "summary.json", summary)
+        shutil.rmtree(self.path / "partial", ignore_errors=True)
+
+    # ---- outputs ----------------------------------------------------------------------------
+    def eval_dir(self, k: int) -> Path:
+        return self.path if k == 0 else self.path / f"eval_{k:02d}"
+
+    def write_summary(self, summary: dict, status: str = "running") -> None:
+        write_json(self.path / "summary.json", {"schema_version": SCHEMA_VERSION, **summary, "status": status})
+
+    # ---- per-batch cache for resuming -------------------------------------------------------
+    @staticmethod
+    def batch_key(indices: list[int]) -> str:
+        return hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest()[:16]
+
+    def partial_path(self, eval_k: int, indices: list[int]) -> Path:
+        return self.path / "partial" / f"eval_{eval_k:02d}" / f"batch_{self.batch_key(indices)}.npz"
+
+    def load_partial(self, eval_k: int, indices: list[int]) -> dict[str, np.ndarray] | None:
+        path = self.partial_path(eval_k, indices)
+        if not path.exists():
+            return None
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+
+    def save_partial(self, eval_k: int, indices: list[int], arrays: dict[str, np.ndarray]) -> None:
+        path = self.partial_path(eval_k, indices)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)

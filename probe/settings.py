@@ -1,0 +1,126 @@
+"""Settings of a probe run, as typed dataclasses (their docstrings are the CLI's --help)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+PARTS = ("full", "baseline", "grad", "baseline_plus_grad")
+INTEGRANDS = ("logprob", "token_entropy")
+
+
+@dataclass
+class ProbeSettings:
+    """What to measure and predict on the evaluation batch E.
+
+    Args:
+        parts: update parts to probe exactly: ``full``, ``baseline``, ``grad`` and the
+            additivity check ``baseline_plus_grad`` (baseline + grad measured as one direction).
+        etas: step sizes (learning rates) of the sweep, theta(eta) = theta + eta * part.
+            Empty: a geometric grid of ``n_etas`` values from ``eta_min_factor`` to
+            ``eta_max_factor`` times the optimizer's lr (eta = lr is the real step).
+        n_etas: number of grid points when ``etas`` is empty.
+        eta_min_factor: smallest eta of the default grid, as a multiple of lr.
+        eta_max_factor: largest eta of the default grid, as a multiple of lr.
+        reference_eta: the eta of the eval x update matrix and per-token views; default lr.
+        integrand: ``token_entropy`` (sum of full-vocabulary token entropies, lower variance)
+            or ``logprob`` (-log p of the sequence); both are unbiased for the sequence entropy.
+        truncation: truncate importance weights at ``truncation * mean(w)``; 0 disables.
+        normalisation: ``global`` SNIS, or ``per_prompt`` (normalise within each prompt group,
+            then average groups weighted by their sample counts).
+        first_order: predict Delta H to first order by JVP (exact derivative of the estimator).
+        second_order: add the second-order term (JVP of JVP) and the linear radius.
+        attribution: attribute the first-order Delta H of the gradient part to each update sequence.
+        eval_update_matrix: also compute the M x N eval x update matrix (cost grows with min(M, N)).
+        per_sequence_exact: indices of update sequences whose own direction v_i is probed
+            exactly (slow path, to check attributions); the mixed form
+            H(theta + eta b + eta v_i) - H(theta + eta b) is reported beside it.
+        per_token_views: save per-token log-probs and entropies of E at theta and at reference_eta.
+        eval_batch_size: sequences of E teacher-forced per forward pass.
+        token_chunk: response tokens per chunk of the float64 log-softmax head.
+        save_update: write the reconstructed step to ``update.safetensors``.
+    """
+
+    parts: list[str] = field(default_factory=lambda: ["full", "baseline", "grad", "baseline_plus_grad"])
+    etas: list[float] = field(default_factory=list)
+    n_etas: int = 5
+    eta_min_factor: float = 0.1
+    eta_max_factor: float = 10.0
+    reference_eta: float | None = None
+    integrand: str = "token_entropy"
+    truncation: float = 0.0
+    normalisation: str = "global"
+    first_order: bool = True
+    second_order: bool = True
+    attribution: bool = True
+    eval_update_matrix: bool = True
+    per_sequence_exact: list[int] = field(default_factory=list)
+    per_token_views: bool = False
+    eval_batch_size: int = 32
+    token_chunk: int = 4096
+    save_update: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown or not self.parts:
+            raise ValueError(f"unknown part(s) {unknown or self.parts}; choose from {', '.join(PARTS)}")
+        if self.integrand not in INTEGRANDS:
+            raise ValueError(f"unknown integrand {self.integrand!r}; choose 'logprob' or 'token_entropy'")
+        if self.normalisation not in ("global", "per_prompt"):
+            raise ValueError(f"unknown normalisation {self.normalisation!r}; choose 'global' or 'per_prompt'")
+        bad = [e for e in self.etas if not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0)]
+        if bad:
+            raise ValueError(f"probe.etas must be finite and > 0, got {bad}; give positive learning rates or leave empty for the default grid")
+        if self.n_etas < 1 or not (0 < self.eta_min_factor <= self.eta_max_factor) or not math.isfinite(self.eta_max_factor):
+            raise ValueError("the default eta grid needs n_etas >= 1 and 0 < eta_min_factor <= eta_max_factor < inf")
+        if self.truncation < 0 or not math.isfinite(self.truncation):
+            raise ValueError(f"probe.truncation must be >= 0 (0 disables), got {self.truncation}")
+
+    def eta_grid(self, lr: float) -> list[float]:
+        """The sweep: ``etas`` if given, else a geometric grid around the optimizer's lr (always containing lr)."""
+        if self.etas:
+            return sorted(float(e) for e in self.etas)
+        if not (math.isfinite(lr) and lr > 0):
+            raise ValueError(f"the optimizer's lr is {lr}; set probe.etas explicitly")
+        if self.n_etas == 1:
+            return [lr]
+        lo, hi = math.log(lr * self.eta_min_factor), math.log(lr * self.eta_max_factor)
+        grid = [math.exp(lo + (hi - lo) * k / (self.n_etas - 1)) for k in range(self.n_etas)]
+        grid[min(range(len(grid)), key=lambda k: abs(grid[k] - lr))] = lr  # eta = lr is the real step
+        return grid
+
+
+@dataclass
+class PrecisionSettings:
+    """Numerical precision of the probe.
+
+    Args:
+        dtype: dtype the policy runs in (``float32``, ``float64``, ``bfloat16``, ``float16``).
+        float64_head: log-softmax, entropies and log-weights in float64 (the model stays in ``dtype``).
+        tf32: allow TF32 matmuls on Ampere+ GPUs (faster, less precise).
+        matmul_precision: ``torch.set_float32_matmul_precision`` value: highest, high or medium.
+    """
+
+    dtype: str = "float32"
+    float64_head: bool = True
+    tf32: bool = False
+    matmul_precision: str = "highest"
+
+
+@dataclass
+class RunSettings:
+    """Where results go.
+
+    Args:
+        root: folder holding run directories.
+        name: run directory name under ``root``; empty: ``<timestamp>``. Giving the name of an
+            unfinished run resumes it; a finished run is never overwritten.
+        overwrite: replace a finished run directory of the same name (deletes it first).
+        seed: seed of sampling and of everything random in the run.
+        log_level: ``standard`` (resampling retries, norms, ESS, timings) or ``detailed`` (debugging).
+    """
+
+    root: str = "runs"
+    name: str = ""
+    overwrite: bool = False
+    seed: int = 0
+    log_level: str = "standard"
