@@ -80,6 +80,8 @@ class ProbeModule(pl.LightningModule):
         super().__init__()
         self.policy_source, self.optimizer_settings, self.loss = policy, optimizer, loss
         self.reconstruction, self.settings, self.precision_settings, self.run = reconstruction, probe, precision, run
+        if run.num_threads > 0:
+            torch.set_num_threads(run.num_threads)
         self.policy_dir = self._resolve_policy_dir(policy.path)
         self._set_precision(precision)
         self.policy, self.tokenizer = self._load_policy()

@@ -38,3 +38,12 @@ def single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests never talk to W&B's servers and run on one torch thread (tiny models; fast on a busy 2-core box)."""
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import torch
+
+    torch.set_num_threads(1)

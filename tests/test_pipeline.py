@@ -1,0 +1,162 @@
+"""The predict pipeline end to end: `python -m probe predict` on a small toy run.
+
+What a user relies on: the run directory of DESIGN section 6 with numbers that agree with
+each other (contributions sum to Delta H, attributions sum to the grad part's first order,
+the saved update is baseline + grad), a finished run is never overwritten, an interrupted
+run resumes to the same numbers, and every config in configs/ parses.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from probe.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL = [
+    "--model.init_args.probe.n_etas", "3",
+    "--data.init_args.update.source.n_prompts", "3",
+    "--data.init_args.update.sampling.n_per_prompt", "4",
+    "--data.init_args.evals",
+    "[{source: {prompts: toy, n_prompts: 12, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}]",
+    "--data.init_args.eval_batch_size", "16",
+    "--trainer.logger", "false",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+def run_probe(root: Path, name: str, *extra: str) -> dict:
+    main(["predict", "--config", str(REPO / "configs" / "toy.yaml"), *SMALL,
+          "--model.init_args.run.root", str(root), "--model.init_args.run.name", name, *extra])
+    return json.loads((root / name / "summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, toy_world_dir) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("runs")
+    return root / "small", run_probe(root, "small")
+
+
+def test_run_directory_holds_the_design_layout(finished_run):
+    run, summary = finished_run
+    assert summary["status"] == "complete" and summary["schema_version"] == 1
+    J = len(summary["plan"]["etas"])
+    for part in summary["plan"]["parts"]:
+        for j in range(J):
+            assert (run / "per_sequence" / part / f"eta_{j}.npy").is_file()
+    for name in ("eval_delta_matrix.npy", "attributions.npy", "config.yaml", "update.safetensors",
+                 "rollouts/update.jsonl", "rollouts/eval_00.jsonl", "plots/delta_h.png", "plots/ess.png",
+                 "plots/attributions.png"):
+        assert (run / name).is_file(), name
+    assert not (run / "partial").exists(), "the resume cache is dropped once the run is complete"
+    N, M = summary["plan"]["n_update_sequences"], summary["plan"]["n_eval_sequences"][0]
+    assert np.load(run / "attributions.npy").shape == (N,)
+    assert np.load(run / "eval_delta_matrix.npy").shape == (M, N)
+
+
+def test_the_eta_sweep_contains_the_real_step(finished_run):
+    _, summary = finished_run
+    assert summary["update"]["lr"] in summary["plan"]["etas"]
+
+
+def test_per_sequence_contributions_sum_to_delta_h(finished_run):
+    run, summary = finished_run
+    for part, res in summary["aggregate"].items():
+        for j, dh in enumerate(res["delta_h"]):
+            c = np.load(run / "per_sequence" / part / f"eta_{j}.npy")
+            assert c.sum() == pytest.approx(dh, rel=1e-9, abs=1e-12)
+
+
+def test_baseline_plus_grad_measured_as_one_direction_matches_full(finished_run):
+    # the two directions differ only by float32 rounding of baseline + grad (~1e-7 relative)
+    _, summary = finished_run
+    full, both = summary["aggregate"]["full"], summary["aggregate"]["baseline_plus_grad"]
+    np.testing.assert_allclose(both["delta_h"], full["delta_h"], rtol=1e-3, atol=1e-6)
+
+
+def test_attributions_sum_to_the_first_order_of_the_gradient_part(finished_run):
+    run, summary = finished_run
+    a = np.load(run / "attributions.npy")
+    att = summary["evals"][0]["attribution"]
+    assert a.sum() == pytest.approx(att["sum"], rel=1e-12)
+    # float32 policy: one JVP over E vs one backward over E + one JVP over U agree to ~1e-6
+    assert att["relative_difference"] < 1e-4
+    assert att["grad_first_order"] == pytest.approx(summary["aggregate"]["grad"]["first_order"], rel=1e-4)
+
+
+def test_eval_update_matrix_sums_to_the_first_order_gradient_change(finished_run):
+    run, summary = finished_run
+    S = np.load(run / "eval_delta_matrix.npy")  # [M, N] at the reference eta
+    eta = summary["evals"][0]["eval_update_matrix"]["reference_eta"]
+    assert S.sum() == pytest.approx(eta * summary["aggregate"]["grad"]["first_order"], rel=1e-4)
+    np.testing.assert_allclose(S.sum(0), eta * np.load(run / "attributions.npy"), rtol=1e-3, atol=1e-9)
+
+
+def test_saved_update_is_baseline_plus_grad(finished_run):
+    run, _ = finished_run
+    tensors = load_file(str(run / "update.safetensors"))
+    names = [k[len("full."):] for k in tensors if k.startswith("full.")]
+    assert names
+    for n in names:
+        np.testing.assert_allclose(tensors[f"full.{n}"].numpy(),
+                                   (tensors[f"baseline.{n}"] + tensors[f"grad.{n}"]).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_first_order_agrees_with_the_exact_change_at_the_smallest_eta(finished_run):
+    _, summary = finished_run
+    eta = summary["plan"]["etas"][0]
+    for part, res in summary["aggregate"].items():
+        assert abs(res["delta_h"][0] - res["first_order"] * eta) <= 3 * res["se"][0] + 1e-9, part
+
+
+def test_a_finished_run_is_never_overwritten(finished_run):
+    run, _ = finished_run
+    before = (run / "summary.json").read_text()
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        run_probe(run.parent, run.name)
+    assert (run / "summary.json").read_text() == before
+
+
+def test_an_interrupted_run_resumes_to_the_same_numbers(finished_run, tmp_path, monkeypatch):
+    from probe.module import ProbeModule
+
+    _, uninterrupted = finished_run
+    real = ProbeModule.batch_statistics
+    calls = {"n": 0}
+
+    def crash_on_second_batch(self, batch, eval_k=0):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(self, batch, eval_k)
+
+    monkeypatch.setattr(ProbeModule, "batch_statistics", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_probe(tmp_path, "resumed")
+    partial = list((tmp_path / "resumed" / "partial").rglob("*.npz"))
+    assert len(partial) == 1, "the batch finished before the crash was written"
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text() if (tmp_path / "resumed" / "summary.json").exists() else "{}").get("status") != "complete"
+
+    monkeypatch.setattr(ProbeModule, "batch_statistics", real)
+    calls["n"] = 0
+    resumed = run_probe(tmp_path, "resumed")
+    for part, res in uninterrupted["aggregate"].items():
+        np.testing.assert_array_equal(resumed["aggregate"][part]["delta_h"], res["delta_h"])
+        np.testing.assert_array_equal(resumed["aggregate"][part]["se"], res["se"])
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_config_parses(config):
+    first = config.read_text().splitlines()[0]
+    assert first.startswith("# python -m probe "), "every config opens with the command that runs it"
+    subcommand = first.split()[4]
+    out = subprocess.run([sys.executable, "-m", "probe", subcommand, "--config", str(config), "--print_config"],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
