@@ -1,0 +1,271 @@
+"""Teacher forcing of the evaluation batch E under parameter overrides theta + eta * d.
+
+For every part d of the update (a plain dict ``name -> tensor`` over the parameters it
+touches) and every step size eta, the override is built as
+``torch.add(theta0, d, alpha=eta)`` for the touched parameters only (a partial dict for
+``torch.func.functional_call``); the model itself is never mutated. Statistics at the
+base point theta (eta = 0) are computed once per chunk of E and shared by all parts and
+etas. Everything runs under ``torch.no_grad`` and per-sequence outputs are float64:
+
+* ``l_j(eta)``: sequence log-prob of the response at temperature tau,
+* ``sum_t H_t``: sum of full-vocabulary token entropies along the response,
+* ``T_j``: response length,
+
+from which the integrand is ``h_j = -l_j`` (``logprob``) or ``h_j = sum_t H_t``
+(``token_entropy``), DESIGN section 3.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from probe.batch import SequenceBatch
+from probe.logprobs import TokenStats, teacher_force
+
+INTEGRANDS = ("logprob", "token_entropy")
+
+Direction = Mapping[str, Tensor]  # parameter name -> step per unit eta (same shape as the parameter)
+
+
+@dataclass
+class SequenceStats:
+    """Per-sequence statistics of (part of) E at one parameter point, all float64 ``[M]``."""
+
+    logprobs: Tensor  # [M] l_j
+    entropies: Tensor | None  # [M] sum_t H_t over the response (None: not computed)
+    lengths: Tensor  # [M] T_j, response tokens
+
+    def __len__(self) -> int:
+        return int(self.logprobs.shape[0])
+
+    def integrand(self, name: str) -> Tensor:  # [M] h_j
+        """h_j for ``logprob`` (-l_j) or ``token_entropy`` (sum_t H_t)."""
+        check_integrand(name)
+        if name == "logprob":
+            return -self.logprobs
+        if self.entropies is None:
+            raise ValueError("token entropies were not computed: teacher-force E with with_entropy=True")
+        return self.entropies
+
+    @staticmethod
+    def from_tokens(stats: TokenStats) -> "SequenceStats":
+        return SequenceStats(
+            logprobs=stats.sequence_logprobs.double(),
+            entropies=None if stats.entropies is None else stats.sequence_entropies.double(),
+            lengths=stats.lengths.double(),
+        )
+
+    @staticmethod
+    def cat(parts: Sequence["SequenceStats"]) -> "SequenceStats":
+        """Concatenate the statistics of consecutive chunks."""
+        has_entropy = all(p.entropies is not None for p in parts)
+        return SequenceStats(
+            logprobs=torch.cat([p.logprobs for p in parts]),
+            entropies=torch.cat([p.entropies for p in parts]) if has_entropy else None,
+            lengths=torch.cat([p.lengths for p in parts]),
+        )
+
+    def select(self, rows: slice | Tensor) -> "SequenceStats":
+        return SequenceStats(
+            logprobs=self.logprobs[rows],
+            entropies=None if self.entropies is None else self.entropies[rows],
+            lengths=self.lengths[rows],
+        )
+
+
+def check_integrand(name: str) -> None:
+    if name not in INTEGRANDS:
+        raise ValueError(f"unknown integrand {name!r}; choose one of {', '.join(INTEGRANDS)}")
+
+
+def base_parameters(model: nn.Module, direction: Direction) -> dict[str, Tensor]:
+    """theta0 (detached, no copy) for the parameters ``direction`` touches, after checking names and shapes."""
+    params = dict(model.named_parameters())
+    theta0: dict[str, Tensor] = {}
+    for name, d in direction.items():
+        if name not in params:
+            close = [n for n in params if n.endswith(name) or name.endswith(n)][:3]
+            raise ValueError(
+                f"direction names parameter {name!r}, which the model does not have"
+                + (f" (did you mean {close}?)" if close else "")
+                + "; directions must be keyed by model.named_parameters() names"
+            )
+        if tuple(d.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"direction for {name!r} has shape {tuple(d.shape)} but the parameter has {tuple(params[name].shape)}; "
+                "the update was built for a different model"
+            )
+        theta0[name] = params[name].detach()
+    return theta0
+
+
+def aligned_direction(model: nn.Module, direction: Direction) -> dict[str, Tensor]:
+    """The direction cast to each parameter's dtype and device (so theta0 + eta * d keeps the model's dtype)."""
+    theta0 = base_parameters(model, direction)
+    return {n: d.detach().to(device=theta0[n].device, dtype=theta0[n].dtype) for n, d in direction.items()}
+
+
+def shifted_parameters(
+    theta0: Mapping[str, Tensor], direction: Direction, eta: float, out: Mapping[str, Tensor] | None = None
+) -> dict[str, Tensor]:
+    """Overrides theta0 + eta * d for the parameters ``direction`` touches (a partial dict).
+
+    ``out``: preallocated buffers (name -> tensor like theta0) written in place, so a sweep
+    holds one copy of the touched parameters whatever the number of parts and etas.
+    """
+    if out is None:
+        return {n: torch.add(theta0[n], d, alpha=eta) for n, d in direction.items()}
+    return {n: torch.add(theta0[n], d, alpha=eta, out=out[n]) for n, d in direction.items()}
+
+
+@dataclass
+class SweepChunk:
+    """Statistics of one chunk of E at one point of the sweep."""
+
+    part: str | None  # None: the base point theta (eta = 0), computed once per chunk
+    eta_index: int  # position in the part's etas (-1 for the base point)
+    eta: float
+    start: int  # rows start .. start + len(stats) of E
+    stats: SequenceStats
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def iter_sweep(
+    model: nn.Module,
+    batch: SequenceBatch,
+    directions: Mapping[str, Direction],
+    etas: Sequence[float] | Mapping[str, Sequence[float]],
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_size: int | None = 256,
+    head_dtype: torch.dtype | None = torch.float64,
+    token_chunk: int = 4096,
+    base: SequenceStats | None = None,
+) -> Iterator[SweepChunk]:
+    """Teacher-force E at theta and at theta + eta * d for every (part, eta), chunk by chunk.
+
+    Args:
+        model: the policy at theta (never mutated).
+        batch: the evaluation batch E.
+        directions: part name -> direction (partial dict over parameter names).
+        etas: step sizes shared by all parts, or part name -> its own step sizes.
+        temperature: tau, the temperature E was sampled at.
+        with_entropy: also compute full-vocabulary token entropies (needed by ``token_entropy``).
+        chunk_size: sequences of E per forward pass (None: all of E at once).
+        head_dtype: precision of the log-softmax head (float64 recommended).
+        token_chunk: response tokens per chunk of the head.
+        base: statistics of E at theta if already known (skips the base passes; no base
+            chunks are yielded then).
+
+    Yields, for each chunk of E: the base point (``part=None``) unless ``base`` is given, then
+    each part and eta in order.
+    """
+    etas_of = {p: list(etas[p]) for p in directions} if isinstance(etas, Mapping) else {p: list(etas) for p in directions}
+    aligned = {p: aligned_direction(model, d) for p, d in directions.items()}
+    theta0 = {p: base_parameters(model, d) for p, d in directions.items()}
+    if base is not None and len(base) != len(batch):
+        raise ValueError(f"base statistics cover {len(base)} sequences but E has {len(batch)}; pass the base of this E")
+    device = _model_device(model)
+    kwargs = dict(temperature=temperature, with_entropy=with_entropy, head_dtype=head_dtype, token_chunk=token_chunk)
+    touched = {n: t for part in theta0.values() for n, t in part.items()}
+    buffers = {n: torch.empty_like(t) for n, t in touched.items()}  # one override, rewritten per (part, eta)
+    start = 0
+    with torch.no_grad():
+        for chunk in batch.chunks(chunk_size):
+            chunk = chunk.to(device)
+            if base is None:
+                stats = SequenceStats.from_tokens(teacher_force(model, chunk, **kwargs))
+                yield SweepChunk(part=None, eta_index=-1, eta=0.0, start=start, stats=stats)
+            for part, direction in aligned.items():
+                for k, eta in enumerate(etas_of[part]):
+                    params = shifted_parameters(theta0[part], direction, float(eta), out=buffers)
+                    stats = SequenceStats.from_tokens(teacher_force(model, chunk, params, **kwargs))
+                    yield SweepChunk(part=part, eta_index=k, eta=float(eta), start=start, stats=stats)
+            start += len(chunk)
+
+
+@dataclass
+class Sweep:
+    """Per-sequence statistics of all of E over a sweep of parts and step sizes."""
+
+    parts: list[str]
+    etas: Tensor  # [J] float64
+    base: SequenceStats  # [M] at theta
+    logprobs: Tensor  # [K, J, M] l_j(eta) for part k, eta j
+    entropies: Tensor | None  # [K, J, M] sum_t H_t
+
+    def at(self, part: str, eta_index: int) -> SequenceStats:
+        """Statistics of E at theta + etas[eta_index] * part."""
+        if part not in self.parts:
+            raise ValueError(f"part {part!r} was not swept; swept parts: {self.parts}")
+        k = self.parts.index(part)
+        return SequenceStats(
+            logprobs=self.logprobs[k, eta_index],
+            entropies=None if self.entropies is None else self.entropies[k, eta_index],
+            lengths=self.base.lengths,
+        )
+
+
+def sweep(
+    model: nn.Module,
+    batch: SequenceBatch,
+    directions: Mapping[str, Direction],
+    etas: Sequence[float],
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_size: int | None = 256,
+    head_dtype: torch.dtype | None = torch.float64,
+    token_chunk: int = 4096,
+    base: SequenceStats | None = None,
+) -> Sweep:
+    """:func:`iter_sweep` collected into stacked ``[K, J, M]`` tensors (same etas for every part)."""
+    parts, eta_list = list(directions), [float(e) for e in etas]
+    M, K, J = len(batch), len(parts), len(eta_list)
+    logprobs = torch.zeros(K, J, M, dtype=torch.float64)
+    entropies = torch.zeros(K, J, M, dtype=torch.float64) if with_entropy else None
+    base_chunks: list[SequenceStats] = []
+    for item in iter_sweep(
+        model, batch, directions, eta_list, temperature=temperature, with_entropy=with_entropy,
+        chunk_size=chunk_size, head_dtype=head_dtype, token_chunk=token_chunk, base=base,
+    ):
+        if item.part is None:
+            base_chunks.append(item.stats)
+            continue
+        rows = slice(item.start, item.start + len(item.stats))
+        k = parts.index(item.part)
+        logprobs[k, item.eta_index, rows] = item.stats.logprobs.cpu()
+        if entropies is not None:
+            entropies[k, item.eta_index, rows] = item.stats.entropies.cpu()
+    if base is None:
+        base = SequenceStats.cat(base_chunks)
+    base = SequenceStats(
+        logprobs=base.logprobs.cpu(),
+        entropies=None if base.entropies is None else base.entropies.cpu(),
+        lengths=base.lengths.cpu(),
+    )
+    return Sweep(parts=parts, etas=torch.tensor(eta_list, dtype=torch.float64), base=base, logprobs=logprobs, entropies=entropies)
+
+
+def base_statistics(
+    model: nn.Module,
+    batch: SequenceBatch,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = True,
+    chunk_size: int | None = 256,
+    head_dtype: torch.dtype | None = torch.float64,
+    token_chunk: int = 4096,
+) -> SequenceStats:
+    """Statistics of E at theta (the eta = 0 point), chunked, no grad."""
+    return sweep(
+        model, batch, {}, [], temperature=temperature, with_entropy=with_entropy,
+        chunk_size=chunk_size, head_dtype=head_dtype, token_chunk=token_chunk,
+    ).base
