@@ -1,0 +1,823 @@
+"""Exact reconstruction of the next Adam/AdamW step and its per-sequence parts (DESIGN sections 2 and 4).
+
+For every trained parameter p with optimizer state (m, v, step) the step that
+``torch.optim.AdamW.step()`` / ``torch.optim.Adam.step()`` will take is ``lr_g * u`` with
+
+    t   = step + 1 ;  bc1 = 1 - beta1^t ;  bc2 = 1 - beta2^t
+    g~  = coef * g  (+ wd * p for Adam's L2 decay)        coef: clip_grad_norm_'s coefficient
+    v'  = beta2 * v + (1 - beta2) * g~^2                   (amsgrad: max(vmax, v'))
+    D   = 1 / (sqrt(v') / sqrt(bc2) + eps)
+    u   = baseline + grad
+    baseline = -wd * p - (1/bc1) * beta1 * m * D           (AdamW)
+             = -(1/bc1) * (beta1 * m + (1 - beta1) * wd * p) * D   (Adam, L2 decay)
+    grad     = -(1/bc1) * (1 - beta1) * coef * g * D  =  sum_i v_i ,   v_i = K * g_i
+    K        = -(1/bc1) * (1 - beta1) * coef * D       (the ``scale`` of :class:`Update`)
+
+with D frozen at the full-batch v'. Parts are given **per unit of a reference learning rate**
+``lr_ref = max_g lr_g`` (the largest group lr; with one group it is simply the optimizer's lr):
+each group's parts are multiplied by ``lr_g / lr_ref``, so ``theta + lr_ref * full`` is the real
+step for every group at once and eta = ``Update.lr`` reproduces it.
+
+The reconstruction computes the gradient with one forward+backward over U (``torch.autograd.grad``,
+so ``.grad`` is never touched) and never writes to the model or the optimizer.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import jvp
+
+from probe.adam import AdamHyper, AdamState, ParamAdamState
+from probe.batch import SequenceBatch, collate
+from probe.logprobs import teacher_force
+from probe.losses import LossConfig, Normalisers, normalisers, per_sequence_loss
+
+PARTS = ("full", "baseline", "grad")
+
+# --------------------------------------------------------------------------------------
+# settings and result
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReconstructionConfig:
+    """How the trainer computed the gradient of the step being reconstructed.
+
+    Args:
+        max_grad_norm: global-norm gradient clipping as ``torch.nn.utils.clip_grad_norm_``
+            (and Lightning's ``gradient_clip_val``); None: no clipping.
+        microbatch_size: sequences per forward/backward; gradients are accumulated and the loss
+            normalisers come from the whole U, so the result equals one big batch.
+        autocast_dtype: ``bfloat16``/``float16`` to run the forward under ``torch.autocast``
+            as a mixed-precision trainer does; None: the model's own dtype.
+        grad_scale: loss scale of a ``GradScaler`` (fp16): the backward is of ``loss * scale``
+            and gradients are multiplied by the float32 inverse scale before clipping.
+        head_dtype: precision of the final log-softmax (``teacher_force``'s ``head_dtype``).
+        parts_dtype: dtype of the stored parts; default float32, or float64 for float64 parameters.
+    """
+
+    max_grad_norm: float | None = None
+    microbatch_size: int | None = None
+    autocast_dtype: str | None = None
+    grad_scale: float | None = None
+    head_dtype: str | None = "float64"
+    parts_dtype: str | None = None
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`reconstruct_update`."""
+        return asdict(self)
+
+
+@dataclass
+class Update:
+    """The next optimizer step per unit reference learning rate, split into parts.
+
+    ``lr * full`` is the change ``optimizer.step()`` makes to each trained parameter;
+    ``full = baseline + grad`` and ``grad = sum_i v_i`` with ``v_i = scale * g_i``
+    (``g_i`` the unclipped, unscaled gradient of sequence i's loss term ``c_i``).
+    Parameters that get no gradient (frozen, or not touched by the loss) have no entry:
+    the optimizer does not move them.
+    """
+
+    full: dict[str, Tensor]
+    baseline: dict[str, Tensor]
+    grad: dict[str, Tensor]
+    scale: dict[str, Tensor]  # K: v_i = scale * g_i
+    lr: float  # reference lr (max group lr); eta = lr reproduces the real step
+    group_lr: dict[str, float]  # lr of each parameter's group
+    clip_coef: float  # min(1, max_norm / (||g|| + 1e-6)); 1 without clipping
+    grad_norm: float  # ||g|| before clipping (after unscaling)
+    norms: dict[str, float]  # L2 norms of the parts (per unit lr) and of the clipped gradient
+    n_sequences: int | None = None
+    n_tokens: int | None = None
+    loss: LossConfig | None = None
+    normalisers: Normalisers | None = None
+    loss_value: float | None = None  # L = sum_i c_i on U
+    autocast_dtype: torch.dtype | None = None
+    grad_scale: float | None = None
+    head_dtype: torch.dtype | None = torch.float64
+    max_grad_norm: float | None = None
+
+    def parts(self) -> dict[str, dict[str, Tensor]]:
+        """``{"full": ..., "baseline": ..., "grad": ...}`` keyed by parameter name."""
+        return {"full": self.full, "baseline": self.baseline, "grad": self.grad}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.full)
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``update.safetensors``: ``full.<name>``, ``baseline.<name>``, ``grad.<name>``
+        (DESIGN section 6) plus ``scale.<name>`` and the scalars as JSON metadata."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        tensors = {
+            f"{part}.{name}": t.detach().contiguous().cpu()
+            for part, d in (("full", self.full), ("baseline", self.baseline), ("grad", self.grad), ("scale", self.scale))
+            for name, t in d.items()
+        }
+        meta = {
+            "lr": self.lr,
+            "group_lr": self.group_lr,
+            "clip_coef": self.clip_coef,
+            "grad_norm": self.grad_norm,
+            "norms": self.norms,
+            "n_sequences": self.n_sequences,
+            "n_tokens": self.n_tokens,
+            "loss": None if self.loss is None else asdict(self.loss),
+            "normalisers": None if self.normalisers is None else asdict(self.normalisers),
+            "loss_value": self.loss_value,
+            "autocast_dtype": _dtype_name(self.autocast_dtype),
+            "grad_scale": self.grad_scale,
+            "head_dtype": _dtype_name(self.head_dtype),
+            "max_grad_norm": self.max_grad_norm,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path), metadata={"format": "probe.update/1", "probe_update": json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Update":
+        """Read a file written by :meth:`save` (``scale`` is empty if the file has none)."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no update file at {path}; write one with Update.save(path) or `--save_update`")
+        parts: dict[str, dict[str, Tensor]] = {"full": {}, "baseline": {}, "grad": {}, "scale": {}}
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = (f.metadata() or {}).get("probe_update")
+            for key in f.keys():
+                part, _, name = key.partition(".")
+                if part in parts:
+                    parts[part][name] = f.get_tensor(key)
+        if raw_meta is None:
+            raise ValueError(f"{path} has no probe update metadata; it was not written by Update.save")
+        meta = json.loads(raw_meta)
+        return cls(
+            full=parts["full"],
+            baseline=parts["baseline"],
+            grad=parts["grad"],
+            scale=parts["scale"],
+            lr=meta["lr"],
+            group_lr=meta["group_lr"],
+            clip_coef=meta["clip_coef"],
+            grad_norm=meta["grad_norm"],
+            norms=meta["norms"],
+            n_sequences=meta["n_sequences"],
+            n_tokens=meta["n_tokens"],
+            loss=None if meta["loss"] is None else LossConfig(**meta["loss"]),
+            normalisers=None if meta["normalisers"] is None else Normalisers(**meta["normalisers"]),
+            loss_value=meta["loss_value"],
+            autocast_dtype=_as_dtype(meta["autocast_dtype"]),
+            grad_scale=meta["grad_scale"],
+            head_dtype=_as_dtype(meta["head_dtype"]),
+            max_grad_norm=meta["max_grad_norm"],
+        )
+
+
+# --------------------------------------------------------------------------------------
+# the Adam/AdamW math (pure functions)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepParts:
+    """One parameter's step per unit reference lr (``baseline + grad``) and K (``v_i = K * g_i``)."""
+
+    baseline: Tensor  # [*p]
+    grad: Tensor  # [*p]
+    scale: Tensor  # [*p]  K, v_i = K * g_i
+
+
+@torch.no_grad()
+def adam_step_parts(
+    param: Tensor,  # [*p]  current value
+    grad: Tensor,  # [*p]  gradient the optimizer sees: unscaled and clipped, before L2 decay
+    state: ParamAdamState,  # m, v (vmax) after state.step steps; empty at step 0
+    hyper: AdamHyper,
+    clip_coef: float = 1.0,  # coefficient already applied to ``grad``; enters K only
+    lr_scale: float = 1.0,  # lr_g / lr_ref
+    dtype: torch.dtype = torch.float64,  # compute (and output) precision
+) -> StepParts:
+    """Split one parameter's Adam/AdamW step (per unit lr) into baseline and gradient parts (module docstring).
+
+    Written with few temporaries (in place on fresh tensors only; inputs are never modified),
+    as it runs over every trained parameter.
+    """
+    t = state.step + 1
+    beta1, beta2, wd = hyper.beta1, hyper.beta2, hyper.weight_decay
+    bc1 = 1.0 - beta1**t
+    bc2_sqrt = (1.0 - beta2**t) ** 0.5
+    p = param.detach().to(dtype)  # [*p]  (may alias param: read only)
+    g = grad.detach().to(device=p.device, dtype=dtype)  # [*p]  (may alias grad: read only)
+    read = lambda x: None if x is None else x.to(device=p.device, dtype=dtype)  # noqa: E731
+    m, v = read(state.exp_avg), read(state.exp_avg_sq)  # None at step 0: zeros
+    l2 = (not hyper.decoupled) and wd != 0.0
+    g_seen = torch.add(g, p, alpha=wd) if l2 else g  # [*p]  what the moments see
+    D = torch.mul(g_seen, g_seen).mul_(1.0 - beta2)  # [*p]  v' = beta2 v + (1-beta2) g~^2 ...
+    if v is not None:
+        D.add_(v, alpha=beta2)
+    if hyper.amsgrad and state.max_exp_avg_sq is not None:
+        torch.maximum(D, read(state.max_exp_avg_sq), out=D)  # ... amsgrad: max(vmax, v')
+    D.sqrt_().div_(bc2_sqrt).add_(hyper.eps).reciprocal_()  # ... D = 1 / (sqrt(v')/sqrt(bc2) + eps)
+    c = -(1.0 - beta1) / bc1 * lr_scale
+    grad_part = torch.mul(g, D).mul_(c)  # [*p]  -(1/bc1)(1-beta1) g D
+    K = torch.mul(D, c * clip_coef)  # [*p]  v_i = K g_i
+    if m is not None:
+        momentum = torch.mul(m, beta1)  # [*p]  beta1 m (+ (1-beta1) wd p for L2)
+        if l2:
+            momentum.add_(p, alpha=(1.0 - beta1) * wd)
+    elif l2:
+        momentum = torch.mul(p, (1.0 - beta1) * wd)
+    else:
+        momentum = None
+    baseline = torch.zeros_like(p) if momentum is None else momentum.mul_(D).mul_(-lr_scale / bc1)  # [*p]
+    if hyper.decoupled and wd != 0.0:
+        baseline.add_(p, alpha=-wd * lr_scale)  # AdamW's decay, -wd p
+    return StepParts(baseline=baseline, grad=grad_part, scale=K)
+
+
+@torch.no_grad()
+def clip_coefficient(grads: Sequence[Tensor], max_grad_norm: float | None) -> tuple[Tensor, Tensor]:
+    """``(total_norm, coef)`` exactly as ``torch.nn.utils.clip_grad_norm_`` computes them (dtype included):
+    ``coef = clamp(max_norm / (||g|| + 1e-6), max=1)``; ``coef = 1`` when ``max_grad_norm`` is None."""
+    get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if get_total_norm is not None:
+        total = get_total_norm(list(grads), 2.0)
+    else:  # torch < 2.6: the same computation
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+    if max_grad_norm is None:
+        return total, torch.ones((), dtype=total.dtype, device=total.device)
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (or None for no clipping), got {max_grad_norm}")
+    coef = torch.clamp(float(max_grad_norm) / (total + 1e-6), max=1.0)
+    return total, coef
+
+
+def unscale_gradient(grad: Tensor, grad_scale: Tensor) -> Tensor:
+    """``grad * inv_scale`` with the float32 inverse scale, as ``GradScaler.unscale_`` does."""
+    inv_scale = grad_scale.double().reciprocal().float()  # [] float32
+    return grad * inv_scale.to(grad.device)
+
+
+def adam_update(
+    params: Mapping[str, Tensor],
+    grads: Mapping[str, Tensor],  # unscaled and CLIPPED, as the optimizer sees them
+    state: AdamState,
+    clip_coef: float,
+    parts_dtype: torch.dtype | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor], float, dict[str, float]]:
+    """``(baseline, grad, scale, lr_ref, group_lr)`` for every parameter that has a gradient."""
+    names = [n for n in state.hyper if n in grads and grads[n] is not None]
+    if not names:
+        raise ValueError("no trained parameter received a gradient; check that the loss depends on the optimizer's parameters")
+    group_lr = {n: float(state.hyper[n].lr) for n in names}
+    lr_ref = max(group_lr.values())
+    if lr_ref < 0:
+        raise ValueError(f"negative learning rate {lr_ref}; check the scheduler")
+    if lr_ref == 0.0:
+        warnings.warn("every param group has lr = 0 (e.g. the first warmup step): the real step is zero; parts are per unit lr with lr_g/lr_ref taken as 1")
+    baseline, grad, scale = {}, {}, {}
+    for n in names:
+        lr_scale = 1.0 if lr_ref == 0.0 else group_lr[n] / lr_ref
+        p = params[n]
+        dtype = parts_dtype or torch.promote_types(p.dtype, torch.float32)  # computed in the parts' dtype
+        sp = adam_step_parts(p, grads[n], state.state.get(n, ParamAdamState()), state.hyper[n], clip_coef, lr_scale, dtype)
+        baseline[n], grad[n], scale[n] = sp.baseline, sp.grad, sp.scale
+    return baseline, grad, scale, lr_ref, group_lr
+
+
+def _global_norm(tensors: Iterable[Tensor]) -> float:
+    return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
+
+
+def _make_update(
+    params: Mapping[str, Tensor],
+    clipped: Mapping[str, Tensor],
+    state: AdamState,
+    total_norm: Tensor,
+    coef: Tensor,
+    parts_dtype: torch.dtype | None,
+    **extra: Any,
+) -> Update:
+    baseline, grad, scale, lr_ref, group_lr = adam_update(params, clipped, state, float(coef), parts_dtype)
+    full = {n: baseline[n] + grad[n] for n in baseline}
+    norms = {
+        "full": _global_norm(full.values()),
+        "baseline": _global_norm(baseline.values()),
+        "grad": _global_norm(grad.values()),
+        "clipped_gradient": _global_norm(clipped[n] for n in baseline),
+    }
+    return Update(
+        full=full,
+        baseline=baseline,
+        grad=grad,
+        scale=scale,
+        lr=lr_ref,
+        group_lr=group_lr,
+        clip_coef=float(coef),
+        grad_norm=float(total_norm),
+        norms=norms,
+        **extra,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the live path: gradients from the trainer
+# --------------------------------------------------------------------------------------
+
+
+def update_from_gradients(
+    named_params: Mapping[str, Tensor] | Iterable[tuple[str, Tensor]],
+    grads: Mapping[str, Tensor | None],
+    state: AdamState,
+    max_grad_norm: float | None = None,
+    *,
+    clipped: bool = False,
+    grad_norm: float | Tensor | None = None,
+    loss: LossConfig | None = None,
+    normalisers: Normalisers | None = None,
+    parts_dtype: torch.dtype | str | None = None,
+    autocast_dtype: torch.dtype | str | None = None,
+    grad_scale: float | None = None,
+    head_dtype: torch.dtype | str | None = torch.float64,
+) -> Update:
+    """The next step from the trainer's real (already unscaled) gradients; no forward or backward.
+
+    Args:
+        named_params: ``model.named_parameters()`` (or a dict of them), current values.
+        grads: name -> gradient (e.g. ``p.grad``); names missing or None get no step, as in torch.
+        state: the optimizer state (``AdamState.from_optimizer``), read before ``optimizer.step()``.
+        max_grad_norm: the trainer's clip value (None: no clipping).
+        clipped: True if ``grads`` were already clipped by ``clip_grad_norm_``; then ``grad_norm``
+            (the value ``clip_grad_norm_`` returned) is required to recover the coefficient.
+        grad_norm: pre-clip global norm, required when ``clipped`` and ``max_grad_norm`` are set.
+        loss, normalisers: recorded on the Update so the per-sequence functions can use it.
+        parts_dtype: dtype of the parts (default float32, or float64 for float64 parameters).
+        autocast_dtype, grad_scale, head_dtype: the trainer's precision, recorded so the
+            per-sequence functions recompute g_i the way the trainer computed g.
+    """
+    params = dict(named_params)
+    _check_state(params, state)
+    names = [n for n in state.hyper if n in params and grads.get(n) is not None]
+    if not names:
+        raise ValueError("no gradient for any parameter the optimizer holds; call this after backward() and before zero_grad()")
+    g = {n: grads[n].detach() for n in names}
+    _check_finite_gradients(g, grad_scale=None)
+    if clipped:
+        if max_grad_norm is not None and grad_norm is None:
+            raise ValueError(
+                "clipped=True with max_grad_norm needs grad_norm, the pre-clip norm that clip_grad_norm_ returned; "
+                "pass it, or pass the gradients before clipping with clipped=False"
+            )
+        if grad_norm is None:
+            total, coef = clip_coefficient(list(g.values()), None)
+        else:
+            # the tensor clip_grad_norm_ returned keeps its dtype; a plain number is taken in the gradients' dtype
+            total = grad_norm.detach() if isinstance(grad_norm, Tensor) else torch.tensor(float(grad_norm), dtype=next(iter(g.values())).dtype)
+            coef = torch.clamp(float(max_grad_norm) / (total + 1e-6), max=1.0) if max_grad_norm is not None else torch.ones(())
+        clipped_grads = g
+    else:
+        total, coef = clip_coefficient(list(g.values()), max_grad_norm)
+        clipped_grads = {n: t * coef.to(t.device) for n, t in g.items()}
+    return _make_update(
+        params,
+        clipped_grads,
+        state,
+        total,
+        coef,
+        _as_dtype(parts_dtype),
+        n_sequences=None if normalisers is None else normalisers.n_sequences,
+        n_tokens=None if normalisers is None else normalisers.n_tokens,
+        loss=loss,
+        normalisers=normalisers,
+        max_grad_norm=max_grad_norm,
+        autocast_dtype=_as_dtype(autocast_dtype),
+        grad_scale=None if grad_scale is None else float(grad_scale),
+        head_dtype=_as_dtype(head_dtype),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the offline path: recompute the gradient on U
+# --------------------------------------------------------------------------------------
+
+
+def sequence_losses(
+    model: nn.Module,
+    batch: SequenceBatch,
+    loss: LossConfig,
+    norm: Normalisers,
+    params: Mapping[str, Tensor] | None = None,
+    head_dtype: torch.dtype | None = torch.float64,
+) -> Tensor:  # [B]  c_i, with the normalisers of the whole U
+    """Each sequence's loss term c_i (differentiable; ``params`` overrides model parameters)."""
+    stats = teacher_force(model, batch, params, temperature=loss.temperature, head_dtype=head_dtype)
+    return per_sequence_loss(stats.logprobs, stats.mask, batch.advantages, norm, loss, batch.old_logprobs)
+
+
+def loss_gradients(
+    model: nn.Module,
+    batch: SequenceBatch,
+    params: Mapping[str, Tensor],
+    loss: LossConfig,
+    norm: Normalisers,
+    *,
+    microbatch_size: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    grad_scale: Tensor | None = None,
+    head_dtype: torch.dtype | None = torch.float64,
+) -> tuple[dict[str, Tensor], float]:
+    """Gradient of ``L = sum_i c_i`` w.r.t. ``params`` (unscaled, unclipped) and L's value.
+
+    Replicates a trainer's accumulation: per microbatch, backward of ``loss_mb`` (times ``grad_scale``)
+    summed like ``.grad``; then multiplied by the float32 inverse scale. ``.grad`` is not touched.
+    """
+    names, tensors = list(params), list(params.values())
+    acc: list[Tensor | None] = [None] * len(tensors)
+    total = 0.0
+    for mb in batch.chunks(microbatch_size):
+        with torch.enable_grad(), _autocast(tensors[0].device, autocast_dtype):
+            mb_loss = sequence_losses(model, mb, loss, norm, head_dtype=head_dtype).sum()  # []
+        total += float(mb_loss.detach())
+        scaled = mb_loss * grad_scale.to(mb_loss.device) if grad_scale is not None else mb_loss
+        mb_grads = torch.autograd.grad(scaled, tensors, allow_unused=True)
+        for k, g in enumerate(mb_grads):
+            if g is not None:
+                acc[k] = g if acc[k] is None else acc[k] + g  # same arithmetic as .grad accumulation
+    if not math.isfinite(total):
+        raise ValueError(
+            f"the loss on U is not finite ({total}); check U's advantages and old_logprobs for nan/inf, "
+            "or the model for overflow (use float32/bfloat16 instead of float16 without a grad scale)"
+        )
+    grads = {n: g for n, g in zip(names, acc) if g is not None}
+    if grad_scale is not None:
+        grads = {n: unscale_gradient(g, grad_scale) for n, g in grads.items()}
+    _check_finite_gradients(grads, grad_scale)
+    return grads, total
+
+
+def reconstruct_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | AdamState,
+    batch: SequenceBatch | Sequence[dict],
+    loss: LossConfig | None = None,
+    *,
+    max_grad_norm: float | None = None,
+    microbatch_size: int | None = None,
+    autocast_dtype: torch.dtype | str | None = None,
+    grad_scale: float | Tensor | Any | None = None,
+    pad_token_id: int = 0,
+    head_dtype: torch.dtype | str | None = torch.float64,
+    parts_dtype: torch.dtype | str | None = None,
+) -> Update:
+    """Reconstruct the step ``optimizer.step()`` would take after a backward over U (DESIGN section 2).
+
+    Args:
+        model: the policy (HF causal LM, optionally PEFT-wrapped). Left bitwise untouched.
+        optimizer: a live ``torch.optim.Adam``/``AdamW`` over ``model``'s parameters (read, never
+            stepped), or an :class:`AdamState`. Its lr must be the one the next step uses.
+        batch: U, a :class:`SequenceBatch` or rollout records (collated with ``pad_token_id``).
+        loss: the trainer's loss settings (default :class:`LossConfig`).
+        max_grad_norm: clip value of ``clip_grad_norm_`` / Lightning's ``gradient_clip_val``.
+        microbatch_size: sequences per forward/backward (accumulated; equals one big batch).
+        autocast_dtype: run forwards under ``torch.autocast`` with this dtype (bf16/fp16 training).
+        grad_scale: a ``GradScaler`` (its current scale is used) or the scale as a number (fp16).
+        head_dtype: precision of the log-softmax head, as ``teacher_force``.
+        parts_dtype: dtype of the returned parts (default float32, float64 for float64 params).
+    Returns:
+        The :class:`Update`, per unit of the reference lr ``Update.lr``.
+    """
+    loss = loss or LossConfig()
+    _require_autograd()
+    state = optimizer if isinstance(optimizer, AdamState) else AdamState.from_optimizer(_unwrap_optimizer(optimizer), model)
+    params = _trained_parameters(model, state)
+    device = next(iter(params.values())).device
+    batch = _as_batch(batch, pad_token_id).to(device)
+    _check_batch(batch, loss)
+    _warn_if_stochastic(model)
+    norm = normalisers(batch.target_mask, loss)
+    autocast_dtype = _as_dtype(autocast_dtype)
+    head_dtype = _as_dtype(head_dtype)
+    scale_t = _grad_scale_tensor(grad_scale)
+    grads, loss_value = loss_gradients(
+        model,
+        batch,
+        params,
+        loss,
+        norm,
+        microbatch_size=microbatch_size,
+        autocast_dtype=autocast_dtype,
+        grad_scale=scale_t,
+        head_dtype=head_dtype,
+    )
+    order = [n for n in state.hyper if n in grads]  # clip over the optimizer's parameters, in its order
+    total, coef = clip_coefficient([grads[n] for n in order], max_grad_norm)
+    clipped = {n: grads[n] * coef.to(grads[n].device) for n in order}
+    return _make_update(
+        params,
+        clipped,
+        state,
+        total,
+        coef,
+        _as_dtype(parts_dtype),
+        n_sequences=norm.n_sequences,
+        n_tokens=norm.n_tokens,
+        loss=loss,
+        normalisers=norm,
+        loss_value=loss_value,
+        autocast_dtype=autocast_dtype,
+        grad_scale=None if scale_t is None else float(scale_t),
+        head_dtype=head_dtype,
+        max_grad_norm=max_grad_norm,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# per-sequence parts
+# --------------------------------------------------------------------------------------
+
+
+def per_sequence_gradients(
+    model: nn.Module,
+    update: Update,
+    batch: SequenceBatch | Sequence[dict],
+    indices: Sequence[int] | None = None,
+    chunk_size: int = 8,
+    pad_token_id: int = 0,
+) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """``(row, g_i)``: each chosen sequence's unscaled, unclipped loss-term gradient, for the update's parameters.
+
+    One forward per chunk of ``chunk_size`` rows and one batched backward (``is_grads_batched``),
+    so memory is ``chunk_size`` copies of the trained parameters. ``row`` indexes ``batch``.
+    """
+    loss, norm = _require_loss(update)
+    _require_autograd()
+    named = dict(model.named_parameters())
+    names = _update_names_in_model(update, named)
+    tensors = [named[n] for n in names]
+    device = tensors[0].device
+    batch = _as_batch(batch, pad_token_id).to(device)
+    _check_batch(batch, loss)
+    rows = list(range(len(batch))) if indices is None else [int(i) for i in indices]
+    bad = [i for i in rows if not 0 <= i < len(batch)]
+    if bad:
+        raise ValueError(f"sequence indices {bad[:5]} are out of range for a batch of {len(batch)}; use 0..{len(batch) - 1}")
+    scale_t = _grad_scale_tensor(update.grad_scale)
+    chunk_size = max(1, int(chunk_size))
+    for start in range(0, len(rows), chunk_size):
+        chunk = rows[start : start + chunk_size]
+        sub = batch.select(chunk)
+        with torch.enable_grad(), _autocast(device, update.autocast_dtype):
+            c = sequence_losses(model, sub, loss, norm, head_dtype=update.head_dtype)  # [b]
+        if scale_t is not None:
+            c = c * scale_t.to(c.device)
+        eye = torch.eye(len(chunk), dtype=c.dtype, device=c.device)  # [b, b]: one backward per row, batched
+        batched = torch.autograd.grad(c, tensors, grad_outputs=eye, is_grads_batched=True, allow_unused=True)
+        for k, row in enumerate(chunk):
+            g_i = {}
+            for n, p, g in zip(names, tensors, batched):
+                gk = torch.zeros_like(p) if g is None else g[k]
+                g_i[n] = unscale_gradient(gk, scale_t) if scale_t is not None else gk
+            yield row, g_i
+
+
+def per_sequence_directions(
+    model: nn.Module,
+    update: Update,
+    batch: SequenceBatch | Sequence[dict],
+    indices: Sequence[int] | None = None,
+    chunk_size: int = 8,
+    pad_token_id: int = 0,
+) -> Iterator[tuple[int, dict[str, Tensor]]]:
+    """``(row, v_i)`` with ``v_i = scale * g_i``, sequence i's part of ``update.grad`` (per unit lr).
+
+    ``sum_i v_i`` over all of U equals ``update.grad`` (up to float summation order).
+    """
+    for row, g_i in per_sequence_gradients(model, update, batch, indices, chunk_size, pad_token_id):
+        yield row, {n: update.scale[n] * g.to(update.scale[n].dtype) for n, g in g_i.items()}
+
+
+def per_sequence_inner_products(
+    model: nn.Module,
+    update: Update,
+    batch: SequenceBatch | Sequence[dict],
+    w: Mapping[str, Tensor],
+    microbatch_size: int | None = None,
+    pad_token_id: int = 0,
+) -> Tensor:  # [N] float64
+    """``<w, v_i>`` for every sequence of ``batch`` at once, without materialising any v_i.
+
+    ``<w, v_i> = <K * w, g_i> = d/de c_i(theta + e * (K * w))``: one forward-mode JVP of the
+    vector ``[c_1..c_N]`` along ``K * w`` per microbatch. Names of ``w`` outside the update count as zero.
+    """
+    loss, norm = _require_loss(update)
+    named = dict(model.named_parameters())
+    unknown = [n for n in w if n not in named]
+    if unknown:
+        raise ValueError(f"w has entries {unknown[:3]} that are not parameters of the model; key w by model.named_parameters() names")
+    names = [n for n in _update_names_in_model(update, named) if n in w]
+    device = next(iter(named.values())).device
+    batch = _as_batch(batch, pad_token_id).to(device)
+    _check_batch(batch, loss)
+    if not names:
+        return torch.zeros(len(batch), dtype=torch.float64)
+    for n in names:
+        if w[n].shape != named[n].shape:
+            raise ValueError(f"w[{n!r}] has shape {tuple(w[n].shape)} but the parameter has {tuple(named[n].shape)}")
+    primals = {n: named[n].detach() for n in names}
+    tangents = {
+        n: (update.scale[n].to(device) * w[n].to(device=device, dtype=update.scale[n].dtype)).to(named[n].dtype)
+        for n in names
+    }  # K * w, in the parameter's dtype
+    out = []
+    with torch.no_grad(), _math_sdpa(), _autocast(device, update.autocast_dtype):
+        for mb in batch.chunks(microbatch_size):
+            fn = lambda ps, mb=mb: sequence_losses(model, mb, loss, norm, ps, head_dtype=update.head_dtype)  # noqa: E731
+            _, dc = jvp(fn, (primals,), (tangents,))  # [b]
+            out.append(dc.to(torch.float64))
+    return torch.cat(out).cpu()
+
+
+# --------------------------------------------------------------------------------------
+# checks and small helpers
+# --------------------------------------------------------------------------------------
+
+
+def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    if isinstance(optimizer, torch.optim.Optimizer):
+        return optimizer
+    inner = getattr(optimizer, "optimizer", None)  # e.g. Lightning's LightningOptimizer wrapper
+    if isinstance(inner, torch.optim.Optimizer):
+        return inner
+    raise TypeError(f"expected a torch.optim.Adam/AdamW or a probe.adam.AdamState, got {type(optimizer).__name__}")
+
+
+def _trained_parameters(model: nn.Module, state: AdamState) -> dict[str, Tensor]:
+    """Parameters the optimizer holds and autograd can differentiate, in the optimizer's order."""
+    named = dict(model.named_parameters())
+    missing = [n for n in state.hyper if n not in named]
+    if missing:
+        raise ValueError(
+            f"optimizer state names {missing[:3]} are not parameters of this model; "
+            "load the optimizer state of this model (map HF param groups by order, see probe.adam)"
+        )
+    params = {n: named[n] for n in state.hyper if named[n].requires_grad}
+    if not params:
+        raise ValueError("no parameter is both held by the optimizer and requires_grad; unfreeze the trained parameters (e.g. LoRA adapters)")
+    _check_state(params, state)
+    return params
+
+
+def _check_state(params: Mapping[str, Tensor], state: AdamState) -> None:
+    for n, p in params.items():
+        if n not in state.hyper:
+            continue
+        st = state.state.get(n)
+        if st is None:
+            continue
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            t = getattr(st, key)
+            if t is not None and tuple(t.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"optimizer state {key} of {n!r} has shape {tuple(t.shape)} but the parameter has shape "
+                    f"{tuple(p.shape)}: the optimizer state belongs to another model or param-group order; "
+                    "load the optimizer saved with this checkpoint"
+                )
+        if st.step > 0 and (st.exp_avg is None or st.exp_avg_sq is None):
+            raise ValueError(f"optimizer state of {n!r} has step {st.step} but no exp_avg/exp_avg_sq; the state file is incomplete")
+        if state.hyper[n].amsgrad and st.step > 0 and st.max_exp_avg_sq is None:
+            raise ValueError(f"amsgrad is on but the state of {n!r} has no max_exp_avg_sq; the state file is incomplete")
+
+
+def _check_batch(batch: SequenceBatch, loss: LossConfig) -> None:
+    if batch.advantages is None:
+        raise ValueError(
+            "the update batch has no advantages; give every rollout record an 'advantage' "
+            "(or compute group advantages from rewards before reconstructing the update)"
+        )
+    if loss.use_old_logprobs and batch.old_logprobs is None:
+        raise ValueError("loss.use_old_logprobs is on but U has no old_logprobs; add them to the rollouts or turn it off")
+
+
+def _check_finite_gradients(grads: Mapping[str, Tensor], grad_scale: Tensor | None) -> None:
+    if not grads:
+        return
+    finite = torch.stack([torch.isfinite(g).all().to(torch.device("cpu")) for g in grads.values()])
+    if bool(finite.all()):
+        return
+    bad = [n for n, ok in zip(grads, finite.tolist()) if not ok]
+    if grad_scale is not None:
+        raise ValueError(
+            f"gradients of {bad[:3]} are not finite under grad scale {float(grad_scale)}: GradScaler would skip "
+            "this step; pass a smaller grad_scale (the scaler's scale after its update) or train in bfloat16"
+        )
+    raise ValueError(
+        f"gradients of {bad[:3]} are not finite; check U (advantages, old_logprobs) and the model for overflow "
+        "(use float32 or bfloat16 autocast instead of pure float16)"
+    )
+
+
+def _require_autograd() -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "reconstructing the update needs a backward pass, which torch.inference_mode forbids; "
+            "run it outside inference mode (Lightning: Trainer(inference_mode=False))"
+        )
+
+
+def _warn_if_stochastic(model: nn.Module) -> None:
+    if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in model.modules()):
+        warnings.warn(
+            "the model is in training mode with dropout > 0: the reconstructed gradient uses one random dropout "
+            "draw; call model.eval() (RL trainers normally disable dropout)"
+        )
+
+
+def _require_loss(update: Update) -> tuple[LossConfig, Normalisers]:
+    if update.loss is None or update.normalisers is None:
+        raise ValueError(
+            "this Update has no loss settings/normalisers; build it with reconstruct_update, or pass "
+            "loss= and normalisers= (of the whole U) to update_from_gradients"
+        )
+    return update.loss, update.normalisers
+
+
+def _update_names_in_model(update: Update, named: Mapping[str, Tensor]) -> list[str]:
+    if not update.scale:
+        raise ValueError("this Update has no scale (K); it was saved without one - reconstruct it again")
+    missing = [n for n in update.scale if n not in named]
+    if missing:
+        raise ValueError(f"update parameters {missing[:3]} are not in the model; use the model the update was built for")
+    return list(update.scale)
+
+
+def _as_batch(batch: SequenceBatch | Sequence[dict], pad_token_id: int) -> SequenceBatch:
+    if isinstance(batch, SequenceBatch):
+        return batch
+    return collate(list(batch), pad_token_id=pad_token_id)
+
+
+def _grad_scale_tensor(grad_scale: Any) -> Tensor | None:
+    """The loss scale as GradScaler holds it: a float32 scalar tensor."""
+    if grad_scale is None:
+        return None
+    if hasattr(grad_scale, "get_scale") and hasattr(grad_scale, "is_enabled"):  # a GradScaler
+        if not grad_scale.is_enabled():
+            return None
+        grad_scale = grad_scale.get_scale()
+    scale = torch.as_tensor(grad_scale, dtype=torch.float32).detach().reshape(())
+    if not (torch.isfinite(scale) and scale > 0):
+        raise ValueError(f"grad_scale must be a finite positive number, got {float(scale)}")
+    return scale
+
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp64": torch.float64,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _math_sdpa() -> contextlib.AbstractContextManager:
+    """Forward-mode AD needs the math SDPA kernel (flash/efficient kernels lack JVP rules)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
