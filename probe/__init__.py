@@ -6,6 +6,33 @@ from probe.adam import AdamHyper, AdamState, ParamAdamState
 from probe.optim_loading import OptimizerSettings, hf_trainer_decay_names, load_optimizer_state
 from probe.rewards import RewardFunction, extract_final_number, gsm8k_reward, resolve_reward
 from probe.settings import PrecisionSettings, ProbeSettings, RunSettings
+from probe.loading import LoraSettings, PolicySettings, load_policy, toy_policy
+from probe.sampling import SamplingSettings, group_advantages, sample_responses, sample_update_batch
+from probe.toy.world import ToyWorldConfig, build_toy_world
+from probe.update import (
+    ReconstructionConfig,
+    Update,
+    adam_step_parts,
+    clip_coefficient,
+    per_sequence_directions,
+    per_sequence_gradients,
+    per_sequence_inner_products,
+    reconstruct_update,
+    update_from_gradients,
+)
+from probe.overrides import SequenceStats, Sweep, base_statistics, iter_sweep, sweep
+from probe.snis import SNISConfig, SNISResult, logprob_gap, snis_difference, snis_estimate, snis_sweep
+from probe.taylor import (
+    FirstOrder,
+    SecondOrder,
+    SequenceDerivatives,
+    first_order,
+    first_order_prediction,
+    second_order_prediction,
+    sequence_derivatives,
+    snis_derivatives,
+)
+from probe.attribution import Attribution, PerSequenceExact, attribute, eval_gradient, eval_update_matrix, per_sequence_exact
 
 __all__ = [
     "SequenceBatch",
@@ -30,6 +57,17 @@ __all__ = [
     "PrecisionSettings",
     "ProbeSettings",
     "RunSettings",
+    "LoraSettings", "PolicySettings", "load_policy", "toy_policy",
+    "SamplingSettings", "group_advantages", "sample_responses", "sample_update_batch",
+    "ToyWorldConfig", "build_toy_world",
+    "ReconstructionConfig", "Update", "adam_step_parts", "clip_coefficient", "per_sequence_directions",
+    "per_sequence_gradients", "per_sequence_inner_products", "reconstruct_update", "update_from_gradients",
+    "SequenceStats", "Sweep", "base_statistics", "iter_sweep", "sweep",
+    "SNISConfig", "SNISResult", "logprob_gap", "snis_difference", "snis_estimate", "snis_sweep",
+    "FirstOrder", "SecondOrder", "SequenceDerivatives", "first_order", "first_order_prediction",
+    "second_order_prediction", "sequence_derivatives", "snis_derivatives",
+    "Attribution", "PerSequenceExact", "attribute", "eval_gradient", "eval_update_matrix", "per_sequence_exact",
+    "ProbeModule",
 ]
 
 

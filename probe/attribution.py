@@ -16,7 +16,13 @@ sum_j S[j, i] = a_i and sum_i S[j, i] is eval sequence j's first-order contribut
 computed by the cheaper of two exact routes (:func:`eval_update_matrix`):
 
 * ``reverse``: M backward passes (one G_E,j per eval sequence), each followed by one JVP over U;
-* ``forward``: N materialised directions v_i, each followed by one JVP over E.
+* ``forward``: N materialised directions v_i, each followed by one JVP over E;
+* ``per_sample``: per-sequence gradients of U (``[N, P]``) and, chunk by chunk, of E
+  (``[c, P]`` for l_j and h_j, one batched backward per chunk), then one matrix product;
+  the fastest route when the trained parameters are few (LoRA, small models).
+
+``auto`` takes ``per_sample`` when ``(N + 2c) * P`` float64 numbers fit ``memory_budget``,
+else the cheaper of ``reverse`` and ``forward``.
 
 :func:`per_sequence_exact` measures the entropy change along single v_i by SNIS (the slow,
 exact path), alone and in the mixed form H(theta + eta b + eta v_i) - H(theta + eta b).
@@ -36,7 +42,7 @@ from probe.snis import SNISConfig, SNISResult, snis_difference, snis_estimate
 from probe.taylor import first_order, sequence_derivatives
 from probe.update import Update, per_sequence_directions, per_sequence_inner_products
 
-MATRIX_METHODS = ("auto", "reverse", "forward")
+MATRIX_METHODS = ("auto", "reverse", "forward", "per_sample")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,14 +196,18 @@ def eval_update_matrix(
     direction_chunk_size: int = 8,
     head_dtype: torch.dtype | None = torch.float64,
     token_chunk: int = 4096,
+    memory_budget: float = 2e9,
 ) -> Tensor:  # [M, N] float64
     """S[j, i] = <G_E,j, v_i>, first-order entropy change on E's term j from U's sequence i (per unit eta).
 
     Args:
         method: ``reverse`` (M backward passes over single eval sequences, each with one JVP
             over U), ``forward`` (N materialised v_i, each with one JVP over E), or ``auto``
-            (``reverse`` when M <= N, else ``forward``). Both are exact.
-        direction_chunk_size: update sequences per batched backward when materialising v_i.
+            (``per_sample`` when it fits ``memory_budget``, else ``reverse`` when M <= N, else
+            ``forward``); ``per_sample``: per-sequence gradients and a matrix product. All are exact.
+        direction_chunk_size: update sequences per batched backward when materialising v_i
+            (and eval sequences per batched backward in ``per_sample``).
+        memory_budget: bytes ``auto`` may spend on per-sample gradients.
         (other arguments as :func:`attribute`)
     """
     if method not in MATRIX_METHODS:
@@ -206,7 +216,15 @@ def eval_update_matrix(
     hbar, M = _base_integrand(model, eval_batch, integrand, base, **kw)
     N = len(update_batch)
     if method == "auto":
-        method = "reverse" if M <= N else "forward"
+        P = sum(update.scale[n].numel() for n in update.scale)
+        if (N + 2 * direction_chunk_size) * P * 8 <= memory_budget:
+            method = "per_sample"
+        else:
+            method = "reverse" if M <= N else "forward"
+    if method == "per_sample":
+        return _matrix_from_per_sample_gradients(
+            model, update, update_batch, eval_batch, integrand, hbar, M, direction_chunk_size, **kw
+        )
     S = torch.zeros(M, N, dtype=torch.float64)
     if method == "reverse":
         for j in range(M):
@@ -217,6 +235,51 @@ def eval_update_matrix(
         derivs = sequence_derivatives(model, eval_batch, v_i, order=1, with_entropy=integrand == "token_entropy", **kw)
         S[:, i] = first_order(derivs, integrand).contributions.double()
     return S
+
+
+def _matrix_from_per_sample_gradients(
+    model: nn.Module,
+    update: Update,
+    update_batch: SequenceBatch,
+    eval_batch: SequenceBatch,
+    integrand: str,
+    hbar: float,
+    M: int,
+    eval_chunk: int,
+    *,
+    temperature: float,
+    chunk_size: int | None,
+    head_dtype: torch.dtype | None,
+    token_chunk: int,
+) -> Tensor:  # [M, N]
+    """S = ((h - hbar) * (G_l V^T) + G_h V^T) / M with per-sequence gradients G_l, G_h of E and V of U."""
+    names = list(update.scale)
+    V = torch.stack([  # [N, P] v_i flattened
+        torch.cat([v_i[n].reshape(-1).double() for n in names])
+        for _, v_i in per_sequence_directions(model, update, update_batch, chunk_size=eval_chunk)
+    ])
+    named = dict(model.named_parameters())
+    leaves = {n: named[n].detach().clone().requires_grad_(True) for n in names}  # fresh leaves, never .grad
+    device = V.device
+    rows = []
+    for chunk in eval_batch.chunks(eval_chunk):
+        chunk = chunk.to(next(model.parameters()).device)
+        with torch.enable_grad():
+            ts = teacher_force(model, chunk, leaves, temperature=temperature,
+                               with_entropy=integrand == "token_entropy", head_dtype=head_dtype, token_chunk=token_chunk)
+            l = ts.sequence_logprobs  # [c]
+            h = -l if integrand == "logprob" else ts.sequence_entropies  # [c]
+            c = l.shape[0]
+            eye = torch.eye(c, dtype=l.dtype, device=l.device)
+            grads = torch.autograd.grad(torch.cat([l, h]), list(leaves.values()), allow_unused=True, is_grads_batched=True,
+                                        grad_outputs=torch.block_diag(eye, eye))  # each [2c, *p.shape]
+        flat = torch.cat([  # [2c, P]
+            (torch.zeros(2 * c, leaves[n].numel(), dtype=torch.float64) if g is None else g.reshape(2 * c, -1).double())
+            for n, g in zip(names, grads)
+        ], dim=1).to(device)
+        Gl, Gh = flat[:c], flat[c:]  # [c, P]
+        rows.append(((h.detach().double().to(device) - hbar)[:, None] * (Gl @ V.T) + Gh @ V.T) / M)  # [c, N]
+    return torch.cat(rows).cpu()
 
 
 # ---------------------------------------------------------------------------------------------

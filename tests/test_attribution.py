@@ -58,7 +58,7 @@ def test_each_attribution_equals_the_first_order_change_along_its_own_direction(
             torch.testing.assert_close(total[n], g, rtol=1e-10, atol=1e-12)
 
 
-def test_eval_update_matrix_is_the_same_by_reverse_and_forward_passes(setup):
+def test_eval_update_matrix_is_the_same_by_every_route(setup):
     world, update, U, E, _ = setup
     E_few = E.select(range(6))  # M = 6 < N = 12
     for name in INTEGRANDS:
@@ -74,6 +74,11 @@ def test_eval_update_matrix_is_the_same_by_reverse_and_forward_passes(setup):
         torch.testing.assert_close(reverse.sum(1), first_order(derivs, name).contributions, rtol=0, atol=1e-10 * scale)
         auto = eval_update_matrix(world.model, update, U, E_few, integrand=name, chunk_size=None)
         torch.testing.assert_close(auto, reverse, rtol=0, atol=1e-10 * scale)
+        per_sample = eval_update_matrix(world.model, update, U, E_few, integrand=name, method="per_sample",
+                                        direction_chunk_size=4, chunk_size=None)
+        torch.testing.assert_close(per_sample, reverse, rtol=0, atol=1e-10 * scale)
+        by_routes = eval_update_matrix(world.model, update, U, E_few, integrand=name, chunk_size=None, memory_budget=0)
+        torch.testing.assert_close(by_routes, reverse, rtol=0, atol=1e-10 * scale)
 
 
 def test_exact_per_sequence_changes_approach_eta_times_the_attribution(setup):
