@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from probe.batch import SequenceBatch
 from probe.logprobs import teacher_force
+from probe.loading import PolicySettings, load_policy
 from probe.losses import LossConfig
 from probe.optim_loading import OptimizerSettings
 from probe.overrides import SequenceStats, sweep
@@ -33,32 +34,12 @@ from probe.update import ReconstructionConfig, Update
 
 log = logging.getLogger("probe")
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class PolicySource:
-    """The policy to probe.
-
-    Args:
-        path: a local HF model directory, or ``toy`` for the built-in toy world (built once and cached).
-        adapter_path: a local PEFT adapter directory to load on top of the base model.
-        attn_implementation: ``sdpa`` (JVPs run with the math kernel) or ``eager``.
-        trust_remote_code: allow custom modelling code shipped with the checkpoint (off: safer).
-    """
-
-    path: str = "toy"
-    adapter_path: str = ""
-    attn_implementation: str = "sdpa"
-    trust_remote_code: bool = False
-
-
 class ProbeModule(pl.LightningModule):
     """Probe the entropy change of one AdamW step of an RL policy on evaluation batches."""
 
     def __init__(
         self,
-        policy: PolicySource = PolicySource(),
+        policy: PolicySettings = PolicySettings(path="toy"),
         optimizer: OptimizerSettings | None = None,
         loss: LossConfig = LossConfig(),
         reconstruction: ReconstructionConfig = ReconstructionConfig(max_grad_norm=1.0),
@@ -68,7 +49,8 @@ class ProbeModule(pl.LightningModule):
     ):
         """
         Args:
-            policy: the policy checkpoint (and adapter).
+            policy: the policy: a local HF checkpoint directory (``toy``: the built-in toy world),
+                its dtype, attention kernel and optional LoRA adapter.
             optimizer: the optimizer state of the run (file and parameter order); default: the
                 policy directory's ``optimizer.pt`` (the toy world has one).
             loss: the policy-gradient loss the trainer optimises on U.
@@ -78,7 +60,7 @@ class ProbeModule(pl.LightningModule):
             run: run directory, seed and logging.
         """
         super().__init__()
-        self.policy_source, self.optimizer_settings, self.loss = policy, optimizer, loss
+        self.policy_settings, self.optimizer_settings, self.loss = policy, optimizer, loss
         self.reconstruction, self.settings, self.precision_settings, self.run = reconstruction, probe, precision, run
         if run.num_threads > 0:
             torch.set_num_threads(run.num_threads)
@@ -101,7 +83,7 @@ class ProbeModule(pl.LightningModule):
     def config_dict(self) -> dict[str, Any]:
         """The module's settings as plain data (for summary.json)."""
         return {
-            "policy": asdict(self.policy_source),
+            "policy": asdict(self.policy_settings),
             "optimizer": asdict(self.optimizer_source),
             "loss": asdict(self.loss),
             "reconstruction": asdict(self.reconstruction),
@@ -136,24 +118,17 @@ class ProbeModule(pl.LightningModule):
 
     @staticmethod
     def _set_precision(p: PrecisionSettings) -> None:
-        if p.dtype not in DTYPES:
-            raise ValueError(f"precision.dtype {p.dtype!r} is not one of {', '.join(DTYPES)}")
         torch.backends.cuda.matmul.allow_tf32 = p.tf32
         torch.backends.cudnn.allow_tf32 = p.tf32
         torch.set_float32_matmul_precision(p.matmul_precision)
 
     def _load_policy(self) -> tuple[torch.nn.Module, Any]:
-        from probe.loading import load_policy
-
+        s = self.policy_settings
         model, tokenizer = load_policy(
-            str(self.policy_dir),
-            dtype=self.precision_settings.dtype,
-            attn_implementation=self.policy_source.attn_implementation,
-            adapter_path=self.policy_source.adapter_path or None,
-            trust_remote_code=self.policy_source.trust_remote_code,
+            str(self.policy_dir), dtype=s.dtype, attn_implementation=s.attn_implementation,
+            adapter_path=s.adapter_path or None, lora=s.lora, trust_remote_code=s.trust_remote_code, device=s.device,
         )
-        model.eval()  # (a float64 policy also gets float64 RMSNorm, see probe.precision)
-        return model, tokenizer
+        return model, tokenizer  # in eval mode; a float64 policy also gets float64 RMSNorm (probe.precision)
 
     @property
     def optimizer_source(self) -> OptimizerSettings:

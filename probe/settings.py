@@ -91,16 +91,14 @@ class ProbeSettings:
 
 @dataclass
 class PrecisionSettings:
-    """Numerical precision of the probe.
+    """Numerical precision of the probe (the policy's own dtype is ``policy.dtype``).
 
     Args:
-        dtype: dtype the policy runs in (``float32``, ``float64``, ``bfloat16``, ``float16``).
         float64_head: log-softmax, entropies and log-weights in float64 (the model stays in ``dtype``).
         tf32: allow TF32 matmuls on Ampere+ GPUs (faster, less precise).
         matmul_precision: ``torch.set_float32_matmul_precision`` value: highest, high or medium.
     """
 
-    dtype: str = "float32"
     float64_head: bool = True
     tf32: bool = False
     matmul_precision: str = "highest"
@@ -115,7 +113,6 @@ class RunSettings:
         name: run directory name under ``root``; empty: ``<timestamp>``. Giving the name of an
             unfinished run resumes it; a finished run is never overwritten.
         overwrite: replace a finished run directory of the same name (deletes it first).
-        seed: seed of sampling and of everything random in the run.
         log_level: ``standard`` (resampling retries, norms, ESS, timings) or ``detailed`` (debugging).
         num_threads: CPU threads for torch (0: torch's default). Tiny models run fastest on 1 thread.
     """
@@ -123,7 +120,6 @@ class RunSettings:
     root: str = "runs"
     name: str = ""
     overwrite: bool = False
-    seed: int = 0
     log_level: str = "standard"
     num_threads: int = 0
 
