@@ -1,7 +1,9 @@
 """Lightning callbacks of probe: update reconstruction, SNIS aggregation, run writing, W&B reporting."""
 from callbacks.aggregation import SNISAggregation, SequenceRows
+from callbacks.progress import SweepProgress
 from callbacks.reconstruction import UpdateReconstruction
 from callbacks.wandb_report import WandbReport
 from callbacks.writer import RunWriter
+from callbacks.live import LiveEntropyProbe, LiveEvalSettings  # noqa: F401  (the live probe of a fit run)
 
-__all__ = ["SNISAggregation", "SequenceRows", "UpdateReconstruction", "WandbReport", "RunWriter"]
+__all__ = ["SweepProgress", "SNISAggregation", "SequenceRows", "UpdateReconstruction", "WandbReport", "RunWriter"]

@@ -17,7 +17,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from probe.attribution import attribute, eval_update_matrix
+from probe.attribution import attribute, eval_update_matrix, per_sequence_exact
 from probe.overrides import SequenceStats
 from probe.report import summarise_eval
 from probe.snis import SNISConfig
@@ -116,6 +116,22 @@ class SNISAggregation(pl.Callback):
                 entry["matrix"] = ref_eta * S
                 summary["eval_update_matrix"] = {"reference_eta": ref_eta, "sum": float(ref_eta * S.sum()),
                                                  "shape": list(S.shape)}
+            if s.per_sequence_exact:
+                exact = per_sequence_exact(
+                    policy, update, U, E, pl_module.etas, indices=s.per_sequence_exact, mixed="baseline" in update.parts(),
+                    integrands=[s.integrand], config=SNISConfig(truncation=s.truncation or None),
+                    **{key: v for key, v in kw.items() if key != "integrand"},
+                )
+                a = entry.get("attributions")
+                summary["per_sequence_exact"] = [
+                    {"index": item.index,
+                     "attribution_first_order": None if a is None else [float(a[item.index]) * e for e in pl_module.etas],
+                     "alone": [r.delta_entropy for r in item.alone[s.integrand]],
+                     "alone_se": [r.delta_entropy_se for r in item.alone[s.integrand]],
+                     "mixed": None if item.mixed is None else [r.delta_entropy for r in item.mixed[s.integrand]],
+                     "mixed_se": None if item.mixed is None else [r.delta_entropy_se for r in item.mixed[s.integrand]]}
+                    for item in exact
+                ]
         pl_module.timings[f"attribution_eval_{k:02d}_s"] = time.perf_counter() - start
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -139,7 +155,7 @@ class SNISAggregation(pl.Callback):
             summary["name"] = f"eval_{k:02d}"
             summary["temperature"] = pl_module.eval_temperature(k)
             entry = {"table": table, "results": results}
-            if trainer.global_rank == 0 and (s.attribution or s.eval_update_matrix):
+            if trainer.global_rank == 0 and (s.attribution or s.eval_update_matrix or s.per_sequence_exact):
                 self._attribute(pl_module, dm, k, table, summary, entry)
             evals.append(summary)
             per_sequence.append(entry)

@@ -26,7 +26,7 @@ from probe.logprobs import teacher_force
 from probe.loading import PolicySettings, load_policy
 from probe.losses import LossConfig
 from probe.optim_loading import OptimizerSettings
-from probe.overrides import SequenceStats, sweep
+from probe.overrides import SequenceStats, iter_sweep
 from probe.rundir import RunDirectory
 from probe.settings import PrecisionSettings, ProbeSettings, RunSettings
 from probe.taylor import sequence_derivatives
@@ -76,9 +76,9 @@ class ProbeModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The pipeline, in order: reconstruct the update, aggregate, write, report to W&B."""
-        from callbacks import RunWriter, SNISAggregation, UpdateReconstruction, WandbReport
+        from callbacks import RunWriter, SNISAggregation, SweepProgress, UpdateReconstruction, WandbReport
 
-        return [UpdateReconstruction(), SNISAggregation(), RunWriter(), WandbReport()]
+        return [UpdateReconstruction(), SweepProgress(), SNISAggregation(), RunWriter(), WandbReport()]
 
     def config_dict(self) -> dict[str, Any]:
         """The module's settings as plain data (for summary.json)."""
@@ -180,6 +180,7 @@ class ProbeModule(pl.LightningModule):
         if self.run_dir is not None:
             cached = self.run_dir.load_partial(eval_k, indices)
             if cached is not None:
+                self.tick(self.steps_per_batch())
                 return cached
         out = self.batch_statistics(batch, eval_k)
         if self.run_dir is not None:
@@ -194,17 +195,25 @@ class ProbeModule(pl.LightningModule):
             tokens = teacher_force(self.policy, batch, with_entropy=self.with_entropy, **kw)
         base = SequenceStats.from_tokens(tokens)
         directions = self.directions()
-        swept = sweep(self.policy, batch, directions, self.etas, with_entropy=self.with_entropy,
-                      chunk_size=s.eval_batch_size, base=base, **kw)
+        parts, B = list(directions), len(batch)
+        sweep_logprobs = np.zeros((len(parts), len(self.etas), B))  # [K, J, B]
+        sweep_entropies = np.zeros((len(parts), len(self.etas), B))
+        for item in iter_sweep(self.policy, batch, directions, self.etas, with_entropy=self.with_entropy,
+                               chunk_size=s.eval_batch_size, base=base, **kw):
+            k, rows = parts.index(item.part), slice(item.start, item.start + len(item.stats))
+            sweep_logprobs[k, item.eta_index, rows] = item.stats.logprobs.cpu().numpy()
+            if self.with_entropy:
+                sweep_entropies[k, item.eta_index, rows] = item.stats.entropies.cpu().numpy()
+            self.tick(len(item.stats) / B)
         out: dict[str, np.ndarray] = {
             "index": batch.index.cpu().numpy(),
             "logprobs": base.logprobs.cpu().numpy(),
             "lengths": base.lengths.cpu().numpy(),
-            "sweep_logprobs": swept.logprobs.numpy(),  # [K, J, B]
+            "sweep_logprobs": sweep_logprobs,
         }
         if self.with_entropy:
             out["entropies"] = base.entropies.cpu().numpy()
-            out["sweep_entropies"] = swept.entropies.numpy()
+            out["sweep_entropies"] = sweep_entropies
         if batch.old_logprobs is not None:
             gap = (tokens.logprobs - batch.old_logprobs.to(tokens.logprobs)).abs() * tokens.mask
             out["sampler_gap_max"] = gap.max(-1).values.cpu().numpy()
@@ -219,6 +228,7 @@ class ProbeModule(pl.LightningModule):
                                               chunk_size=s.eval_batch_size, **kw)
                 firsts.append(derivs.first)
                 seconds.append(derivs.second)
+                self.tick(1)
             out["d_logprobs"] = torch.stack([f.logprobs for f in firsts]).cpu().numpy()  # [K, B]
             if self.with_entropy:
                 out["d_entropies"] = torch.stack([f.entropies for f in firsts]).cpu().numpy()
@@ -234,6 +244,16 @@ class ProbeModule(pl.LightningModule):
         if dm is not None and getattr(dm, "eval_settings", None):
             return float(dm.eval_settings[eval_k].sampling.temperature)
         return 1.0
+
+    def steps_per_batch(self) -> int:
+        """Progress units of one batch of E: one per (part, eta) and one per part's derivatives."""
+        K = len(self.settings.parts)
+        return K * len(self.etas) + (K if self.settings.first_order else 0)
+
+    def tick(self, n: float) -> None:
+        bar = getattr(self, "progress", None)
+        if bar is not None:
+            bar.update(n)
 
     def row_layout(self) -> list[tuple[str, tuple[int, ...]]]:
         """Keys and per-sequence shapes :meth:`batch_statistics` returns (sorted by key)."""

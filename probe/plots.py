@@ -12,23 +12,31 @@ import numpy as np  # noqa: E402
 
 def plot_delta_h(eval_result: dict, etas: list[float], path: Path, title: str = "") -> Path:
     """Delta H (SNIS, +-1 SE) vs eta for each part, with the first- and second-order predictions."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    eta = np.asarray(etas)
+    fig, ax = plt.subplots(figsize=(9.0, 4.6))
+    eta = np.asarray(etas, float)
+    dense = np.geomspace(eta.min(), eta.max(), 200) if len(eta) > 1 else eta
+    lows, highs = [], []
     for k, (part, res) in enumerate(eval_result["parts"].items()):
         color = f"C{k}"
-        dh, se = np.asarray(res["delta_h"], float), np.asarray(res["se"], float)
-        ax.errorbar(eta, dh, yerr=se, fmt="o", color=color, capsize=3, label=f"{part} (SNIS)")
+        dh = np.asarray([np.nan if v is None else v for v in res["delta_h"]], float)
+        se = np.asarray([np.nan if v is None else v for v in res["se"]], float)
+        ax.errorbar(eta, dh, yerr=se, fmt="o", color=color, capsize=3, label=f"{part} (SNIS +- 1 SE)")
+        lows.append(np.nanmin(dh - se) if np.isfinite(dh - se).any() else 0.0)
+        highs.append(np.nanmax(dh + se) if np.isfinite(dh + se).any() else 0.0)
         if res.get("first_order") is not None:
-            ax.plot(eta, res["first_order"] * eta, "-", color=color, alpha=0.7, label=f"{part} 1st order")
+            ax.plot(dense, res["first_order"] * dense, "-", color=color, alpha=0.7, lw=1, label=f"{part} 1st order")
         if res.get("second_order") is not None and res.get("first_order") is not None:
-            ax.plot(eta, res["first_order"] * eta + 0.5 * res["second_order"] * eta**2, "--", color=color, alpha=0.7,
-                    label=f"{part} 2nd order")
+            ax.plot(dense, res["first_order"] * dense + 0.5 * res["second_order"] * dense**2, "--", color=color,
+                    alpha=0.7, lw=1, label=f"{part} 2nd order")
+    lo, hi = min(lows + [0.0]), max(highs + [0.0])
+    pad = 0.15 * (hi - lo) or 1e-6
+    ax.set_ylim(lo - pad, hi + pad)  # the measured points set the scale; predictions may leave it
     ax.set_xscale("log")
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_xlabel("eta (learning rate)")
     ax.set_ylabel("Delta H (nats / sequence)")
     ax.set_title(title or "entropy change vs step size")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -160,3 +160,43 @@ def test_every_config_parses(config):
     out = subprocess.run([sys.executable, "-m", "probe", subcommand, "--config", str(config), "--print_config"],
                          capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_rollout_files_and_two_eval_batches_share_one_update(finished_run, tmp_path):
+    """U and E read from rollout files (as any RL framework writes them), a second E in eval_01/,
+    and the exact per-sequence path next to the attributions."""
+    run, _ = finished_run
+    update = [json.loads(line) for line in (run / "rollouts" / "update.jsonl").read_text().splitlines()]
+    keep = {"prompt_ids", "response_ids", "group", "advantage", "reward", "old_logprobs"}
+    update_file = write_jsonl(tmp_path / "u.jsonl", [{k: r[k] for k in keep if k in r} for r in update])
+    evals = f"[{{path: {run / 'rollouts' / 'eval_00.jsonl'}}}, {{source: {{prompts: toy, n_prompts: 4, offset: 2000}}, sampling: {{n_per_prompt: 4, max_new_tokens: 4, seed: 3}}}}]"
+    summary = run_probe(tmp_path, "files", "--data.init_args.update.path", str(update_file), "--data.init_args.evals", evals,
+                        "--model.init_args.probe.per_sequence_exact", "[0, 1]")
+    assert [ev["name"] for ev in summary["evals"]] == ["eval_00", "eval_01"]
+    assert (tmp_path / "files" / "eval_01" / "attributions.npy").is_file()
+    assert (tmp_path / "files" / "plots" / "delta_h_eval_01.png").is_file()
+    _, first = finished_run
+    # same U and E as the first run: the same numbers
+    np.testing.assert_allclose(summary["aggregate"]["full"]["delta_h"], first["aggregate"]["full"]["delta_h"], rtol=1e-12)
+    exact = summary["evals"][0]["per_sequence_exact"]
+    assert [e["index"] for e in exact] == [0, 1]
+    for e in exact:  # at the smallest eta the exact own-direction change agrees with eta * a_i within 3 SE
+        assert abs(e["alone"][0] - e["attribution_first_order"][0]) <= 3 * e["alone_se"][0] + 1e-9
+
+
+def test_wandb_offline_run_is_written(tmp_path, toy_world_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    i = SMALL.index("--trainer.logger")
+    args = SMALL[:i] + SMALL[i + 2 :]
+    main(["predict", "--config", str(REPO / "configs" / "toy.yaml"), *args,
+          "--model.init_args.run.root", str(tmp_path), "--model.init_args.run.name", "wb",
+          "--model.init_args.probe.eval_update_matrix", "false",
+          "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].rglob("*.wandb")), "the offline run holds its event log for `wandb sync`"
