@@ -50,6 +50,18 @@ class RunWriter(pl.Callback):
         if trainer.global_rank == 0:
             log.info("%s run directory %s", "resuming" if run_dir.resuming else "writing", run_dir.path)
 
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int,
+                             dataloader_idx: int = 0) -> None:
+        """Stop after the batch whose results were just saved when SIGTERM arrived (Lightning only records
+        the signal during predict, so without this a terminated run would go on to the end)."""
+        if trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            where = pl_module.run_dir.path if pl_module.run_dir is not None else "the run directory"
+            log.warning("stopped by SIGTERM after batch %d of eval_%02d; finished batches are kept in %s/partial. "
+                        "Fix: rerun the same command (same run.name) to resume", batch_idx, dataloader_idx, where)
+            raise SIGTERMException(128 + 15)  # the exit status of a process ended by SIGTERM
+
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         agg = pl_module.aggregated
         run_dir = pl_module.run_dir
@@ -88,6 +100,13 @@ class RunWriter(pl.Callback):
             "timings": pl_module.timings,
             "environment": environment(),
         }
+        for ev in agg["evals"]:
+            for part, res in ev["parts"].items():
+                low = [f"{e:.3g}" for e, f in zip(etas, res["ess_fraction"]) if f is None or f < 0.1]
+                if low:
+                    log.warning("%s/%s: ESS below 10%% of the samples at eta = %s; the SNIS estimate there is unreliable "
+                                "(use smaller etas or a larger E)", ev["name"], part, ", ".join(low))
+        log.info("timings: %s", ", ".join(f"{k} {v:.2f}s" for k, v in pl_module.timings.items()))
         run_dir.finish(summary)
         pl_module.report = {"summary": summary, "run_dir": run_dir.path, "tables": pl_module.tables()}
         table = format_table(summary, etas)

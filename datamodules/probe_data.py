@@ -197,7 +197,19 @@ class ProbeDataModule(pl.LightningDataModule):
             log.info("read %d sequences from %s", len(records), settings.path)
         else:
             records = make()
+            self._log_sampled(target.stem, records)
         write_rollouts(list(records), target)
+
+    @staticmethod
+    def _log_sampled(name: str, records: list[dict]) -> None:
+        n = len(records)
+        truncated = sum(bool(r.get("truncated")) for r in records)
+        msg = f"sampled {name}: {n} sequences, {truncated} truncated at max_new_tokens ({truncated / max(n, 1):.0%})"
+        if records and "reward" in records[0]:
+            retries = sorted({int(r.get("resample_attempt", 0)) for r in records})
+            mean_reward = sum(float(r["reward"]) for r in records) / n
+            msg += f", mean reward {mean_reward:.3f}, resample attempts used: {max(retries)}"
+        log.info(msg)
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer

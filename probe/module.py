@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from probe.taylor import sequence_derivatives
 from probe.update import ReconstructionConfig, Update
 
 log = logging.getLogger("probe")
+
 
 class ProbeModule(pl.LightningModule):
     """Probe the entropy change of one AdamW step of an RL policy on evaluation batches."""
@@ -56,8 +57,8 @@ class ProbeModule(pl.LightningModule):
             loss: the policy-gradient loss the trainer optimises on U.
             reconstruction: how the trainer computed the step (clipping, microbatches, mixed precision).
             probe: what to measure (parts, etas, integrand, first/second order, attribution).
-            precision: dtype of the policy and float64 accumulation.
-            run: run directory, seed and logging.
+            precision: float64 head and accumulation, TF32 and matmul precision.
+            run: run directory, logging and CPU threads.
         """
         super().__init__()
         self.policy_settings, self.optimizer_settings, self.loss = policy, optimizer, loss
@@ -182,7 +183,9 @@ class ProbeModule(pl.LightningModule):
             if cached is not None:
                 self.tick(self.steps_per_batch())
                 return cached
+        start = time.perf_counter()
         out = self.batch_statistics(batch, eval_k)
+        log.debug("eval_%02d batch %d: %d sequences in %.2fs", eval_k, batch_idx, len(batch), time.perf_counter() - start)
         if self.run_dir is not None:
             self.run_dir.save_partial(eval_k, indices, out)
         return out
