@@ -17,6 +17,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from probe.logprobs import teacher_force
 from probe.attribution import attribute, eval_update_matrix, per_sequence_exact
 from probe.overrides import SequenceStats
 from probe.report import summarise_eval
@@ -134,6 +135,34 @@ class SNISAggregation(pl.Callback):
                 ]
         pl_module.timings[f"attribution_eval_{k:02d}_s"] = time.perf_counter() - start
 
+    @staticmethod
+    def _per_token_views(pl_module, dm, k: int) -> dict[str, np.ndarray]:
+        """Per-token log-probs and entropies of E at theta and at theta + reference_eta * full (rank 0).
+
+        Flat over response tokens, sequence j's tokens at ``offsets[j]:offsets[j+1]``.
+        """
+        s, update = pl_module.settings, pl_module.update
+        ref_eta = s.reference_eta or update.lr
+        theta = dict(pl_module.policy.named_parameters())
+        shifted = {n: torch.add(theta[n].detach(), d.to(theta[n]), alpha=ref_eta) for n, d in update.full.items()}
+        views: dict[str, list[np.ndarray]] = {"logprobs_theta": [], "entropies_theta": [], "logprobs_ref": [],
+                                              "entropies_ref": []}
+        lengths = []
+        kw = dict(temperature=pl_module.eval_temperature(k), with_entropy=True, head_dtype=pl_module.head_dtype,
+                  token_chunk=s.token_chunk)
+        with torch.no_grad():
+            for chunk in dm.eval_batch(k).chunks(s.eval_batch_size):
+                chunk = chunk.to(pl_module.device)
+                for tag, params in (("theta", None), ("ref", shifted)):
+                    ts = teacher_force(pl_module.policy, chunk, params, **kw)
+                    views[f"logprobs_{tag}"].append(ts.logprobs[ts.mask].cpu().numpy())
+                    views[f"entropies_{tag}"].append(ts.entropies[ts.mask].cpu().numpy())
+                lengths.append(chunk.target_mask.sum(-1).cpu().numpy())
+        out = {key: np.concatenate(v) for key, v in views.items()}
+        out["offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+        out["reference_eta"] = np.asarray(ref_eta)
+        return out
+
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         pl_module.timings["eval_passes_s"] = time.perf_counter() - self.start
         s = pl_module.settings
@@ -157,6 +186,8 @@ class SNISAggregation(pl.Callback):
             entry = {"table": table, "results": results}
             if trainer.global_rank == 0 and (s.attribution or s.eval_update_matrix or s.per_sequence_exact):
                 self._attribute(pl_module, dm, k, table, summary, entry)
+            if trainer.global_rank == 0 and s.per_token_views:
+                entry["per_token"] = self._per_token_views(pl_module, dm, k)
             evals.append(summary)
             per_sequence.append(entry)
         pl_module.aggregated = {"evals": evals, "per_sequence": per_sequence}

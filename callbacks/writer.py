@@ -78,6 +78,8 @@ class RunWriter(pl.Callback):
                 save_npy(out / "attributions.npy", per_seq["attributions"])
             if "matrix" in per_seq:
                 save_npy(out / "eval_delta_matrix.npy", per_seq["matrix"])
+            for key, array in per_seq.get("per_token", {}).items():
+                save_npy(out / "per_token" / f"{key}.npy", array)
             suffix = "" if k == 0 else f"_{ev['name']}"
             plot_delta_h(ev, etas, run_dir.path / "plots" / f"delta_h{suffix}.png", title=f"{ev['name']}: Delta H vs eta")
             plot_ess(ev, etas, ev["n_sequences"], run_dir.path / "plots" / f"ess{suffix}.png")

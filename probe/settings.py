@@ -34,7 +34,8 @@ class ProbeSettings:
         per_sequence_exact: indices of update sequences whose own direction v_i is probed
             exactly (slow path, to check attributions); the mixed form
             H(theta + eta b + eta v_i) - H(theta + eta b) is reported beside it.
-        per_token_views: save per-token log-probs and entropies of E at theta and at reference_eta.
+        per_token_views: save per-token log-probs and entropies of E at theta and at theta + reference_eta * full
+            (``per_token/*.npy``, flat over response tokens; sequence j at ``offsets[j]:offsets[j+1]``).
         eval_batch_size: sequences of E teacher-forced per forward pass.
         token_chunk: response tokens per chunk of the float64 log-softmax head.
         save_update: write the reconstructed step to ``update.safetensors``.
@@ -71,7 +72,11 @@ class ProbeSettings:
         if bad:
             raise ValueError(f"probe.etas must be finite and > 0, got {bad}; give positive learning rates or leave empty for the default grid")
         if self.n_etas < 1 or not (0 < self.eta_min_factor <= self.eta_max_factor) or not math.isfinite(self.eta_max_factor):
-            raise ValueError("the default eta grid needs n_etas >= 1 and 0 < eta_min_factor <= eta_max_factor < inf")
+            raise ValueError(
+                f"an empty eta grid was asked for or the grid is malformed: n_etas={self.n_etas}, eta_min_factor="
+                f"{self.eta_min_factor}, eta_max_factor={self.eta_max_factor}. Fix: set probe.n_etas >= 1 and "
+                "0 < eta_min_factor <= eta_max_factor < inf, or give probe.etas explicitly"
+            )
         if self.truncation < 0 or not math.isfinite(self.truncation):
             raise ValueError(f"probe.truncation must be >= 0 (0 disables), got {self.truncation}")
 

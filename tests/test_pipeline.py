@@ -200,3 +200,20 @@ def test_wandb_offline_run_is_written(tmp_path, toy_world_dir, monkeypatch):
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].rglob("*.wandb")), "the offline run holds its event log for `wandb sync`"
+
+
+def test_per_token_views_hold_every_response_token_at_theta_and_at_the_reference_eta(finished_run, tmp_path):
+    run, first = finished_run
+    update_file, eval_file = run / "rollouts" / "update.jsonl", run / "rollouts" / "eval_00.jsonl"
+    summary = run_probe(tmp_path, "tokens", "--data.init_args.update.path", str(update_file),
+                        "--data.init_args.evals", f"[{{path: {eval_file}}}]", "--model.init_args.probe.per_token_views", "true",
+                        "--model.init_args.probe.attribution", "false", "--model.init_args.probe.eval_update_matrix", "false")
+    views = tmp_path / "tokens" / "per_token"
+    offsets = np.load(views / "offsets.npy")
+    assert offsets[-1] == summary["evals"][0]["n_tokens"] and len(offsets) == summary["evals"][0]["n_sequences"] + 1
+    lp = np.load(views / "logprobs_theta.npy")
+    ent = np.load(views / "entropies_theta.npy")
+    # the per-token views add up to the per-sequence base statistics the estimate used
+    seq_entropy = np.add.reduceat(ent, offsets[:-1])
+    assert seq_entropy.mean() == pytest.approx(summary["evals"][0]["base_entropy"]["sequence"], rel=1e-9)
+    assert (lp <= 0).all() and np.load(views / "logprobs_ref.npy").shape == lp.shape
