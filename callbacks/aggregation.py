@@ -182,6 +182,9 @@ class SNISAggregation(pl.Callback):
             groups = [dm.eval_records[k][i].get("group") for i in index]
             summary, results = summarise_eval(table, s.parts, pl_module.etas, s.integrand, snis, groups)
             summary["name"] = f"eval_{k:02d}"
+            for warning in summary.get("warnings", []):
+                if "non-finite" in warning and trainer.global_rank == 0:  # (ESS warnings: see RunWriter)
+                    log.warning("eval_%02d/%s", k, warning)
             summary["temperature"] = pl_module.eval_temperature(k)
             entry = {"table": table, "results": results}
             if trainer.global_rank == 0 and (s.attribution or s.eval_update_matrix or s.per_sequence_exact):

@@ -36,6 +36,13 @@ class UpdateReconstruction(pl.Callback):
             update = trainer.strategy.broadcast(update, src=0)
         pl_module.update = update
         pl_module.etas = pl_module.settings.eta_grid(update.lr)
+        largest = min(torch.finfo(p.dtype).max for p in policy.parameters() if p.is_floating_point())
+        if max(pl_module.etas) > largest:
+            raise ValueError(
+                f"probe.etas reaches {max(pl_module.etas):.3g}, beyond the largest number the policy's parameters can hold "
+                f"({largest:.3g}), so theta + eta * d cannot even be formed. Fix: use smaller etas (a very large eta is "
+                "reported as non-finite in the summary as long as it fits the dtype)"
+            )
         pl_module.timings["reconstruction_s"] = time.perf_counter() - start
         log.info(
             "update: lr %.3g, |full| %.4g, |baseline| %.4g, |grad| %.4g, clip coef %.4g (||g|| = %.4g), %d sequences, %d tokens",

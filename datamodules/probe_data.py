@@ -194,6 +194,8 @@ class ProbeDataModule(pl.LightningDataModule):
             return
         if settings.path:
             records = read_rollouts(settings.path, vocab_size=vocab_size)
+            if isinstance(settings, EvalBatchSettings):  # refuse before copying: name the user's file, keep no bad copy
+                self._check_eval(records, Path(settings.path), settings)
             log.info("read %d sequences from %s", len(records), settings.path)
         else:
             records = make()

@@ -119,6 +119,31 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     return directory
 
 
+def refuse_remote_code(directory: Path, trust_remote_code: bool) -> None:
+    """Refuse a checkpoint that ships its own modelling/tokenizer code (``auto_map``) unless trusted.
+
+    Without ``trust_remote_code`` transformers would silently load its built-in class for the
+    ``model_type`` instead, which may not be the model that was trained: refuse both silently
+    running and silently replacing custom code.
+    """
+    import json
+
+    for name in ("config.json", "tokenizer_config.json"):
+        file = directory / name
+        if not file.is_file():
+            continue
+        try:
+            config = json.loads(file.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is not valid JSON ({e}); the checkpoint is corrupt. Fix: copy it again or re-save it with save_pretrained(dir)") from None
+        if isinstance(config, dict) and config.get("auto_map") and not trust_remote_code:
+            raise ValueError(
+                f"{file} has an auto_map ({config['auto_map']}): the checkpoint ships its own Python code, which probe does not "
+                "run unless told to. Fix: if you trust the code in that directory, set policy.trust_remote_code=true "
+                "(--model.init_args.policy.trust_remote_code true); otherwise use a checkpoint of a built-in architecture"
+            )
+
+
 def check_adapter_dir(path: str | Path) -> Path:
     """The adapter directory as a Path, after checking it holds ``adapter_config.json`` and weights."""
     directory = Path(path).expanduser()
@@ -179,24 +204,54 @@ def load_policy(
     torch_dtype = resolve_dtype(dtype)
     model_dir = check_checkpoint_dir(path)
     adapter_dir = check_adapter_dir(adapter_path) if adapter_path is not None else None
-    tokenizer = AutoTokenizer.from_pretrained(
-        str(_tokenizer_dir(model_dir, adapter_dir)), local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    refuse_remote_code(model_dir, trust_remote_code)
+    tokenizer_dir = _tokenizer_dir(model_dir, adapter_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=trust_remote_code)
+    except Exception as e:  # a corrupt tokenizer.json raises anything from JSONDecodeError to a tokenizers panic
+        raise ValueError(
+            f"could not load the tokenizer in {tokenizer_dir} ({type(e).__name__}: {e}); its files are corrupt or "
+            "incomplete (e.g. an interrupted copy). Fix: copy the tokenizer files again or re-save them with tokenizer.save_pretrained(dir)"
+        ) from e
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     has_safetensors = any((model_dir / n).is_file() for n in WEIGHT_FILES[:2])
-    model = AutoModelForCausalLM.from_pretrained(
-        str(model_dir),
-        dtype=torch_dtype,
-        attn_implementation=attn_implementation,
-        local_files_only=True,
-        use_safetensors=has_safetensors,
-        trust_remote_code=trust_remote_code,
-    )
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(model_dir),
+            dtype=torch_dtype,
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+            use_safetensors=has_safetensors,
+            trust_remote_code=trust_remote_code,
+        )
+    except Exception as e:  # safetensors' "header too large", a truncated shard, a config transformers cannot read
+        import pickle
+
+        if isinstance(e, pickle.UnpicklingError):  # transformers loads *.bin with torch.load(weights_only=True)
+            text = str(e).partition("WeightsUnpickler error:")[2].strip()
+            detail = text.split("\n")[0].split(". ")[0] if text else ""
+            raise ValueError(
+                f"the weights in {model_dir} were refused for safety: a pickled weight file holds objects other than tensors "
+                f"(which could run code when loaded) or is not a torch file ({detail or type(e).__name__}); weights are only "
+                "loaded with weights_only=True. Fix: if you trust the checkpoint, convert it to safetensors "
+                "(model.save_pretrained(dir, safe_serialization=True)); if it is corrupt, copy it again"
+            ) from e
+        raise ValueError(
+            f"could not load the model in {model_dir} ({type(e).__name__}: {e}); its config.json or weight files are corrupt "
+            "or incomplete (e.g. an interrupted copy or download). Fix: copy the checkpoint again or re-save it with model.save_pretrained(dir)"
+        ) from e
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        except Exception as e:
+            raise ValueError(
+                f"could not load the PEFT adapter in {adapter_dir} ({type(e).__name__}: {e}); its files are corrupt or were "
+                "saved for another base model. Fix: copy the adapter again or re-save it with peft_model.save_pretrained(dir), "
+                "and check that policy.path is the base model it was trained on"
+            ) from e
     elif lora is not None:
         from peft import LoraConfig, get_peft_model
 

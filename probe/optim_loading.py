@@ -239,16 +239,21 @@ def _load_weights_only(file: Path) -> Any:
     try:
         return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
     except pickle.UnpicklingError as e:
+        text = str(e).partition("WeightsUnpickler error:")[2].strip()  # e.g. "Unsupported global: GLOBAL exec ..."
+        detail = text.split("\n")[0].split(". ")[0] if text else (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(
             f"{file} was refused for safety: it is not a weights-only file (it pickles objects other than tensors and "
-            f"plain containers, which could run code when loaded), and probe only loads with weights_only=True. "
-            f"Fix: if you trust the file, re-save just the optimizer state, e.g. "
+            f"plain containers, which could run code when loaded, or it is not a torch file at all), and probe only loads "
+            f"with weights_only=True. Fix: if you trust the file, re-save just the optimizer state, e.g. "
             f"torch.save(torch.load(path, weights_only=False)['optimizer_states'][0], 'optimizer.pt') for a Lightning "
-            f"checkpoint, or torch.save(optimizer.state_dict(), 'optimizer.pt') from the training script. "
-            f"(torch said: {str(e).splitlines()[0] if str(e) else type(e).__name__})"
+            f"checkpoint, or torch.save(optimizer.state_dict(), 'optimizer.pt') from the training script; if it is "
+            f"corrupt, copy it again. (torch said: {detail})"
         ) from e
-    except (RuntimeError, EOFError) as e:
-        raise ValueError(f"could not read {file} with torch.load: {e}; expected {EXPECTED_FILES}") from e
+    except (RuntimeError, EOFError, IndexError, KeyError, ValueError, TypeError, OSError) as e:  # truncated/garbage files
+        raise ValueError(
+            f"could not read {file} with torch.load ({type(e).__name__}: {e}): the file is corrupt, truncated or not written "
+            f"by torch.save. Fix: copy it again, or save the state with torch.save(optimizer.state_dict(), path); expected {EXPECTED_FILES}"
+        ) from e
 
 
 def _optimizer_state_dict(saved: Any, file: Path, fmt: str, optimizer_index: int) -> tuple[dict, str]:

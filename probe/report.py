@@ -7,6 +7,7 @@ not depend on how E was split across batches or processes.
 from __future__ import annotations
 
 import math
+from dataclasses import fields
 from typing import Any, Sequence
 
 import numpy as np
@@ -24,6 +25,18 @@ def _stats(rows: dict[str, np.ndarray], logprobs: str, entropies: str, *index: i
         entropies=pick(rows[entropies]) if entropies in rows else None,
         lengths=torch.as_tensor(rows["lengths"], dtype=torch.float64),
     )
+
+
+def estimate_or_non_finite(base: SequenceStats, shifted: SequenceStats, *, integrand: str, eta: float,
+                            config: SNISConfig, groups: Sequence[Any] | None) -> SNISResult:
+    """:func:`snis_estimate`, or an all-NaN result where theta + eta * d overflowed the model (non-finite
+    log-probs or entropies at eta): such a point is reported (``finite: false``, ``warnings``), never a crash."""
+    if torch.isfinite(shifted.logprobs).all() and torch.isfinite(shifted.integrand(integrand)).all():
+        return snis_estimate(base, shifted, integrand=integrand, eta=eta, config=config, groups=groups)
+    M = len(base)
+    scalars = {f.name: math.nan for f in fields(SNISResult) if f.name not in SNISResult._TENSORS}
+    scalars.update(integrand=integrand, eta=float(eta), normalisation=config.normalisation, n_samples=M)
+    return SNISResult(**scalars, **{name: torch.full((M,), math.nan, dtype=torch.float64) for name in SNISResult._TENSORS})
 
 
 def summarise_eval(
@@ -54,8 +67,8 @@ def summarise_eval(
     results: dict[str, list[SNISResult]] = {}
     for k, part in enumerate(parts):
         res = [
-            snis_estimate(base, _stats(rows, "sweep_logprobs", "sweep_entropies", k, j), integrand=integrand,
-                          eta=float(eta), config=snis, groups=group_arg)
+            estimate_or_non_finite(base, _stats(rows, "sweep_logprobs", "sweep_entropies", k, j), integrand=integrand,
+                                   eta=float(eta), config=snis, groups=group_arg)
             for j, eta in enumerate(etas)
         ]
         results[part] = res
@@ -70,6 +83,10 @@ def summarise_eval(
             "max_log_weight": [r.max_log_weight for r in res],
             "finite": [bool(math.isfinite(r.delta_entropy)) for r in res],
         }
+        bad = ~np.isfinite(rows["sweep_logprobs"][k])  # [J, M]
+        if "sweep_entropies" in rows:
+            bad |= ~np.isfinite(rows["sweep_entropies"][k])
+        entry["non_finite_sequences"] = [int(n) for n in bad.sum(-1)]
         if "d_logprobs" in rows:
             derivs = SequenceDerivatives(
                 eta=0.0, value=base, first=_stats(rows, "d_logprobs", "d_entropies", k),
@@ -89,6 +106,15 @@ def summarise_eval(
         diff = [a.delta_entropy - b.delta_entropy for a, b in zip(results["full"], results["baseline_plus_grad"])]
         summary["additivity"] = {"full_minus_baseline_plus_grad": diff,
                                  "max_abs": max((abs(d) for d in diff if math.isfinite(d)), default=float("nan"))}
+    summary["warnings"] = [
+        f"{part} at eta={eta:.3g}: " + (
+            f"{e['non_finite_sequences'][j]} of {M} sequences have non-finite log-probs/entropies at theta + eta * d "
+            "(the step overflows the model): no estimate there; use smaller etas"
+            if e["non_finite_sequences"][j] else
+            f"ESS {e['ess'][j]:.1f} of {M} samples (< 10%): the SNIS estimate is unreliable there; use smaller etas or a larger E")
+        for part, e in summary["parts"].items() for j, eta in enumerate(etas)
+        if e["non_finite_sequences"][j] or e["ess_fraction"][j] < 0.1
+    ]
     if "sampler_gap_max" in rows and np.isfinite(rows["sampler_gap_max"]).all():
         summary["sampler_gap"] = {"max_abs": float(rows["sampler_gap_max"].max()),
                                   "mean_abs": float(rows["sampler_gap_sum"].sum() / base.lengths.sum().item())}
@@ -109,7 +135,8 @@ def format_table(summary: dict[str, Any], etas: Sequence[float]) -> str:
                 second = res.get("predicted_second", [None] * len(etas))[j]
                 fmt = lambda x: f"{x:13.4e}" if x is not None and math.isfinite(x) else f"{'n/a':>13}"  # noqa: E731
                 dh, se = res["delta_h"][j], res["se"][j]
-                flag = "" if res["ess_fraction"][j] is None or res["ess_fraction"][j] >= 0.1 else "  ESS<10%"
+                frac = res["ess_fraction"][j]
+                flag = "  non-finite" if frac is None or not math.isfinite(frac) else "  ESS<10%" if frac < 0.1 else ""
                 se_text = f"{se:11.2e}" if se is not None and math.isfinite(se) else f"{'n/a':>11}"
                 ess = res["ess"][j]
                 ess_text = f"{ess:8.1f}" if ess is not None and math.isfinite(ess) else f"{'n/a':>8}"

@@ -1,0 +1,297 @@
+"""Bad input, specified: each one stops ``python -m probe predict`` with a message that names the
+problem and the fix, a non-zero exit, and no finished-looking run (``summary.json`` absent or not
+``complete``); numerical trouble in the middle of a run (a huge eta, collapsed ESS) is reported
+in the summary and the table instead. The catalogue with the real messages is docs/bad_inputs.md.
+
+Most cases call the CLI in-process (``probe.cli.main``: an exception, or ``SystemExit(2)`` for a
+config the parser refuses); a few run ``python -m probe`` as a subprocess and check the exit code.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from probe.cli import check_gpu_request, main
+from probe.settings import ProbeSettings
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_CONFIG = str(REPO / "configs" / "toy.yaml")
+
+SMALL = [
+    "--model.init_args.probe.n_etas", "3",
+    "--data.init_args.update.source.n_prompts", "3",
+    "--data.init_args.update.sampling.n_per_prompt", "4",
+    "--data.init_args.evals",
+    "[{source: {prompts: toy, n_prompts: 4, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}]",
+    "--data.init_args.eval_batch_size", "16",
+    "--trainer.logger", "false",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+def probe_args(root: Path, name: str, *extra: str) -> list[str]:
+    return ["predict", "--config", TOY_CONFIG, *SMALL, "--model.init_args.run.root", str(root),
+            "--model.init_args.run.name", name, *extra]
+
+
+def assert_no_finished_summary(run_dir: Path) -> None:
+    summary = run_dir / "summary.json"
+    assert not summary.exists() or json.loads(summary.read_text()).get("status") != "complete"
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures: broken copies of the toy world, rollout files, a constant reward
+
+
+def _record(group: int, response: list[int], advantage: float | None = None, **extra) -> dict:
+    # toy vocabulary (16 ids): 1 <bos>, 2 <eos>, digits, '+', '='; "<bos> 4 + 4 =" then an answer
+    record = {"prompt_ids": [1, 8, 14, 8, 15], "response_ids": response, "group": group}
+    if advantage is not None:
+        record["advantage"] = advantage
+    return {**record, **extra}
+
+
+UPDATE = [_record(0, [12, 2], 1.0), _record(0, [13, 2], -1.0), _record(1, [11, 2], 0.5), _record(1, [12, 2], -0.5)]
+EVAL = [_record(0, [12, 2]), _record(0, [13, 2]), _record(1, [11, 2]), _record(1, [12, 2])]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, toy_world_dir: Path) -> dict[str, str]:
+    """Paths of every broken input, by name (formatted into the CLI arguments below)."""
+    root = tmp_path_factory.mktemp("bad_inputs")
+    out = {"toy": str(toy_world_dir), "nowhere": str(root / "does-not-exist")}
+
+    def world(name: str, drop: tuple[str, ...] = (), **overwrite: bytes) -> None:
+        d = root / name
+        shutil.copytree(toy_world_dir, d)
+        for f in drop:
+            (d / f).unlink()
+        for f, data in overwrite.items():
+            (d / f.replace("__", ".")).write_bytes(data)
+        out[name] = str(d)
+
+    world("no_weights", drop=("model.safetensors",))
+    world("corrupt_weights", model__safetensors=os.urandom(4096))
+    world("corrupt_config", config__json=b'{"model_type": "llama", "hidden_size": ')
+    world("no_tokenizer", drop=("tokenizer.json", "tokenizer_config.json"))
+    world("corrupt_tokenizer", tokenizer__json=b'{"version": "1.0", "model": {"type": "BPE"')
+    world("no_optimizer", drop=("optimizer.pt",))
+    saved = (toy_world_dir / "optimizer.pt").read_bytes()
+    world("corrupt_optimizer", optimizer__pt=saved[: len(saved) // 2])  # an interrupted copy
+
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    ids = torch.tensor([[1, 8, 14, 8, 15, 12, 2]])
+    other(ids, labels=ids).loss.backward()
+    optimizer.step()
+    world("other_models_optimizer")
+    torch.save(optimizer.state_dict(), Path(out["other_models_optimizer"]) / "optimizer.pt")
+
+    policy = AutoModelForCausalLM.from_pretrained(toy_world_dir)
+    reversed_names = root / "reversed_order.txt"
+    reversed_names.write_text("\n".join(n for n, _ in reversed(list(policy.named_parameters()))) + "\n")
+    out["reversed_order"] = str(reversed_names)
+
+    from peft import LoraConfig, get_peft_model
+
+    adapter = root / "corrupt_adapter"
+    get_peft_model(policy, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    (adapter / "adapter_model.safetensors").write_bytes(os.urandom(2048))
+    out["corrupt_adapter"] = str(adapter)
+
+    def jsonl(name: str, records: list[dict] | None = None, text: str | None = None) -> None:
+        path = root / f"{name}.jsonl"
+        path.write_text(text if text is not None else "".join(json.dumps(r) + "\n" for r in records))
+        out[name] = str(path)
+
+    jsonl("update_ok", UPDATE)
+    jsonl("eval_ok", EVAL)
+    jsonl("empty", text="")
+    jsonl("update_empty_response", [UPDATE[0], _record(0, [], -1.0)])
+    jsonl("eval_out_of_vocabulary", [EVAL[0], _record(0, [99, 2])])
+    # json.dumps writes NaN / Infinity, as Python-based RL frameworks do
+    jsonl("update_nan_advantage", [UPDATE[0], _record(0, [13, 2], float("nan"))])
+    jsonl("update_infinite_advantage", [UPDATE[0], _record(0, [13, 2], float("inf"))])
+    jsonl("update_truncated", text="".join(json.dumps(r) + "\n" for r in UPDATE) + json.dumps(UPDATE[0])[:25])
+    jsonl("eval_top_p", [dict(r, top_p=0.9) for r in EVAL])
+
+    (root / "misspelt.yaml").write_text("model:\n  init_args:\n    probe:\n      n_eta: 3\n")
+    out["misspelt_yaml"] = str(root / "misspelt.yaml")
+    (root / "constant_reward_for_probe_tests.py").write_text("def reward(prompt, response, answer=None):\n    return 1.0\n")
+    out["dir"] = str(root)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the catalogue: (CLI arguments, error raised in-process, the message it carries)
+
+P, A, O = "--model.init_args.policy.path", "--model.init_args.policy.adapter_path", "--model.init_args.optimizer"
+U, E = "--data.init_args.update.path", "--data.init_args.evals"
+U_OK = (U, "{update_ok}")
+REFUSED = [
+    # policy, tokenizer, adapter
+    pytest.param([P, "{nowhere}"], FileNotFoundError, r"policy directory .* does not exist.*download the model first", id="policy-dir-missing"),
+    pytest.param([P, "{no_weights}"], FileNotFoundError, r"no model weights in .*save them with model.save_pretrained", id="policy-weights-missing"),
+    pytest.param([P, "{corrupt_weights}"], ValueError, r"could not load the model in .*SafetensorError.*corrupt.*Fix: copy the checkpoint again", id="policy-weights-corrupt"),
+    pytest.param([P, "{corrupt_config}"], ValueError, r"config.json is not valid JSON.*corrupt. Fix: copy it again", id="policy-config-corrupt"),
+    pytest.param([P, "{no_tokenizer}"], FileNotFoundError, r"no tokenizer in .*tokenizer.save_pretrained", id="tokenizer-missing"),
+    pytest.param([P, "{corrupt_tokenizer}"], ValueError, r"could not load the tokenizer in .*corrupt.*Fix: copy the tokenizer files again", id="tokenizer-corrupt"),
+    pytest.param([A, "{nowhere}"], FileNotFoundError, r"adapter directory .* does not exist; pass the local directory", id="adapter-missing"),
+    pytest.param([A, "{corrupt_adapter}"], ValueError, r"could not load the PEFT adapter in .*corrupt.*Fix: copy the adapter again", id="adapter-corrupt"),
+    # optimizer state
+    pytest.param([P, "{no_optimizer}"], FileNotFoundError, r"optimizer state not found: directory .* holds no optimizer.pt", id="optimizer-missing"),
+    pytest.param([P, "{corrupt_optimizer}"], ValueError, r"could not read .*optimizer.pt with torch.load .*corrupt.*Fix: copy it again", id="optimizer-corrupt"),
+    pytest.param([P, "{other_models_optimizer}"], ValueError, r"\(hf_trainer, 12 parameters .*does not fit the model \(21 parameters.*Fix: set optimizer.param_order", id="optimizer-of-another-model"),
+    pytest.param([O, "{{path: {toy}, param_order: {reversed_order}}}"], ValueError,
+                 r"param_order=names from .*reversed_order.txt: parameter .* has shape .*Fix: set optimizer.param_order", id="parameter-order-mismatch"),
+    # rollout files
+    pytest.param([U, "{empty}"], ValueError, r"empty.jsonl: the file holds no rollouts .*Fix: check that the writer finished", id="update-batch-empty"),
+    pytest.param([*U_OK, E, "[{{path: {empty}}}]"], ValueError, r"empty.jsonl: the file holds no rollouts", id="eval-batch-empty"),
+    pytest.param([*U_OK, E, "[]"], ValueError, r"data.evals is empty: give at least one evaluation batch", id="no-eval-batch"),
+    pytest.param([U, "{update_empty_response}"], ValueError, r"line 2: 'response_ids' is empty .*Fix: drop empty responses", id="response-empty"),
+    pytest.param([*U_OK, E, "[{{path: {eval_out_of_vocabulary}}}]"], ValueError,
+                 r"line 2: field 'response_ids' holds token id 99, outside the model's vocabulary \(vocab_size=16.*re-tokenize", id="token-id-outside-vocabulary"),
+    pytest.param([U, "{update_nan_advantage}"], ValueError, r"line 2: 'advantage' is nan \(not finite\). Fix:", id="advantage-nan"),
+    pytest.param([U, "{update_infinite_advantage}"], ValueError, r"line 2: 'advantage' is inf \(not finite\). Fix:", id="advantage-infinite"),
+    pytest.param([U, "{update_truncated}"], ValueError, r"line 5: the last line is not valid JSON .*looks truncated.*Fix: delete the last line", id="rollout-last-line-truncated"),
+    pytest.param([*U_OK, E, "[{{path: {eval_top_p}}}]"], ValueError, r"eval_top_p.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation.*Fix:", id="eval-file-top-p"),
+    # sampling
+    pytest.param(["--data.init_args.update.reward", "constant_reward_for_probe_tests:reward",
+                  "--data.init_args.update.max_resample_attempts", "1"], ValueError,
+                 r"3 of 3 prompt groups still have all advantages .* after 1 resampling attempts.*Fix: raise max_resample_attempts", id="all-zero-advantages-after-resampling"),
+    pytest.param([E, "[{{sampling: {{top_p: 0.9}}}}]"], ValueError, r"evaluation batch sampled with top_p=0.9.*Fix: remove top_p/top_k for E", id="eval-top-p"),
+    pytest.param([E, "[{{sampling: {{top_k: 5}}}}]"], ValueError, r"evaluation batch sampled with top_p=None, top_k=5.*Fix:", id="eval-top-k"),
+    pytest.param([E, "[{{sampling: {{temperature: 0}}}}]"], ValueError, r"evaluation temperature 0.0: E must be sampled at a temperature > 0.*Fix:", id="eval-temperature-0"),
+    # settings
+    pytest.param(["--model.init_args.probe.etas", "[0.001, -0.001]"], ValueError, r"probe.etas must be finite and > 0, got \[-0.001\]", id="eta-negative"),
+    pytest.param(["--model.init_args.probe.n_etas", "0"], ValueError, r"an empty eta grid was asked for.*n_etas=0.*Fix: set probe.n_etas >= 1", id="eta-grid-empty"),
+    pytest.param(["--model.init_args.probe.parts", "[full, gradient]"], ValueError, r"unknown part\(s\) \['gradient'\]; choose from full, baseline, grad", id="unknown-part"),
+    pytest.param(["--model.init_args.probe.etas", "[0.0003, 1e39]"], ValueError,
+                 r"probe.etas reaches 1e\+39, beyond the largest number .*\(3.4e\+38\).*Fix: use smaller etas", id="eta-beyond-the-dtype"),
+    # hardware
+    pytest.param(["--trainer.accelerator", "gpu"], ValueError, r"--trainer.accelerator gpu asks for a GPU but torch sees none.*Fix: run on CPU", id="gpu-without-gpu"),
+    pytest.param(["--trainer.accelerator", "gpu", "--trainer.devices", "2"], ValueError, r"asks for a GPU but torch sees none", id="two-gpus-without-gpu"),
+]
+if torch.cuda.is_available():  # on a GPU machine these two are not bad input
+    REFUSED = [p for p in REFUSED if "gpu" not in p.id]
+
+PARSER_REFUSED = [  # refused by the config parser: SystemExit(2), the message on stderr
+    pytest.param(["--model.init_args.probe.n_etass", "3"], r"unrecognized arguments: --probe.n_etass=3", id="misspelt-key"),
+    pytest.param(["--config", "{misspelt_yaml}"], r"Group 'probe' does not accept option 'n_eta'", id="misspelt-key-in-yaml"),
+    pytest.param(["--model.init_args.probe.etas", "[.nan]"], r'Parser key "probe.etas":\s+Expected a <class .float.>. Got value: nan', id="eta-nan"),
+    pytest.param(["--model.init_args.probe.etas", "[.inf]"], r'Parser key "probe.etas":\s+Expected a <class .float.>. Got value: inf', id="eta-infinite"),
+]
+
+
+@pytest.mark.parametrize("args, error, message", REFUSED)
+def test_bad_input_is_refused_with_a_clear_message(args, error, message, files, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(files["dir"])  # the constant reward's module
+    with pytest.raises(error, match="(?s)" + message):  # (?s): messages may span lines
+        main(probe_args(tmp_path, "run", *(a.format(**files) for a in args)))
+    assert_no_finished_summary(tmp_path / "run")
+
+
+@pytest.mark.parametrize("args, message", PARSER_REFUSED)
+def test_bad_config_is_refused_by_the_parser(args, message, files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(probe_args(tmp_path, "run", *(a.format(**files) for a in args)))
+    assert exit_info.value.code == 2
+    import re
+
+    assert re.search(message, capsys.readouterr().err), message
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_gpus_than_the_machine_has_are_refused(monkeypatch):
+    # the branch a one-GPU machine takes: torch sees 1 device, 2 (or device index 1) are asked for
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for devices in (2, "2", [0, 1], "0,1"):
+        with pytest.raises(ValueError, match=r"needs 2 GPUs but this machine has 1. Fix: pass --trainer.devices 1"):
+            check_gpu_request({"accelerator": "gpu", "devices": devices})
+    check_gpu_request({"accelerator": "gpu", "devices": 1})
+    check_gpu_request({"accelerator": "cpu", "devices": 4})  # CPU processes: any number, Lightning allows it
+
+
+def test_an_empty_eta_list_means_the_default_grid():
+    grid = ProbeSettings(etas=[], n_etas=5).eta_grid(3e-4)
+    assert len(grid) == 5 and 3e-4 in grid and grid == sorted(grid)
+    assert grid[0] == pytest.approx(3e-5) and grid[-1] == pytest.approx(3e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# numerical trouble mid-run: reported, not a crash
+
+
+@pytest.fixture(scope="module")
+def huge_eta_run(tmp_path_factory, toy_world_dir) -> tuple[Path, dict, str]:
+    """A run whose sweep reaches eta = 0.3 (1000 x lr: ESS collapses) and 3e38 (theta + eta * d overflows float32)."""
+    import contextlib
+    import io
+
+    root = tmp_path_factory.mktemp("huge_eta")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(probe_args(root, "huge", "--model.init_args.probe.etas", "[0.0003, 0.3, 3e38]"))
+    return root / "huge", json.loads((root / "huge" / "summary.json").read_text()), out.getvalue()
+
+
+def test_a_huge_eta_is_reported_as_non_finite_not_a_crash(huge_eta_run):
+    run, summary, table = huge_eta_run
+    assert summary["status"] == "complete"
+    parts = summary["aggregate"]
+    non_finite = [(part, j) for part, res in parts.items() for j, ok in enumerate(res["finite"]) if not ok]
+    assert non_finite, "theta + 3e38 * d overflows float32 for some part"
+    for part, j in non_finite:
+        assert j == 2 and parts[part]["delta_h"][j] is None and parts[part]["non_finite_sequences"][j] > 0
+        assert any(w.startswith(f"{part} at eta=3e+38:") and "non-finite log-probs" in w for w in summary["evals"][0]["warnings"])
+    assert all(res["finite"][0] and res["non_finite_sequences"][0] == 0 for res in parts.values())
+    assert "non-finite" in table
+    assert (run / "per_sequence" / non_finite[0][0] / "eta_2.npy").is_file()
+
+
+def test_collapsed_ess_is_reported_in_the_summary_and_the_table(huge_eta_run):
+    _, summary, table = huge_eta_run
+    full = summary["aggregate"]["full"]
+    M = summary["plan"]["n_eval_sequences"][0]
+    assert full["ess_fraction"][1] < 0.1, "at 1000 x lr one sequence carries the weight"
+    assert any(w.startswith("full at eta=0.3: ESS") and "(< 10%)" in w for w in summary["evals"][0]["warnings"])
+    row = next(line for line in table.splitlines() if line.split()[:2] == ["full", "0.3"])
+    assert row.endswith("ESS<10%") and float(row.split()[-2]) == pytest.approx(full["ess"][1], abs=0.05) and full["ess"][1] < 0.1 * M
+
+
+def test_an_existing_finished_run_directory_is_refused(huge_eta_run):
+    run, _, _ = huge_eta_run
+    before = (run / "summary.json").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds a finished run .*choose another --run.name, or pass --run.overwrite=true"):
+        main(probe_args(run.parent, run.name))
+    assert (run / "summary.json").read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# the real process: exit code and message (one case: starting python costs ~7 s of CPU; the
+# parser's refusals above are SystemExit(2), which is the process's exit status)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "probe", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+
+
+def test_a_missing_policy_exits_with_status_1_and_the_message(files, tmp_path):
+    out = run_cli(*probe_args(tmp_path, "run", P, files["nowhere"]))
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("FileNotFoundError: policy directory") and "download the model first" in last
+    assert_no_finished_summary(tmp_path / "run")

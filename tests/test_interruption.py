@@ -1,0 +1,147 @@
+"""Interruption: a run killed mid-way and started again on the same run directory resumes.
+
+``python -m probe predict`` runs as a subprocess on a config with 12 batches of E; as soon as
+the first per-batch result appears in ``<run>/partial/`` it is killed (SIGTERM: it stops after
+the batch in hand and exits with 143; SIGKILL: it dies at once). The same command is then run
+again (in-process, same ``run.name``): it must recompute only the batches that were not written
+and end with the summary numbers and arrays of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from probe.cli import main
+from probe.module import ProbeModule
+
+REPO = Path(__file__).resolve().parents[1]
+N_BATCHES = 12  # E: 12 prompts x 4 responses = 48 sequences, 4 per batch
+
+ARGS = [
+    "--model.init_args.probe.n_etas", "3",
+    "--data.init_args.update.source.n_prompts", "3",
+    "--data.init_args.update.sampling.n_per_prompt", "4",
+    "--data.init_args.evals",
+    "[{source: {prompts: toy, n_prompts: 12, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}]",
+    "--data.init_args.eval_batch_size", "4",
+    "--trainer.logger", "false",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+def cli_args(root: Path, name: str) -> list[str]:
+    return ["predict", "--config", str(REPO / "configs" / "toy.yaml"), *ARGS,
+            "--model.init_args.run.root", str(root), "--model.init_args.run.name", name]
+
+
+def partial_files(run: Path) -> list[Path]:
+    return sorted((run / "partial").rglob("batch_*.npz")) if (run / "partial").exists() else []
+
+
+def assert_same_numbers(a, b, where: str = "summary") -> None:
+    """Equal structure, equal strings, numbers equal to 1e-12 relative (in practice bitwise)."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_numbers(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_numbers(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-12, abs=1e-300), where
+    else:
+        assert a == b, where
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    got, want = (json.loads((p / "summary.json").read_text()) for p in (resumed, reference))
+    assert got["status"] == "complete"
+    for key in ("update", "aggregate", "evals"):
+        assert_same_numbers(got[key], want[key], key)
+    assert got["plan"] == want["plan"]
+    arrays = sorted(p.relative_to(reference) for p in reference.rglob("*.npy"))
+    assert arrays and arrays == sorted(p.relative_to(resumed) for p in resumed.rglob("*.npy"))
+    for rel in arrays:
+        np.testing.assert_array_equal(np.load(resumed / rel), np.load(reference / rel), err_msg=str(rel))
+    for name in ("update.jsonl", "eval_00.jsonl"):  # the same sequences were sampled
+        assert (resumed / "rollouts" / name).read_bytes() == (reference / "rollouts" / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, toy_world_dir) -> Path:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    main(cli_args(root, "reference"))
+    return root / "reference"
+
+
+def start_and_kill(root: Path, name: str, sig: signal.Signals) -> tuple[int, str]:
+    """Run the CLI as a subprocess, send ``sig`` once the first batch result is on disk; (exit code, output)."""
+    run, log = root / name, root / f"{name}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "probe", *cli_args(root, name)], cwd=REPO, stdout=out,
+                                   stderr=subprocess.STDOUT, env={**os.environ, "WANDB_MODE": "disabled"})
+        try:
+            deadline = time.monotonic() + 300
+            while not partial_files(run):
+                assert process.poll() is None, f"the run ended before its first batch:\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, "no batch result after 300 s"
+                time.sleep(0.02)
+            process.send_signal(sig)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return code, log.read_text()
+
+
+def resume_counting_batches(monkeypatch, root: Path, name: str) -> int:
+    """Run the same command again in-process; how many batches of E it had to compute (not read back)."""
+    computed = []
+    real = ProbeModule.batch_statistics
+
+    def counting(self, batch, eval_k=0):
+        computed.append(len(batch))
+        return real(self, batch, eval_k)
+
+    monkeypatch.setattr(ProbeModule, "batch_statistics", counting)
+    main(cli_args(root, name))
+    return len(computed)
+
+
+def assert_interrupted(run: Path) -> int:
+    written = len(partial_files(run))
+    assert 1 <= written < N_BATCHES, f"{written} of {N_BATCHES} batches written before the kill"
+    summary = run / "summary.json"
+    assert not summary.exists() or json.loads(summary.read_text()).get("status") != "complete"
+    assert (run / "rollouts" / "update.jsonl").is_file() and (run / "rollouts" / "eval_00.jsonl").is_file()
+    return written
+
+
+def test_a_run_stopped_by_sigterm_exits_143_and_resumes_to_the_uninterrupted_numbers(uninterrupted, tmp_path, monkeypatch):
+    code, output = start_and_kill(tmp_path, "terminated", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, output[-3000:]
+    assert "stopped by SIGTERM" in output and "rerun the same command (same run.name) to resume" in output
+    written = assert_interrupted(tmp_path / "terminated")
+
+    assert resume_counting_batches(monkeypatch, tmp_path, "terminated") == N_BATCHES - written
+    assert not (tmp_path / "terminated" / "partial").exists()
+    assert_same_run(tmp_path / "terminated", uninterrupted)
+
+
+def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_numbers(uninterrupted, tmp_path, monkeypatch):
+    code, output = start_and_kill(tmp_path, "killed", signal.SIGKILL)
+    assert code == -signal.SIGKILL, output[-3000:]
+    written = assert_interrupted(tmp_path / "killed")
+
+    assert resume_counting_batches(monkeypatch, tmp_path, "killed") == N_BATCHES - written
+    assert_same_run(tmp_path / "killed", uninterrupted)
