@@ -233,6 +233,13 @@ class ProbeDataModule(pl.LightningDataModule):
         update = list(read_rollouts(rollouts / "update.jsonl", vocab_size=vocab_size))
         if any(r.get("advantage") is None for r in update):
             update = fill_advantages(update, normalize_std=self.update_settings.normalize_std)
+        if all(abs(float(r["advantage"])) <= self.update_settings.zero_tol for r in update):
+            raise ValueError(
+                f"every advantage of the update batch ({len(update)} sequences, {rollouts / 'update.jsonl'}) is zero "
+                f"(|A| <= {self.update_settings.zero_tol}): the policy-gradient part of the step is zero and there is "
+                "nothing to attribute. Fix: use a batch whose groups have different rewards, or sample U with "
+                "filter_zero_advantage_prompts=true"
+            )
         self.update_records = [dict(r, index=i) for i, r in enumerate(update)]
         self.eval_records = []
         for k in range(len(self.eval_settings)):

@@ -217,3 +217,12 @@ def test_per_token_views_hold_every_response_token_at_theta_and_at_the_reference
     seq_entropy = np.add.reduceat(ent, offsets[:-1])
     assert seq_entropy.mean() == pytest.approx(summary["evals"][0]["base_entropy"]["sequence"], rel=1e-9)
     assert (lp <= 0).all() and np.load(views / "logprobs_ref.npy").shape == lp.shape
+
+
+def test_an_update_batch_whose_advantages_are_all_zero_is_refused(finished_run, tmp_path):
+    run, _ = finished_run
+    records = [json.loads(line) for line in (run / "rollouts" / "update.jsonl").read_text().splitlines()]
+    zero = write_jsonl(tmp_path / "zero.jsonl", [dict(r, advantage=0.0) for r in records])
+    with pytest.raises(ValueError, match="every advantage of the update batch .* is zero"):
+        run_probe(tmp_path, "zero", "--data.init_args.update.path", str(zero))
+    assert not (tmp_path / "zero" / "summary.json").exists()
