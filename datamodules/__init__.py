@@ -14,6 +14,7 @@ def __getattr__(name: str):
         import datamodules.probe_data as probe_data
 
         return getattr(probe_data, name)
+    if name in ("PromptDataModule", "StepPrompts"): return getattr(__import__("datamodules.prompts", fromlist=[name]), name)  # noqa: E701
     raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
 
 

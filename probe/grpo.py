@@ -1,0 +1,432 @@
+"""GRPO training as a LightningModule: ``python -m probe fit --config configs/toy_grpo.yaml``.
+
+Per optimizer step (automatic optimisation, so Lightning's gradient clipping and the
+``on_before_optimizer_step`` hook of callbacks work as usual):
+
+1. take this rank's prompts of the step from the DataModule (``datamodules.PromptDataModule``);
+2. sample G responses per prompt from the current policy, each prompt group with its own
+   generator seeded by ``(run.seed, rollout, prompt position)`` so that the global batch does
+   not depend on how prompts are split across ranks;
+3. score them (text reward, ``probe.rewards``), GRPO group advantages; a group whose
+   advantages are all zero is resampled (``zero_advantage: resample``, then dropped if still
+   dead), dropped, or kept;
+4. the loss of DESIGN section 2 (``probe.losses.per_sequence_loss``) with normalisers of the
+   GLOBAL update batch (counts all-reduced over ranks) and multiplied by the world size, so
+   DDP's gradient average is the gradient of ``sum_i c_i`` over every rank's sequences;
+   ``rollout.inner_epochs > 1`` reuses one rollout for several steps with the PPO-clip loss
+   against ``old_logprobs`` teacher-forced before the first of them (ratio 1 at that step);
+5. AdamW over the policy's trainable parameters (``configure_optimizers``).
+
+The policy stays in eval mode (dropout off, as RL trainers run it), so sampling, the loss and the
+probe's passes are deterministic; Lightning warns that modules are in eval mode at the start of fit.
+A resumed fit (``ckpt_path``) samples a new rollout at its first step even in the middle of inner epochs.
+
+Probe protocol (what ``callbacks.LiveEntropyProbe`` reads; any LightningModule can expose it):
+``self.policy`` (the trained HF model), and set in every ``training_step``
+``self.probe_batch`` (this rank's update batch U as a ``SequenceBatch``; ``index`` = position of
+each sequence in the step's global U, ``advantages``, ``old_logprobs`` when the loss uses them),
+``self.probe_loss`` (the ``LossConfig`` of the step), ``self.probe_normalisers`` (normalisers of the
+global U) and ``self.probe_head_dtype`` (the log-softmax head's dtype). The module guarantees that
+after backward (and DDP's all-reduce) ``p.grad = d/dp sum_{i in global U} c_i``.
+
+Outputs, in the run directory ``<run.root>/<run.name>`` (rank 0): ``config.yaml``,
+``checkpoints/*.ckpt`` (ordinary Lightning checkpoints; ``probe.optim_loading`` reads their AdamW
+state), ``history.jsonl`` (one line per rollout: reward, dead groups, loss) and, at the end, ``policy/`` (HF ``save_pretrained``
+with the tokenizer): a ``configs/toy.yaml``-style predict run takes ``policy.path: <run>/policy`` and
+``optimizer.path: <run>/checkpoints/last.ckpt``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from probe.batch import SequenceBatch, collate
+from probe.loading import PolicySettings, load_policy
+from probe.logprobs import teacher_force
+from probe.losses import LossConfig, Normalisers, per_sequence_loss
+from probe.rewards import resolve_reward
+from probe.rundir import RunDirectory
+from probe.sampling import sample_update_batch
+
+log = logging.getLogger("probe")
+
+ZERO_ADVANTAGE = ("resample", "drop", "keep")
+
+
+# --------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class RolloutSettings:
+    """How each step's update batch U is sampled and scored.
+
+    Args:
+        n_per_prompt: responses per prompt (the GRPO group size G, >= 2).
+        max_new_tokens: longest response.
+        temperature: sampling temperature (set ``loss.temperature`` to the same value, as verl does).
+        reward: ``toy``, ``gsm8k`` or ``package.module:function`` (``reward(prompt, response[, answer])``).
+        normalize_std: divide group advantages by the group's reward std (GRPO); off: Dr. GRPO.
+        zero_advantage: what to do with a group whose advantages are all zero: ``resample`` it (up to
+            ``max_resample_attempts`` times, then drop it), ``drop`` it, or ``keep`` it (it adds
+            nothing to the gradient but counts in the loss normalisers).
+        max_resample_attempts: resampling attempts of a dead group before it is dropped.
+        inner_epochs: optimizer steps per rollout; steps after the first reuse the rollout with the
+            PPO-clip loss against ``old_logprobs`` (teacher-forced before the first of them).
+        float64_head: log-softmax of the loss in float64 (the model keeps its dtype).
+    """
+
+    n_per_prompt: int = 8
+    max_new_tokens: int = 4
+    temperature: float = 1.0
+    reward: str = "toy"
+    normalize_std: bool = True
+    zero_advantage: str = "resample"
+    max_resample_attempts: int = 3
+    inner_epochs: int = 1
+    float64_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.zero_advantage not in ZERO_ADVANTAGE:
+            raise ValueError(f"rollout.zero_advantage={self.zero_advantage!r}; choose one of {', '.join(ZERO_ADVANTAGE)}")
+        if self.n_per_prompt < 2:
+            raise ValueError(f"rollout.n_per_prompt={self.n_per_prompt}: GRPO needs at least 2 responses per prompt")
+        if self.inner_epochs < 1:
+            raise ValueError(f"rollout.inner_epochs={self.inner_epochs} must be >= 1")
+        if not self.temperature > 0:
+            raise ValueError(f"rollout.temperature={self.temperature} must be > 0 (sampling needs a distribution)")
+
+
+@dataclass
+class AdamWSettings:
+    """``torch.optim.AdamW`` over the policy's trainable parameters (one param group, model order).
+
+    Args:
+        lr: learning rate (constant).
+        betas: ``(beta1, beta2)``.
+        eps: epsilon of the denominator.
+        weight_decay: decoupled weight decay.
+    """
+
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+
+
+@dataclass
+class FitRunSettings:
+    """Where a fit run writes, and its seed.
+
+    Args:
+        root: folder holding run directories.
+        name: run directory name under ``root``; empty: ``$PROBE_RUN_NAME`` (set by the CLI, shared
+            by DDP ranks) or a timestamp.
+        seed: seed of the rollouts (each prompt group's generator derives from it).
+        num_threads: CPU threads for torch (0: torch's default). Tiny models run fastest on 1 thread.
+    """
+
+    root: str = "runs"
+    name: str = ""
+    seed: int = 0
+    num_threads: int = 0
+
+
+# --------------------------------------------------------------------------------------
+# rollouts (no Lightning here)
+# --------------------------------------------------------------------------------------
+
+
+def group_seed(seed: int, rollout: int, position: int, attempt: int = 0) -> int:
+    """Seed of one prompt group's sampling generator: a hash of (run seed, rollout, prompt position, attempt)."""
+    digest = hashlib.sha256(f"grpo:{seed}:{rollout}:{position}:{attempt}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class Rollout:
+    """One rollout of this rank: the records of U and what happened while sampling them."""
+
+    records: list[dict]  # rollout records with reward, advantage, index (position in the step's global U)
+    rewards: list[float]  # every sampled response's reward (first attempts only)
+    groups: int  # prompt groups asked for
+    dropped: int  # groups left out (dead after resampling, or dropped)
+    resampled: int  # resampling attempts made
+    sampling_s: float = 0.0
+
+
+def sample_rollout(
+    policy: torch.nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[Sequence[int]],
+    positions: Sequence[int],
+    answers: Sequence[Any],
+    settings: RolloutSettings,
+    *,
+    seed: int,
+    rollout: int,
+    reward_fn: Any = None,
+) -> Rollout:
+    """Sample G responses per prompt, score them, GRPO advantages, handle dead groups.
+
+    Each group is sampled with its own generator (:func:`group_seed`), so the same global prompt
+    batch gives the same U however the prompts are split across ranks. ``index`` of a record is
+    ``position * G + j``, its place in the step's global U; ``group`` is the prompt's position.
+    """
+    start = time.perf_counter()
+    reward_fn = reward_fn or resolve_reward(settings.reward)
+    device = next(policy.parameters()).device
+    G = settings.n_per_prompt
+
+    def reward_on_ids(answer: Any):
+        def score(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> float:
+            prompt = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
+            response = tokenizer.decode(list(response_ids), skip_special_tokens=False)
+            return float(reward_fn(prompt, response, answer) if answer is not None else reward_fn(prompt, response))
+
+        return score
+
+    records: list[dict] = []
+    rewards: list[float] = []
+    dropped = resampled = 0
+    for prompt, position, answer in zip(prompts, positions, answers):
+        kept = None
+        for attempt in range(settings.max_resample_attempts + 1):
+            generator = torch.Generator(device=device).manual_seed(group_seed(seed, rollout, int(position), attempt))
+            group = sample_update_batch(
+                policy, [list(prompt)], reward_fn=reward_on_ids(answer), n_per_prompt=G,
+                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, tokenizer=tokenizer,
+                generator=generator, groups=[int(position)], normalize_std=settings.normalize_std,
+                filter_zero_advantage_prompts=False,
+            )  # fmt: skip
+            if attempt == 0:
+                rewards.extend(r["reward"] for r in group)
+            dead = all(abs(r["advantage"]) <= 1e-8 for r in group)
+            if not dead or settings.zero_advantage == "keep":
+                kept = group
+                break
+            if settings.zero_advantage == "drop" or attempt == settings.max_resample_attempts:
+                break
+            resampled += 1
+        if kept is None:
+            dropped += 1
+            continue
+        for j, r in enumerate(kept):
+            r["index"] = int(position) * G + j
+        records.extend(kept)
+    return Rollout(records, rewards, len(prompts), dropped, resampled, time.perf_counter() - start)
+
+
+def combine_normalisers(local: Tensor, loss: LossConfig) -> Normalisers:
+    """Normalisers of the global U from per-rank counts ``[W, 3]`` (or ``[3]``): N and T summed, L_max maxed."""
+    counts = local.reshape(-1, 3).double()
+    n_sequences, n_tokens = int(counts[:, 0].sum()), int(counts[:, 1].sum())
+    max_length = int(loss.max_response_length or int(counts[:, 2].max()))
+    return Normalisers(n_sequences=n_sequences, n_tokens=n_tokens, max_length=max_length)
+
+
+# --------------------------------------------------------------------------------------
+# the LightningModule
+# --------------------------------------------------------------------------------------
+
+
+class GRPOModule(pl.LightningModule):
+    """GRPO (or PPO-clip with inner epochs) on a causal LM policy, with the probe protocol exposed."""
+
+    def __init__(
+        self,
+        policy: PolicySettings = PolicySettings(path="toy"),
+        loss: LossConfig = LossConfig(),
+        rollout: RolloutSettings = RolloutSettings(),
+        optimizer: AdamWSettings = AdamWSettings(),
+        run: FitRunSettings = FitRunSettings(),
+        checkpoint_every_n_steps: int = 0,
+        save_policy: bool = True,
+    ):
+        """
+        Args:
+            policy: the policy to train; ``path: toy`` is the built-in toy world (built once, cached).
+            loss: the policy-gradient loss (aggregation mode, PPO clip, temperature).
+            rollout: sampling, reward, advantages, dead groups, inner epochs.
+            optimizer: AdamW hyperparameters (clipping: the Trainer's ``gradient_clip_val``).
+            run: run directory ``<root>/<name>`` (empty name: the CLI's timestamp), seed of the rollouts,
+                CPU threads.
+            checkpoint_every_n_steps: add a ``ModelCheckpoint`` writing ``<run>/checkpoints/`` every n steps
+                and ``last.ckpt`` at the end (0: only ``last.ckpt`` at the end; -1: add none, use the
+                Trainer's own checkpoint callbacks).
+            save_policy: write the trained policy with its tokenizer to ``<run>/policy/`` at the end of fit.
+        """
+        super().__init__()
+        self.policy_settings, self.loss, self.rollout_settings = policy, loss, rollout
+        self.optimizer_settings, self.run = optimizer, run
+        self.checkpoint_every_n_steps, self.save_policy = checkpoint_every_n_steps, save_policy
+        if run.num_threads > 0:
+            torch.set_num_threads(run.num_threads)
+        path = policy.path
+        if path == "toy":
+            from probe.toy.world import build_toy_world
+
+            path = str(build_toy_world())
+        self.policy_dir = Path(path)
+        self.policy, self.tokenizer = load_policy(
+            path, dtype=policy.dtype, attn_implementation=policy.attn_implementation, adapter_path=policy.adapter_path,
+            lora=policy.lora, trust_remote_code=policy.trust_remote_code, device=policy.device,
+        )  # fmt: skip
+        self.reward_fn = resolve_reward(rollout.reward)
+        if loss.temperature != rollout.temperature:
+            log.warning("loss.temperature=%s differs from rollout.temperature=%s: the loss's log-probs are not those of "
+                        "the sampling policy (verl uses the rollout temperature for both)", loss.temperature, rollout.temperature)
+        self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id)
+        # the probe protocol (callbacks.LiveEntropyProbe)
+        self.probe_batch: SequenceBatch | None = None
+        self.probe_loss: LossConfig | None = None
+        self.probe_normalisers: Normalisers | None = None
+        self.probe_head_dtype: torch.dtype | None = torch.float64 if rollout.float64_head else None
+        self._rollout: tuple[int, SequenceBatch, Normalisers, Rollout] | None = None
+        self._run_path: Path | None = None
+        self.run_name = run.name or os.environ.get("PROBE_RUN_NAME") or time.strftime("%Y%m%d-%H%M%S")
+        if not run.name:
+            os.environ["PROBE_RUN_NAME"] = self.run_name
+        self.history: list[dict] = []
+
+    # ---- run directory -----------------------------------------------------------------------
+    def run_path(self, trainer: pl.Trainer | None = None) -> Path:
+        """``<run.root>/<run.name>``; the name defaults to ``$PROBE_RUN_NAME`` or the time of construction, which
+        the module writes to ``$PROBE_RUN_NAME`` so that DDP processes launched after it (which inherit the
+        environment) agree."""
+        if self._run_path is None:  # no collective here: SaveConfigCallback calls it on rank 0 only
+            self._run_path = Path(self.run.root) / self.run_name
+        return self._run_path
+
+    def open_run_dir(self, trainer: pl.Trainer) -> RunDirectory:
+        """The run directory (created on rank 0); the CLI saves ``config.yaml`` there."""
+        path = self.run_path(trainer)
+        if trainer.global_rank == 0:
+            path.mkdir(parents=True, exist_ok=True)
+        return RunDirectory(path)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """A ``ModelCheckpoint`` writing into the run directory (replacing the Trainer's default one), unless
+        ``checkpoint_every_n_steps < 0`` or the Trainer was built with ``enable_checkpointing=False``."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        checkpointing = self._trainer is None or any(isinstance(c, ModelCheckpoint) for c in self.trainer.callbacks)
+        if self.checkpoint_every_n_steps < 0 or not checkpointing:
+            return []
+
+        return [ModelCheckpoint(
+            dirpath=str(self.run_path() / "checkpoints"), filename="step={step}", auto_insert_metric_name=False,
+            every_n_train_steps=self.checkpoint_every_n_steps or None, save_last=True, save_top_k=-1,
+            save_on_train_epoch_end=True,
+        )]  # fmt: skip
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        s = self.optimizer_settings
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the policy has no trainable parameter; unfreeze it or give policy.lora")
+        return torch.optim.AdamW(params, lr=s.lr, betas=tuple(s.betas), eps=s.eps, weight_decay=s.weight_decay)
+
+    def _world(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
+    def _new_rollout(self, batch: dict, rollout_index: int) -> tuple[SequenceBatch, Normalisers, Rollout]:
+        was_training = self.policy.training
+        self.policy.eval()
+        ro = sample_rollout(
+            self.policy, self.tokenizer, batch["prompt_ids"], [int(i) for i in batch["index"]], batch["answer"],
+            self.rollout_settings, seed=self.run.seed, rollout=rollout_index, reward_fn=self.reward_fn,
+        )  # fmt: skip
+        device = next(self.policy.parameters()).device
+        if ro.records:
+            U = collate(ro.records, pad_token_id=self.pad_token_id, index=[r["index"] for r in ro.records]).to(device)
+            counts = [len(U), int(U.target_mask.sum()), int(U.response_lengths.max())]
+        else:
+            U, counts = None, [0, 0, 0]
+        loss = self.step_loss()
+        if U is not None and loss.use_old_logprobs:
+            with torch.no_grad():  # the policy's own log-probs now: ratio exactly 1 at the rollout's first step
+                U.old_logprobs = teacher_force(self.policy, U, temperature=loss.temperature, head_dtype=self.probe_head_dtype).logprobs
+        local = torch.tensor(counts, dtype=torch.float64, device=device)
+        gathered = self.all_gather(local) if self._world() > 1 else local
+        self.policy.train(was_training)
+        return U, combine_normalisers(gathered, loss), ro
+
+    def step_loss(self) -> LossConfig:
+        """The loss of this run's steps: PPO-clip against old_logprobs when rollouts are reused."""
+        if self.rollout_settings.inner_epochs > 1 and not self.loss.use_old_logprobs:
+            return replace(self.loss, use_old_logprobs=True)
+        return self.loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        rollout_index, epoch = divmod(self.global_step, self.rollout_settings.inner_epochs)
+        if epoch == 0 or self._rollout is None or self._rollout[0] != rollout_index:
+            self._rollout = (rollout_index, *self._new_rollout(batch, rollout_index))
+        _, U, norm, ro = self._rollout
+        loss_cfg = self.step_loss()
+        world = self._world()
+        if U is None or norm.n_sequences == 0:
+            if norm.n_sequences == 0:
+                log.warning("step %d: every prompt group of the step was dropped (all advantages zero); the loss is 0", self.global_step)
+            loss = sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0.0  # zero gradients, DDP stays in step
+            self.probe_batch = None
+        else:
+            stats = teacher_force(self.policy, U, temperature=loss_cfg.temperature, head_dtype=self.probe_head_dtype)
+            c = per_sequence_loss(stats.logprobs, stats.mask, U.advantages, norm, loss_cfg, U.old_logprobs)  # [n] c_i
+            loss = c.sum() * world  # DDP averages over ranks: the mean of world * local sums is the global sum
+            self.probe_batch = U
+        self.probe_loss, self.probe_normalisers = loss_cfg, norm
+        mean_reward = sum(ro.rewards) / max(1, len(ro.rewards))
+        sync = world > 1
+        self.log("train/reward", mean_reward, prog_bar=True, sync_dist=sync, batch_size=max(1, len(ro.rewards)))
+        self.log("train/loss", loss.detach().double() / world, sync_dist=sync, reduce_fx="sum")
+        self.log("train/groups_dropped", float(ro.dropped), sync_dist=sync, reduce_fx="sum")
+        self.log("train/resample_attempts", float(ro.resampled), sync_dist=sync, reduce_fx="sum")
+        self.log("train/sequences", float(norm.n_sequences))
+        self.log("train/response_tokens", float(norm.n_tokens))
+        if epoch == 0:
+            self._record_history(ro, norm, float(loss.detach()) / world)
+        return loss
+
+    def _record_history(self, ro: Rollout, norm: Normalisers, local_loss: float) -> None:
+        """One line of ``history.jsonl`` per rollout (rank 0 writes; rewards gathered from every rank)."""
+        rewards = [sum(ro.rewards), float(len(ro.rewards)), float(ro.dropped), float(ro.resampled), local_loss]
+        local = torch.tensor(rewards, dtype=torch.float64, device=self.device)
+        total = (self.all_gather(local).reshape(-1, 5).sum(0) if self._world() > 1 else local).tolist()
+        entry = {
+            "step": int(self.global_step), "mean_reward": total[0] / max(1.0, total[1]), "responses": int(total[1]),
+            "groups_dropped": int(total[2]), "resample_attempts": int(total[3]), "loss": total[4],
+            "sequences": norm.n_sequences, "response_tokens": norm.n_tokens, "sampling_s": ro.sampling_s,
+        }
+        self.history.append(entry)
+        if self.trainer.global_rank == 0:
+            path = self.run_path() / "history.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+
+    # ---- end of fit --------------------------------------------------------------------------
+    def on_train_end(self) -> None:
+        if not self.save_policy or self.trainer.global_rank != 0:
+            return
+        target = self.run_path() / "policy"
+        self.policy.save_pretrained(str(target), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(target))
+        (target / "probe_fit.json").write_text(json.dumps({
+            "global_step": int(self.global_step), "source": str(self.policy_dir),
+            "loss": asdict(self.loss), "rollout": asdict(self.rollout_settings), "optimizer": asdict(self.optimizer_settings),
+            "note": "pair with the Lightning checkpoint <run>/checkpoints/last.ckpt as optimizer.path",
+        }, indent=2, default=str))  # fmt: skip
+        log.info("saved the trained policy to %s (step %d)", target, self.global_step)
