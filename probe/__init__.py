@@ -68,6 +68,7 @@ __all__ = [
     "second_order_prediction", "sequence_derivatives", "snis_derivatives",
     "Attribution", "PerSequenceExact", "attribute", "eval_gradient", "eval_update_matrix", "per_sequence_exact",
     "ProbeModule",
+    "GRPOModule",
 ]
 
 
@@ -77,4 +78,8 @@ def __getattr__(name: str):
         from probe.module import ProbeModule
 
         return ProbeModule
+    if name == "GRPOModule":
+        from probe.grpo import GRPOModule
+
+        return GRPOModule
     raise AttributeError(f"module 'probe' has no attribute {name!r}")
