@@ -10,10 +10,8 @@ import logging
 import platform
 import sys
 import time
-from pathlib import Path
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 
 from probe.plots import plot_attributions, plot_delta_h, plot_ess

@@ -28,18 +28,6 @@ def toy_world_dir(probe_cache: Path) -> Path:
     return build_toy_world(root=probe_cache)
 
 
-@pytest.fixture()
-def single_torch_thread():
-    """Run a test on one torch thread: tiny models are faster so, and much faster on a busy 2-core box
-    (OpenMP threads spin-wait for a core). Opt in with ``pytestmark = pytest.mark.usefixtures("single_torch_thread")``."""
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def pytest_configure(config: pytest.Config) -> None:
     """Tests never talk to W&B's servers and run on one torch thread (tiny models; fast on a busy 2-core box)."""
     os.environ.setdefault("WANDB_MODE", "disabled")

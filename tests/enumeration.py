@@ -14,7 +14,6 @@ generator). This is the independent truth the SNIS, Taylor and attribution tests
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 from typing import Mapping, Sequence
 
@@ -33,18 +32,6 @@ VOCAB = 4
 CONTENT = (0, 1, 2)  # tokens a response may continue with
 MAX_RESPONSE = 4
 PROMPTS = ((1, 2), (2, 0, 1))
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run with one intra-op thread: the tensors here are tiny, and on a shared 2-core machine a second
-    thread mostly waits (measured 3x slower test files with the default two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def tiny_model(seed: int = 0, init_scale: float = 0.4) -> LlamaForCausalLM:

@@ -9,19 +9,13 @@ import json
 import pytest
 import torch
 
-from enumeration import one_thread, world_with_update
+from enumeration import world_with_update
 from probe.attribution import attribute, eval_update_matrix, per_sequence_exact
 from probe.taylor import first_order, first_order_prediction, sequence_derivatives
 from probe.update import per_sequence_directions
 
 LR = 1e-2
 INTEGRANDS = ("logprob", "token_entropy")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

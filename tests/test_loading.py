@@ -12,7 +12,6 @@ from probe.loading import LoraSettings, PolicySettings, load_policy, toy_policy
 from probe.toy import task
 from probe.toy.tokenizer import save_tokenizer
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")  # tiny models: one thread is fastest
 
 INPUT = torch.tensor([[1, 7, 14, 8, 15, 5, 6, 2], [1, 4, 14, 4, 15, 12, 2, 0]])
 MASK = torch.tensor([[1] * 8, [1] * 7 + [0]])

@@ -14,7 +14,6 @@ from probe.logprobs import teacher_force
 from probe.precision import exact_float64_norms
 from probe.sampling import group_advantages, sample_responses, sample_update_batch, truncate_logits
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")  # tiny models: one thread is fastest
 
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 14, 6, 15], [1, 7], [1, 4, 4, 4, 4, 4, 4, 14]]  # different lengths: left padding is exercised

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from enumeration import EnumeratedWorld, one_thread, tiny_model, world_with_update
+from enumeration import EnumeratedWorld, tiny_model, world_with_update
 from probe.batch import collate
 from probe.logprobs import teacher_force
 from probe.overrides import SequenceStats, iter_sweep, sweep
@@ -23,12 +23,6 @@ LR = 1e-2
 ETAS = [1e-3, 3e-3, 1e-2, 3e-2]  # lr / 10 .. 3 lr; the real step is eta = lr
 INTEGRANDS = ("logprob", "token_entropy")
 N_PER_PROMPT = 2000  # M = 4000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

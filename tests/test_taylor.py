@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from enumeration import one_thread, world_with_update
+from enumeration import world_with_update
 from probe.overrides import sweep
 from probe.snis import SNISConfig, snis_estimate
 from probe.taylor import (
@@ -28,12 +28,6 @@ from probe.taylor import (
 
 LR = 1e-2
 INTEGRANDS = ("logprob", "token_entropy")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

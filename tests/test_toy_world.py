@@ -16,7 +16,6 @@ from probe.toy import task
 from probe.toy.tokenizer import build_tokenizer, save_tokenizer
 from probe.toy.world import ToyWorldConfig, build_toy_world, is_complete, load_toy_world_info, toy_world_dir
 
-pytestmark = pytest.mark.usefixtures("single_torch_thread")  # tiny models: one thread is fastest
 
 # --------------------------------------------------------------------------- task
 
