@@ -1,6 +1,6 @@
 """What probing costs, side by side with what the trainer already pays, in one process.
 
-    python benchmarks/bench_probe.py                 # toy + llama-22m, prints a table, writes benchmarks/results/<date>-<machine>.json
+    python benchmarks/bench_probe.py                 # toy + llama-22m, prints a table, writes benchmarks/results/<date>-<time>-<machine>.json
     python benchmarks/bench_probe.py --quick         # smoke run: toy policy only, one round (writes ...-quick.json)
 
 Policies: the built-in toy world (tiny Llama, 2 layers, hidden 64, vocab 16; E = 32 x 32 tokens,
@@ -535,7 +535,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--threads-toy", type=int, default=1,
                     help="torch threads for the toy policy (its config's 1: tiny ops on 2 threads of a busy 2-core box spin-wait)")
     ap.add_argument("--quick", action="store_true", help="smoke run: toy only, 1 repeat, N = 16, toy memory")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<date>-<machine>.json)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<date>-<time>-<device>-<cores>cores.json)")
     ap.add_argument(_MEM_CHILD, default=None, help=argparse.SUPPRESS)
     ap.add_argument(_LIVE_CHILD, type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--live-steps", type=int, default=6, help="toy GRPO steps per live-callback fit (the first is dropped)")
@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     started = time.time()
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "load_before": load_before,
                     "policies": {}, "notes": []}
-    stem = f"{time.strftime('%Y-%m-%d')}-{result['machine']['device']}-{result['machine']['cores']}cores"
+    stem = f"{time.strftime('%Y-%m-%d-%H%M')}-{result['machine']['device']}-{result['machine']['cores']}cores"
     out = args.out or HERE / "results" / (stem + ("-quick" if args.quick else "") + ".json")
 
     def save() -> None:  # after every section, so a long run that is cut short keeps what it measured
