@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -80,6 +81,11 @@ class ProbeCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> ProbeCLI:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["analyze"]:  # the `probe` console script: same dispatch as `python -m probe analyze`
+        from probe.analyze import main as analyze
+
+        sys.exit(analyze(argv[1:]))
     os.environ.setdefault("WANDB_MODE", "offline")  # no network at run time; `wandb sync` uploads later
     return ProbeCLI(
         subclass_mode_model=True,
