@@ -32,6 +32,7 @@ from probe.taylor import (
     sequence_derivatives,
     snis_derivatives,
 )
+from probe.analyze import LinearityCriteria, LogLogFit, PartLinearity, analyse_part, analyse_run, analyse_summary, loglog_fit
 from probe.attribution import Attribution, PerSequenceExact, attribute, eval_gradient, eval_update_matrix, per_sequence_exact
 
 __all__ = [
@@ -67,6 +68,7 @@ __all__ = [
     "FirstOrder", "SecondOrder", "SequenceDerivatives", "first_order", "first_order_prediction",
     "second_order_prediction", "sequence_derivatives", "snis_derivatives",
     "Attribution", "PerSequenceExact", "attribute", "eval_gradient", "eval_update_matrix", "per_sequence_exact",
+    "LinearityCriteria", "LogLogFit", "PartLinearity", "analyse_part", "analyse_run", "analyse_summary", "loglog_fit",
     "ProbeModule",
     "GRPOModule",
 ]
