@@ -54,9 +54,8 @@ class WandbReport(pl.Callback):
             lg.log_metrics(metrics)
             for key, (columns, rows) in report.get("tables", {}).items():
                 lg.log_table(key=key, columns=columns, data=rows)
-            plots = sorted(str(p) for p in (run_dir / "plots").glob("*.png"))
-            if plots:
-                lg.log_image(key="plots", images=plots, caption=[p.rsplit("/", 1)[-1] for p in plots])
+            for plot in sorted((run_dir / "plots").glob("*.png")):  # one key each: the plots differ in size
+                lg.log_image(key=f"plots/{plot.stem}", images=[str(plot)])
             if self.log_artifact and hasattr(lg.experiment, "log_artifact"):
                 import wandb
 
