@@ -103,13 +103,17 @@ class SNISAggregation(pl.Callback):
         ref_eta = s.reference_eta or update.lr
         with torch.inference_mode(False):
             if s.attribution:
-                att = attribute(policy, update, U, E, check=True, **kw)
+                # The grad part's first-order slope is the check on sum_i a_i; reuse it when the sweep computed it
+                # (no second JVP over E), else let attribute() take it.
+                slope = summary["parts"].get("grad", {}).get("first_order") if s.normalisation == "global" else None
+                att = attribute(policy, update, U, E, check=slope is None, **kw)
+                slope = att.first_order_grad if slope is None else slope
                 a = att.attributions.numpy()
                 entry["attributions"] = a
                 order = np.argsort(a)
                 summary["attribution"] = {
-                    "sum": att.total, "grad_first_order": att.first_order_grad,
-                    "relative_difference": att.relative_gap, "reference_eta": ref_eta,
+                    "sum": att.total, "grad_first_order": slope,
+                    "relative_difference": abs(att.total - slope) / max(abs(slope), 1e-300), "reference_eta": ref_eta,
                     "top_positive": [int(i) for i in order[::-1][:5]], "top_negative": [int(i) for i in order[:5]],
                 }
             if s.eval_update_matrix:

@@ -62,7 +62,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from datamodules.probe_data import PromptSource, _load_prompts
+from datamodules.probe_data import PromptSource, load_prompts
 from probe.adam import AdamState
 from probe.attribution import attribute
 from probe.batch import SequenceBatch, collate
@@ -71,7 +71,7 @@ from probe.overrides import INTEGRANDS, SequenceStats, base_statistics, sweep
 from probe.sampling import SamplingSettings, sample_responses
 from probe.snis import snis_difference, snis_estimate
 from probe.taylor import first_order, sequence_derivatives, snis_derivatives
-from probe.update import Update, update_from_gradients
+from probe.update import Update, unwrap_optimizer, update_from_gradients
 
 log = logging.getLogger("probe")
 
@@ -138,7 +138,7 @@ def concat_batches(batches: list[SequenceBatch], pad_token_id: int) -> SequenceB
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    inner = optimizer if isinstance(optimizer, torch.optim.Optimizer) else getattr(optimizer, "optimizer", None)
+    inner = unwrap_optimizer(optimizer)
     if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
         raise TypeError(
             f"LiveEntropyProbe reconstructs torch.optim.Adam/AdamW steps, the run uses {type(inner or optimizer).__name__}; "
@@ -247,7 +247,7 @@ class LiveEntropyProbe(pl.Callback):
         pad = getattr(config, "pad_token_id", None) if pad is None else pad
         self._pad = int(pad if pad is not None else (self._eos if isinstance(self._eos, int) else 0))
         if not self.eval_settings.path:
-            prompts, _ = _load_prompts(self.eval_settings.source, tokenizer)
+            prompts, _ = load_prompts(self.eval_settings.source, tokenizer)
             self._prompts = [list(map(int, p)) for p in prompts]
         if trainer.global_rank == 0:
             self.run_dir = self._resolve_run_dir(trainer, pl_module)
@@ -645,10 +645,7 @@ def verify_step(policy: torch.nn.Module, update: Update, before: dict[str, Tenso
 def plot_live(records: list[dict], path: Path) -> Path:
     """Predicted (SNIS at eta = lr +- SE, first and second order) vs realised (+- SE) entropy change per probed step,
     and the verification error in rounding units."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from probe.plots import plt, save_figure
 
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.0, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     steps = [r["step"] for r in records if "prediction" in r]
@@ -671,11 +668,7 @@ def plot_live(records: list[dict], path: Path) -> Path:
         ax2.axhline(1.0, color="C3", lw=0.8, ls=":")
     ax2.set_ylabel("step error (ulp units)")
     ax2.set_xlabel("optimizer step")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 class _eval_mode:

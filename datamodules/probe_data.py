@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from datamodules.rollouts import fill_advantages, read_rollouts, write_rollouts
 from probe.batch import SequenceBatch, collate
 from probe.rewards import resolve_reward
-from probe.sampling import SamplingSettings, sample_responses, sample_update_batch
+from probe.sampling import SamplingSettings, ids_reward_from_text, sample_responses, sample_update_batch
 
 log = logging.getLogger("probe")
 
@@ -104,7 +104,7 @@ class EvalBatchSettings:
             )
 
 
-def _load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]], dict[tuple, Any]]:
+def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]], dict[tuple, Any]]:
     """Prompt token ids and, per prompt, its reference answer (or None)."""
     if source.prompts == "toy":
         from probe.toy.task import make_prompts
@@ -161,18 +161,10 @@ class ProbeDataModule(pl.LightningDataModule):
     # ---- building the batches ----------------------------------------------------------------
     def _sample_update(self, policy: torch.nn.Module, tokenizer: Any) -> list[dict]:
         s = self.update_settings
-        prompts, answers = _load_prompts(s.source, tokenizer)
-        reward = resolve_reward(s.reward)
-
-        def reward_on_ids(prompt_ids, response_ids) -> float:
-            prompt = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
-            response = tokenizer.decode(list(response_ids), skip_special_tokens=False)
-            answer = answers.get(tuple(prompt_ids))
-            return float(reward(prompt, response, answer) if answer is not None else reward(prompt, response))
-
+        prompts, answers = load_prompts(s.source, tokenizer)
         sp = s.sampling
         return sample_update_batch(
-            policy, prompts, reward_fn=reward_on_ids, n_per_prompt=sp.n_per_prompt, max_new_tokens=sp.max_new_tokens,
+            policy, prompts, reward_fn=ids_reward_from_text(resolve_reward(s.reward), tokenizer, answers), n_per_prompt=sp.n_per_prompt, max_new_tokens=sp.max_new_tokens,
             temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, tokenizer=tokenizer, seed=sp.seed,
             batch_size=sp.batch_size, normalize_std=s.normalize_std,
             filter_zero_advantage_prompts=s.filter_zero_advantage_prompts,
@@ -180,7 +172,7 @@ class ProbeDataModule(pl.LightningDataModule):
         )
 
     def _sample_eval(self, settings: EvalBatchSettings, policy: torch.nn.Module, tokenizer: Any) -> list[dict]:
-        prompts, _ = _load_prompts(settings.source, tokenizer)
+        prompts, _ = load_prompts(settings.source, tokenizer)
         sp = settings.sampling
         return sample_responses(
             policy, prompts, n_per_prompt=sp.n_per_prompt, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,

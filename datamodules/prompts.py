@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.probe_data import PromptSource, _load_prompts
+from datamodules.probe_data import PromptSource, load_prompts
 
 
 @dataclass
@@ -79,7 +79,7 @@ class PromptDataModule(pl.LightningDataModule):
         tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None) if self.trainer is not None else None
         if tokenizer is None and self.source.prompts != "toy":
             raise ValueError("prompt files are tokenised with the module's tokenizer; the LightningModule has no `tokenizer`")
-        prompts, answers = _load_prompts(self.source, tokenizer)
+        prompts, answers = load_prompts(self.source, tokenizer)
         self.prompts = [list(map(int, p)) for p in prompts]
         self.answers = [answers.get(tuple(p)) for p in prompts]
 

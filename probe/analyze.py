@@ -448,10 +448,7 @@ def format_analysis(analysis: dict[str, Any]) -> str:
 def plot_linearity(analysis: dict[str, Any], path: str | Path) -> Path:
     """|Delta H| vs eta on log-log axes per part (+-1 SE; filled: Delta H > 0, open: < 0) with the
     first-order line, the fit over the linear regime and the departure point; ESS/M vs eta below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from probe.plots import plt, save_figure
 
     has_ess = any(r.get("ess_fraction") for r in analysis["parts"].values())
     fig, axes = plt.subplots(2 if has_ess else 1, 1, figsize=(6.8, 7.2 if has_ess else 4.6), sharex=True,
@@ -505,12 +502,7 @@ def plot_linearity(analysis: dict[str, Any], path: str | Path) -> Path:
         ax2.set_xlabel("eta (learning rate)")
     else:
         ax.set_xlabel("eta (learning rate)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(path))
 
 
 def _json_ready(obj: Any) -> Any:

@@ -56,7 +56,7 @@ from probe.logprobs import teacher_force
 from probe.losses import LossConfig, Normalisers, per_sequence_loss
 from probe.rewards import resolve_reward
 from probe.rundir import RunDirectory
-from probe.sampling import sample_update_batch
+from probe.sampling import ids_reward_from_text, sample_update_batch
 
 log = logging.getLogger("probe")
 
@@ -189,23 +189,17 @@ def sample_rollout(
     device = next(policy.parameters()).device
     G = settings.n_per_prompt
 
-    def reward_on_ids(answer: Any):
-        def score(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> float:
-            prompt = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
-            response = tokenizer.decode(list(response_ids), skip_special_tokens=False)
-            return float(reward_fn(prompt, response, answer) if answer is not None else reward_fn(prompt, response))
-
-        return score
+    score = ids_reward_from_text(reward_fn, tokenizer, {tuple(p): a for p, a in zip(prompts, answers) if a is not None})
 
     records: list[dict] = []
     rewards: list[float] = []
     dropped = resampled = 0
-    for prompt, position, answer in zip(prompts, positions, answers):
+    for prompt, position in zip(prompts, positions):
         kept = None
         for attempt in range(settings.max_resample_attempts + 1):
             generator = torch.Generator(device=device).manual_seed(group_seed(seed, rollout, int(position), attempt))
             group = sample_update_batch(
-                policy, [list(prompt)], reward_fn=reward_on_ids(answer), n_per_prompt=G,
+                policy, [list(prompt)], reward_fn=score, n_per_prompt=G,
                 max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, tokenizer=tokenizer,
                 generator=generator, groups=[int(position)], normalize_std=settings.normalize_std,
                 filter_zero_advantage_prompts=False,

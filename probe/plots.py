@@ -10,6 +10,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_delta_h(eval_result: dict, etas: list[float], path: Path, title: str = "") -> Path:
     """Delta H (SNIS, +-1 SE) vs eta for each part, with the first- and second-order predictions."""
     fig, ax = plt.subplots(figsize=(9.0, 4.6))
@@ -37,11 +46,7 @@ def plot_delta_h(eval_result: dict, etas: list[float], path: Path, title: str = 
     ax.set_ylabel("Delta H (nats / sequence)")
     ax.set_title(title or "entropy change vs step size")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_ess(eval_result: dict, etas: list[float], n_samples: int, path: Path) -> Path:
@@ -55,11 +60,7 @@ def plot_ess(eval_result: dict, etas: list[float], n_samples: int, path: Path) -
     ax.set_ylabel("ESS")
     ax.set_ylim(0, n_samples * 1.05)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_attributions(attributions: np.ndarray, eta: float, path: Path) -> Path:
@@ -70,8 +71,4 @@ def plot_attributions(attributions: np.ndarray, eta: float, path: Path) -> Path:
     ax.set_xlabel(f"eta * a_i at eta = {eta:.3g} (nats)")
     ax.set_ylabel("update sequences")
     ax.set_title("per-sequence first-order attribution")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

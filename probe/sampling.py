@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -269,13 +269,20 @@ def group_advantages(
     return centred / (std[group_index] + eps)
 
 
-def ids_reward_from_text(reward_fn: Callable[[str, str], float], tokenizer: Any) -> Callable[[Sequence[int], Sequence[int]], float]:
-    """Turn a text reward ``reward_fn(prompt, response)`` into one on token ids (decoded with special tokens kept)."""
+def ids_reward_from_text(
+    reward_fn: Callable[..., float],
+    tokenizer: Any,
+    answers: Mapping[tuple[int, ...], Any] | None = None,
+) -> Callable[[Sequence[int], Sequence[int]], float]:
+    """Turn a text reward ``reward_fn(prompt, response[, answer])`` into one on token ids (decoded with
+    special tokens kept). ``answers`` maps a prompt's ids to its reference answer (e.g. GSM8K's), passed
+    as the third argument when the prompt has one."""
 
     def reward_on_ids(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> float:
         prompt = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
         response = tokenizer.decode(list(response_ids), skip_special_tokens=False)
-        return float(reward_fn(prompt, response))
+        answer = None if answers is None else answers.get(tuple(prompt_ids))
+        return float(reward_fn(prompt, response, answer) if answer is not None else reward_fn(prompt, response))
 
     return reward_on_ids
 

@@ -500,7 +500,7 @@ def reconstruct_update(
     """
     loss = loss or LossConfig()
     _require_autograd()
-    state = optimizer if isinstance(optimizer, AdamState) else AdamState.from_optimizer(_unwrap_optimizer(optimizer), model)
+    state = optimizer if isinstance(optimizer, AdamState) else AdamState.from_optimizer(unwrap_optimizer(optimizer), model)
     params = _trained_parameters(model, state)
     device = next(iter(params.values())).device
     batch = _as_batch(batch, pad_token_id).to(device)
@@ -654,7 +654,8 @@ def per_sequence_inner_products(
 # --------------------------------------------------------------------------------------
 
 
-def _unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside ``optimizer`` (itself, or Lightning's ``LightningOptimizer`` wrapper's)."""
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
     inner = getattr(optimizer, "optimizer", None)  # e.g. Lightning's LightningOptimizer wrapper
