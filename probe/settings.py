@@ -4,8 +4,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-PARTS = ("full", "baseline", "grad", "baseline_plus_grad")
-INTEGRANDS = ("logprob", "token_entropy")
+from probe.overrides import INTEGRANDS
+from probe.snis import NORMALISATIONS
+from probe.update import PARTS as UPDATE_PARTS
+
+PARTS = (*UPDATE_PARTS, "baseline_plus_grad")  # the update's parts and the additivity check
 
 
 @dataclass
@@ -66,8 +69,8 @@ class ProbeSettings:
             raise ValueError(f"unknown part(s) {unknown or self.parts}; choose from {', '.join(PARTS)}")
         if self.integrand not in INTEGRANDS:
             raise ValueError(f"unknown integrand {self.integrand!r}; choose 'logprob' or 'token_entropy'")
-        if self.normalisation not in ("global", "per_prompt"):
-            raise ValueError(f"unknown normalisation {self.normalisation!r}; choose 'global' or 'per_prompt'")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalisation!r}; choose one of {', '.join(NORMALISATIONS)}")
         bad = [e for e in self.etas if not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0)]
         if bad:
             raise ValueError(f"probe.etas must be finite and > 0, got {bad}; give positive learning rates or leave empty for the default grid")
