@@ -55,7 +55,7 @@ from probe.loading import PolicySettings, load_policy
 from probe.logprobs import teacher_force
 from probe.losses import LossConfig, Normalisers, per_sequence_loss
 from probe.rewards import resolve_reward
-from probe.rundir import RunDirectory
+from probe.rundir import RunDirectory, check_run_name, default_run_name, run_path
 from probe.sampling import ids_reward_from_text, sample_update_batch
 
 log = logging.getLogger("probe")
@@ -289,7 +289,7 @@ class GRPOModule(pl.LightningModule):
         self.probe_head_dtype: torch.dtype | None = torch.float64 if rollout.float64_head else None
         self._rollout: tuple[int, SequenceBatch, Normalisers, Rollout] | None = None
         self._run_path: Path | None = None
-        self.run_name = run.name or os.environ.get("PROBE_RUN_NAME") or time.strftime("%Y%m%d-%H%M%S")
+        self.run_name = check_run_name(default_run_name(run.name))
         if not run.name:
             os.environ["PROBE_RUN_NAME"] = self.run_name
         self.history: list[dict] = []
@@ -300,15 +300,14 @@ class GRPOModule(pl.LightningModule):
         the module writes to ``$PROBE_RUN_NAME`` so that DDP processes launched after it (which inherit the
         environment) agree."""
         if self._run_path is None:  # no collective here: SaveConfigCallback calls it on rank 0 only
-            self._run_path = Path(self.run.root) / self.run_name
+            self._run_path = run_path(self.run.root, self.run_name)
         return self._run_path
 
     def open_run_dir(self, trainer: pl.Trainer) -> RunDirectory:
         """The run directory (created on rank 0); the CLI saves ``config.yaml`` there."""
-        path = self.run_path(trainer)
         if trainer.global_rank == 0:
-            path.mkdir(parents=True, exist_ok=True)
-        return RunDirectory(path)
+            return RunDirectory.open(self.run.root, self.run_name, kind="fit")
+        return RunDirectory(self.run_path(trainer))
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """A ``ModelCheckpoint`` writing into the run directory (replacing the Trainer's default one), unless

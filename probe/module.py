@@ -27,7 +27,7 @@ from probe.loading import PolicySettings, load_policy
 from probe.losses import LossConfig
 from probe.optim_loading import OptimizerSettings
 from probe.overrides import SequenceStats, iter_sweep
-from probe.rundir import RunDirectory
+from probe.rundir import RunDirectory, default_run_name, run_path
 from probe.settings import PrecisionSettings, ProbeSettings, RunSettings
 from probe.taylor import sequence_derivatives
 from probe.update import ReconstructionConfig, Update
@@ -148,13 +148,12 @@ class ProbeModule(pl.LightningModule):
     def open_run_dir(self, trainer: pl.Trainer) -> RunDirectory:
         """Open the run directory on rank 0 (create, resume, or refuse a finished one); all ranks agree on the path."""
         if self.run_dir is None:
-            name = self.run.name or os.environ.get("PROBE_RUN_NAME") or time.strftime("%Y%m%d-%H%M%S")
-            name = trainer.strategy.broadcast(name, src=0)
+            name = trainer.strategy.broadcast(default_run_name(self.run.name), src=0)
             if trainer.global_rank == 0:
                 self.run_dir = RunDirectory.open(self.run.root, name, overwrite=self.run.overwrite)
             trainer.strategy.barrier("probe-run-dir")
             if self.run_dir is None:
-                self.run_dir = RunDirectory(Path(self.run.root) / name)
+                self.run_dir = RunDirectory(run_path(self.run.root, name))
         return self.run_dir
 
     # ---- the directions ----------------------------------------------------------------------

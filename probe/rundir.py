@@ -25,6 +25,54 @@ class RunDirectoryExists(FileExistsError):
     pass
 
 
+RUN_MARKER = ".probe-run"  # written into every run directory probe creates; only such a directory is ever deleted
+
+
+def default_run_name(name: str = "") -> str:
+    """``name``, else ``$PROBE_RUN_NAME`` (set once by the CLI, so every DDP process agrees), else a timestamp."""
+    return name or os.environ.get("PROBE_RUN_NAME") or time.strftime("%Y%m%d-%H%M%S")
+
+
+def check_run_name(name: str) -> str:
+    """A run name is one path component: no separator, not ``.`` or ``..``, not absolute, not ``~``-expanded."""
+    bad = (
+        not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or name.startswith("~")
+        or os.path.isabs(name)
+        or (os.altsep is not None and os.altsep in name)
+    )
+    if bad:
+        raise ValueError(
+            f"run name {name!r} is not a single folder name: a run lives in <run.root>/<run.name> and may never "
+            "write outside run.root. Fix: give a plain name such as 'step-500' (letters, digits, '-', '_', '.'), "
+            "and choose where runs go with run.root"
+        )
+    return name
+
+
+def run_path(root: str | os.PathLike, name: str) -> Path:
+    """``<root>/<name>`` with ``~`` in ``root`` expanded, after checking that the result lies inside ``root``.
+
+    ``name`` must be a single component (:func:`check_run_name`); ``<root>/<name>`` must not be a symbolic
+    link (it could point anywhere). ``root`` itself may be a link: it is the user's choice of where runs go.
+    """
+    check_run_name(name)
+    base = Path(root).expanduser().resolve()
+    path = base / name
+    if path.is_symlink():
+        raise ValueError(
+            f"{path} is a symbolic link (to {os.readlink(path)}); probe never writes a run through a link, which "
+            "could lead outside run.root. Fix: remove the link or choose another run.name"
+        )
+    if path.resolve().parent != base:  # cannot happen for a single component; checked all the same
+        raise ValueError(f"run directory {path} resolves outside the run root {base}; choose another run.name")
+    return path
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -81,18 +129,50 @@ class RunDirectory:
 
     # ---- life cycle -------------------------------------------------------------------------
     @classmethod
-    def open(cls, root: str, name: str = "", overwrite: bool = False) -> "RunDirectory":
-        name = name or time.strftime("%Y%m%d-%H%M%S")
-        run = cls(Path(root) / name)
-        if run.is_finished():
-            if not overwrite:
-                raise RunDirectoryExists(
-                    f"run directory {run.path} already holds a finished run (summary.json status 'complete'); "
-                    "it is never overwritten silently: choose another --run.name, or pass --run.overwrite=true to replace it"
-                )
-            shutil.rmtree(run.path)
+    def open(cls, root: str, name: str = "", overwrite: bool = False, kind: str = "predict") -> "RunDirectory":
+        """Create ``<root>/<name>`` (a ``kind`` run), resume it, or refuse it.
+
+        A folder that exists is used only if probe made it for the same kind of run (it holds the
+        ``.probe-run`` marker) or it is empty. ``overwrite`` deletes a finished run first, and only a
+        folder with the marker: nothing else is ever deleted.
+        """
+        run = cls(run_path(root, default_run_name(name)))
+        if run.path.exists():
+            run._check_owned(kind)
+            if run.is_finished():
+                if not overwrite:
+                    raise RunDirectoryExists(
+                        f"run directory {run.path} already holds a finished run (summary.json status 'complete'); "
+                        "it is never overwritten silently: choose another --run.name, or pass --run.overwrite=true to "
+                        "replace it"
+                    )
+                shutil.rmtree(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
+        marker = run.path / RUN_MARKER
+        if not marker.exists():
+            _atomic_write_bytes(marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
         return run
+
+    def _check_owned(self, kind: str) -> None:
+        """Refuse a folder probe did not make for this kind of run (empty folders are adopted)."""
+        if not self.path.is_dir():
+            raise FileExistsError(f"{self.path} exists and is not a folder. Fix: choose another run.name")
+        marker = self.path / RUN_MARKER
+        if not marker.is_file():
+            if any(self.path.iterdir()):
+                raise FileExistsError(
+                    f"{self.path} exists and was not made by probe (it has no {RUN_MARKER} marker); probe never writes "
+                    "into or deletes a folder it did not create. Fix: choose another run.name (or another run.root)"
+                )
+            return
+        try:
+            made_for = json.loads(marker.read_text()).get("kind")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            made_for = None
+        if made_for != kind:
+            raise FileExistsError(
+                f"{self.path} holds a probe '{made_for}' run, not a '{kind}' run. Fix: choose another run.name"
+            )
 
     @property
     def resuming(self) -> bool:

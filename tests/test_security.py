@@ -227,3 +227,81 @@ def test_custom_code_in_a_checkpoint_is_refused_without_trust_remote_code(config
 def test_trust_remote_code_lets_a_checkpoint_with_custom_code_through_the_check(world_copy, tmp_path):
     ship_custom_code(world_copy, tmp_path / "marker", "config.json")
     refuse_remote_code(world_copy, trust_remote_code=True)  # no error: the user opted in
+
+
+# ---------------------------------------------------------------------------------------------
+# the run root is a boundary: a run name is one folder inside run.root, and only a folder probe made is deleted
+
+from probe.rundir import RUN_MARKER, RunDirectory, check_run_name, run_path  # noqa: E402
+
+
+@pytest.mark.parametrize("name", ["..", "../x", ".", "a/b", "/tmp/x", "~", "~/x", "", "a\\b", "x\0y"])
+def test_a_run_name_that_is_not_one_folder_name_is_refused(name):
+    with pytest.raises(ValueError, match="is not a single folder name"):
+        check_run_name(name)
+
+
+def test_a_plain_run_name_is_a_folder_inside_the_root(tmp_path):
+    assert run_path(tmp_path, "step-500") == tmp_path.resolve() / "step-500"
+
+
+def test_a_tilde_in_the_run_root_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_path("~/probe_runs", "a") == tmp_path.resolve() / "probe_runs" / "a"
+    assert not Path("~").exists()
+
+
+def test_a_run_name_that_is_a_symbolic_link_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "run").symlink_to(outside)
+    with pytest.raises(ValueError, match="symbolic link"):
+        RunDirectory.open(str(root), "run")
+    assert not any(outside.iterdir())
+
+
+def test_a_folder_probe_did_not_make_is_neither_written_nor_deleted(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    (tmp_path / "mine" / "summary.json").write_text(json.dumps({"status": "complete"}))
+    with pytest.raises(FileExistsError, match="was not made by probe"):
+        RunDirectory.open(str(tmp_path), "mine", overwrite=True)
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["summary.json", "thesis.tex"]
+
+
+def test_overwrite_deletes_only_a_finished_probe_run(tmp_path):
+    run = RunDirectory.open(str(tmp_path), "a")
+    assert (run.path / RUN_MARKER).is_file()
+    run.finish({})
+    (tmp_path / "other").mkdir()
+    again = RunDirectory.open(str(tmp_path), "a", overwrite=True)
+    assert again.path == run.path and not (run.path / "summary.json").exists() and (tmp_path / "other").is_dir()
+
+
+def test_a_fit_run_folder_is_not_taken_for_a_predict_run(tmp_path):
+    RunDirectory.open(str(tmp_path), "a", kind="fit")
+    with pytest.raises(FileExistsError, match="holds a probe 'fit' run"):
+        RunDirectory.open(str(tmp_path), "a", kind="predict")
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../escape"])
+def test_the_cli_never_writes_or_deletes_outside_the_run_root(tmp_path, name, toy_world_dir):
+    root = tmp_path / "parent" / "root"
+    (root / "finished").mkdir(parents=True)
+    (root / "finished" / "keep.txt").write_text("kept")
+    (tmp_path / "parent" / "sibling.txt").write_text("kept")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="is not a single folder name"):
+        main(["predict", "--config", str(REPO / "configs" / "toy.yaml"), *SMALL, "--model.init_args.run.root", str(root),
+              "--model.init_args.run.name", name, "--model.init_args.run.overwrite", "true"])
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_fit_run_name_outside_the_root_is_refused(tmp_path, toy_world_dir):
+    from probe.grpo import FitRunSettings, GRPOModule
+
+    with pytest.raises(ValueError, match="is not a single folder name"):
+        GRPOModule(run=FitRunSettings(root=str(tmp_path), name="../x"))
