@@ -1,77 +1,66 @@
-"""The live entropy probe: attach to any Lightning fit and predict, verify and measure each step's entropy change.
+"""The live entropy probe: attach to a Lightning fit and predict, verify and measure each step's entropy change.
 
-Every ``every_n_steps`` optimizer steps, in ``on_before_optimizer_step`` (gradients there are
-unscaled, all-reduced by DDP, not yet clipped), the callback
+A thin adapter over :mod:`probe.engine`. Every ``every_n_steps`` optimizer steps, in
+``on_before_optimizer_step`` (gradients there are unscaled, all-reduced by DDP, not yet clipped), it
 
 1. reconstructs the step about to happen from the REAL gradients and the optimizer's state
-   (``probe.update.update_from_gradients`` with ``AdamState.from_optimizer``; clipping at the
-   Trainer's ``gradient_clip_val``): no second backward over U;
-2. predicts the entropy change Delta H on its evaluation batch E: SNIS over a small sweep of
-   eta around lr (eta = lr is the real step), first order (with its SE) and second order by JVP;
-3. attributes the first-order change of the gradient part to the step's update sequences
-   (``probe.attribution.attribute``: one backward over E, one JVP over U);
+   (:func:`probe.update.update_from_gradients`; clipping at the Trainer's ``gradient_clip_val``):
+   no second backward over U;
+2. probes it on its evaluation batch E with the engine (:func:`probe.engine.probe_eval`): SNIS over a
+   small sweep of eta around lr (eta = lr is the real step), first order (with its SE) and second
+   order by JVP, and the attribution of the gradient part's first-order change to the step's sequences;
 
 and after the step (``on_train_batch_end``) it
 
-4. verifies that the parameters moved by exactly the reconstruction: per element
-   ``|lr * full - (p_new - p_old)| / (2 ulp(|p|) + c lr (|baseline| + |grad|))`` (c = 1e-6 for 32-bit
-   and lower, 1e-12 for float64; see :func:`verify_step`), the largest value in these units is
-   reported, loudly (``logging.warning`` and ``warnings.warn``) when it exceeds 1;
-5. measures the realised change on FRESH samples: E' ~ pi_new, H(new) - H(old) as the difference
-   of two independent means (E ~ pi_old, or a fresh sample at theta_old when E is held fixed),
-   SE = sqrt(se_old^2 + se_new^2), and z-scores of each prediction against it.
+3. verifies that the parameters moved by exactly the reconstruction (:func:`probe.verification.verify_step`;
+   loudly, ``logging.warning`` and ``warnings.warn``, beyond one rounding unit);
+4. measures the realised change on FRESH samples (:func:`probe.engine.realised_change`): H(new) - H(old)
+   on independent samples of the new and the old policy, and the z-scores of the predictions against it.
 
-Records (one JSON line per probed step, ``<run_dir>/records.jsonl``), metrics to every logger of
-the Trainer (W&B included) and, at the end of fit, ``<run_dir>/plots/live_entropy.png``; only rank 0
-writes. Each record holds ``timings`` (seconds per phase and ``total_s``): the callback's own
-overhead per probed step, for benchmarks.
+One JSON line per probed step goes to ``<run_dir>/records.jsonl``: ``plan``, ``update`` and ``eval``
+hold the same fields as ``summary.json``'s ``plan``, ``update`` and ``evals[k]`` of an offline run; the
+metrics go to every logger of the Trainer (W&B included) under the keys an offline run logs
+(:func:`probe.results.metrics`), plus ``live/...`` for the verification, the realised change and the
+overhead; at the end of fit ``<run_dir>/plots/live_entropy.png``. Only rank 0 writes.
 
-Protocol. The LightningModule exposes
-
-* ``policy``: the trained model (HF causal LM, optionally PEFT); the optimizer holds its parameters;
-* ``probe_batch``: set in every ``training_step``, the update batch U of the step on this rank, a
-  ``probe.batch.SequenceBatch`` with ``advantages`` (and ``old_logprobs`` if the loss uses them);
-  ``index`` must be the position of each sequence in the step's global U (unique across ranks);
-* ``probe_loss``: the ``probe.losses.LossConfig`` of the step;
-* optional ``probe_normalisers`` (``Normalisers`` of the global U; default: computed from the gathered U),
-  ``probe_head_dtype`` (the loss's log-softmax dtype; default float64) and ``tokenizer`` (EOS / pad ids
-  and prompt files; default: the policy config's ids);
-
-and guarantees that after backward ``p.grad = d/dp sum_{i in U} c_i`` (``c_i`` = ``per_sequence_loss``
-with those normalisers; U = every rank's ``probe_batch``). ``probe.grpo.GRPOModule`` does. One
-optimizer (``torch.optim.Adam``/``AdamW``), automatic optimisation, ``accumulate_grad_batches = 1``,
-``gradient_clip_algorithm = "norm"``.
+The training module implements :class:`probe.live_contract.LiveProbeTarget` (``policy``, ``tokenizer``,
+``probed_step()``); see that module for what it guarantees. One optimizer (``torch.optim.Adam``/``AdamW``),
+automatic optimisation, ``accumulate_grad_batches = 1``, ``gradient_clip_algorithm = "norm"``.
 
 Under DDP every rank reconstructs the step from its (identical, all-reduced) gradients and verifies
 its own parameters; U is gathered to rank 0 (one ``all_gather_object``), which samples E, predicts,
 attributes and measures; the verification numbers of all ranks are gathered to rank 0 after the step.
 """
+
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from torch import Tensor
 
-from datamodules.probe_data import PromptSource, load_prompts
 from probe.adam import AdamState
-from probe.attribution import attribute
 from probe.batch import SequenceBatch, collate
+from probe.engine import EvalBatch, Plan, probe_eval, realised_change
+from probe.jsonable import dumps, json_safe
+from probe.live_contract import LiveProbeTarget, OwnsRunDirectory, ProbedStep
 from probe.losses import normalisers as loss_normalisers
-from probe.overrides import INTEGRANDS, SequenceStats, base_statistics, sweep
-from probe.sampling import SamplingSettings, sample_responses
-from probe.snis import snis_difference, snis_estimate
-from probe.taylor import first_order, sequence_derivatives, snis_derivatives
+from probe.overrides import base_statistics
+from probe.plots import plot_live
+from probe.prompts import PromptSource, load_prompts
+from probe.results import EvalResult, metrics, update_metrics
+from probe.sampling import SamplingSettings, derived_seed, sample_responses, special_token_ids
+from probe.snis import SNISConfig
+from probe.statistics import INTEGRANDS, SequenceStats
 from probe.update import Update, unwrap_optimizer, update_from_gradients
+from probe.verification import verify_step
 
 log = logging.getLogger("probe")
 
@@ -81,7 +70,7 @@ class LiveEvalSettings:
     """The evaluation batch E of the live probe.
 
     Args:
-        path: a rollout file (JSONL or Parquet, DESIGN section 6) holding E; empty: sample E from the policy.
+        path: a rollout file (JSONL or Parquet, docs/DESIGN.md section 9) holding E; empty: sample E from the policy.
         source: prompts E is sampled from (when ``path`` is empty); held out from training by ``offset``.
         sampling: how E is sampled (``temperature`` is the tau whose entropy is measured; no top-p/top-k).
         refresh: sample E afresh from the current policy at every probed step (same prompts, a new seed per
@@ -102,39 +91,29 @@ class LiveEvalSettings:
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        s = self.sampling
-        if (s.top_p is not None and s.top_p < 1.0) or s.top_k:
-            raise ValueError("the live probe's E must be sampled without top_p/top_k (its entropy is the temperature-tau policy's); remove them")
+        if self.sampling.truncated:
+            raise ValueError(
+                "the live probe's E must be sampled without top_p/top_k (its entropy is the temperature-tau "
+                "policy's); remove them"
+            )
         if self.path and self.refresh:
-            raise ValueError("eval.path gives a fixed E, which cannot be refreshed; set eval.refresh=false (or drop eval.path)")
+            raise ValueError(
+                "eval.path gives a fixed E, which cannot be refreshed; set eval.refresh=false (or drop eval.path)"
+            )
 
 
-def stream_seed(seed: int, step: int, stream: str) -> int:
-    """Seed of one sampling stream (``eval``, ``realised``, ``realised_old``) at one step."""
-    digest = hashlib.sha256(f"live:{seed}:{step}:{stream}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+@dataclass
+class _PendingStep:
+    """What the probe keeps between the hook before a probed step and the hook after it."""
 
-
-def concat_batches(batches: list[SequenceBatch], pad_token_id: int) -> SequenceBatch:
-    """Stack batches of different widths (right-padded to the widest) and sort the rows by ``index``."""
-    T = max(b.input_ids.shape[1] for b in batches)
-
-    def widen(x: Tensor | None, width: int, value: Any) -> Tensor | None:
-        if x is None:
-            return None
-        return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
-
-    has_old = all(b.old_logprobs is not None for b in batches)
-    merged = SequenceBatch(
-        input_ids=torch.cat([widen(b.input_ids, T, pad_token_id) for b in batches]),
-        attention_mask=torch.cat([widen(b.attention_mask, T, 0) for b in batches]),
-        response_mask=torch.cat([widen(b.response_mask, T, False) for b in batches]),
-        advantages=torch.cat([b.advantages for b in batches]) if all(b.advantages is not None for b in batches) else None,
-        old_logprobs=torch.cat([widen(b.old_logprobs, T - 1, 0.0) for b in batches]) if has_old else None,
-        index=torch.cat([b.index for b in batches]),
-        group=[g for b in batches for g in (b.group or [None] * len(b))],
-    )
-    return merged.select(torch.argsort(merged.index, stable=True))
+    step: int
+    update: Update
+    snapshot: dict[str, torch.Tensor]  # parameters before the step (for the verification)
+    record: dict[str, Any]  # the record so far (JSON-ready)
+    timings: dict[str, float]
+    result: EvalResult | None = None  # rank 0: the prediction
+    plan: Plan | None = None
+    old_sample: SequenceStats | None = None  # rank 0: a sample of pi_old for the realised change
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -145,32 +124,6 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
             "train with AdamW (or detach the callback)"
         )
     return inner
-
-
-def _mean_se(x: Tensor) -> tuple[float, float]:
-    """Mean and standard error (unbiased variance) of a sample."""
-    x = x.double()
-    n = x.numel()
-    return float(x.mean()), float(x.std(unbiased=True) / math.sqrt(n)) if n > 1 else math.inf
-
-
-def _ratio_se(h: Tensor, T: Tensor) -> tuple[float, float]:
-    """Per-token entropy sum h / sum T and its delta-method SE."""
-    h, T = h.double(), T.double()
-    r = float(h.sum() / T.sum())
-    n = h.numel()
-    se = float((h - r * T).std(unbiased=True) / (T.mean() * math.sqrt(n))) if n > 1 else math.inf
-    return r, se
-
-
-def _finite(x: Any) -> Any:
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
-    return x
 
 
 class LiveEntropyProbe(pl.Callback):
@@ -200,7 +153,7 @@ class LiveEntropyProbe(pl.Callback):
             verify: after the step, compare the parameters' change with the reconstruction.
             realised: after the step, measure the realised entropy change on fresh samples.
             run_dir: where rank 0 writes ``records.jsonl`` and ``plots/``; empty: ``<module run dir>/live_probe``
-                for modules with ``run_path()`` (``GRPOModule``), else ``<trainer.log_dir>/live_probe``.
+                for modules with a run directory (``GRPOModule``), else ``<trainer.log_dir>/live_probe``.
             start_step: first probed step.
         """
         if every_n_steps < 1:
@@ -216,20 +169,21 @@ class LiveEntropyProbe(pl.Callback):
         self.run_dir_arg, self.start_step = run_dir, start_step
         self.run_dir: Path | None = None
         self.records: list[dict] = []  # rank 0: full records; other ranks: their verification only
-        self._pending: dict | None = None
+        self._pending: _PendingStep | None = None
         self._prompts: list[list[int]] = []
-        self._fixed: tuple[SequenceBatch, SequenceStats] | None = None  # held E and its stats at the sampling policy
-        self._eos: list[int] | int | None = None
+        self._held: tuple[SequenceBatch, SequenceStats] | None = None  # held E and its stats at the sampling policy
+        self._eos: list[int] = []
         self._pad = 0
 
     # ---- set-up -----------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not hasattr(pl_module, "policy"):
-            raise AttributeError(
-                f"{type(pl_module).__name__} has no `policy`: LiveEntropyProbe needs the probe protocol "
-                "(policy, probe_batch, probe_loss; see callbacks.live)"
+        if not isinstance(pl_module, LiveProbeTarget):
+            raise TypeError(
+                f"{type(pl_module).__name__} does not implement probe.live_contract.LiveProbeTarget (policy, tokenizer, "
+                "probed_step()): LiveEntropyProbe reads the step's update batch and loss from it. Fix: implement it "
+                "(README.md shows a minimal module) or train with probe.grpo.GRPOModule"
             )
         if not pl_module.automatic_optimization:
             raise ValueError("LiveEntropyProbe needs automatic optimisation (the step is read in on_before_optimizer_step)")
@@ -240,14 +194,9 @@ class LiveEntropyProbe(pl.Callback):
             )
         if trainer.gradient_clip_val and trainer.gradient_clip_algorithm not in (None, "norm"):
             raise ValueError("gradient_clip_algorithm='value' is not reconstructed; use the default 'norm'")
-        tokenizer = getattr(pl_module, "tokenizer", None)
-        config = getattr(pl_module.policy, "config", None)
-        self._eos = getattr(tokenizer, "eos_token_id", None) or getattr(config, "eos_token_id", None)
-        pad = getattr(tokenizer, "pad_token_id", None)
-        pad = getattr(config, "pad_token_id", None) if pad is None else pad
-        self._pad = int(pad if pad is not None else (self._eos if isinstance(self._eos, int) else 0))
+        self._pad, self._eos = special_token_ids(pl_module.tokenizer, getattr(pl_module.policy, "config", None))
         if not self.eval_settings.path:
-            prompts, _ = load_prompts(self.eval_settings.source, tokenizer)
+            prompts, _ = load_prompts(self.eval_settings.source, pl_module.tokenizer)
             self._prompts = [list(map(int, p)) for p in prompts]
         if trainer.global_rank == 0:
             self.run_dir = self._resolve_run_dir(trainer, pl_module)
@@ -262,9 +211,9 @@ class LiveEntropyProbe(pl.Callback):
 
     def _resolve_run_dir(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
         if self.run_dir_arg:
-            return Path(self.run_dir_arg)
-        if hasattr(pl_module, "run_path"):
-            return Path(pl_module.run_path(trainer)) / "live_probe"
+            return Path(self.run_dir_arg).expanduser()
+        if isinstance(pl_module, OwnsRunDirectory):
+            return pl_module.run_directory() / "live_probe"
         return Path(trainer.log_dir or trainer.default_root_dir) / "live_probe"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -279,44 +228,55 @@ class LiveEntropyProbe(pl.Callback):
                 records = list(read_rollouts(self.eval_settings.path, vocab_size=vocab))
                 E = collate(records, pad_token_id=self._pad)
             else:
-                E = self._sample(policy, self.eval_settings.sampling.n_per_prompt, stream_seed(self.eval_settings.sampling.seed, -1, "eval"))
-            self._fixed = (E, self._statistics(policy, E))
+                n = self.eval_settings.sampling.n_per_prompt
+                E = self._sample(policy, n, derived_seed("live", self.eval_settings.sampling.seed, -1, "eval"))
+            self._held = (E, self._statistics(policy, E))
         log.info("live probe: holding an evaluation batch of %d sequences (sampled at the start of fit)", len(E))
 
     # ---- helpers ----------------------------------------------------------------------------
     def _is_probed(self, step: int) -> bool:
         return step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
 
+    def _plan(self, lr: float, with_attribution: bool) -> Plan:
+        """The engine's plan of one probed step: the full step over eta = factor * lr, first/second order."""
+        return Plan(
+            parts=("full",),
+            etas=tuple(f * lr for f in self.eta_factors),
+            lr=lr,
+            reference_eta=lr,
+            integrand=self.integrand,
+            snis=SNISConfig(),
+            first_order=True,
+            second_order=self.second_order,
+            attribution=with_attribution,
+            eval_update_matrix=False,
+            head_dtype=torch.float64,
+            batch_size=self.eval_settings.batch_size,
+        )
+
     def _sample(self, policy: torch.nn.Module, n_per_prompt: int, seed: int) -> SequenceBatch:
-        s = self.eval_settings.sampling
         device = next(policy.parameters()).device
+        sampling = replace(self.eval_settings.sampling, n_per_prompt=n_per_prompt)
         records = sample_responses(
-            policy, self._prompts, n_per_prompt=n_per_prompt, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-            eos_token_id=self._eos, pad_token_id=self._pad, generator=torch.Generator(device=device).manual_seed(seed),
-            batch_size=s.batch_size,
+            policy, self._prompts, sampling, eos_token_id=self._eos, pad_token_id=self._pad,
+            generator=torch.Generator(device=device).manual_seed(seed),
         )  # fmt: skip
         return collate(records, pad_token_id=self._pad)
 
-    def _kw(self) -> dict[str, Any]:
-        return dict(temperature=self.eval_settings.sampling.temperature, chunk_size=self.eval_settings.batch_size, head_dtype=torch.float64)
-
     def _statistics(self, policy: torch.nn.Module, E: SequenceBatch) -> SequenceStats:
-        return base_statistics(policy, E, with_entropy=self.integrand == "token_entropy", **self._kw())
+        forcing = self._plan(1.0, False).forcing(self.eval_settings.sampling.temperature)
+        return base_statistics(policy, E, forcing)
 
     def _gather_update_batch(self, trainer: pl.Trainer, U: SequenceBatch | None) -> SequenceBatch | None:
         """Every rank's U, concatenated on rank 0 (sorted by index); None elsewhere."""
-        local = None if U is None else U.to("cpu")
-        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * trainer.world_size
-            torch.distributed.all_gather_object(gathered, local)
-        else:
-            gathered = [local]
+        gathered = self._gather_objects(trainer, None if U is None else U.to("cpu"))
         if trainer.global_rank != 0:
             return None
         batches = [b for b in gathered if b is not None and len(b) > 0]
-        return concat_batches(batches, self._pad) if batches else None
+        return SequenceBatch.concat(batches, self._pad) if batches else None
 
-    def _gather_objects(self, trainer: pl.Trainer, obj: Any) -> list[Any]:
+    @staticmethod
+    def _gather_objects(trainer: pl.Trainer, obj: Any) -> list[Any]:
         if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
             out: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(out, obj)
@@ -326,9 +286,9 @@ class LiveEntropyProbe(pl.Callback):
     @staticmethod
     def _precision(trainer: pl.Trainer) -> tuple[torch.dtype | None, Any]:
         precision = str(trainer.precision)
-        autocast = torch.bfloat16 if precision.startswith("bf16-mixed") else torch.float16 if precision.startswith("16-mixed") else None
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        return autocast, scaler
+        bf16, fp16 = precision.startswith("bf16-mixed"), precision.startswith("16-mixed")
+        autocast = torch.bfloat16 if bf16 else torch.float16 if fp16 else None
+        return autocast, getattr(trainer.precision_plugin, "scaler", None)
 
     # ---- before the step: reconstruct and predict ------------------------------------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -345,236 +305,151 @@ class LiveEntropyProbe(pl.Callback):
             clock = now
 
         policy = pl_module.policy
-        U: SequenceBatch | None = getattr(pl_module, "probe_batch", None)
-        loss = getattr(pl_module, "probe_loss", None)
-        if loss is None:
-            raise AttributeError(f"{type(pl_module).__name__} sets no `probe_loss` in training_step; see the protocol in callbacks.live")
-        U_all = self._gather_update_batch(trainer, U)
+        probed: ProbedStep | None = pl_module.probed_step()
+        if probed is None:
+            log.warning("live probe: %s declares no probed step at step %d; not probed", type(pl_module).__name__, step)
+            return
+        U_all = self._gather_update_batch(trainer, probed.batch)
         lap("gather")
-        norm = getattr(pl_module, "probe_normalisers", None)
+        norm = probed.normalisers
         if norm is None and U_all is not None:
             if trainer.world_size > 1:
-                raise AttributeError("under DDP the module must set `probe_normalisers` (of the global U); see callbacks.live")
-            norm = loss_normalisers(U_all.target_mask, loss)
-        head_dtype = getattr(pl_module, "probe_head_dtype", torch.float64)
+                raise ValueError("under DDP the module's ProbedStep must carry the normalisers of the global U")
+            norm = loss_normalisers(U_all.target_mask, probed.loss)
         autocast, scaler = self._precision(trainer)
-        opt = _unwrap(optimizer)
-        state = AdamState.from_optimizer(opt, policy)
+        state = AdamState.from_optimizer(_unwrap(optimizer), policy)
         named = dict(policy.named_parameters())
         grads = {n: named[n].grad for n in state.hyper if n in named}
         clip = trainer.gradient_clip_val
         max_norm = float(clip) if clip is not None and clip > 0 else None
         try:
             update = update_from_gradients(
-                named, grads, state, max_norm, loss=loss, normalisers=norm, autocast_dtype=autocast,
-                grad_scale=None if scaler is None else float(scaler.get_scale()), head_dtype=head_dtype,
+                named, grads, state, max_norm, loss=probed.loss, normalisers=norm, autocast_dtype=autocast,
+                grad_scale=None if scaler is None else float(scaler.get_scale()), head_dtype=probed.head_dtype,
             )  # fmt: skip
         except ValueError as e:  # no or non-finite gradients (e.g. a GradScaler step that will be skipped)
             log.warning("live probe: step %d not reconstructed: %s", step, e)
             return
         snapshot = {n: named[n].detach().clone() for n in update.full} if self.verify else {}
         lap("reconstruct")
-        record: dict[str, Any] = {
-            "step": step, "lr": update.lr, "world_size": trainer.world_size,
-            "update": {"grad_norm": update.grad_norm, "clip_coef": update.clip_coef, "norms": update.norms,
-                       "n_sequences": None if norm is None else norm.n_sequences,
-                       "n_tokens": None if norm is None else norm.n_tokens, "loss": asdict(loss)},
-        }  # fmt: skip
-        old_sample = None
+        record: dict[str, Any] = {"step": step, "world_size": trainer.world_size, "update": update.summary()}
+        pending = _PendingStep(step=step, update=update, snapshot=snapshot, record=record, timings=timings)
         if trainer.global_rank == 0:
             with _eval_mode(policy), torch.inference_mode(False):
-                E, base, sampling_base = self._eval_batch(policy, step)
-                lap("sample_eval")
-                record["eval"] = self._describe_eval(E, base, sampling_base)
-                record["prediction"] = self._predict(policy, update, E, base, sampling_base, timings, lap)
-                if self.attribution and self.eval_settings.refresh and U_all is not None:
-                    record["attribution"] = self._attribute(policy, update, U_all, E, base)
-                    lap("attribution")
-                if self.realised and not self.eval_settings.refresh:  # H(old) needs a sample of pi_old
-                    n = self.eval_settings.realised_n_per_prompt or self.eval_settings.sampling.n_per_prompt
-                    E_old = self._sample(policy, n, stream_seed(self.eval_settings.sampling.seed, step, "realised_old"))
-                    old_sample = (E_old, self._statistics(policy, E_old))
-                    lap("sample_old")
-                elif self.realised:
-                    old_sample = (E, base)
+                self._predict(pending, policy, U_all, lap)
         timings["before_step_s"] = time.perf_counter() - start
-        self._pending = {"step": step, "update": update, "snapshot": snapshot, "record": record, "timings": timings,
-                         "old_sample": old_sample}  # fmt: skip
+        self._pending = pending
 
-    def _eval_batch(self, policy: torch.nn.Module, step: int) -> tuple[SequenceBatch, SequenceStats, SequenceStats]:
-        """E, its statistics at theta, and the statistics at the policy E was sampled from (equal when refreshed)."""
-        if self.eval_settings.refresh:
-            s = self.eval_settings.sampling
-            E = self._sample(policy, s.n_per_prompt, stream_seed(s.seed, step, "eval"))
-            base = self._statistics(policy, E)
-            return E, base, base
-        E, sampling_base = self._fixed
-        return E, self._statistics(policy, E), sampling_base
-
-    def _describe_eval(self, E: SequenceBatch, base: SequenceStats, sampling_base: SequenceStats) -> dict[str, Any]:
-        """H(theta) on E: the plain mean when E ~ pi_theta; the SNIS estimate (no SE) when E is held from an older policy."""
-        h = base.integrand(self.integrand)
-        out = {"n": len(E), "refreshed": self.eval_settings.refresh, "mean_length": float(base.lengths.mean())}
-        if self.eval_settings.refresh:
-            mean, se = _mean_se(h)
-            per_token, per_token_se = _ratio_se(h, base.lengths)
+    def _predict(self, pending: _PendingStep, policy: torch.nn.Module, U: SequenceBatch | None, lap: Any) -> None:
+        """Rank 0: sample (or take) E, probe the step on it with the engine, keep a sample of pi_old."""
+        settings, step, update = self.eval_settings, pending.step, pending.update
+        tau = settings.sampling.temperature
+        if settings.refresh:
+            E = self._sample(policy, settings.sampling.n_per_prompt, derived_seed("live", settings.sampling.seed, step, "eval"))
+            E_batch = EvalBatch(name="eval_00", batch=E, temperature=tau)
         else:
-            r = snis_estimate(sampling_base, base, integrand=self.integrand)
-            mean, se, per_token, per_token_se = r.entropy, math.nan, r.entropy_per_token, math.nan
-            out["ess_vs_sampling_policy"] = r.ess
-        return dict(out, entropy=mean, entropy_se=se, entropy_per_token=per_token, entropy_per_token_se=per_token_se)
-
-    def _predict(self, policy, update: Update, E, base, sampling_base, timings, lap) -> dict[str, Any]:
-        """SNIS over the eta sweep, first and second order along the full step (per unit lr)."""
-        kw = self._kw()
-        with_entropy = self.integrand == "token_entropy"
-        on_policy = self.eval_settings.refresh
-        etas = [f * update.lr for f in self.eta_factors]
-        swept = sweep(policy, E, {"full": update.full}, etas, with_entropy=with_entropy, base=base, **kw)
-        results = []
-        for j, eta in enumerate(etas):
-            at = swept.at("full", j)
-            if on_policy:
-                results.append(snis_estimate(base, at, integrand=self.integrand, eta=eta))
-            else:  # E from an older policy: H(theta + eta d) - H(theta), both by SNIS against the sampling policy
-                results.append(snis_difference(
-                    snis_estimate(sampling_base, at, integrand=self.integrand, eta=eta),
-                    snis_estimate(sampling_base, base, integrand=self.integrand, eta=0.0),
-                ))  # fmt: skip
-        lap("sweep")
-        derivs = sequence_derivatives(policy, E, update.full, order=2 if self.second_order else 1, with_entropy=with_entropy, **kw)
-        taylor = snis_derivatives(derivs, sampling_base, self.integrand)
-        slope, slope_se = taylor.first, math.nan
-        if on_policy:
-            fo = first_order(derivs, self.integrand)
-            slope, slope_se = fo.slope, fo.slope_se
-        lap("derivatives")
-        at_lr = results[self.eta_factors.index(1.0)]
-        lr = update.lr
-        return {
-            "etas": etas,
-            "delta_h": [r.delta_entropy for r in results],
-            "se": [r.delta_entropy_se for r in results],
-            "delta_h_per_token": [r.delta_entropy_per_token for r in results],
-            "ess": [r.ess for r in results],
-            "first_order_slope": slope,
-            "first_order_slope_se": slope_se,
-            "second_derivative": taylor.second,
-            "linear_radius": taylor.linear_radius,
-            "at_lr": {
-                "snis": at_lr.delta_entropy, "snis_se": at_lr.delta_entropy_se, "first_order": lr * slope,
-                "first_order_se": lr * slope_se, "second_order": taylor.predict(lr), "ess": at_lr.ess,
-                "snis_per_token": at_lr.delta_entropy_per_token,
-            },
-        }  # fmt: skip
-
-    def _attribute(self, policy, update: Update, U: SequenceBatch, E: SequenceBatch, base: SequenceStats) -> dict[str, Any]:
-        device = next(policy.parameters()).device
-        att = attribute(policy, update, U.to(device), E, integrand=self.integrand, base=base, check=True, **self._kw())
-        a = att.attributions.double()
-        return {"sum": att.total, "grad_first_order": att.first_order_grad, "relative_gap": att.relative_gap,
-                "at_lr_sum": update.lr * att.total, "index": U.index.tolist(), "group": [_plain(g) for g in U.group],
-                "attributions": a.tolist()}  # fmt: skip
+            E, at_sampling = self._held
+            E_batch = EvalBatch(name="eval_00", batch=E, temperature=tau, sampling=at_sampling)
+        lap("sample_eval")
+        # the attribution assumes E ~ pi_theta (a fresh E) and needs the step's sequences
+        plan = self._plan(update.lr, self.attribution and settings.refresh and U is not None)
+        result, base = probe_eval(policy, update, U, E_batch, plan, timings=pending.timings)
+        pending.result, pending.plan = result, plan
+        pending.record.update(plan=plan.describe(), eval=result.to_dict())
+        if "attributions" in result.arrays:
+            pending.record["attributions"] = {
+                "index": U.index.tolist(), "group": [_plain(g) for g in U.group], "values": result.arrays["attributions"].tolist(),
+            }  # fmt: skip
+        lap("probe")
+        if self.realised:
+            if settings.refresh:
+                pending.old_sample = base  # a fresh sample of pi_old already
+            else:  # H(old) needs a fresh sample of pi_old
+                n = settings.realised_n_per_prompt or settings.sampling.n_per_prompt
+                E_old = self._sample(policy, n, derived_seed("live", settings.sampling.seed, step, "realised_old"))
+                pending.old_sample = self._statistics(policy, E_old)
+                lap("sample_old")
 
     # ---- after the step: verify and measure ------------------------------------------------
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
         pending, self._pending = self._pending, None
         if pending is None:
             return
-        timings, record, update = pending["timings"], pending["record"], pending["update"]
+        timings, record, update = pending.timings, pending.record, pending.update
         start = time.perf_counter()
         policy = pl_module.policy
-        check = verify_step(policy, update, pending["snapshot"]) if self.verify else None
+        check = verify_step(policy, update, pending.snapshot) if self.verify else None
         timings["verify_s"] = time.perf_counter() - start
         # every rank verified its own parameters; rank 0 collects them (and checks the ranks took one step)
         everyone = self._gather_objects(trainer, {"verification": check, "update_norm": update.norms["full"]})
         if check is not None:
-            record["verification"] = dict(check, ranks=[e["verification"] for e in everyone])
             worst = max(e["verification"]["max_units"] for e in everyone)
-            record["verification"]["max_units_all_ranks"] = worst
-            self._warn_if_off(record["step"], worst, check)
+            record["verification"] = dict(check, ranks=[e["verification"] for e in everyone], max_units_all_ranks=worst)
+            self._warn_if_off(pending.step, worst, check)
         norms = [e["update_norm"] for e in everyone]
         record["update"]["rank_norm_spread"] = (max(norms) - min(norms)) / max(abs(max(norms)), 1e-300)
-        if trainer.global_rank == 0 and self.realised and pending["old_sample"] is not None:
+        realised = None
+        if trainer.global_rank == 0 and pending.old_sample is not None:
             clock = time.perf_counter()
             with _eval_mode(policy), torch.inference_mode(False):
-                record["realised"] = self._realised(policy, pending["step"], pending["old_sample"], record.get("prediction"))
+                realised = self._realised(policy, pending)
+            record["realised"] = json_safe(realised)
             timings["realised_s"] = time.perf_counter() - clock
         timings["after_step_s"] = time.perf_counter() - start
         timings["total_s"] = timings["before_step_s"] + timings["after_step_s"]
         record["timings"] = timings
+        record = json_safe(record)
         self.records.append(record)
         if trainer.global_rank == 0:
             self._write(record)
-            self._log(trainer, record)
+            for logger in trainer.loggers:
+                logger.log_metrics(self.metrics(pending, record), step=trainer.global_step)
 
     def _warn_if_off(self, step: int, worst: float, check: dict) -> None:
         if worst > 1.0:
             message = (
                 f"live probe: at step {step} the parameters moved {worst:.3g} rounding units away from the reconstructed "
                 f"step (worst: {check['worst_parameter']}, |error| {check['max_abs_error']:.3g}); the optimizer step is not "
-                "the AdamW step of the module's loss: check the probe protocol (probe_batch, probe_loss, normalisers), "
+                "the AdamW step of the module's loss: check the module's probed_step() (batch, loss, normalisers), "
                 "gradient clipping, and that nothing else changes parameters or gradients between backward and step"
             )
             log.warning(message)
             warnings.warn(message, stacklevel=2)
 
-    def _realised(self, policy, step: int, old_sample: tuple[SequenceBatch, SequenceStats], prediction: dict | None) -> dict[str, Any]:
-        """H(new) - H(old) on independent samples of pi_new and pi_old, with its SE and the predictions' z-scores."""
-        n = self.eval_settings.realised_n_per_prompt or self.eval_settings.sampling.n_per_prompt
-        E_new = self._sample(policy, n, stream_seed(self.eval_settings.sampling.seed, step, "realised"))
+    def _realised(self, policy: torch.nn.Module, pending: _PendingStep) -> Any:
+        """H(new) - H(old) on independent samples of pi_new and pi_old, and the predictions' z-scores."""
+        settings = self.eval_settings
+        n = settings.realised_n_per_prompt or settings.sampling.n_per_prompt
+        E_new = self._sample(policy, n, derived_seed("live", settings.sampling.seed, pending.step, "realised"))
         new = self._statistics(policy, E_new)
-        _, old = old_sample
-        h_old, h_new = old.integrand(self.integrand), new.integrand(self.integrand)
-        mean_old, se_old = _mean_se(h_old)
-        mean_new, se_new = _mean_se(h_new)
-        tok_old, tok_se_old = _ratio_se(h_old, old.lengths)
-        tok_new, tok_se_new = _ratio_se(h_new, new.lengths)
-        delta, se = mean_new - mean_old, math.hypot(se_old, se_new)
-        out = {
-            "delta_h": delta, "se": se, "old": {"mean": mean_old, "se": se_old, "n": len(h_old)},
-            "new": {"mean": mean_new, "se": se_new, "n": len(h_new)},
-            "delta_h_per_token": tok_new - tok_old, "delta_h_per_token_se": math.hypot(tok_se_old, tok_se_new),
-        }  # fmt: skip
-        if prediction is not None:
-            at = prediction["at_lr"]
-            for key, value, value_se in (("snis", at["snis"], at["snis_se"]), ("first_order", at["first_order"], at["first_order_se"]),
-                                         ("second_order", at["second_order"], 0.0)):
-                value_se = 0.0 if not math.isfinite(value_se) else value_se
-                out[f"z_{key}"] = (value - delta) / math.hypot(se, value_se) if math.isfinite(value) else math.nan
-        return out
+        at = self.eta_factors.index(1.0)
+        predicted = None if pending.result is None else pending.result.parts["full"]
+        return realised_change(pending.old_sample, new, self.integrand, predicted, at=at, eta=pending.update.lr)
 
     # ---- outputs (rank 0) ---------------------------------------------------------------------
     def _write(self, record: dict) -> None:
         if self.run_dir is None:
             return
         with open(self.run_dir / "records.jsonl", "a") as f:
-            f.write(json.dumps(_finite(record), default=str) + "\n")
+            f.write(dumps(record) + "\n")
 
     @staticmethod
-    def metrics(record: dict) -> dict[str, float]:
-        """Scalar metrics of a record, keyed ``live/...``."""
-        out: dict[str, float] = {"live/overhead_s": record["timings"]["total_s"], "live/lr": record["lr"],
-                                 "live/grad_norm": record["update"]["grad_norm"], "live/clip_coef": record["update"]["clip_coef"]}
-        if "prediction" in record:
-            at = record["prediction"]["at_lr"]
-            out.update({"live/pred_delta_h": at["snis"], "live/pred_delta_h_se": at["snis_se"], "live/pred_first_order": at["first_order"],
-                        "live/pred_second_order": at["second_order"], "live/ess_at_lr": at["ess"],
-                        "live/eval_entropy": record["eval"]["entropy"]})
-        if "attribution" in record:
-            out["live/attribution_sum_at_lr"] = record["attribution"]["at_lr_sum"]
+    def metrics(pending: _PendingStep, record: dict) -> dict[str, float]:
+        """Scalar metrics of a probed step: the offline run's keys (``eval_00/full/delta_h@lr``, ``update/...``) and
+        ``live/...`` for what only a live run has (verification, realised change, z-scores, overhead)."""
+        out = update_metrics(record["update"])
+        if pending.result is not None:
+            out.update(metrics(pending.result, list(pending.plan.etas), pending.update.lr))
+        live: dict[str, Any] = {"live/overhead_s": record["timings"]["total_s"]}
         if "verification" in record:
-            out["live/verify_max_units"] = record["verification"]["max_units_all_ranks"]
+            live["live/verification/max_units"] = record["verification"]["max_units_all_ranks"]
         if "realised" in record:
-            out.update({"live/realised_delta_h": record["realised"]["delta_h"], "live/realised_se": record["realised"]["se"]})
-            if "z_snis" in record["realised"]:
-                out["live/z_snis"] = record["realised"]["z_snis"]
-        return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
-
-    def _log(self, trainer: pl.Trainer, record: dict) -> None:
-        metrics = self.metrics(record)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+            realised = record["realised"]
+            live.update({"live/realised/delta_h": realised["delta_h"], "live/realised/se": realised["se"]})
+            live.update({f"live/realised/z_{key}": z for key, z in realised.get("z", {}).items()})
+        out.update({k: float(v) for k, v in live.items() if v is not None and math.isfinite(float(v))})
+        return out
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0 or self.run_dir is None or not self.records:
@@ -585,90 +460,13 @@ class LiveEntropyProbe(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="live/entropy", images=[str(path)])
-        overhead = [r["timings"]["total_s"] for r in self.records]
+        overhead = self.overhead_seconds()
         log.info("live probe: %d probed steps, %.3f s per probed step on average; records in %s", len(overhead),
-                 sum(overhead) / len(overhead), self.run_dir)
+                 sum(overhead) / len(overhead), self.run_dir)  # fmt: skip
 
     def overhead_seconds(self) -> list[float]:
         """The callback's own time per probed step (``timings.total_s`` of each record)."""
         return [r["timings"]["total_s"] for r in self.records]
-
-
-# ---------------------------------------------------------------------------------------------
-# verification and plot (plain functions)
-
-
-@torch.no_grad()
-def verify_step(policy: torch.nn.Module, update: Update, before: dict[str, Tensor]) -> dict[str, Any]:
-    """How far the parameters' real change is from ``lr * full``, in units of their own rounding.
-
-    Per element, in units of ``2 ulp(max(|p_old|, |p_new|)) + c * scale`` with ``c = 1e-12`` for float64
-    parameters and ``1e-6`` otherwise (a few roundings of the step's own arithmetic):
-
-    * ``max_units``: ``scale = lr * (|baseline| + |grad|)``, the size of the terms AdamW adds up. Its
-      float32 arithmetic rounds the momentum and gradient terms before they cancel (``m' = beta1 m +
-      (1 - beta1) g``), so where they nearly cancel the step's own error is relative to the terms,
-      not to their sum: measured on the toy world, up to 8 ulps of ``|p_new - p_old|``.
-    * ``max_units_step_scale``: ``scale = |p_new - p_old|`` (stricter; may exceed 1 where terms cancel).
-
-    Also the largest absolute error, ``max_relative_error`` (the largest error over the largest change
-    of the same parameter) and ``relative_error`` (``||lr * full - (p_new - p_old)|| / ||p_new - p_old||``
-    over all parameters). Both relative errors are floored by the parameters' own rounding,
-    ``ulp(|p|) / |step|`` (float64, |p| ~ 1, lr = 1e-4: ~2e-12).
-    """
-    named = dict(policy.named_parameters())
-    max_units, max_step_units, max_abs, max_rel, worst = 0.0, 0.0, 0.0, 0.0, None
-    error_sq = change_sq = 0.0
-    for n, full in update.full.items():
-        p_old, p_new = before[n], named[n].detach()
-        device = p_new.device
-        actual = p_new.double() - p_old.double()
-        predicted = full.to(device=device, dtype=torch.float64) * update.lr
-        error = (predicted - actual).abs()
-        magnitude = torch.maximum(p_old.abs(), p_new.abs())
-        ulp = (torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude).double()
-        c = 1e-12 if p_new.dtype == torch.float64 else 1e-6
-        terms = (update.baseline[n].to(device=device, dtype=torch.float64).abs()
-                 + update.grad[n].to(device=device, dtype=torch.float64).abs()) * update.lr  # fmt: skip
-        units = float((error / (2 * ulp + c * terms)).max())
-        max_step_units = max(max_step_units, float((error / (2 * ulp + c * actual.abs())).max()))
-        if worst is None or units > max_units:
-            max_units, worst = units, n
-        error_sq, change_sq = error_sq + float(error.pow(2).sum()), change_sq + float(actual.pow(2).sum())
-        max_abs = max(max_abs, float(error.max()))
-        max_rel = max(max_rel, float(error.max() / actual.abs().max().clamp(min=1e-300)))
-    return {"max_units": max_units, "max_units_step_scale": max_step_units, "max_abs_error": max_abs,
-            "max_relative_error": max_rel, "relative_error": math.sqrt(error_sq / max(change_sq, 1e-300)), "worst_parameter": worst, "ok": max_units <= 1.0,
-            "n_parameters": len(update.full)}  # fmt: skip
-
-
-def plot_live(records: list[dict], path: Path) -> Path:
-    """Predicted (SNIS at eta = lr +- SE, first and second order) vs realised (+- SE) entropy change per probed step,
-    and the verification error in rounding units."""
-    from probe.plots import plt, save_figure
-
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.0, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    steps = [r["step"] for r in records if "prediction" in r]
-    if steps:
-        pred = [r["prediction"]["at_lr"] for r in records if "prediction" in r]
-        ax.errorbar(steps, [p["snis"] for p in pred], yerr=[p["snis_se"] for p in pred], fmt="o", capsize=3, label="predicted (SNIS at eta = lr)")
-        ax.plot(steps, [p["first_order"] for p in pred], "-", alpha=0.7, label="first order")
-        ax.plot(steps, [p["second_order"] for p in pred], "--", alpha=0.7, label="second order")
-    real = [r for r in records if "realised" in r]
-    if real:
-        ax.errorbar([r["step"] + 0.15 for r in real], [r["realised"]["delta_h"] for r in real],
-                    yerr=[r["realised"]["se"] for r in real], fmt="s", capsize=3, color="C3", label="realised (fresh samples)")
-    ax.axhline(0.0, color="grey", lw=0.5)
-    ax.set_ylabel("Delta H (nats / sequence)")
-    ax.set_title("entropy change per optimizer step: predicted vs realised")
-    ax.legend(fontsize=7)
-    ver = [r for r in records if "verification" in r]
-    if ver:
-        ax2.semilogy([r["step"] for r in ver], [max(r["verification"]["max_units_all_ranks"], 1e-6) for r in ver], "o-")
-        ax2.axhline(1.0, color="C3", lw=0.8, ls=":")
-    ax2.set_ylabel("step error (ulp units)")
-    ax2.set_xlabel("optimizer step")
-    return save_figure(fig, path)
 
 
 class _eval_mode:

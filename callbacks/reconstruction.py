@@ -1,4 +1,6 @@
-"""Reconstruct the update before the predict loop (gradients on, whatever the Trainer's inference mode)."""
+"""Update reconstruction: the next AdamW step on U, before the predict loop (gradients on, whatever the Trainer's
+inference mode)."""
+
 from __future__ import annotations
 
 import logging
@@ -6,48 +8,79 @@ import time
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
 
+from probe.engine import check_etas_fit, make_plan, part_directions
 from probe.optim_loading import load_optimizer_state
-from probe.update import reconstruct_update
+from probe.run_state import run_state_of
+from probe.update import Update, reconstruct_update
 
 log = logging.getLogger("probe")
 
 
 class UpdateReconstruction(pl.Callback):
-    """Load the optimizer state, rebuild the next AdamW step on U and store it as ``pl_module.update``.
+    """Load the optimizer state, rebuild the next step on U and put it, with the resolved plan, in the run state.
 
-    Every rank computes the same update from the same U (no collective needed); rank 0
-    writes ``update.safetensors`` when asked.
+    Under DDP the update is computed on rank 0 only and broadcast tensor by tensor (one collective per tensor,
+    in the update's parameter order, plus one small broadcast of its scalars), so every rank probes exactly
+    rank 0's step. Rank 0 writes ``update.safetensors`` when ``probe.save_update``.
     """
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         start = time.perf_counter()
-        policy = pl_module.policy
-        state = load_optimizer_state(pl_module.optimizer_source, policy)
-        dm = trainer.datamodule
-        cfg = pl_module.reconstruction
+        state = run_state_of(trainer)
+        policy, inputs, settings = state.policy, state.require("inputs"), state.settings
         update = None
-        if trainer.global_rank == 0 or trainer.world_size == 1:
+        if trainer.global_rank == 0:
+            optimizer_state = load_optimizer_state(settings.optimizer, policy)
             with torch.inference_mode(False), torch.enable_grad():
-                update = reconstruct_update(
-                    policy, state, dm.update_batch.to(pl_module.device), pl_module.loss, **cfg.kwargs()
-                )
-        if trainer.world_size > 1:  # one collective before the loop: every rank probes rank 0's step
-            update = trainer.strategy.broadcast(update, src=0)
-        pl_module.update = update
-        pl_module.etas = pl_module.settings.eta_grid(update.lr)
-        largest = min(torch.finfo(p.dtype).max for p in policy.parameters() if p.is_floating_point())
-        if max(pl_module.etas) > largest:
-            raise ValueError(
-                f"probe.etas reaches {max(pl_module.etas):.3g}, beyond the largest number the policy's parameters can hold "
-                f"({largest:.3g}), so theta + eta * d cannot even be formed. Fix: use smaller etas (a very large eta is "
-                "reported as non-finite in the summary as long as it fits the dtype)"
-            )
-        pl_module.timings["reconstruction_s"] = time.perf_counter() - start
+                U = inputs.update_batch.to(pl_module.device)
+                update = reconstruct_update(policy, optimizer_state, U, settings.loss, settings.reconstruction)
+        if trainer.world_size > 1:
+            update = broadcast_update(update, trainer, device=pl_module.device)
+        plan = make_plan(settings.probe, settings.precision, update.lr)
+        check_etas_fit(plan.etas, policy)
+        state.update, state.plan = update, plan
+        state.directions = {
+            name: {n: t.to(pl_module.device) for n, t in direction.items()}
+            for name, direction in part_directions(update, plan.parts).items()
+        }
+        state.timings["reconstruction_s"] = time.perf_counter() - start
         log.info(
-            "update: lr %.3g, |full| %.4g, |baseline| %.4g, |grad| %.4g, clip coef %.4g (||g|| = %.4g), %d sequences, %d tokens",
+            "update: lr %.3g, |full| %.4g, |baseline| %.4g, |grad| %.4g, clip coef %.4g (||g|| = %.4g), %d sequences, "
+            "%d tokens",
             update.lr, update.norms["full"], update.norms["baseline"], update.norms["grad"], update.clip_coef,
             update.grad_norm, update.n_sequences, update.n_tokens,
-        )
-        if trainer.global_rank == 0 and pl_module.settings.save_update and pl_module.run_dir is not None:
-            update.save(pl_module.run_dir.path / "update.safetensors")
+        )  # fmt: skip
+        if trainer.global_rank == 0 and settings.probe.save_update:
+            update.save(state.require("run_dir").path / "update.safetensors")
+
+
+TENSOR_PARTS = ("full", "baseline", "grad", "scale")
+
+
+def broadcast_update(update: Update | None, trainer: pl.Trainer, device: torch.device) -> Update:
+    """Rank 0's update on every rank: its scalars and parameter names in one object broadcast, then each
+    tensor with ``torch.distributed.broadcast`` (no pickling of full-size tensors)."""
+    header = None
+    if trainer.global_rank == 0:
+        header = {
+            "shapes": {part: {n: (tuple(t.shape), str(t.dtype)) for n, t in getattr(update, part).items()} for part in TENSOR_PARTS},
+            "update": Update(**{**vars(update), **{part: {} for part in TENSOR_PARTS}}),
+        }
+    header = trainer.strategy.broadcast(header, src=0)
+    # gloo broadcasts CPU tensors, NCCL device tensors: use the strategy's device for the transfer
+    transfer = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for part in TENSOR_PARTS:
+        tensors[part] = {}
+        for name, (shape, dtype) in header["shapes"][part].items():
+            if trainer.global_rank == 0:
+                t = getattr(update, part)[name].to(transfer).contiguous()
+            else:
+                t = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=transfer)
+            dist.broadcast(t, src=0)
+            tensors[part][name] = t
+    if trainer.global_rank == 0:
+        return update
+    return Update(**{**vars(header["update"]), **tensors})

@@ -1,40 +1,37 @@
 """Weights & Biases reporting through Lightning's ``WandbLogger`` (offline by default; ``wandb sync`` uploads later).
 
-Logs the summary metrics, one table per evaluation batch of update sequences (text, reward,
-advantage, attribution), the plots, and the run directory as an artifact. With no
-``WandbLogger`` attached (or ``WANDB_MODE=disabled``) it does nothing.
+Logs the metrics of every evaluation batch (:func:`probe.results.metrics`: the keys the live probe logs too),
+one table of the update sequences (text, reward, advantage, attribution), the plots and the run directory
+as an artifact. It observes the run once it is over (``teardown``, after every writer), so its place among
+the callbacks does not matter. With no ``WandbLogger`` attached (or ``WANDB_MODE=disabled``) it does nothing.
 """
+
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
 
+from probe.results import metrics, update_metrics
+from probe.run_state import PredictRunState, run_state_of
+
 log = logging.getLogger("probe")
 
 
-def flat_metrics(summary: dict) -> dict[str, float]:
-    """Scalar metrics of a summary, keyed ``eval_00/full/delta_h@eta=1e-05`` style."""
-    out: dict[str, float] = {}
-    etas = summary["plan"]["etas"]
-    for ev in summary["evals"]:
-        name = ev["name"]
-        for part, res in ev["parts"].items():
-            for j, eta in enumerate(etas):
-                for key in ("delta_h", "se", "delta_h_per_token", "ess", "clip_fraction"):
-                    if res.get(key) is not None and res[key][j] is not None:
-                        out[f"{name}/{part}/{key}@eta={eta:.3g}"] = float(res[key][j])
-            for key in ("first_order", "second_order", "linear_radius"):
-                if res.get(key) is not None:
-                    out[f"{name}/{part}/{key}"] = float(res[key])
-        out[f"{name}/base_entropy"] = float(ev["base_entropy"]["sequence"])
-        out[f"{name}/base_entropy_per_token"] = float(ev["base_entropy"]["per_token"])
-    for key in ("lr", "clip_coef", "grad_norm"):
-        out[f"update/{key}"] = float(summary["update"][key])
-    for part, norm in summary["update"]["norms"].items():
-        out[f"update/norm_{part}"] = float(norm)
-    return out
+def update_table(state: PredictRunState) -> tuple[list[str], list[list[Any]]]:
+    """Columns and rows of the update sequences: text, reward, advantage and attribution (first evaluation batch)."""
+    inputs, evals = state.require("inputs"), state.require("result")
+    attributions = evals[0].arrays.get("attributions")
+    columns = ["index", "group", "prompt", "response", "reward", "advantage", "attribution"]
+    rows = []
+    for r in inputs.update_records:
+        prompt = r.get("prompt") or state.tokenizer.decode(r["prompt_ids"], skip_special_tokens=False)
+        response = r.get("response") or state.tokenizer.decode(r["response_ids"], skip_special_tokens=False)
+        a = None if attributions is None else float(attributions[r["index"]])
+        rows.append([r["index"], str(r.get("group")), prompt, response, r.get("reward"), r.get("advantage"), a])
+    return columns, rows
 
 
 class WandbReport(pl.Callback):
@@ -43,17 +40,19 @@ class WandbReport(pl.Callback):
     def __init__(self, log_artifact: bool = True):
         self.log_artifact = log_artifact
 
-    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        report = getattr(pl_module, "report", None)
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
-        if report is None or not loggers or trainer.global_rank != 0:
+        state = run_state_of(trainer)
+        if stage != "predict" or not loggers or trainer.global_rank != 0 or not state.finished:
             return
-        summary, run_dir = report["summary"], report["run_dir"]
-        metrics = flat_metrics(summary)
+        plan, run_dir = state.require("plan"), state.require("run_dir").path
+        values = update_metrics(state.require("update").summary())
+        for ev in state.require("result"):
+            values.update(metrics(ev, list(plan.etas), plan.lr))
+        columns, rows = update_table(state)
         for lg in loggers:
-            lg.log_metrics(metrics)
-            for key, (columns, rows) in report.get("tables", {}).items():
-                lg.log_table(key=key, columns=columns, data=rows)
+            lg.log_metrics(values)
+            lg.log_table(key="update_sequences", columns=columns, data=rows)
             for plot in sorted((run_dir / "plots").glob("*.png")):  # one key each: the plots differ in size
                 lg.log_image(key=f"plots/{plot.stem}", images=[str(plot)])
             if self.log_artifact and hasattr(lg.experiment, "log_artifact"):
@@ -62,4 +61,4 @@ class WandbReport(pl.Callback):
                 artifact = wandb.Artifact(name=f"probe-{run_dir.name}", type="probe-run")
                 artifact.add_dir(str(run_dir))
                 lg.experiment.log_artifact(artifact)
-        log.info("logged %d metrics to W&B (%s)", len(metrics), ", ".join(str(lg.save_dir) for lg in loggers))
+        log.info("logged %d metrics to W&B (%s)", len(values), ", ".join(str(lg.save_dir) for lg in loggers))

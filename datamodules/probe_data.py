@@ -4,17 +4,16 @@ Each batch is read from a rollout file or sampled from the policy. Whatever its 
 is written to the run directory (``rollouts/update.jsonl``, ``rollouts/eval_00.jsonl``, ...)
 before use, so every run can be repeated from files and a rerun on the same directory
 reuses exactly the same sequences. Sampling happens on rank 0 only; all ranks then read
-the written files.
+the written files. What it reads goes to the run state (``inputs``, :mod:`probe.run_state`).
 """
+
 from __future__ import annotations
 
-import json
 import logging
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -22,28 +21,12 @@ from torch.utils.data import DataLoader
 
 from datamodules.rollouts import fill_advantages, read_rollouts, write_rollouts
 from probe.batch import SequenceBatch, collate
+from probe.prompts import PromptSource, load_prompts
 from probe.rewards import resolve_reward
-from probe.sampling import SamplingSettings, ids_reward_from_text, sample_responses, sample_update_batch
+from probe.run_state import ProbeInputs, run_state_of
+from probe.sampling import SamplingSettings, ids_reward_from_text, pad_token_id, sample_responses, sample_update_batch
 
 log = logging.getLogger("probe")
-
-
-@dataclass
-class PromptSource:
-    """Where prompts come from when a batch is sampled.
-
-    Args:
-        prompts: ``toy`` (the toy addition task) or a local JSONL file with a ``prompt`` text
-            field per line (and optionally ``answer``, passed to the reward).
-        n_prompts: number of prompts (prompt groups).
-        offset: skip this many prompts first (disjoint prompts for U and E, or a held-out split).
-        seed: seed of the toy prompt generator.
-    """
-
-    prompts: str = "toy"
-    n_prompts: int = 8
-    offset: int = 0
-    seed: int = 0
 
 
 @dataclass
@@ -91,41 +74,11 @@ class EvalBatchSettings:
 
     def __post_init__(self) -> None:
         s = self.sampling
-        truncated = (s.top_p is not None and s.top_p < 1.0) or (s.top_k is not None and s.top_k > 0)
-        if truncated and not self.allow_truncated_sampling:
+        if s.truncated and not self.allow_truncated_sampling:
             raise ValueError(
                 f"evaluation batch sampled with top_p={s.top_p}, top_k={s.top_k}: the entropy would be of another "
                 "distribution than the policy's. Fix: remove top_p/top_k for E, or set allow_truncated_sampling=true knowingly"
             )
-        if not (s.temperature > 0 and math.isfinite(s.temperature)):
-            raise ValueError(
-                f"evaluation temperature {s.temperature}: E must be sampled at a temperature > 0 (temperature 0 is "
-                "greedy decoding, whose entropy is 0). Fix: set data.evals[k].sampling.temperature, e.g. 1.0"
-            )
-
-
-def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]], dict[tuple, Any]]:
-    """Prompt token ids and, per prompt, its reference answer (or None)."""
-    if source.prompts == "toy":
-        from probe.toy.task import make_prompts
-
-        prompts = make_prompts(source.offset + source.n_prompts, source.seed)[source.offset :]
-        return prompts, {}
-    path = Path(source.prompts)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found. Fix: give 'toy' or a local JSONL file with a 'prompt' field per line")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    rows = rows[source.offset : source.offset + source.n_prompts]
-    if len(rows) < source.n_prompts:
-        raise ValueError(f"{path} has {len(rows)} prompts after offset {source.offset}; asked for {source.n_prompts}")
-    prompts, answers = [], {}
-    for i, row in enumerate(rows):
-        if "prompt" not in row:
-            raise ValueError(f"{path}: line {source.offset + i + 1} has no 'prompt' field. Fix: one JSON object with 'prompt' per line")
-        ids = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
-        prompts.append(ids)
-        answers[tuple(ids)] = row.get("answer")
-    return prompts, answers
 
 
 def _indexed_collate(records: list[dict], pad_token_id: int) -> SequenceBatch:
@@ -133,7 +86,7 @@ def _indexed_collate(records: list[dict], pad_token_id: int) -> SequenceBatch:
 
 
 class ProbeDataModule(pl.LightningDataModule):
-    """Yields the evaluation batches E (``predict_dataloader``) and holds the update batch U."""
+    """Yields the evaluation batches E (``predict_dataloader``); U and E go to the run state."""
 
     def __init__(
         self,
@@ -152,34 +105,28 @@ class ProbeDataModule(pl.LightningDataModule):
         super().__init__()
         if not evals:
             raise ValueError("data.evals is empty: give at least one evaluation batch")
+        if eval_batch_size < 1:
+            raise ValueError(f"data.eval_batch_size must be >= 1 sequences per predict batch, got {eval_batch_size}")
         self.update_settings, self.eval_settings = update, list(evals)
         self.eval_batch_size, self.num_workers = eval_batch_size, num_workers
-        self.update_records: list[dict] = []
-        self.eval_records: list[list[dict]] = []
-        self.pad_token_id = 0
+        self.inputs: ProbeInputs | None = None
 
     # ---- building the batches ----------------------------------------------------------------
     def _sample_update(self, policy: torch.nn.Module, tokenizer: Any) -> list[dict]:
         s = self.update_settings
         prompts, answers = load_prompts(s.source, tokenizer)
-        sp = s.sampling
         return sample_update_batch(
-            policy, prompts, reward_fn=ids_reward_from_text(resolve_reward(s.reward), tokenizer, answers), n_per_prompt=sp.n_per_prompt, max_new_tokens=sp.max_new_tokens,
-            temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, tokenizer=tokenizer, seed=sp.seed,
-            batch_size=sp.batch_size, normalize_std=s.normalize_std,
-            filter_zero_advantage_prompts=s.filter_zero_advantage_prompts,
+            policy, prompts, s.sampling, reward_fn=ids_reward_from_text(resolve_reward(s.reward), tokenizer, answers),
+            tokenizer=tokenizer, normalize_std=s.normalize_std, filter_zero_advantage_prompts=s.filter_zero_advantage_prompts,
             max_resample_attempts=s.max_resample_attempts, zero_tol=s.zero_tol,
-        )
+        )  # fmt: skip
 
-    def _sample_eval(self, settings: EvalBatchSettings, policy: torch.nn.Module, tokenizer: Any) -> list[dict]:
+    @staticmethod
+    def _sample_eval(settings: EvalBatchSettings, policy: torch.nn.Module, tokenizer: Any) -> list[dict]:
         prompts, _ = load_prompts(settings.source, tokenizer)
-        sp = settings.sampling
-        return sample_responses(
-            policy, prompts, n_per_prompt=sp.n_per_prompt, max_new_tokens=sp.max_new_tokens, temperature=sp.temperature,
-            top_p=sp.top_p, top_k=sp.top_k, tokenizer=tokenizer, seed=sp.seed, batch_size=sp.batch_size,
-        )
+        return sample_responses(policy, prompts, settings.sampling, tokenizer=tokenizer)
 
-    def _materialise(self, target: Path, settings: Any, make: Any, vocab_size: int) -> None:
+    def _materialise(self, target: Path, settings: Any, make: Callable[[], list[dict]], vocab_size: int) -> None:
         """Write the batch's rollout file into the run directory unless a previous run already did."""
         if target.exists():
             log.info("reusing %s (resumed run)", target)
@@ -207,20 +154,19 @@ class ProbeDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer
-        module = trainer.lightning_module
-        run_dir = module.open_run_dir(trainer)
-        policy, tokenizer = module.policy, module.tokenizer
+        state = run_state_of(trainer)
+        run_dir = trainer.lightning_module.open_run_dir(trainer)
+        policy, tokenizer = state.policy, state.tokenizer
         vocab_size = int(policy.get_input_embeddings().weight.shape[0])
-        self.pad_token_id = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+        pad = pad_token_id(tokenizer)
         rollouts = run_dir.path / "rollouts"
         if trainer.global_rank == 0:
-            device = trainer.strategy.root_device
-            policy.to(device)
+            policy.to(trainer.strategy.root_device)
             self._materialise(rollouts / "update.jsonl", self.update_settings,
-                              lambda: self._sample_update(policy, tokenizer), vocab_size)
+                              lambda: self._sample_update(policy, tokenizer), vocab_size)  # fmt: skip
             for k, settings in enumerate(self.eval_settings):
                 self._materialise(rollouts / f"eval_{k:02d}.jsonl", settings,
-                                  lambda s=settings: self._sample_eval(s, policy, tokenizer), vocab_size)
+                                  partial(self._sample_eval, settings, policy, tokenizer), vocab_size)  # fmt: skip
         trainer.strategy.barrier("probe-rollouts")
         update = list(read_rollouts(rollouts / "update.jsonl", vocab_size=vocab_size))
         if any(r.get("advantage") is None for r in update):
@@ -232,12 +178,17 @@ class ProbeDataModule(pl.LightningDataModule):
                 "nothing to attribute. Fix: use a batch whose groups have different rewards, or sample U with "
                 "filter_zero_advantage_prompts=true"
             )
-        self.update_records = [dict(r, index=i) for i, r in enumerate(update)]
-        self.eval_records = []
-        for k in range(len(self.eval_settings)):
+        eval_records = []
+        for k, settings in enumerate(self.eval_settings):
             records = read_rollouts(rollouts / f"eval_{k:02d}.jsonl", vocab_size=vocab_size)
-            self._check_eval(records, rollouts / f"eval_{k:02d}.jsonl", self.eval_settings[k])
-            self.eval_records.append([dict(r, index=i) for i, r in enumerate(records)])
+            self._check_eval(records, rollouts / f"eval_{k:02d}.jsonl", settings)
+            eval_records.append([dict(r, index=i) for i, r in enumerate(records)])
+        self.inputs = state.inputs = ProbeInputs(
+            update_records=[dict(r, index=i) for i, r in enumerate(update)],
+            eval_records=eval_records,
+            temperatures=[float(s.sampling.temperature) for s in self.eval_settings],
+            pad_token_id=pad,
+        )
 
     @staticmethod
     def _check_eval(records: list[dict], path: Path, settings: EvalBatchSettings) -> None:
@@ -248,19 +199,12 @@ class ProbeDataModule(pl.LightningDataModule):
                 "would be of another distribution. Fix: sample E without top_p/top_k, or set allow_truncated_sampling=true knowingly"
             )
 
-    # ---- what the loops and callbacks read ---------------------------------------------------
-    @property
-    def update_batch(self) -> SequenceBatch:
-        """U as one padded batch (index = position in U)."""
-        return _indexed_collate(self.update_records, self.pad_token_id)
-
-    def eval_batch(self, k: int = 0) -> SequenceBatch:
-        return _indexed_collate(self.eval_records[k], self.pad_token_id)
-
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        if self.inputs is None:
+            raise RuntimeError("ProbeDataModule.setup has not run: the predict dataloaders come from the rollouts it reads")
         loaders = [
             DataLoader(records, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                       collate_fn=partial(_indexed_collate, pad_token_id=self.pad_token_id))
-            for records in self.eval_records
-        ]
+                       collate_fn=partial(_indexed_collate, pad_token_id=self.inputs.pad_token_id))
+            for records in self.inputs.eval_records
+        ]  # fmt: skip
         return loaders[0] if len(loaders) == 1 else loaders

@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, IterableDataset
 
-from datamodules.probe_data import PromptSource, load_prompts
+from probe.prompts import PromptSource, load_prompts
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """probe: predict, measure and attribute the entropy change of an RL update on a language-model policy."""
 from probe.batch import SequenceBatch, collate
-from probe.logprobs import TokenStats, teacher_force, token_logprobs_and_entropy
+from probe.logprobs import TeacherForcing, TokenStats, teacher_force, token_logprobs_and_entropy
+from probe.statistics import INTEGRANDS, SequenceStats
 from probe.losses import LossConfig, Normalisers, normalisers, per_sequence_loss
 from probe.adam import AdamHyper, AdamState, ParamAdamState
 from probe.optim_loading import OptimizerSettings, hf_trainer_decay_names, load_optimizer_state
@@ -20,8 +21,8 @@ from probe.update import (
     reconstruct_update,
     update_from_gradients,
 )
-from probe.overrides import SequenceStats, Sweep, base_statistics, iter_sweep, sweep
-from probe.snis import SNISConfig, SNISResult, logprob_gap, snis_difference, snis_estimate, snis_sweep
+from probe.overrides import Sweep, base_statistics, iter_sweep, sweep
+from probe.snis import SNISConfig, SNISResult, logprob_gap, snis_difference, snis_estimate, snis_estimates, snis_sweep
 from probe.taylor import (
     FirstOrder,
     SecondOrder,
@@ -34,11 +35,16 @@ from probe.taylor import (
 )
 from probe.analyze import LinearityCriteria, LogLogFit, PartLinearity, analyse_part, analyse_run, analyse_summary, loglog_fit
 from probe.attribution import Attribution, PerSequenceExact, attribute, eval_gradient, eval_update_matrix, per_sequence_exact
+from probe.results import AttributionSummary, BaseEntropy, EvalResult, PartResult
+from probe.engine import EvalBatch, Plan, batch_rows, complete_eval, make_plan, probe_eval, realised_change, summarise_eval
+from probe.live_contract import LiveProbeTarget, ProbedStep
 
 __all__ = [
     "SequenceBatch",
     "collate",
+    "TeacherForcing",
     "TokenStats",
+    "INTEGRANDS",
     "teacher_force",
     "token_logprobs_and_entropy",
     "LossConfig",
@@ -64,11 +70,14 @@ __all__ = [
     "ReconstructionConfig", "Update", "adam_step_parts", "clip_coefficient", "per_sequence_directions",
     "per_sequence_gradients", "per_sequence_inner_products", "reconstruct_update", "update_from_gradients",
     "SequenceStats", "Sweep", "base_statistics", "iter_sweep", "sweep",
-    "SNISConfig", "SNISResult", "logprob_gap", "snis_difference", "snis_estimate", "snis_sweep",
+    "SNISConfig", "SNISResult", "logprob_gap", "snis_difference", "snis_estimate", "snis_estimates", "snis_sweep",
     "FirstOrder", "SecondOrder", "SequenceDerivatives", "first_order", "first_order_prediction",
     "second_order_prediction", "sequence_derivatives", "snis_derivatives",
     "Attribution", "PerSequenceExact", "attribute", "eval_gradient", "eval_update_matrix", "per_sequence_exact",
     "LinearityCriteria", "LogLogFit", "PartLinearity", "analyse_part", "analyse_run", "analyse_summary", "loglog_fit",
+    "AttributionSummary", "BaseEntropy", "EvalResult", "PartResult",
+    "EvalBatch", "Plan", "batch_rows", "complete_eval", "make_plan", "probe_eval", "realised_change", "summarise_eval",
+    "LiveProbeTarget", "ProbedStep",
     "ProbeModule",
     "GRPOModule",
 ]

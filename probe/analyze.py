@@ -31,6 +31,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from probe.jsonable import dumps, json_safe
+
 # ---------------------------------------------------------------------------------------------
 # settings and results
 
@@ -110,7 +112,7 @@ class PartLinearity:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["decades"] = self.decades
-        return _json_ready(out)
+        return json_safe(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +397,7 @@ def analyse_run(
             path = plot_linearity(analysis, run_dir / "plots" / f"linearity{suffix}.png")
             analysis["plot"] = str(path)
         path = run_dir / f"analysis{suffix}.json"
-        path.write_text(json.dumps(_json_ready(analysis), indent=2, allow_nan=False))
+        path.write_text(dumps(analysis, indent=2))
         analysis["path"] = str(path)
     return analysis
 
@@ -503,21 +505,6 @@ def plot_linearity(analysis: dict[str, Any], path: str | Path) -> Path:
     else:
         ax.set_xlabel("eta (learning rate)")
     return save_figure(fig, Path(path))
-
-
-def _json_ready(obj: Any) -> Any:
-    """Strict JSON: non-finite floats become None, numpy scalars become Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_ready(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
 
 
 # ---------------------------------------------------------------------------------------------

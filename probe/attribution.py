@@ -1,4 +1,4 @@
-"""Which sequences of the update batch U drive the entropy change on E, DESIGN section 4.
+"""Which sequences of the update batch U drive the entropy change on E, docs/DESIGN.md section 5.
 
 The first-order change along the gradient part d = sum_i v_i is
 
@@ -36,9 +36,10 @@ import torch
 from torch import Tensor, nn
 
 from probe.batch import SequenceBatch
-from probe.logprobs import teacher_force
-from probe.overrides import INTEGRANDS, SequenceStats, base_statistics, check_integrand, sweep
-from probe.snis import SNISConfig, SNISResult, snis_difference, snis_estimate
+from probe.logprobs import TeacherForcing, teacher_force
+from probe.overrides import Sweep, base_statistics, sweep
+from probe.snis import SNISConfig, SNISResult, snis_difference, snis_estimates
+from probe.statistics import INTEGRANDS, SequenceStats, check_integrand
 from probe.taylor import first_order, sequence_derivatives
 from probe.update import Update, per_sequence_directions, per_sequence_inner_products
 
@@ -53,19 +54,17 @@ def eval_gradient(
     model: nn.Module,
     batch: SequenceBatch,
     names: Sequence[str],
+    forcing: TeacherForcing,
     *,
     integrand: str = "token_entropy",
     hbar: float,
     n_total: int,
-    temperature: float = 1.0,
-    chunk_size: int | None = 256,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
 ) -> dict[str, Tensor]:
     """grad_theta (1/n_total) sum_{j in batch} [stopgrad(h_j - hbar) l_j + h_j] for the parameters ``names``.
 
     ``batch`` may be all of E or a part of it (one sequence for G_E,j); ``hbar`` and
-    ``n_total`` are those of the whole E. One backward per chunk; ``.grad`` is never touched.
+    ``n_total`` are those of the whole E. One backward per chunk of ``forcing.batch_size``
+    sequences; ``.grad`` is never touched.
     """
     check_integrand(integrand)
     named = dict(model.named_parameters())
@@ -74,17 +73,15 @@ def eval_gradient(
         raise ValueError(f"parameters {missing[:3]} are not in the model; pass names from model.named_parameters()")
     leaves = {n: named[n].detach().requires_grad_(True) for n in names}  # fresh leaves sharing storage
     device = next(model.parameters()).device
+    forcing = forcing.for_integrand(integrand)
     total: dict[str, Tensor] = {n: torch.zeros_like(t) for n, t in leaves.items()}
-    for chunk in batch.chunks(chunk_size):
+    for chunk in batch.chunks(forcing.batch_size):
         chunk = chunk.to(device)
         if chunk.input_ids.is_inference():  # made under inference_mode (e.g. a predict loop): autograd cannot save it
             chunk = replace(chunk, input_ids=chunk.input_ids.clone(), attention_mask=chunk.attention_mask.clone(),
                             response_mask=chunk.response_mask.clone())
         with torch.enable_grad():
-            ts = teacher_force(
-                model, chunk, leaves, temperature=temperature, with_entropy=integrand == "token_entropy",
-                head_dtype=head_dtype, token_chunk=token_chunk,
-            )
+            ts = teacher_force(model, chunk, leaves, forcing)
             l = ts.sequence_logprobs  # [c]
             h = -l if integrand == "logprob" else ts.sequence_entropies  # [c]
             objective = ((h.detach() - hbar) * l + h).sum() / n_total  # []
@@ -96,11 +93,11 @@ def eval_gradient(
 
 
 def _base_integrand(
-    model: nn.Module, batch: SequenceBatch, integrand: str, base: SequenceStats | None, **kw: Any
+    model: nn.Module, batch: SequenceBatch, integrand: str, base: SequenceStats | None, forcing: TeacherForcing
 ) -> tuple[float, int]:
     """hbar and M of E (teacher forcing once when ``base`` is not given)."""
     if base is None:
-        base = base_statistics(model, batch, with_entropy=integrand == "token_entropy", **kw)
+        base = base_statistics(model, batch, forcing.for_integrand(integrand))
     if len(base) != len(batch):
         raise ValueError(f"base statistics cover {len(base)} sequences but E has {len(batch)}; pass the base of this E")
     return float(base.integrand(integrand).mean()), len(batch)
@@ -134,15 +131,12 @@ def attribute(
     update: Update,
     update_batch: SequenceBatch,
     eval_batch: SequenceBatch,
+    forcing: TeacherForcing,
     *,
     integrand: str = "token_entropy",
-    temperature: float = 1.0,
     base: SequenceStats | None = None,
     check: bool = True,
-    chunk_size: int | None = 256,
     microbatch_size: int | None = None,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
 ) -> Attribution:
     """a_i = <G_E, v_i> for every sequence of U: one backward over E, one JVP over U.
 
@@ -150,25 +144,22 @@ def attribute(
         model: the policy at theta.
         update: the reconstructed step (``probe.update.reconstruct_update``).
         update_batch: U, the batch the update was reconstructed from.
-        eval_batch: E, sampled from the policy at ``temperature``.
+        eval_batch: E, sampled from the policy at ``forcing.temperature``.
+        forcing: how E is teacher-forced (entropies follow ``integrand``).
         integrand: ``token_entropy`` or ``logprob``.
-        temperature: tau of E.
         base: E's statistics at theta if already computed (saves one forward over E).
         check: also compute the first-order slope of ``update.grad`` by a JVP over E and report
             how far sum_i a_i is from it (they are equal up to float rounding).
-        chunk_size: sequences of E per pass.
         microbatch_size: sequences of U per JVP (None: all of U at once).
-        head_dtype: precision of the log-softmax head.
-        token_chunk: response tokens per chunk of the head.
     """
-    kw = dict(temperature=temperature, chunk_size=chunk_size, head_dtype=head_dtype, token_chunk=token_chunk)
-    hbar, M = _base_integrand(model, eval_batch, integrand, base, **kw)
-    G = eval_gradient(model, eval_batch, list(update.scale), integrand=integrand, hbar=hbar, n_total=M, **kw)
+    forcing = forcing.for_integrand(integrand)
+    hbar, M = _base_integrand(model, eval_batch, integrand, base, forcing)
+    G = eval_gradient(model, eval_batch, list(update.scale), forcing, integrand=integrand, hbar=hbar, n_total=M)
     a = per_sequence_inner_products(model, update, update_batch, G, microbatch_size=microbatch_size)  # [N]
     total = float(a.sum())
     slope = gap = None
     if check:
-        derivs = sequence_derivatives(model, eval_batch, update.grad, order=1, with_entropy=integrand == "token_entropy", **kw)
+        derivs = sequence_derivatives(model, eval_batch, update.grad, forcing, order=1)
         slope = first_order(derivs, integrand).slope
         gap = abs(total - slope) / max(abs(slope), 1e-300)
     return Attribution(
@@ -186,16 +177,13 @@ def eval_update_matrix(
     update: Update,
     update_batch: SequenceBatch,
     eval_batch: SequenceBatch,
+    forcing: TeacherForcing,
     *,
     integrand: str = "token_entropy",
     method: str = "auto",
-    temperature: float = 1.0,
     base: SequenceStats | None = None,
-    chunk_size: int | None = 256,
     microbatch_size: int | None = None,
     direction_chunk_size: int = 8,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
     memory_budget: float = 2e9,
 ) -> Tensor:  # [M, N] float64
     """S[j, i] = <G_E,j, v_i>, first-order entropy change on E's term j from U's sequence i (per unit eta).
@@ -212,8 +200,8 @@ def eval_update_matrix(
     """
     if method not in MATRIX_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(MATRIX_METHODS)}")
-    kw = dict(temperature=temperature, chunk_size=chunk_size, head_dtype=head_dtype, token_chunk=token_chunk)
-    hbar, M = _base_integrand(model, eval_batch, integrand, base, **kw)
+    forcing = forcing.for_integrand(integrand)
+    hbar, M = _base_integrand(model, eval_batch, integrand, base, forcing)
     N = len(update_batch)
     if method == "auto":
         P = sum(update.scale[n].numel() for n in update.scale)
@@ -223,16 +211,18 @@ def eval_update_matrix(
             method = "reverse" if M <= N else "forward"
     if method == "per_sample":
         return _matrix_from_per_sample_gradients(
-            model, update, update_batch, eval_batch, integrand, hbar, M, direction_chunk_size, **kw
+            model, update, update_batch, eval_batch, forcing, integrand, hbar, M, direction_chunk_size
         )
     S = torch.zeros(M, N, dtype=torch.float64)
     if method == "reverse":
         for j in range(M):
-            G_j = eval_gradient(model, eval_batch.select([j]), list(update.scale), integrand=integrand, hbar=hbar, n_total=M, **kw)
+            G_j = eval_gradient(
+                model, eval_batch.select([j]), list(update.scale), forcing, integrand=integrand, hbar=hbar, n_total=M
+            )
             S[j] = per_sequence_inner_products(model, update, update_batch, G_j, microbatch_size=microbatch_size)
         return S
     for i, v_i in per_sequence_directions(model, update, update_batch, chunk_size=direction_chunk_size):
-        derivs = sequence_derivatives(model, eval_batch, v_i, order=1, with_entropy=integrand == "token_entropy", **kw)
+        derivs = sequence_derivatives(model, eval_batch, v_i, forcing, order=1)
         S[:, i] = first_order(derivs, integrand).contributions.double()
     return S
 
@@ -242,15 +232,11 @@ def _matrix_from_per_sample_gradients(
     update: Update,
     update_batch: SequenceBatch,
     eval_batch: SequenceBatch,
+    forcing: TeacherForcing,
     integrand: str,
     hbar: float,
     M: int,
     eval_chunk: int,
-    *,
-    temperature: float,
-    chunk_size: int | None,
-    head_dtype: torch.dtype | None,
-    token_chunk: int,
 ) -> Tensor:  # [M, N]
     """S = ((h - hbar) * (G_l V^T) + G_h V^T) / M with per-sequence gradients G_l, G_h of E and V of U."""
     names = list(update.scale)
@@ -265,8 +251,7 @@ def _matrix_from_per_sample_gradients(
     for chunk in eval_batch.chunks(eval_chunk):
         chunk = chunk.to(next(model.parameters()).device)
         with torch.enable_grad():
-            ts = teacher_force(model, chunk, leaves, temperature=temperature,
-                               with_entropy=integrand == "token_entropy", head_dtype=head_dtype, token_chunk=token_chunk)
+            ts = teacher_force(model, chunk, leaves, forcing)
             l = ts.sequence_logprobs  # [c]
             h = -l if integrand == "logprob" else ts.sequence_entropies  # [c]
             c = l.shape[0]
@@ -307,18 +292,15 @@ def per_sequence_exact(
     update_batch: SequenceBatch,
     eval_batch: SequenceBatch,
     etas: Sequence[float],
+    forcing: TeacherForcing,
     *,
     indices: Sequence[int],
     mixed: bool = True,
     integrands: Sequence[str] = INTEGRANDS,
     config: SNISConfig | None = None,
     groups: Sequence[Any] | Tensor | None = None,
-    temperature: float = 1.0,
     base: SequenceStats | None = None,
-    chunk_size: int | None = 256,
     direction_chunk_size: int = 8,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
 ) -> list[PerSequenceExact]:
     """Measure Delta H along v_i (and the mixed form on top of the baseline b) for the chosen rows of U.
 
@@ -328,27 +310,20 @@ def per_sequence_exact(
     """
     for name in integrands:
         check_integrand(name)
-    with_entropy = "token_entropy" in integrands
-    kw = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, head_dtype=head_dtype, token_chunk=token_chunk)
+    forcing = replace(forcing, with_entropy="token_entropy" in integrands)
     if base is None:
-        base = base_statistics(model, eval_batch, **kw)
+        base = base_statistics(model, eval_batch, forcing)
 
-    def estimates(swept, part: str) -> dict[str, list[SNISResult]]:
-        return {
-            name: [
-                snis_estimate(swept.base, swept.at(part, k), integrand=name, eta=eta, config=config, groups=groups)
-                for k, eta in enumerate(swept.etas.tolist())
-            ]
-            for name in integrands
-        }
+    def estimates(swept: Sweep, part: str) -> dict[str, list[SNISResult]]:
+        return {name: snis_estimates(swept, part, integrand=name, config=config, groups=groups) for name in integrands}
 
-    on_baseline = estimates(sweep(model, eval_batch, {"b": update.baseline}, etas, base=base, **kw), "b") if mixed else None
+    on_baseline = estimates(sweep(model, eval_batch, {"b": update.baseline}, etas, forcing, base=base), "b") if mixed else None
     out = []
     for i, v_i in per_sequence_directions(model, update, update_batch, indices=list(indices), chunk_size=direction_chunk_size):
         directions: dict[str, Mapping[str, Tensor]] = {"v": v_i}
         if mixed:
             directions["b+v"] = {n: b + v_i[n].to(b) if n in v_i else b for n, b in update.baseline.items()}
-        swept = sweep(model, eval_batch, directions, etas, base=base, **kw)
+        swept = sweep(model, eval_batch, directions, etas, forcing, base=base)
         alone = estimates(swept, "v")
         both = None
         if mixed:

@@ -88,6 +88,27 @@ class SequenceBatch:
         for start in range(0, n, size):
             yield self.select(slice(start, min(start + size, n)))
 
+    @staticmethod
+    def concat(batches: Sequence[SequenceBatch], pad_token_id: int) -> SequenceBatch:
+        """Stack batches of different widths (right-padded to the widest), rows sorted by ``index``."""
+        T = max(b.input_ids.shape[1] for b in batches)
+
+        def widen(x: Tensor, width: int, value: Any) -> Tensor:  # [B, t] -> [B, width]
+            return torch.nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        has_old = all(b.old_logprobs is not None for b in batches)
+        has_advantages = all(b.advantages is not None for b in batches)
+        merged = SequenceBatch(
+            input_ids=torch.cat([widen(b.input_ids, T, pad_token_id) for b in batches]),
+            attention_mask=torch.cat([widen(b.attention_mask, T, 0) for b in batches]),
+            response_mask=torch.cat([widen(b.response_mask, T, False) for b in batches]),
+            advantages=torch.cat([b.advantages for b in batches]) if has_advantages else None,
+            old_logprobs=torch.cat([widen(b.old_logprobs, T - 1, 0.0) for b in batches]) if has_old else None,
+            index=torch.cat([b.index for b in batches]),
+            group=[g for b in batches for g in (b.group or [None] * len(b))],
+        )
+        return merged.select(torch.argsort(merged.index, stable=True))
+
 
 def collate(
     records: Sequence[dict],

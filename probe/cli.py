@@ -17,12 +17,11 @@ class SaveRunConfig(SaveConfigCallback):
         super().__init__(*args, **kwargs)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
-        if not hasattr(pl_module, "open_run_dir"):
-            return
-        run_dir = pl_module.open_run_dir(trainer)
-        if trainer.global_rank == 0:
-            self.parser.save(self.config, str(run_dir.path / self.config_filename), skip_none=False,
-                             overwrite=True, multifile=False)
+        """Called by Lightning on rank 0 only, after the DataModule's setup opened the run directory."""
+        run_dir = pl_module.run_directory() if hasattr(pl_module, "run_directory") else None
+        if run_dir is not None:
+            self.parser.save(self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True,
+                             multifile=False)  # fmt: skip
 
 
 def check_gpu_request(trainer_cfg) -> None:

@@ -21,13 +21,10 @@ The policy stays in eval mode (dropout off, as RL trainers run it), so sampling,
 probe's passes are deterministic; Lightning warns that modules are in eval mode at the start of fit.
 A resumed fit (``ckpt_path``) samples a new rollout at its first step even in the middle of inner epochs.
 
-Probe protocol (what ``callbacks.LiveEntropyProbe`` reads; any LightningModule can expose it):
-``self.policy`` (the trained HF model), and set in every ``training_step``
-``self.probe_batch`` (this rank's update batch U as a ``SequenceBatch``; ``index`` = position of
-each sequence in the step's global U, ``advantages``, ``old_logprobs`` when the loss uses them),
-``self.probe_loss`` (the ``LossConfig`` of the step), ``self.probe_normalisers`` (normalisers of the
-global U) and ``self.probe_head_dtype`` (the log-softmax head's dtype). The module guarantees that
-after backward (and DDP's all-reduce) ``p.grad = d/dp sum_{i in global U} c_i``.
+The module implements the live probe's contract (:class:`probe.live_contract.LiveProbeTarget`):
+``policy``, ``tokenizer`` and ``probed_step()``, the :class:`~probe.live_contract.ProbedStep` of the
+step whose backward just ran (this rank's U, the step's loss settings, the normalisers of the global
+U); after backward (and DDP's all-reduce) ``p.grad = d/dp sum_{i in global U} c_i``.
 
 Outputs, in the run directory ``<run.root>/<run.name>`` (rank 0): ``config.yaml``,
 ``checkpoints/*.ckpt`` (ordinary Lightning checkpoints; ``probe.optim_loading`` reads their AdamW
@@ -37,7 +34,6 @@ with the tokenizer): a ``configs/toy.yaml``-style predict run takes ``policy.pat
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -51,12 +47,13 @@ import torch
 from torch import Tensor
 
 from probe.batch import SequenceBatch, collate
-from probe.loading import PolicySettings, load_policy
+from probe.live_contract import ProbedStep
+from probe.loading import PolicySettings
 from probe.logprobs import teacher_force
 from probe.losses import LossConfig, Normalisers, per_sequence_loss
 from probe.rewards import resolve_reward
 from probe.rundir import RunDirectory, check_run_name, default_run_name, run_path
-from probe.sampling import ids_reward_from_text, sample_update_batch
+from probe.sampling import SamplingSettings, derived_seed, ids_reward_from_text, pad_token_id, sample_update_batch
 
 log = logging.getLogger("probe")
 
@@ -150,8 +147,7 @@ class FitRunSettings:
 
 def group_seed(seed: int, rollout: int, position: int, attempt: int = 0) -> int:
     """Seed of one prompt group's sampling generator: a hash of (run seed, rollout, prompt position, attempt)."""
-    digest = hashlib.sha256(f"grpo:{seed}:{rollout}:{position}:{attempt}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derived_seed("grpo", seed, rollout, position, attempt)
 
 
 @dataclass
@@ -188,6 +184,7 @@ def sample_rollout(
     reward_fn = reward_fn or resolve_reward(settings.reward)
     device = next(policy.parameters()).device
     G = settings.n_per_prompt
+    sampling = SamplingSettings(n_per_prompt=G, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
 
     score = ids_reward_from_text(reward_fn, tokenizer, {tuple(p): a for p, a in zip(prompts, answers) if a is not None})
 
@@ -199,10 +196,8 @@ def sample_rollout(
         for attempt in range(settings.max_resample_attempts + 1):
             generator = torch.Generator(device=device).manual_seed(group_seed(seed, rollout, int(position), attempt))
             group = sample_update_batch(
-                policy, [list(prompt)], reward_fn=score, n_per_prompt=G,
-                max_new_tokens=settings.max_new_tokens, temperature=settings.temperature, tokenizer=tokenizer,
-                generator=generator, groups=[int(position)], normalize_std=settings.normalize_std,
-                filter_zero_advantage_prompts=False,
+                policy, [list(prompt)], sampling, reward_fn=score, tokenizer=tokenizer, generator=generator,
+                groups=[int(position)], normalize_std=settings.normalize_std, filter_zero_advantage_prompts=False,
             )  # fmt: skip
             if attempt == 0:
                 rewards.extend(r["reward"] for r in group)
@@ -267,47 +262,39 @@ class GRPOModule(pl.LightningModule):
         self.checkpoint_every_n_steps, self.save_policy = checkpoint_every_n_steps, save_policy
         if run.num_threads > 0:
             torch.set_num_threads(run.num_threads)
-        path = policy.path
-        if path == "toy":
-            from probe.toy.world import build_toy_world
-
-            path = str(build_toy_world())
-        self.policy_dir = Path(path)
-        self.policy, self.tokenizer = load_policy(
-            path, dtype=policy.dtype, attn_implementation=policy.attn_implementation, adapter_path=policy.adapter_path,
-            lora=policy.lora, trust_remote_code=policy.trust_remote_code, device=policy.device,
-        )  # fmt: skip
+        self.policy_dir = policy.directory()
+        self.policy, self.tokenizer = policy.load()
         self.reward_fn = resolve_reward(rollout.reward)
         if loss.temperature != rollout.temperature:
             log.warning("loss.temperature=%s differs from rollout.temperature=%s: the loss's log-probs are not those of "
                         "the sampling policy (verl uses the rollout temperature for both)", loss.temperature, rollout.temperature)
-        self.pad_token_id = int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id)
-        # the probe protocol (callbacks.LiveEntropyProbe)
-        self.probe_batch: SequenceBatch | None = None
-        self.probe_loss: LossConfig | None = None
-        self.probe_normalisers: Normalisers | None = None
-        self.probe_head_dtype: torch.dtype | None = torch.float64 if rollout.float64_head else None
+        self.pad_token_id = pad_token_id(self.tokenizer)
+        self.head_dtype: torch.dtype | None = torch.float64 if rollout.float64_head else None
+        self._probed: ProbedStep | None = None  # the live probe's view of the current step
         self._rollout: tuple[int, SequenceBatch, Normalisers, Rollout] | None = None
-        self._run_path: Path | None = None
         self.run_name = check_run_name(default_run_name(run.name))
         if not run.name:
             os.environ["PROBE_RUN_NAME"] = self.run_name
+        self._run_dir: Path | None = None
         self.history: list[dict] = []
 
     # ---- run directory -----------------------------------------------------------------------
-    def run_path(self, trainer: pl.Trainer | None = None) -> Path:
-        """``<run.root>/<run.name>``; the name defaults to ``$PROBE_RUN_NAME`` or the time of construction, which
-        the module writes to ``$PROBE_RUN_NAME`` so that DDP processes launched after it (which inherit the
-        environment) agree."""
-        if self._run_path is None:  # no collective here: SaveConfigCallback calls it on rank 0 only
-            self._run_path = run_path(self.run.root, self.run_name)
-        return self._run_path
+    def run_directory(self) -> Path:
+        """``<run.root>/<run.name>``, created (with probe's marker) by rank 0 on first use. The name defaults to
+        ``$PROBE_RUN_NAME`` or the time of construction, which the module writes to ``$PROBE_RUN_NAME`` so that
+        DDP processes launched after it (which inherit the environment) agree. No collective here: the CLI's
+        config saving calls it on rank 0 only."""
+        if self._run_dir is None:
+            rank_zero = self._trainer is None or self.trainer.global_rank == 0
+            if rank_zero:
+                self._run_dir = RunDirectory.open(self.run.root, self.run_name, kind="fit").path
+            else:
+                self._run_dir = run_path(self.run.root, self.run_name)
+        return self._run_dir
 
-    def open_run_dir(self, trainer: pl.Trainer) -> RunDirectory:
-        """The run directory (created on rank 0); the CLI saves ``config.yaml`` there."""
-        if trainer.global_rank == 0:
-            return RunDirectory.open(self.run.root, self.run_name, kind="fit")
-        return RunDirectory(self.run_path(trainer))
+    def probed_step(self) -> ProbedStep | None:
+        """The live probe's view of the step whose backward just ran (:mod:`probe.live_contract`)."""
+        return self._probed
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """A ``ModelCheckpoint`` writing into the run directory (replacing the Trainer's default one), unless
@@ -319,7 +306,7 @@ class GRPOModule(pl.LightningModule):
             return []
 
         return [ModelCheckpoint(
-            dirpath=str(self.run_path() / "checkpoints"), filename="step={step}", auto_insert_metric_name=False,
+            dirpath=str(run_path(self.run.root, self.run_name) / "checkpoints"), filename="step={step}", auto_insert_metric_name=False,
             every_n_train_steps=self.checkpoint_every_n_steps or None, save_last=True, save_top_k=-1,
             save_on_train_epoch_end=True,
         )]  # fmt: skip
@@ -351,7 +338,7 @@ class GRPOModule(pl.LightningModule):
         loss = self.step_loss()
         if U is not None and loss.use_old_logprobs:
             with torch.no_grad():  # the policy's own log-probs now: ratio exactly 1 at the rollout's first step
-                U.old_logprobs = teacher_force(self.policy, U, temperature=loss.temperature, head_dtype=self.probe_head_dtype).logprobs
+                U.old_logprobs = teacher_force(self.policy, U, forcing=loss.forcing(self.head_dtype)).logprobs
         local = torch.tensor(counts, dtype=torch.float64, device=device)
         gathered = self.all_gather(local) if self._world() > 1 else local
         self.policy.train(was_training)
@@ -374,13 +361,12 @@ class GRPOModule(pl.LightningModule):
             if norm.n_sequences == 0:
                 log.warning("step %d: every prompt group of the step was dropped (all advantages zero); the loss is 0", self.global_step)
             loss = sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0.0  # zero gradients, DDP stays in step
-            self.probe_batch = None
         else:
-            stats = teacher_force(self.policy, U, temperature=loss_cfg.temperature, head_dtype=self.probe_head_dtype)
+            stats = teacher_force(self.policy, U, forcing=loss_cfg.forcing(self.head_dtype))
             c = per_sequence_loss(stats.logprobs, stats.mask, U.advantages, norm, loss_cfg, U.old_logprobs)  # [n] c_i
             loss = c.sum() * world  # DDP averages over ranks: the mean of world * local sums is the global sum
-            self.probe_batch = U
-        self.probe_loss, self.probe_normalisers = loss_cfg, norm
+        has_sequences = U is not None and norm.n_sequences > 0
+        self._probed = ProbedStep(U if has_sequences else None, loss_cfg, norm, self.head_dtype)
         mean_reward = sum(ro.rewards) / max(1, len(ro.rewards))
         sync = world > 1
         self.log("train/reward", mean_reward, prog_bar=True, sync_dist=sync, batch_size=max(1, len(ro.rewards)))
@@ -405,7 +391,7 @@ class GRPOModule(pl.LightningModule):
         }
         self.history.append(entry)
         if self.trainer.global_rank == 0:
-            path = self.run_path() / "history.jsonl"
+            path = self.run_directory() / "history.jsonl"
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
@@ -414,7 +400,7 @@ class GRPOModule(pl.LightningModule):
     def on_train_end(self) -> None:
         if not self.save_policy or self.trainer.global_rank != 0:
             return
-        target = self.run_path() / "policy"
+        target = self.run_directory() / "policy"
         self.policy.save_pretrained(str(target), safe_serialization=True)
         self.tokenizer.save_pretrained(str(target))
         (target / "probe_fit.json").write_text(json.dumps({

@@ -12,19 +12,8 @@ from typing import Any
 
 import torch
 
-from probe.precision import exact_float64_norms
+from probe.precision import exact_float64_norms, resolve_dtype
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float64": torch.float64,
-    "fp64": torch.float64,
-    "double": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -72,10 +61,18 @@ class PolicySettings:
     trust_remote_code: bool = False
     device: str = "cpu"
 
+    def directory(self) -> Path:
+        """The checkpoint directory: ``path``, or the built-in toy world's (built once and cached) for ``toy``."""
+        if self.path == "toy":
+            from probe.toy.world import build_toy_world
+
+            return build_toy_world()
+        return Path(self.path).expanduser()
+
     def load(self) -> tuple[torch.nn.Module, Any]:
-        """``load_policy`` with these settings."""
+        """The policy (in eval mode) and its tokenizer, loaded with these settings (:func:`load_policy`)."""
         return load_policy(
-            self.path,
+            self.directory(),
             dtype=self.dtype,
             attn_implementation=self.attn_implementation,
             adapter_path=self.adapter_path,
@@ -83,16 +80,6 @@ class PolicySettings:
             trust_remote_code=self.trust_remote_code,
             device=self.device,
         )
-
-
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from a name such as ``"bfloat16"``."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, float64")
-    return DTYPES[key]
 
 
 HUB_HINT = (

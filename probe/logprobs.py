@@ -3,12 +3,14 @@
 Differentiable (used for the update's gradient and for forward-mode JVPs) and usable
 under parameter overrides through ``torch.func.functional_call``. The log-softmax head
 runs in float64 on chunks of response tokens, so no ``[B, T, V]`` float64 tensor is
-ever built (DESIGN section 7: a float64 head costs ~1.07x a forward and cuts the error
-of log-prob differences 7-10x).
+ever built (docs/DESIGN.md section 8: a float64 head costs ~1.07x a forward and cuts the
+error of log-prob differences 7-10x). How a batch is teacher-forced is one settings object,
+:class:`TeacherForcing`, passed whole to every function that forces sequences.
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -16,6 +18,37 @@ from torch import Tensor
 from torch.func import functional_call
 
 from probe.batch import SequenceBatch
+
+
+@dataclass(frozen=True)
+class TeacherForcing:
+    """How sequences are teacher-forced.
+
+    Args:
+        temperature: tau; log-probs and entropies are those of ``logits / tau`` (the temperature E was sampled at).
+        with_entropy: also compute full-vocabulary token entropies (the ``token_entropy`` integrand).
+        head_dtype: precision of the log-softmax head (None: the logits' own dtype).
+        token_chunk: response tokens per chunk of the head (bounds the upcast copy of the logits).
+        batch_size: sequences per forward pass where a batch is processed in chunks (None: all at once).
+    """
+
+    temperature: float = 1.0
+    with_entropy: bool = False
+    head_dtype: torch.dtype | None = torch.float64
+    token_chunk: int = 4096
+    batch_size: int | None = 256
+
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0):
+            raise ValueError(f"teacher-forcing temperature must be > 0, got {self.temperature}")
+        if self.token_chunk < 1:
+            raise ValueError(f"token_chunk must be >= 1 (response tokens per head chunk), got {self.token_chunk}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 sequences (or None: all at once), got {self.batch_size}")
+
+    def for_integrand(self, integrand: str) -> TeacherForcing:
+        """The same settings, with entropies exactly when ``integrand`` is ``token_entropy``."""
+        return replace(self, with_entropy=integrand == "token_entropy")
 
 
 @dataclass
@@ -33,7 +66,7 @@ class TokenStats:
     @property
     def sequence_entropies(self) -> Tensor:  # [B]  sum_t H_t
         if self.entropies is None:
-            raise ValueError("entropies were not computed: call teacher_force(..., with_entropy=True)")
+            raise ValueError("entropies were not computed: teacher-force with forcing=TeacherForcing(with_entropy=True)")
         return self.entropies.sum(-1)
 
     @property
@@ -88,17 +121,13 @@ def teacher_force(
     model: torch.nn.Module,
     batch: SequenceBatch,
     params: Mapping[str, Tensor] | None = None,
-    *,
-    temperature: float = 1.0,
-    with_entropy: bool = False,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
+    forcing: TeacherForcing = TeacherForcing(),
 ) -> TokenStats:
-    """Teacher-force ``batch`` through ``model`` (optionally with ``params`` overriding some
-    of ``model.named_parameters()``; the model itself is never mutated).
+    """Teacher-force ``batch`` through ``model`` in one pass (optionally with ``params`` overriding
+    some of ``model.named_parameters()``; the model itself is never mutated).
 
-    Returns per-token log-probs (and entropies) aligned with ``batch.targets``.
-    Gradients and forward-mode tangents flow through unless the caller disables them.
+    Returns per-token log-probs (and entropies when ``forcing.with_entropy``) aligned with
+    ``batch.targets``. Gradients and forward-mode tangents flow through unless the caller disables them.
     """
     if params:
         logits = functional_call(
@@ -120,7 +149,12 @@ def teacher_force(
     scored = logits[:, :-1][mask]  # [N, V]
     targets = batch.targets.to(logits.device)[mask]  # [N]
     logp, ent = token_logprobs_and_entropy(
-        scored, targets, temperature=temperature, with_entropy=with_entropy, dtype=head_dtype, token_chunk=token_chunk
+        scored,
+        targets,
+        temperature=forcing.temperature,
+        with_entropy=forcing.with_entropy,
+        dtype=forcing.head_dtype,
+        token_chunk=forcing.token_chunk,
     )
     out_dtype = logp.dtype
     zeros = torch.zeros(mask.shape, dtype=out_dtype, device=logits.device)

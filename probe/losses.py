@@ -10,6 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from probe.logprobs import TeacherForcing
+
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
@@ -39,6 +41,10 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.agg_mode not in AGG_MODES:
             raise ValueError(f"unknown loss agg_mode {self.agg_mode!r}; choose one of {', '.join(AGG_MODES)}")
+
+    def forcing(self, head_dtype: torch.dtype | None = torch.float64) -> TeacherForcing:
+        """How the loss teacher-forces U: at the loss temperature, log-probs only, in one pass per batch."""
+        return TeacherForcing(temperature=self.temperature, head_dtype=head_dtype, batch_size=None)
 
 
 @dataclass

@@ -12,8 +12,9 @@ etas. Everything runs under ``torch.no_grad`` and per-sequence outputs are float
 * ``T_j``: response length,
 
 from which the integrand is ``h_j = -l_j`` (``logprob``) or ``h_j = sum_t H_t``
-(``token_entropy``), DESIGN section 3.
+(``token_entropy``), docs/DESIGN.md section 3.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,62 +24,10 @@ import torch
 from torch import Tensor, nn
 
 from probe.batch import SequenceBatch
-from probe.logprobs import TokenStats, teacher_force
-
-INTEGRANDS = ("logprob", "token_entropy")
+from probe.logprobs import TeacherForcing, teacher_force
+from probe.statistics import SequenceStats
 
 Direction = Mapping[str, Tensor]  # parameter name -> step per unit eta (same shape as the parameter)
-
-
-@dataclass
-class SequenceStats:
-    """Per-sequence statistics of (part of) E at one parameter point, all float64 ``[M]``."""
-
-    logprobs: Tensor  # [M] l_j
-    entropies: Tensor | None  # [M] sum_t H_t over the response (None: not computed)
-    lengths: Tensor  # [M] T_j, response tokens
-
-    def __len__(self) -> int:
-        return int(self.logprobs.shape[0])
-
-    def integrand(self, name: str) -> Tensor:  # [M] h_j
-        """h_j for ``logprob`` (-l_j) or ``token_entropy`` (sum_t H_t)."""
-        check_integrand(name)
-        if name == "logprob":
-            return -self.logprobs
-        if self.entropies is None:
-            raise ValueError("token entropies were not computed: teacher-force E with with_entropy=True")
-        return self.entropies
-
-    @staticmethod
-    def from_tokens(stats: TokenStats) -> "SequenceStats":
-        return SequenceStats(
-            logprobs=stats.sequence_logprobs.double(),
-            entropies=None if stats.entropies is None else stats.sequence_entropies.double(),
-            lengths=stats.lengths.double(),
-        )
-
-    @staticmethod
-    def cat(parts: Sequence["SequenceStats"]) -> "SequenceStats":
-        """Concatenate the statistics of consecutive chunks."""
-        has_entropy = all(p.entropies is not None for p in parts)
-        return SequenceStats(
-            logprobs=torch.cat([p.logprobs for p in parts]),
-            entropies=torch.cat([p.entropies for p in parts]) if has_entropy else None,
-            lengths=torch.cat([p.lengths for p in parts]),
-        )
-
-    def select(self, rows: slice | Tensor) -> "SequenceStats":
-        return SequenceStats(
-            logprobs=self.logprobs[rows],
-            entropies=None if self.entropies is None else self.entropies[rows],
-            lengths=self.lengths[rows],
-        )
-
-
-def check_integrand(name: str) -> None:
-    if name not in INTEGRANDS:
-        raise ValueError(f"unknown integrand {name!r}; choose one of {', '.join(INTEGRANDS)}")
 
 
 def base_parameters(model: nn.Module, direction: Direction) -> dict[str, Tensor]:
@@ -141,12 +90,8 @@ def iter_sweep(
     batch: SequenceBatch,
     directions: Mapping[str, Direction],
     etas: Sequence[float] | Mapping[str, Sequence[float]],
+    forcing: TeacherForcing,
     *,
-    temperature: float = 1.0,
-    with_entropy: bool = True,
-    chunk_size: int | None = 256,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
     base: SequenceStats | None = None,
 ) -> Iterator[SweepChunk]:
     """Teacher-force E at theta and at theta + eta * d for every (part, eta), chunk by chunk.
@@ -156,11 +101,7 @@ def iter_sweep(
         batch: the evaluation batch E.
         directions: part name -> direction (partial dict over parameter names).
         etas: step sizes shared by all parts, or part name -> its own step sizes.
-        temperature: tau, the temperature E was sampled at.
-        with_entropy: also compute full-vocabulary token entropies (needed by ``token_entropy``).
-        chunk_size: sequences of E per forward pass (None: all of E at once).
-        head_dtype: precision of the log-softmax head (float64 recommended).
-        token_chunk: response tokens per chunk of the head.
+        forcing: how E is teacher-forced (temperature tau, entropies, head precision, sequences per pass).
         base: statistics of E at theta if already known (skips the base passes; no base
             chunks are yielded then).
 
@@ -173,20 +114,19 @@ def iter_sweep(
     if base is not None and len(base) != len(batch):
         raise ValueError(f"base statistics cover {len(base)} sequences but E has {len(batch)}; pass the base of this E")
     device = _model_device(model)
-    kwargs = dict(temperature=temperature, with_entropy=with_entropy, head_dtype=head_dtype, token_chunk=token_chunk)
     touched = {n: t for part in theta0.values() for n, t in part.items()}
     buffers = {n: torch.empty_like(t) for n, t in touched.items()}  # one override, rewritten per (part, eta)
     start = 0
     with torch.no_grad():
-        for chunk in batch.chunks(chunk_size):
+        for chunk in batch.chunks(forcing.batch_size):
             chunk = chunk.to(device)
             if base is None:
-                stats = SequenceStats.from_tokens(teacher_force(model, chunk, **kwargs))
+                stats = SequenceStats.from_tokens(teacher_force(model, chunk, forcing=forcing))
                 yield SweepChunk(part=None, eta_index=-1, eta=0.0, start=start, stats=stats)
             for part, direction in aligned.items():
                 for k, eta in enumerate(etas_of[part]):
                     params = shifted_parameters(theta0[part], direction, float(eta), out=buffers)
-                    stats = SequenceStats.from_tokens(teacher_force(model, chunk, params, **kwargs))
+                    stats = SequenceStats.from_tokens(teacher_force(model, chunk, params, forcing))
                     yield SweepChunk(part=part, eta_index=k, eta=float(eta), start=start, stats=stats)
             start += len(chunk)
 
@@ -218,24 +158,17 @@ def sweep(
     batch: SequenceBatch,
     directions: Mapping[str, Direction],
     etas: Sequence[float],
+    forcing: TeacherForcing,
     *,
-    temperature: float = 1.0,
-    with_entropy: bool = True,
-    chunk_size: int | None = 256,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
     base: SequenceStats | None = None,
 ) -> Sweep:
     """:func:`iter_sweep` collected into stacked ``[K, J, M]`` tensors (same etas for every part)."""
     parts, eta_list = list(directions), [float(e) for e in etas]
     M, K, J = len(batch), len(parts), len(eta_list)
     logprobs = torch.zeros(K, J, M, dtype=torch.float64)
-    entropies = torch.zeros(K, J, M, dtype=torch.float64) if with_entropy else None
+    entropies = torch.zeros(K, J, M, dtype=torch.float64) if forcing.with_entropy else None
     base_chunks: list[SequenceStats] = []
-    for item in iter_sweep(
-        model, batch, directions, eta_list, temperature=temperature, with_entropy=with_entropy,
-        chunk_size=chunk_size, head_dtype=head_dtype, token_chunk=token_chunk, base=base,
-    ):
+    for item in iter_sweep(model, batch, directions, eta_list, forcing, base=base):
         if item.part is None:
             base_chunks.append(item.stats)
             continue
@@ -244,28 +177,10 @@ def sweep(
         logprobs[k, item.eta_index, rows] = item.stats.logprobs.cpu()
         if entropies is not None:
             entropies[k, item.eta_index, rows] = item.stats.entropies.cpu()
-    if base is None:
-        base = SequenceStats.cat(base_chunks)
-    base = SequenceStats(
-        logprobs=base.logprobs.cpu(),
-        entropies=None if base.entropies is None else base.entropies.cpu(),
-        lengths=base.lengths.cpu(),
-    )
+    base = (SequenceStats.cat(base_chunks) if base is None else base).cpu()
     return Sweep(parts=parts, etas=torch.tensor(eta_list, dtype=torch.float64), base=base, logprobs=logprobs, entropies=entropies)
 
 
-def base_statistics(
-    model: nn.Module,
-    batch: SequenceBatch,
-    *,
-    temperature: float = 1.0,
-    with_entropy: bool = True,
-    chunk_size: int | None = 256,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
-) -> SequenceStats:
+def base_statistics(model: nn.Module, batch: SequenceBatch, forcing: TeacherForcing) -> SequenceStats:
     """Statistics of E at theta (the eta = 0 point), chunked, no grad."""
-    return sweep(
-        model, batch, {}, [], temperature=temperature, with_entropy=with_entropy,
-        chunk_size=chunk_size, head_dtype=head_dtype, token_chunk=token_chunk,
-    ).base
+    return sweep(model, batch, {}, [], forcing).base

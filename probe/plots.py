@@ -72,3 +72,36 @@ def plot_attributions(attributions: np.ndarray, eta: float, path: Path) -> Path:
     ax.set_ylabel("update sequences")
     ax.set_title("per-sequence first-order attribution")
     return save_figure(fig, path)
+
+
+def plot_live(records: list[dict], path: Path) -> Path:
+    """Predicted (SNIS at eta = lr +- SE, first and second order) vs realised (+- SE) entropy change per probed step,
+    and the verification error in rounding units, from the live probe's records."""
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.0, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    predicted = [(r["step"], r["eval"]["parts"]["full"], r["plan"]["etas"].index(r["update"]["lr"])) for r in records if "eval" in r]
+
+    def at(values: list | None, j: int) -> float:
+        return np.nan if values is None or values[j] is None else values[j]
+
+    if predicted:
+        steps = [s for s, _, _ in predicted]
+        ax.errorbar(steps, [at(p["delta_h"], j) for _, p, j in predicted], yerr=[at(p["se"], j) for _, p, j in predicted],
+                    fmt="o", capsize=3, label="predicted (SNIS at eta = lr)")  # fmt: skip
+        ax.plot(steps, [at(p.get("predicted_first"), j) for _, p, j in predicted], "-", alpha=0.7, label="first order")
+        ax.plot(steps, [at(p.get("predicted_second"), j) for _, p, j in predicted], "--", alpha=0.7, label="second order")
+    real = [r for r in records if "realised" in r]
+    if real:
+        ax.errorbar([r["step"] + 0.15 for r in real], [r["realised"]["delta_h"] for r in real],
+                    yerr=[r["realised"]["se"] for r in real], fmt="s", capsize=3, color="C3",
+                    label="realised (fresh samples)")  # fmt: skip
+    ax.axhline(0.0, color="grey", lw=0.5)
+    ax.set_ylabel("Delta H (nats / sequence)")
+    ax.set_title("entropy change per optimizer step: predicted vs realised")
+    ax.legend(fontsize=7)
+    ver = [r for r in records if "verification" in r]
+    if ver:
+        ax2.semilogy([r["step"] for r in ver], [max(r["verification"]["max_units_all_ranks"], 1e-6) for r in ver], "o-")
+        ax2.axhline(1.0, color="C3", lw=0.8, ls=":")
+    ax2.set_ylabel("step error (ulp units)")
+    ax2.set_xlabel("optimizer step")
+    return save_figure(fig, path)

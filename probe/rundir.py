@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from probe.jsonable import dumps
+
 SCHEMA_VERSION = 1
 
 
@@ -83,34 +85,9 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if hasattr(o, "item") and callable(o.item):
-        return o.item()
-    return str(o)
-
-
 def write_json(path: Path, obj: Any) -> None:
-    """Atomic JSON write (non-finite floats are written as null, which JSON can read)."""
-    text = json.dumps(_finite_or_none(obj), indent=2, default=_json_default, allow_nan=False)
-    _atomic_write_bytes(Path(path), text.encode())
-
-
-def _finite_or_none(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if np.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite_or_none(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _finite_or_none(obj.tolist())
-    if isinstance(obj, (np.floating,)):
-        return _finite_or_none(float(obj))
-    return obj
+    """Atomic strict-JSON write (non-finite floats are written as null, see :mod:`probe.jsonable`)."""
+    _atomic_write_bytes(Path(path), dumps(obj, indent=2).encode())
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

@@ -12,6 +12,7 @@ log-probs (renormalised over the kept tokens) are then recorded as ``sampling_lo
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Sequence
@@ -42,19 +43,54 @@ class SamplingSettings:
     seed: int = 0
     batch_size: int | None = None
 
+    def __post_init__(self) -> None:
+        if not (self.temperature > 0):
+            raise ValueError(
+                f"sampling temperature must be > 0, got {self.temperature}: greedy decoding has no sampling distribution "
+                "to take old_logprobs or importance weights from; use a small positive temperature instead"
+            )
+        if self.n_per_prompt < 1 or self.max_new_tokens < 1:
+            raise ValueError(
+                f"sampling.n_per_prompt and sampling.max_new_tokens must be >= 1, got {self.n_per_prompt} and "
+                f"{self.max_new_tokens}"
+            )
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}; use null to turn nucleus sampling off")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"sampling.top_k must be >= 1, got {self.top_k}; use null to turn top-k sampling off")
 
-def _eos_set(eos_token_id: int | Sequence[int] | None, tokenizer: Any) -> list[int]:
-    if eos_token_id is None and tokenizer is not None:
-        eos_token_id = tokenizer.eos_token_id
-    if eos_token_id is None:
-        raise ValueError("no EOS token id: pass eos_token_id=... or a tokenizer whose eos_token_id is set")
-    return [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+    @property
+    def truncated(self) -> bool:
+        """Top-p or top-k truncation is on: the sampling distribution is not the temperature-tau policy."""
+        return (self.top_p is not None and self.top_p < 1.0) or self.top_k is not None
 
 
-def _pad_id(pad_token_id: int | None, tokenizer: Any, eos: list[int]) -> int:
-    if pad_token_id is None and tokenizer is not None:
-        pad_token_id = tokenizer.pad_token_id
-    return int(eos[0] if pad_token_id is None else pad_token_id)
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed from a hash of ``parts`` (e.g. run seed, step, stream): independent streams from one seed."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def special_token_ids(tokenizer: Any = None, config: Any = None) -> tuple[int, list[int]]:
+    """``(pad, eos)``: the pad id and the EOS id(s) of a tokenizer, else of the model config.
+
+    The pad id falls back to the first EOS id (as RL trainers pad finished rows with EOS).
+    """
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(config, "eos_token_id", None)
+    if eos is None:
+        raise ValueError("no EOS token id: the tokenizer and the model config name none; set tokenizer.eos_token_id")
+    eos_ids = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(config, "pad_token_id", None)
+    return int(eos_ids[0] if pad is None else pad), eos_ids
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches are padded with (:func:`special_token_ids`)."""
+    return special_token_ids(tokenizer)[0]
 
 
 def truncate_logits(logits: Tensor, top_p: float | None, top_k: int | None) -> Tensor:  # [R, V] -> [R, V]
@@ -150,74 +186,61 @@ def _sample_rows(
 def sample_responses(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
+    sampling: SamplingSettings,
     *,
-    n_per_prompt: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    top_k: int | None = None,
     tokenizer: Any = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
-    seed: int | None = 0,
     generator: torch.Generator | None = None,
     groups: Sequence[Hashable] | None = None,
-    batch_size: int | None = None,
 ) -> list[dict]:
-    """Sample ``n_per_prompt`` responses to each prompt; records are grouped prompt by prompt.
+    """Sample ``sampling.n_per_prompt`` responses to each prompt; records are grouped prompt by prompt.
 
     Args:
         model: a causal LM (HF or PEFT-wrapped); its train/eval mode is left as it is.
         prompts: prompt token ids, one list per prompt.
-        n_per_prompt: responses per prompt (G).
-        max_new_tokens: longest response; responses cut there without EOS get ``truncated=True``.
-        temperature: tau > 0; ``old_logprobs`` are float64 log-probs of ``softmax(logits / tau)``.
-        top_p: nucleus sampling (None: off); the truncated behaviour log-probs go to ``sampling_logprobs``.
-        top_k: top-k sampling (None: off); as top_p.
-        tokenizer: where to read ``eos_token_id``/``pad_token_id`` from when they are not given.
+        sampling: G, longest response, temperature (``old_logprobs`` are float64 log-probs of
+            ``softmax(logits / tau)``), top-p/top-k (the truncated behaviour log-probs then go to
+            ``sampling_logprobs``), seed and batch size. Responses cut at ``max_new_tokens`` without EOS get
+            ``truncated=True``.
+        tokenizer: where to read the EOS / pad ids from when they are not given (:func:`special_token_ids`).
         eos_token_id: end-of-sequence id (or ids); responses are cut after the first one, EOS included.
         pad_token_id: filler for finished rows (default: the tokenizer's pad, else EOS).
-        seed: seed of a fresh generator on the model's device (ignored when ``generator`` is given).
-        generator: a ``torch.Generator`` on the model's device, advanced in place.
+        generator: a ``torch.Generator`` on the model's device, advanced in place (default: a fresh one
+            seeded with ``sampling.seed``).
         groups: the ``group`` of each prompt (default: the prompt's position 0..len(prompts)-1).
-        batch_size: sequences sampled together (None: all).
 
     Returns:
         One record per response: ``prompt_ids``, ``response_ids``, ``group``, ``old_logprobs``,
         ``truncated``, ``temperature``, ``top_p``, ``top_k`` (+ ``sampling_logprobs`` when truncated sampling is on).
     """
-    if not temperature or temperature <= 0:
-        raise ValueError(
-            f"temperature must be > 0, got {temperature}: greedy decoding has no sampling distribution "
-            "to take old_logprobs or importance weights from; use a small positive temperature instead"
-        )
-    if n_per_prompt < 1 or max_new_tokens < 1:
-        raise ValueError(f"n_per_prompt and max_new_tokens must be >= 1, got {n_per_prompt} and {max_new_tokens}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}; use None to turn nucleus sampling off")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}; use None to turn top-k sampling off")
     if groups is not None and len(groups) != len(prompts):
         raise ValueError(f"groups has {len(groups)} entries for {len(prompts)} prompts: give one group per prompt")
     for k, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {k} is empty: every prompt needs at least one token (e.g. BOS)")
-    eos = _eos_set(eos_token_id, tokenizer)
-    pad_id = _pad_id(pad_token_id, tokenizer, eos)
+    if eos_token_id is None:
+        pad_default, eos = special_token_ids(tokenizer)
+    else:
+        eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+        pad_default = getattr(tokenizer, "pad_token_id", None)
+        pad_default = eos[0] if pad_default is None else int(pad_default)
+    pad_id = pad_default if pad_token_id is None else int(pad_token_id)
     if generator is None:
         device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(int(seed or 0))
-    truncated_sampling = (top_p is not None and top_p < 1.0) or top_k is not None
+        generator = torch.Generator(device=device).manual_seed(int(sampling.seed or 0))
+    n_per_prompt, temperature, top_p, top_k = sampling.n_per_prompt, sampling.temperature, sampling.top_p, sampling.top_k
+    batch_size, truncated_sampling = sampling.batch_size, sampling.truncated
 
     rows = [(k, list(map(int, p))) for k, p in enumerate(prompts) for _ in range(n_per_prompt)]
     size = len(rows) if not batch_size or batch_size <= 0 else batch_size
     records: list[dict] = []
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size]
-        responses, policy, sampling, truncated = _sample_rows(
+        responses, policy_lps, sampling_lps, truncated = _sample_rows(
             model,
             [r for _, r in chunk],
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=sampling.max_new_tokens,
             temperature=float(temperature),
             top_p=top_p,
             top_k=top_k,
@@ -225,7 +248,7 @@ def sample_responses(
             pad_id=pad_id,
             generator=generator,
         )
-        for (k, prompt), response, lp, slp, cut in zip(chunk, responses, policy, sampling, truncated):
+        for (k, prompt), response, lp, slp, cut in zip(chunk, responses, policy_lps, sampling_lps, truncated):
             record = {
                 "prompt_ids": prompt,
                 "response_ids": response,
@@ -290,20 +313,14 @@ def ids_reward_from_text(
 def sample_update_batch(
     model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
+    sampling: SamplingSettings,
     *,
     reward_fn: Callable[[Sequence[int], Sequence[int]], float],
-    n_per_prompt: int,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    top_p: float | None = None,
-    top_k: int | None = None,
     tokenizer: Any = None,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
-    seed: int | None = 0,
     generator: torch.Generator | None = None,
     groups: Sequence[Hashable] | None = None,
-    batch_size: int | None = None,
     normalize_std: bool = True,
     eps: float = 1e-6,
     filter_zero_advantage_prompts: bool = True,
@@ -322,19 +339,9 @@ def sample_update_batch(
     Args:
         model: the policy.
         prompts: prompt token ids, one list per group.
+        sampling: how responses are sampled (G = ``n_per_prompt`` >= 2; see :func:`sample_responses`).
         reward_fn: ``reward_fn(prompt_ids, response_ids) -> float`` (see :func:`ids_reward_from_text`).
-        n_per_prompt: group size G (>= 2).
-        max_new_tokens: longest response.
-        temperature: sampling temperature.
-        top_p: nucleus sampling (None: off).
-        top_k: top-k sampling (None: off).
-        tokenizer: source of EOS/pad ids when not given.
-        eos_token_id: EOS id(s).
-        pad_token_id: pad id.
-        seed: seed of the sampling generator (ignored when ``generator`` is given).
-        generator: a ``torch.Generator`` on the model's device.
-        groups: group label of each prompt (default 0..len(prompts)-1).
-        batch_size: sequences sampled together.
+        tokenizer, eos_token_id, pad_token_id, generator, groups: as :func:`sample_responses`.
         normalize_std: divide advantages by the group's std (GRPO); off: mean-centred only (Dr. GRPO).
         eps: added to the std.
         filter_zero_advantage_prompts: resample all-zero-advantage groups (on) or keep them (off).
@@ -346,6 +353,7 @@ def sample_update_batch(
         Records as :func:`sample_responses` gives, plus ``reward``, ``advantage`` and
         ``resample_attempt`` (0 for the first draw); ordered group by group.
     """
+    n_per_prompt = sampling.n_per_prompt
     if n_per_prompt < 2:
         raise ValueError(
             f"n_per_prompt={n_per_prompt}: group advantages need at least 2 responses per prompt "
@@ -355,15 +363,13 @@ def sample_update_batch(
         raise ValueError(f"max_resample_attempts must be >= 0, got {max_resample_attempts}")
     if generator is None:
         device = next(model.parameters()).device
-        generator = torch.Generator(device=device).manual_seed(int(seed or 0))
+        generator = torch.Generator(device=device).manual_seed(int(sampling.seed or 0))
     labels = list(range(len(prompts))) if groups is None else list(groups)
-    sample_kw = dict(
-        n_per_prompt=n_per_prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-        tokenizer=tokenizer, eos_token_id=eos_token_id, pad_token_id=pad_token_id, generator=generator, batch_size=batch_size,
-    )  # fmt: skip
-
     def draw(prompt_list: list[list[int]], label_list: list[Hashable], attempt: int) -> list[list[dict]]:
-        records = sample_responses(model, prompt_list, groups=label_list, **sample_kw)
+        records = sample_responses(
+            model, prompt_list, sampling, tokenizer=tokenizer, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+            generator=generator, groups=label_list,
+        )  # fmt: skip
         rewards = torch.tensor([float(reward_fn(r["prompt_ids"], r["response_ids"])) for r in records], dtype=torch.float64)
         advantages = group_advantages(rewards, [r["group"] for r in records], normalize_std=normalize_std, eps=eps)
         for r, rew, adv in zip(records, rewards.tolist(), advantages.tolist()):
@@ -384,7 +390,8 @@ def sample_update_batch(
             raise ValueError(
                 f"{len(dead)} of {len(by_group)} prompt groups still have all advantages |A| <= {zero_tol:g} "
                 f"(every response got the same reward) after {attempt} resampling attempts "
-                f"(max_resample_attempts={max_resample_attempts}, n_per_prompt={n_per_prompt}, temperature={temperature}). "
+                f"(max_resample_attempts={max_resample_attempts}, n_per_prompt={n_per_prompt}, "
+                f"temperature={sampling.temperature}). "
                 "Fix: raise max_resample_attempts or n_per_prompt, raise the temperature, give spare prompts, "
                 "use prompts of middling difficulty for this policy, or set filter_zero_advantage_prompts=False to keep them."
             )

@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from probe.overrides import INTEGRANDS
+import torch
+
+from probe.statistics import INTEGRANDS
 from probe.snis import NORMALISATIONS
 from probe.update import PARTS as UPDATE_PARTS
 
@@ -110,6 +112,16 @@ class PrecisionSettings:
     float64_head: bool = True
     tf32: bool = False
     matmul_precision: str = "highest"
+
+    def __post_init__(self) -> None:
+        if self.matmul_precision not in ("highest", "high", "medium"):
+            raise ValueError(f"precision.matmul_precision must be highest, high or medium, got {self.matmul_precision!r}")
+
+    def apply(self) -> None:
+        """Set torch's TF32 switches and float32 matmul precision for this process."""
+        torch.backends.cuda.matmul.allow_tf32 = self.tf32
+        torch.backends.cudnn.allow_tf32 = self.tf32
+        torch.set_float32_matmul_precision(self.matmul_precision)
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Self-normalised importance sampling (SNIS) of the entropy change Delta H(eta), DESIGN section 3.
+"""Self-normalised importance sampling (SNIS) of the entropy change Delta H(eta), docs/DESIGN.md section 3.
 
 E holds M sequences y_j ~ pi_theta. For theta(eta) = theta + eta * d, with per-sequence
 statistics at theta (``h_j(0)``) and at theta(eta) (``l_j(eta)``, ``h_j(eta)``):
@@ -28,7 +28,15 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from probe.overrides import INTEGRANDS, SequenceStats, Sweep, check_integrand
+from probe.overrides import Sweep
+from probe.statistics import (
+    INTEGRANDS,
+    SequenceStats,
+    check_integrand,
+    group_ids,
+    group_sum,
+    small_sample_correction,
+)
 
 NORMALISATIONS = ("global", "per_prompt")
 
@@ -58,29 +66,6 @@ class SNISConfig:
             raise ValueError(f"truncation={self.truncation} < 1 would cap every weight below the mean; use c >= 1 (e.g. 10) or 0 to disable")
 
 
-# ---------------------------------------------------------------------------------------------
-# groups
-
-
-def group_ids(groups: Sequence[Any] | Tensor | None, n: int) -> tuple[Tensor, int]:
-    """Integer id ``[n]`` of each sequence's prompt group (all zeros when ``groups`` is None) and the number of groups."""
-    if groups is None:
-        return torch.zeros(n, dtype=torch.long), 1
-    if isinstance(groups, Tensor):
-        groups = groups.tolist()
-    if len(groups) != n:
-        raise ValueError(f"got {len(groups)} group labels for {n} sequences; give one prompt group per sequence of E")
-    if any(g is None for g in groups):
-        raise ValueError("per_prompt normalisation needs a group for every sequence of E, some are None; add 'group' to the rollouts or use normalisation='global'")
-    index: dict[Any, int] = {}
-    ids = [index.setdefault(g, len(index)) for g in groups]
-    return torch.tensor(ids, dtype=torch.long), len(index)
-
-
-def _group_sum(x: Tensor, gid: Tensor, n_groups: int) -> Tensor:  # [M] -> [G]
-    return torch.zeros(n_groups, dtype=x.dtype, device=x.device).index_add(0, gid, x)
-
-
 def log_weights(base: SequenceStats, shifted: SequenceStats) -> Tensor:  # [M]
     """lambda_j = l_j(eta) - l_j(0), in float64."""
     return shifted.logprobs.double() - base.logprobs.double()
@@ -104,11 +89,11 @@ def snis_point_estimate(
     shift = torch.full((n_groups,), -math.inf, dtype=log_w.dtype, device=log_w.device)
     shift = shift.scatter_reduce(0, gid, log_w.detach(), "amax")  # [G], a constant: cancels in the ratios
     w = torch.exp(log_w - shift[gid])  # [M]
-    frac = _group_sum(torch.ones_like(w), gid, n_groups) / M  # [G] M_g / M
-    H_g = _group_sum(w * integrand_eta, gid, n_groups) / _group_sum(w, gid, n_groups)  # [G]
-    hbar_g = _group_sum(integrand_base, gid, n_groups) / (frac * M)  # [G]
-    R_g = _group_sum(w * integrand_eta, gid, n_groups) / _group_sum(w * lengths, gid, n_groups)  # [G]
-    r_g = _group_sum(integrand_base, gid, n_groups) / _group_sum(lengths, gid, n_groups)  # [G]
+    frac = group_sum(torch.ones_like(w), gid, n_groups) / M  # [G] M_g / M
+    H_g = group_sum(w * integrand_eta, gid, n_groups) / group_sum(w, gid, n_groups)  # [G]
+    hbar_g = group_sum(integrand_base, gid, n_groups) / (frac * M)  # [G]
+    R_g = group_sum(w * integrand_eta, gid, n_groups) / group_sum(w * lengths, gid, n_groups)  # [G]
+    r_g = group_sum(integrand_base, gid, n_groups) / group_sum(lengths, gid, n_groups)  # [G]
     return (frac * (H_g - hbar_g)).sum(), (frac * (R_g - r_g)).sum()
 
 
@@ -158,10 +143,6 @@ class SNISResult:
         return out
 
 
-def _correction(count: Tensor) -> Tensor:  # [G] small-sample factor M_g / (M_g - 1)
-    return torch.where(count > 1, count / (count - 1).clamp(min=1), torch.ones_like(count))
-
-
 def snis_estimate(
     base: SequenceStats,
     shifted: SequenceStats,
@@ -192,6 +173,8 @@ def snis_estimate(
 
     Under ``per_prompt`` the group estimates are independent, each group uses its own centres
     (H^_g, hbar_g, R^_g, r_g), factor M_g / (M_g - 1), and its terms are scaled by M_g / M.
+    A group of one sample (E of one sequence; ``per_prompt`` with one response per prompt) has no
+    sample variance: the SEs are then NaN (unavailable), never 0.
     """
     config = config or SNISConfig()
     check_integrand(integrand)
@@ -218,48 +201,50 @@ def snis_estimate(
 
     shift = torch.full((G,), -math.inf, dtype=torch.float64, device=device).scatter_reduce(0, gid, log_w, "amax")
     w = torch.exp(log_w - shift[gid])  # [M] in (0, 1]
-    count = _group_sum(torch.ones_like(w), gid, G)  # [G] M_g
+    count = group_sum(torch.ones_like(w), gid, G)  # [G] M_g
     truncated = torch.zeros(M, dtype=torch.bool, device=device)
     if config.truncation:
-        cap = config.truncation * _group_sum(w, gid, G) / count  # [G]
+        cap = config.truncation * group_sum(w, gid, G) / count  # [G]
         truncated = w > cap[gid]
         w = torch.minimum(w, cap[gid])
     frac = count / M  # [G]
-    scale = torch.sqrt(_correction(count))  # [G]
+    scale = torch.sqrt(small_sample_correction(count))  # [G]
 
     # sequence entropy
-    sum_w = _group_sum(w, gid, G)  # [G]
+    sum_w = group_sum(w, gid, G)  # [G]
     W_in_group = w / sum_w[gid]  # [M] normalised within the group
     W = frac[gid] * W_in_group  # [M] overall, sums to 1
-    H_g = _group_sum(W_in_group * h, gid, G)  # [G]
-    hbar_g = _group_sum(h0, gid, G) / count  # [G]
+    H_g = group_sum(W_in_group * h, gid, G)  # [G]
+    hbar_g = group_sum(h0, gid, G) / count  # [G]
     delta = (frac * (H_g - hbar_g)).sum()
     influence = frac[gid] * (W_in_group * (h - H_g[gid]) - (h0 - hbar_g[gid]) / count[gid]) * scale[gid]  # [M]
     contributions = W * h - h0 / M  # [M]
 
     # per-token entropy (ratio estimator)
-    sum_wT = _group_sum(w * T, gid, G)  # [G]
-    sum_T = _group_sum(T, gid, G)  # [G]
+    sum_wT = group_sum(w * T, gid, G)  # [G]
+    sum_T = group_sum(T, gid, G)  # [G]
     if (sum_T == 0).any():
         raise ValueError("a prompt group of E has no response tokens, so its per-token entropy is undefined; drop empty responses")
-    R_g = _group_sum(w * h, gid, G) / sum_wT  # [G]
-    r_g = _group_sum(h0, gid, G) / sum_T  # [G]
+    R_g = group_sum(w * h, gid, G) / sum_wT  # [G]
+    r_g = group_sum(h0, gid, G) / sum_T  # [G]
     delta_tok = (frac * (R_g - r_g)).sum()
     influence_tok = frac[gid] * (w * (h - R_g[gid] * T) / sum_wT[gid] - (h0 - r_g[gid] * T) / sum_T[gid]) * scale[gid]
     contributions_tok = frac[gid] * (w * h / sum_wT[gid] - h0 / sum_T[gid])
 
     ess = float(1.0 / (W**2).sum())
+    # a group of one sample has no sample variance: its estimate's SE cannot be estimated (NaN, never 0)
+    se_defined = bool((count > 1).all())
     return SNISResult(
         integrand=integrand,
         eta=float(eta),
         normalisation=config.normalisation,
         n_samples=M,
         delta_entropy=float(delta),
-        delta_entropy_se=float(influence.pow(2).sum().sqrt()),
+        delta_entropy_se=float(influence.pow(2).sum().sqrt()) if se_defined else math.nan,
         entropy=float((frac * H_g).sum()),
         base_entropy=float((frac * hbar_g).sum()),
         delta_entropy_per_token=float(delta_tok),
-        delta_entropy_per_token_se=float(influence_tok.pow(2).sum().sqrt()),
+        delta_entropy_per_token_se=float(influence_tok.pow(2).sum().sqrt()) if se_defined else math.nan,
         entropy_per_token=float((frac * R_g).sum()),
         base_entropy_per_token=float((frac * r_g).sum()),
         ess=ess,
@@ -286,17 +271,18 @@ def snis_difference(a: SNISResult, b: SNISResult) -> SNISResult:
         raise ValueError("snis_difference needs two estimates on the same E with the same integrand and normalisation")
     influence = a.influence - b.influence
     influence_tok = a.influence_per_token - b.influence_per_token
+    se_defined = math.isfinite(a.delta_entropy_se) and math.isfinite(b.delta_entropy_se)  # NaN: one sample per group
     return SNISResult(
         integrand=a.integrand,
         eta=a.eta,
         normalisation=a.normalisation,
         n_samples=a.n_samples,
         delta_entropy=a.entropy - b.entropy,
-        delta_entropy_se=float(influence.pow(2).sum().sqrt()),
+        delta_entropy_se=float(influence.pow(2).sum().sqrt()) if se_defined else math.nan,
         entropy=a.entropy,
         base_entropy=b.entropy,
         delta_entropy_per_token=a.entropy_per_token - b.entropy_per_token,
-        delta_entropy_per_token_se=float(influence_tok.pow(2).sum().sqrt()),
+        delta_entropy_per_token_se=float(influence_tok.pow(2).sum().sqrt()) if se_defined else math.nan,
         entropy_per_token=a.entropy_per_token,
         base_entropy_per_token=b.entropy_per_token,
         ess=a.ess,
@@ -312,23 +298,57 @@ def snis_difference(a: SNISResult, b: SNISResult) -> SNISResult:
     )
 
 
+def non_finite_result(M: int, *, integrand: str, eta: float, normalisation: str) -> SNISResult:
+    """An all-NaN result: the point where theta + eta * d overflowed the model (reported, never a crash)."""
+    scalars = {f.name: math.nan for f in fields(SNISResult) if f.name not in SNISResult._TENSORS}
+    scalars.update(integrand=integrand, eta=float(eta), normalisation=normalisation, n_samples=M)
+    return SNISResult(**scalars, **{name: torch.full((M,), math.nan, dtype=torch.float64) for name in SNISResult._TENSORS})
+
+
+def snis_estimates(
+    swept: Sweep,
+    part: str,
+    *,
+    integrand: str,
+    config: SNISConfig | None = None,
+    groups: Sequence[Any] | Tensor | None = None,
+    sampling: SequenceStats | None = None,
+) -> list[SNISResult]:
+    """SNIS estimates of Delta H along one swept part, one per eta.
+
+    ``sampling``: E's statistics at the policy E was sampled from when that is not theta (a held E in
+    a live run); the change is then H^(theta + eta d) - H^(theta), both estimated against the sampling
+    policy (:func:`snis_difference`). A point whose log-probs or integrand are not finite (theta + eta * d
+    overflowed the model) gives an all-NaN result instead of an error.
+    """
+    config = config or SNISConfig()
+    groups = groups if config.normalisation == "per_prompt" else None
+    out = []
+    for j, eta in enumerate(swept.etas.tolist()):
+        at = swept.at(part, j)
+        if not (torch.isfinite(at.logprobs).all() and torch.isfinite(at.integrand(integrand)).all()):
+            out.append(non_finite_result(len(at), integrand=integrand, eta=eta, normalisation=config.normalisation))
+        elif sampling is None:
+            out.append(snis_estimate(swept.base, at, integrand=integrand, eta=eta, config=config, groups=groups))
+        else:
+            here = snis_estimate(sampling, at, integrand=integrand, eta=eta, config=config, groups=groups)
+            there = snis_estimate(sampling, swept.base, integrand=integrand, eta=0.0, config=config, groups=groups)
+            out.append(snis_difference(here, there))
+    return out
+
+
 def snis_sweep(
-    result: Sweep,
+    swept: Sweep,
     *,
     integrands: Sequence[str] = INTEGRANDS,
     config: SNISConfig | None = None,
     groups: Sequence[Any] | Tensor | None = None,
 ) -> dict[str, dict[str, list[SNISResult]]]:
     """SNIS estimates for every swept part and eta: ``out[part][integrand][eta_index]``."""
-    out: dict[str, dict[str, list[SNISResult]]] = {}
-    for part in result.parts:
-        out[part] = {}
-        for integrand in integrands:
-            out[part][integrand] = [
-                snis_estimate(result.base, result.at(part, j), integrand=integrand, eta=float(eta), config=config, groups=groups)
-                for j, eta in enumerate(result.etas.tolist())
-            ]
-    return out
+    return {
+        part: {name: snis_estimates(swept, part, integrand=name, config=config, groups=groups) for name in integrands}
+        for part in swept.parts
+    }
 
 
 # ---------------------------------------------------------------------------------------------

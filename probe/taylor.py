@@ -22,33 +22,21 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from probe.batch import SequenceBatch
-from probe.logprobs import teacher_force
-from probe.overrides import (
-    INTEGRANDS,
-    Direction,
-    SequenceStats,
-    aligned_direction,
-    base_parameters,
-    base_statistics,
-    check_integrand,
-    shifted_parameters,
-)
-from probe.snis import _correction, _group_sum, group_ids, snis_point_estimate
-
-
-def math_attention():
-    """Context manager selecting the SDPA kernel that supports forward-mode AD."""
-    return sdpa_kernel(SDPBackend.MATH)
+from probe.jsonable import json_safe
+from probe.logprobs import TeacherForcing, teacher_force
+from probe.overrides import Direction, aligned_direction, base_parameters, base_statistics, shifted_parameters
+from probe.precision import math_attention
+from probe.snis import snis_point_estimate
+from probe.statistics import INTEGRANDS, SequenceStats, check_integrand, group_ids, group_sum, small_sample_correction
 
 
 def _silu_composite(input: Tensor, inplace: bool = False) -> Tensor:
@@ -91,14 +79,10 @@ def sequence_derivatives(
     model: nn.Module,
     batch: SequenceBatch,
     direction: Direction,
+    forcing: TeacherForcing,
     *,
     order: int = 1,
     eta: float = 0.0,
-    temperature: float = 1.0,
-    with_entropy: bool = True,
-    chunk_size: int | None = 256,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
 ) -> SequenceDerivatives:
     """Per-sequence l_j, h_j and their derivatives along ``direction`` at theta + eta * d.
 
@@ -108,13 +92,9 @@ def sequence_derivatives(
         model: the policy at theta (never mutated).
         batch: the evaluation batch E.
         direction: name -> tangent (partial dict over parameter names).
+        forcing: how E is teacher-forced (entropies are differentiated when ``forcing.with_entropy``).
         order: 1 (first derivatives) or 2 (also second derivatives).
         eta: expansion point (0: at theta itself, no copy of the parameters is made).
-        temperature: tau of E's sampling.
-        with_entropy: also differentiate the token entropies (needed for ``token_entropy``).
-        chunk_size: sequences of E per pass (None: all at once).
-        head_dtype: precision of the log-softmax head.
-        token_chunk: response tokens per chunk of the head.
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 or 2, got {order}")
@@ -124,15 +104,15 @@ def sequence_derivatives(
     theta0 = base_parameters(model, direction)
     primal = theta0 if eta == 0 else shifted_parameters(theta0, tangent, float(eta))
     device = next(model.parameters()).device
-    kwargs = dict(temperature=temperature, with_entropy=with_entropy, head_dtype=head_dtype, token_chunk=token_chunk)
+    with_entropy = forcing.with_entropy
 
     values, firsts, seconds = [], [], []
     with torch.no_grad(), math_attention(), (nested_forward_ad() if order == 2 else nullcontext()):
-        for chunk in batch.chunks(chunk_size):
+        for chunk in batch.chunks(forcing.batch_size):
             chunk = chunk.to(device)
 
             def stats_of(params: dict[str, Tensor], chunk: SequenceBatch = chunk) -> tuple[Tensor, Tensor]:
-                ts = teacher_force(model, chunk, params, **kwargs)
+                ts = teacher_force(model, chunk, params, forcing)
                 ent = ts.sequence_entropies if with_entropy else torch.zeros_like(ts.sequence_logprobs)
                 return ts.sequence_logprobs, ent  # [c], [c]
 
@@ -168,13 +148,13 @@ def _delta_method(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Estimate sum_g (M_g/M) f(mean_g X), its SE and per-sample influence terms (SE^2 = sum terms^2)."""
     M = samples.shape[0]
-    count = _group_sum(torch.ones(M, dtype=samples.dtype, device=samples.device), gid, n_groups)  # [G]
+    count = group_sum(torch.ones(M, dtype=samples.dtype, device=samples.device), gid, n_groups)  # [G]
     means = torch.zeros(n_groups, samples.shape[1], dtype=samples.dtype, device=samples.device).index_add(0, gid, samples)
     means = means / count[:, None]  # [G, k]
     values = vmap(f)(means)  # [G]
     grads = vmap(grad(f))(means)  # [G, k]
     psi = ((samples - means[gid]) * grads[gid]).sum(-1)  # [M] influence within the group
-    terms = psi / M * torch.sqrt(_correction(count))[gid]  # frac_g * psi / M_g = psi / M
+    terms = psi / M * torch.sqrt(small_sample_correction(count))[gid]  # frac_g * psi / M_g = psi / M
     estimate = (count / M * values).sum()
     return estimate, terms.pow(2).sum().sqrt(), terms
 
@@ -234,11 +214,11 @@ def first_order(
     gid = gid.to(h.device)
     seq, seq_se, _ = _delta_method(torch.stack([l1 * h, h, l1, h1], -1), _first_order_seq, gid, G)
     tok, tok_se, _ = _delta_method(torch.stack([l1 * h, h, l1 * T, h1, T], -1), _first_order_tok, gid, G)
-    hbar = _group_sum(h, gid, G) / _group_sum(torch.ones_like(h), gid, G)  # [G]
-    r = _group_sum(h, gid, G) / _group_sum(T, gid, G)  # [G]
-    frac = _group_sum(torch.ones_like(h), gid, G) / M
+    hbar = group_sum(h, gid, G) / group_sum(torch.ones_like(h), gid, G)  # [G]
+    r = group_sum(h, gid, G) / group_sum(T, gid, G)  # [G]
+    frac = group_sum(torch.ones_like(h), gid, G) / M
     contributions = (l1 * (h - hbar[gid]) + h1) / M  # [M]
-    contributions_tok = frac[gid] * (l1 * (h - r[gid] * T) + h1) / _group_sum(T, gid, G)[gid]  # [M]
+    contributions_tok = frac[gid] * (l1 * (h - r[gid] * T) + h1) / group_sum(T, gid, G)[gid]  # [M]
     return FirstOrder(
         integrand=integrand,
         normalisation="global" if groups is None else "per_prompt",
@@ -254,10 +234,6 @@ def first_order(
 
 # ---------------------------------------------------------------------------------------------
 # derivatives of the SNIS estimator itself (JVP of JVP in the scalar eta)
-
-
-def _json_float(x: Any) -> Any:
-    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def _linear_radius(first: float, second: float) -> float:
@@ -294,7 +270,7 @@ class SecondOrder:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (strict JSON: NaN / infinite values, e.g. the radius when F'' = 0, become None)."""
-        return {f.name: _json_float(getattr(self, f.name)) for f in fields(self)}
+        return json_safe({f.name: getattr(self, f.name) for f in fields(self)})
 
 
 def snis_derivatives(
@@ -358,21 +334,16 @@ def first_order_prediction(
     model: nn.Module,
     batch: SequenceBatch,
     direction: Direction,
+    forcing: TeacherForcing,
     *,
     integrands: Sequence[str] = INTEGRANDS,
     groups: Sequence[Any] | Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = 256,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
 ) -> dict[str, FirstOrder]:
     """First-order dDelta H/deta along ``direction`` for each integrand (one JVP over E)."""
     for name in integrands:
         check_integrand(name)
-    derivs = sequence_derivatives(
-        model, batch, direction, order=1, temperature=temperature, with_entropy="token_entropy" in integrands,
-        chunk_size=chunk_size, head_dtype=head_dtype, token_chunk=token_chunk,
-    )
+    forcing = replace(forcing, with_entropy="token_entropy" in integrands)
+    derivs = sequence_derivatives(model, batch, direction, forcing, order=1)
     return {name: first_order(derivs, name, groups) for name in integrands}
 
 
@@ -380,16 +351,13 @@ def second_order_prediction(
     model: nn.Module,
     batch: SequenceBatch,
     direction: Direction,
+    forcing: TeacherForcing,
     *,
     eta: float = 0.0,
     order: int = 2,
     base: SequenceStats | None = None,
     integrands: Sequence[str] = INTEGRANDS,
     groups: Sequence[Any] | Tensor | None = None,
-    temperature: float = 1.0,
-    chunk_size: int | None = 256,
-    head_dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
 ) -> dict[str, SecondOrder]:
     """F, F', F'' of the SNIS estimate along ``direction`` at ``eta`` (a JVP of a JVP over E).
 
@@ -398,9 +366,8 @@ def second_order_prediction(
     """
     for name in integrands:
         check_integrand(name)
-    with_entropy = "token_entropy" in integrands
-    kwargs = dict(temperature=temperature, with_entropy=with_entropy, chunk_size=chunk_size, head_dtype=head_dtype, token_chunk=token_chunk)
-    derivs = sequence_derivatives(model, batch, direction, order=order, eta=eta, **kwargs)
+    forcing = replace(forcing, with_entropy="token_entropy" in integrands)
+    derivs = sequence_derivatives(model, batch, direction, forcing, order=order, eta=eta)
     if base is None:
-        base = derivs.value if eta == 0 else base_statistics(model, batch, **kwargs)
+        base = derivs.value if eta == 0 else base_statistics(model, batch, forcing)
     return {name: snis_derivatives(derivs, base, name, groups) for name in integrands}

@@ -23,7 +23,6 @@ so ``.grad`` is never touched) and never writes to the model or the optimizer.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import warnings
@@ -39,6 +38,7 @@ from probe.adam import AdamHyper, AdamState, ParamAdamState
 from probe.batch import SequenceBatch, collate
 from probe.logprobs import teacher_force
 from probe.losses import LossConfig, Normalisers, normalisers, per_sequence_loss
+from probe.precision import autocast, dtype_name, math_attention, resolve_dtype
 
 PARTS = ("full", "baseline", "grad")
 
@@ -66,14 +66,18 @@ class ReconstructionConfig:
 
     max_grad_norm: float | None = None
     microbatch_size: int | None = None
-    autocast_dtype: str | None = None
+    autocast_dtype: str | None = None  # a dtype name (a torch.dtype is accepted too, from Python)
     grad_scale: float | None = None
     head_dtype: str | None = "float64"
     parts_dtype: str | None = None
 
-    def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for :func:`reconstruct_update`."""
-        return asdict(self)
+    def __post_init__(self) -> None:
+        for name in ("autocast_dtype", "head_dtype", "parts_dtype"):
+            resolve_dtype(getattr(self, name))  # an unknown dtype name is refused here, naming the key
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"reconstruction.max_grad_norm must be > 0 (or null: no clipping), got {self.max_grad_norm}")
+        if self.microbatch_size is not None and self.microbatch_size < 1:
+            raise ValueError(f"reconstruction.microbatch_size must be >= 1 (or null: all of U), got {self.microbatch_size}")
 
 
 @dataclass
@@ -106,6 +110,18 @@ class Update:
     head_dtype: torch.dtype | None = torch.float64
     max_grad_norm: float | None = None
 
+    def summary(self) -> dict[str, Any]:
+        """The step's scalars as ``summary.json`` and the live ``records.jsonl`` hold them (``update``)."""
+        return {
+            "lr": self.lr,
+            "clip_coef": self.clip_coef,
+            "grad_norm": self.grad_norm,
+            "norms": self.norms,
+            "n_sequences": self.n_sequences,
+            "n_tokens": self.n_tokens,
+            "loss_value": self.loss_value,
+        }
+
     def parts(self) -> dict[str, dict[str, Tensor]]:
         """``{"full": ..., "baseline": ..., "grad": ...}`` keyed by parameter name."""
         return {"full": self.full, "baseline": self.baseline, "grad": self.grad}
@@ -136,9 +152,9 @@ class Update:
             "loss": None if self.loss is None else asdict(self.loss),
             "normalisers": None if self.normalisers is None else asdict(self.normalisers),
             "loss_value": self.loss_value,
-            "autocast_dtype": _dtype_name(self.autocast_dtype),
+            "autocast_dtype": dtype_name(self.autocast_dtype),
             "grad_scale": self.grad_scale,
-            "head_dtype": _dtype_name(self.head_dtype),
+            "head_dtype": dtype_name(self.head_dtype),
             "max_grad_norm": self.max_grad_norm,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -178,9 +194,9 @@ class Update:
             loss=None if meta["loss"] is None else LossConfig(**meta["loss"]),
             normalisers=None if meta["normalisers"] is None else Normalisers(**meta["normalisers"]),
             loss_value=meta["loss_value"],
-            autocast_dtype=_as_dtype(meta["autocast_dtype"]),
+            autocast_dtype=resolve_dtype(meta["autocast_dtype"]),
             grad_scale=meta["grad_scale"],
-            head_dtype=_as_dtype(meta["head_dtype"]),
+            head_dtype=resolve_dtype(meta["head_dtype"]),
             max_grad_norm=meta["max_grad_norm"],
         )
 
@@ -396,15 +412,15 @@ def update_from_gradients(
         state,
         total,
         coef,
-        _as_dtype(parts_dtype),
+        resolve_dtype(parts_dtype),
         n_sequences=None if normalisers is None else normalisers.n_sequences,
         n_tokens=None if normalisers is None else normalisers.n_tokens,
         loss=loss,
         normalisers=normalisers,
         max_grad_norm=max_grad_norm,
-        autocast_dtype=_as_dtype(autocast_dtype),
+        autocast_dtype=resolve_dtype(autocast_dtype),
         grad_scale=None if grad_scale is None else float(grad_scale),
-        head_dtype=_as_dtype(head_dtype),
+        head_dtype=resolve_dtype(head_dtype),
     )
 
 
@@ -422,7 +438,7 @@ def sequence_losses(
     head_dtype: torch.dtype | None = torch.float64,
 ) -> Tensor:  # [B]  c_i, with the normalisers of the whole U
     """Each sequence's loss term c_i (differentiable; ``params`` overrides model parameters)."""
-    stats = teacher_force(model, batch, params, temperature=loss.temperature, head_dtype=head_dtype)
+    stats = teacher_force(model, batch, params, loss.forcing(head_dtype))
     return per_sequence_loss(stats.logprobs, stats.mask, batch.advantages, norm, loss, batch.old_logprobs)
 
 
@@ -447,7 +463,7 @@ def loss_gradients(
     acc: list[Tensor | None] = [None] * len(tensors)
     total = 0.0
     for mb in batch.chunks(microbatch_size):
-        with torch.enable_grad(), _autocast(tensors[0].device, autocast_dtype):
+        with torch.enable_grad(), autocast(tensors[0].device, autocast_dtype):
             mb_loss = sequence_losses(model, mb, loss, norm, head_dtype=head_dtype).sum()  # []
         total += float(mb_loss.detach())
         scaled = mb_loss * grad_scale.to(mb_loss.device) if grad_scale is not None else mb_loss
@@ -472,16 +488,12 @@ def reconstruct_update(
     optimizer: torch.optim.Optimizer | AdamState,
     batch: SequenceBatch | Sequence[dict],
     loss: LossConfig | None = None,
+    config: ReconstructionConfig = ReconstructionConfig(),
     *,
-    max_grad_norm: float | None = None,
-    microbatch_size: int | None = None,
-    autocast_dtype: torch.dtype | str | None = None,
-    grad_scale: float | Tensor | Any | None = None,
+    grad_scaler: Any = None,
     pad_token_id: int = 0,
-    head_dtype: torch.dtype | str | None = torch.float64,
-    parts_dtype: torch.dtype | str | None = None,
 ) -> Update:
-    """Reconstruct the step ``optimizer.step()`` would take after a backward over U (DESIGN section 2).
+    """Reconstruct the step ``optimizer.step()`` would take after a backward over U (docs/DESIGN.md section 2).
 
     Args:
         model: the policy (HF causal LM, optionally PEFT-wrapped). Left bitwise untouched.
@@ -489,16 +501,17 @@ def reconstruct_update(
             stepped), or an :class:`AdamState`. Its lr must be the one the next step uses.
         batch: U, a :class:`SequenceBatch` or rollout records (collated with ``pad_token_id``).
         loss: the trainer's loss settings (default :class:`LossConfig`).
-        max_grad_norm: clip value of ``clip_grad_norm_`` / Lightning's ``gradient_clip_val``.
-        microbatch_size: sequences per forward/backward (accumulated; equals one big batch).
-        autocast_dtype: run forwards under ``torch.autocast`` with this dtype (bf16/fp16 training).
-        grad_scale: a ``GradScaler`` (its current scale is used) or the scale as a number (fp16).
-        head_dtype: precision of the log-softmax head, as ``teacher_force``.
-        parts_dtype: dtype of the returned parts (default float32, float64 for float64 params).
+        config: how the trainer computed the gradient (clipping, microbatches, autocast, loss scale,
+            head and parts precision).
+        grad_scaler: a live ``GradScaler`` whose current scale the fp16 step uses (instead of
+            ``config.grad_scale``).
     Returns:
         The :class:`Update`, per unit of the reference lr ``Update.lr``.
     """
     loss = loss or LossConfig()
+    max_grad_norm, microbatch_size = config.max_grad_norm, config.microbatch_size
+    grad_scale = grad_scaler if grad_scaler is not None else config.grad_scale
+    autocast_dtype, head_dtype, parts_dtype = config.autocast_dtype, config.head_dtype, config.parts_dtype
     _require_autograd()
     state = optimizer if isinstance(optimizer, AdamState) else AdamState.from_optimizer(unwrap_optimizer(optimizer), model)
     params = _trained_parameters(model, state)
@@ -507,8 +520,8 @@ def reconstruct_update(
     _check_batch(batch, loss)
     _warn_if_stochastic(model)
     norm = normalisers(batch.target_mask, loss)
-    autocast_dtype = _as_dtype(autocast_dtype)
-    head_dtype = _as_dtype(head_dtype)
+    autocast_dtype = resolve_dtype(autocast_dtype)
+    head_dtype = resolve_dtype(head_dtype)
     scale_t = _grad_scale_tensor(grad_scale)
     grads, loss_value = loss_gradients(
         model,
@@ -530,7 +543,7 @@ def reconstruct_update(
         state,
         total,
         coef,
-        _as_dtype(parts_dtype),
+        resolve_dtype(parts_dtype),
         n_sequences=norm.n_sequences,
         n_tokens=norm.n_tokens,
         loss=loss,
@@ -578,7 +591,7 @@ def per_sequence_gradients(
     for start in range(0, len(rows), chunk_size):
         chunk = rows[start : start + chunk_size]
         sub = batch.select(chunk)
-        with torch.enable_grad(), _autocast(device, update.autocast_dtype):
+        with torch.enable_grad(), autocast(device, update.autocast_dtype):
             c = sequence_losses(model, sub, loss, norm, head_dtype=update.head_dtype)  # [b]
         if scale_t is not None:
             c = c * scale_t.to(c.device)
@@ -641,7 +654,7 @@ def per_sequence_inner_products(
         for n in names
     }  # K * w, in the parameter's dtype
     out = []
-    with torch.no_grad(), _math_sdpa(), _autocast(device, update.autocast_dtype):
+    with torch.no_grad(), math_attention(), autocast(device, update.autocast_dtype):
         for mb in batch.chunks(microbatch_size):
             fn = lambda ps, mb=mb: sequence_losses(model, mb, loss, norm, ps, head_dtype=update.head_dtype)  # noqa: E731
             _, dc = jvp(fn, (primals,), (tangents,))  # [b]
@@ -781,44 +794,3 @@ def _grad_scale_tensor(grad_scale: Any) -> Tensor | None:
     if not (torch.isfinite(scale) and scale > 0):
         raise ValueError(f"grad_scale must be a finite positive number, got {float(scale)}")
     return scale
-
-
-_DTYPES = {
-    "bf16": torch.bfloat16,
-    "bfloat16": torch.bfloat16,
-    "fp16": torch.float16,
-    "float16": torch.float16,
-    "half": torch.float16,
-    "fp32": torch.float32,
-    "float32": torch.float32,
-    "float": torch.float32,
-    "fp64": torch.float64,
-    "float64": torch.float64,
-    "double": torch.float64,
-}
-
-
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).removeprefix("torch.").lower()
-    if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
-    return _DTYPES[key]
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def _math_sdpa() -> contextlib.AbstractContextManager:
-    """Forward-mode AD needs the math SDPA kernel (flash/efficient kernels lack JVP rules)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.MATH])

@@ -1,10 +1,15 @@
-"""Shared fixtures: a private probe cache for the whole test session and the toy world built once in it."""
+"""Shared fixtures: a private probe cache, the toy world built once, a tiny-Llama factory, small predict and fit
+runs through the CLI, and the enumerated world with a reconstructed AdamW step (tests/enumeration.py)."""
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
+
+import support
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -26,6 +31,46 @@ def toy_world_dir(probe_cache: Path) -> Path:
     from probe.toy.world import build_toy_world
 
     return build_toy_world(root=probe_cache)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> Callable[..., Any]:
+    """A factory of tiny Llama policies: ``tiny_llama(seed, dtype=..., vocab_size=..., ...)`` (tests/support.py)."""
+    return support.tiny_llama
+
+
+@pytest.fixture(scope="session")
+def run_predict(toy_world_dir: Path) -> Callable[..., dict]:
+    """``run_predict(root, name, *extra, eval_prompts=12, ...)``: a small toy ``predict`` run in-process; its summary."""
+    from probe.cli import main
+
+    def run(root: Path, name: str, *extra: str, **sizes: int) -> dict:
+        main(support.predict_args(root, name, *extra, **sizes))
+        return support.read_summary(Path(root) / name)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def run_fit(toy_world_dir: Path) -> Callable[..., Path]:
+    """``run_fit(root, name, *extra)``: ``python -m probe fit`` on the toy GRPO config in-process; its run directory."""
+    from probe.cli import main
+
+    def run(root: Path, name: str, *extra: str) -> Path:
+        main(support.fit_args(root, name, *extra))
+        return Path(root) / name
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def enumerated_step():
+    """The enumerated world after two real AdamW steps at lr 1e-2, the reconstructed third step and its U.
+
+    Session-wide and read-only: tests sample E from it with their own seeds and never change the model."""
+    from enumeration import world_with_update
+
+    return world_with_update(lr=1e-2)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -12,20 +12,21 @@ probability of every one of them at temperature ``tau`` by a plain forward of th
 and exact samples (a categorical draw over the enumerated responses with a seeded
 generator). This is the independent truth the SNIS, Taylor and attribution tests compare with.
 """
+
 from __future__ import annotations
 
 import itertools
 from typing import Mapping, Sequence
 
 import torch
+from support import tiny_llama
 from torch import Tensor
 from torch.func import functional_call
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from probe.batch import SequenceBatch, collate
-from probe.logprobs import teacher_force
+from probe.logprobs import TeacherForcing, teacher_force
 from probe.losses import LossConfig, normalisers, per_sequence_loss
-from probe.precision import exact_float64_norms
 
 EOS = 3
 VOCAB = 4
@@ -36,25 +37,18 @@ PROMPTS = ((1, 2), (2, 0, 1))
 
 def tiny_model(seed: int = 0, init_scale: float = 0.4) -> LlamaForCausalLM:
     """A 1-layer float64 Llama over the 4-token vocabulary (exact float64 RMSNorm, SDPA)."""
-    config = LlamaConfig(
+    return tiny_llama(
+        seed,
+        dtype=torch.float64,
         vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
         num_key_value_heads=2,
         max_position_embeddings=16,
         initializer_range=init_scale,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
         bos_token_id=None,
         eos_token_id=EOS,
         pad_token_id=0,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    return exact_float64_norms(model.double()).eval()
 
 
 def all_responses() -> list[tuple[int, ...]]:
@@ -153,9 +147,7 @@ class EnumeratedWorld:
     def entropy_along(self, direction: Mapping[str, Tensor], eta: float) -> float:
         return self.entropy(self.shifted(direction, eta))
 
-    def sample_records(
-        self, n_per_prompt: int, seed: int, params: Mapping[str, Tensor] | None = None
-    ) -> list[dict]:
+    def sample_records(self, n_per_prompt: int, seed: int, params: Mapping[str, Tensor] | None = None) -> list[dict]:
         """Exact samples: ``n_per_prompt`` responses of every prompt, drawn from the enumerated distribution."""
         gen = torch.Generator().manual_seed(seed)
         probs = self.log_probs(params).exp()  # [P, R]
@@ -209,7 +201,7 @@ class EnumeratedWorld:
 
 def pg_loss(model: torch.nn.Module, batch: SequenceBatch, cfg: LossConfig) -> Tensor:
     """The trainer's loss sum_i c_i on ``batch`` (on-policy, ratio = 1)."""
-    stats = teacher_force(model, batch, temperature=cfg.temperature)
+    stats = teacher_force(model, batch, forcing=TeacherForcing(temperature=cfg.temperature))
     return per_sequence_loss(stats.logprobs, stats.mask, batch.advantages, normalisers(stats.mask, cfg), cfg).sum()
 
 

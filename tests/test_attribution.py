@@ -2,6 +2,7 @@
 along each materialised direction v_i, the two routes to the eval x update matrix, the
 exact SNIS path and enumeration (tests/enumeration.py). Float64 throughout.
 """
+
 from __future__ import annotations
 
 import json
@@ -9,18 +10,19 @@ import json
 import pytest
 import torch
 
-from enumeration import world_with_update
 from probe.attribution import attribute, eval_update_matrix, per_sequence_exact
+from probe.logprobs import TeacherForcing
 from probe.taylor import first_order, first_order_prediction, sequence_derivatives
 from probe.update import per_sequence_directions
 
 LR = 1e-2
 INTEGRANDS = ("logprob", "token_entropy")
+FORCING = TeacherForcing(with_entropy=True, batch_size=None)  # E in one pass, with token entropies
 
 
 @pytest.fixture(scope="module")
-def setup():
-    world, update, U = world_with_update(lr=LR)
+def setup(enumerated_step):
+    world, update, U = enumerated_step  # the step at lr 1e-2 = LR
     E = world.sample(150, seed=21)  # M = 300
     directions = dict(per_sequence_directions(world.model, update, U))  # row -> v_i (N = 12)
     return world, update, U, E, directions
@@ -29,8 +31,8 @@ def setup():
 def test_attributions_sum_to_the_first_order_change_of_the_gradient_part(setup):
     world, update, U, E, _ = setup
     for name in INTEGRANDS:
-        result = attribute(world.model, update, U, E, integrand=name, chunk_size=None)
-        slope = first_order_prediction(world.model, E, update.grad, integrands=[name], chunk_size=None)[name].slope
+        result = attribute(world.model, update, U, E, FORCING, integrand=name)
+        slope = first_order_prediction(world.model, E, update.grad, FORCING, integrands=[name])[name].slope
         assert result.attributions.shape == (len(U),)
         assert result.total == pytest.approx(slope, rel=1e-8)  # measured ~1e-15
         assert result.first_order_grad == pytest.approx(slope, rel=1e-12)
@@ -40,9 +42,12 @@ def test_attributions_sum_to_the_first_order_change_of_the_gradient_part(setup):
 def test_each_attribution_equals_the_first_order_change_along_its_own_direction(setup):
     world, update, U, E, directions = setup
     for name in INTEGRANDS:
-        a = attribute(world.model, update, U, E, integrand=name, check=False, chunk_size=None).attributions
+        a = attribute(world.model, update, U, E, FORCING, integrand=name, check=False).attributions
         explicit = torch.tensor(
-            [first_order_prediction(world.model, E, directions[i], integrands=[name], chunk_size=None)[name].slope for i in range(len(U))],
+            [
+                first_order_prediction(world.model, E, directions[i], FORCING, integrands=[name])[name].slope
+                for i in range(len(U))
+            ],
             dtype=torch.float64,
         )
         torch.testing.assert_close(a, explicit, rtol=1e-8, atol=1e-10 * float(explicit.abs().max()))
@@ -56,22 +61,23 @@ def test_eval_update_matrix_is_the_same_by_every_route(setup):
     world, update, U, E, _ = setup
     E_few = E.select(range(6))  # M = 6 < N = 12
     for name in INTEGRANDS:
-        reverse = eval_update_matrix(world.model, update, U, E_few, integrand=name, method="reverse", chunk_size=None)
-        forward = eval_update_matrix(world.model, update, U, E_few, integrand=name, method="forward", chunk_size=None)
+        reverse = eval_update_matrix(world.model, update, U, E_few, FORCING, integrand=name, method="reverse")
+        forward = eval_update_matrix(world.model, update, U, E_few, FORCING, integrand=name, method="forward")
         assert reverse.shape == (6, len(U))
         scale = float(reverse.abs().max())
         torch.testing.assert_close(reverse, forward, rtol=0, atol=1e-10 * scale)
         # columns sum to the attributions on the same E, rows to each eval sequence's first-order term
-        a = attribute(world.model, update, U, E_few, integrand=name, check=False, chunk_size=None).attributions
+        a = attribute(world.model, update, U, E_few, FORCING, integrand=name, check=False).attributions
         torch.testing.assert_close(reverse.sum(0), a, rtol=0, atol=1e-10 * scale)
-        derivs = sequence_derivatives(world.model, E_few, update.grad, order=1, chunk_size=None)
+        derivs = sequence_derivatives(world.model, E_few, update.grad, FORCING, order=1)
         torch.testing.assert_close(reverse.sum(1), first_order(derivs, name).contributions, rtol=0, atol=1e-10 * scale)
-        auto = eval_update_matrix(world.model, update, U, E_few, integrand=name, chunk_size=None)
+        auto = eval_update_matrix(world.model, update, U, E_few, FORCING, integrand=name)
         torch.testing.assert_close(auto, reverse, rtol=0, atol=1e-10 * scale)
-        per_sample = eval_update_matrix(world.model, update, U, E_few, integrand=name, method="per_sample",
-                                        direction_chunk_size=4, chunk_size=None)
+        per_sample = eval_update_matrix(
+            world.model, update, U, E_few, FORCING, integrand=name, method="per_sample", direction_chunk_size=4
+        )
         torch.testing.assert_close(per_sample, reverse, rtol=0, atol=1e-10 * scale)
-        by_routes = eval_update_matrix(world.model, update, U, E_few, integrand=name, chunk_size=None, memory_budget=0)
+        by_routes = eval_update_matrix(world.model, update, U, E_few, FORCING, integrand=name, memory_budget=0)
         torch.testing.assert_close(by_routes, reverse, rtol=0, atol=1e-10 * scale)
 
 
@@ -79,8 +85,8 @@ def test_exact_per_sequence_changes_approach_eta_times_the_attribution(setup):
     world, update, U, E, _ = setup
     eta = 1e-8
     rows = [0, 7]
-    a = attribute(world.model, update, U, E, integrand="token_entropy", check=False, chunk_size=None).attributions
-    for item in per_sequence_exact(world.model, update, U, E, [eta], indices=rows, chunk_size=None):
+    a = attribute(world.model, update, U, E, FORCING, integrand="token_entropy", check=False).attributions
+    for item in per_sequence_exact(world.model, update, U, E, [eta], FORCING, indices=rows):
         alone = item.alone["token_entropy"][0].delta_entropy / eta
         mixed = item.mixed["token_entropy"][0].delta_entropy / eta
         # O(eta) curvature terms: relative departures ~1e-7 at eta = 1e-8
@@ -91,7 +97,7 @@ def test_exact_per_sequence_changes_approach_eta_times_the_attribution(setup):
 def test_exact_per_sequence_changes_match_enumeration_at_the_real_step(setup):
     world, update, U, _, directions = setup
     E = world.sample(1000, seed=22)  # M = 2000
-    results = per_sequence_exact(world.model, update, U, E, [LR], indices=[0, 7], chunk_size=None)
+    results = per_sequence_exact(world.model, update, U, E, [LR], FORCING, indices=[0, 7])
     for item in results:
         v = directions[item.index]
         b_plus_v = {n: update.baseline[n] + v[n] for n in update.baseline}
@@ -106,13 +112,13 @@ def test_exact_per_sequence_changes_match_enumeration_at_the_real_step(setup):
 
 def test_attribution_serialises_and_rejects_unknown_matrix_methods(setup):
     world, update, U, E, _ = setup
-    result = attribute(world.model, update, U, E.select(range(20)), integrand="logprob", chunk_size=None)
+    result = attribute(world.model, update, U, E.select(range(20)), FORCING, integrand="logprob")
     data = json.loads(json.dumps(result.to_dict(per_sequence=True)))
     assert len(data["attributions"]) == len(U) and data["n_eval"] == 20
     with pytest.raises(ValueError, match="method"):
-        eval_update_matrix(world.model, update, U, E, method="sideways")
+        eval_update_matrix(world.model, update, U, E, FORCING, method="sideways")
     with pytest.raises(ValueError, match="integrand"):
-        attribute(world.model, update, U, E, integrand="entropy")
+        attribute(world.model, update, U, E, FORCING, integrand="entropy")
 
 
 def test_attribution_accepts_an_eval_batch_made_under_inference_mode(setup):
@@ -122,6 +128,6 @@ def test_attribution_accepts_an_eval_batch_made_under_inference_mode(setup):
     with torch.inference_mode():
         E_inference = E_few.select(range(20))
     assert E_inference.input_ids.is_inference()
-    a = attribute(world.model, update, U, E_inference, integrand="token_entropy", check=False, chunk_size=None).attributions
-    b = attribute(world.model, update, U, E_few, integrand="token_entropy", check=False, chunk_size=None).attributions
+    a = attribute(world.model, update, U, E_inference, FORCING, integrand="token_entropy", check=False).attributions
+    b = attribute(world.model, update, U, E_few, FORCING, integrand="token_entropy", check=False).attributions
     assert torch.equal(a, b)

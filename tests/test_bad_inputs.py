@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,25 +21,11 @@ import torch
 
 from probe.cli import check_gpu_request, main
 from probe.settings import ProbeSettings
-
-REPO = Path(__file__).resolve().parents[1]
-TOY_CONFIG = str(REPO / "configs" / "toy.yaml")
-
-SMALL = [
-    "--model.init_args.probe.n_etas", "3",
-    "--data.init_args.update.source.n_prompts", "3",
-    "--data.init_args.update.sampling.n_per_prompt", "4",
-    "--data.init_args.evals",
-    "[{source: {prompts: toy, n_prompts: 4, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}]",
-    "--data.init_args.eval_batch_size", "16",
-    "--trainer.logger", "false",
-    "--trainer.enable_progress_bar", "false",
-]
+from support import REPO, predict_args
 
 
 def probe_args(root: Path, name: str, *extra: str) -> list[str]:
-    return ["predict", "--config", TOY_CONFIG, *SMALL, "--model.init_args.run.root", str(root),
-            "--model.init_args.run.name", name, *extra]
+    return predict_args(root, name, *extra, eval_prompts=4)
 
 
 def assert_no_finished_summary(run_dir: Path) -> None:
@@ -63,7 +50,7 @@ EVAL = [_record(0, [12, 2]), _record(0, [13, 2]), _record(1, [11, 2]), _record(1
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory, toy_world_dir: Path) -> dict[str, str]:
+def files(tmp_path_factory, toy_world_dir: Path, tiny_llama) -> dict[str, str]:
     """Paths of every broken input, by name (formatted into the CLI arguments below)."""
     root = tmp_path_factory.mktemp("bad_inputs")
     out = {"toy": str(toy_world_dir), "nowhere": str(root / "does-not-exist")}
@@ -86,11 +73,9 @@ def files(tmp_path_factory, toy_world_dir: Path) -> dict[str, str]:
     saved = (toy_world_dir / "optimizer.pt").read_bytes()
     world("corrupt_optimizer", optimizer__pt=saved[: len(saved) // 2])  # an interrupted copy
 
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(0)
-    other = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1))
+    other = tiny_llama(vocab_size=16, hidden_size=32, intermediate_size=64)
     optimizer = torch.optim.AdamW(other.parameters(), lr=1e-3)
     ids = torch.tensor([[1, 8, 14, 8, 15, 12, 2]])
     other(ids, labels=ids).loss.backward()
@@ -172,7 +157,8 @@ REFUSED = [
                  r"3 of 3 prompt groups still have all advantages .* after 1 resampling attempts.*Fix: raise max_resample_attempts", id="all-zero-advantages-after-resampling"),
     pytest.param([E, "[{{sampling: {{top_p: 0.9}}}}]"], ValueError, r"evaluation batch sampled with top_p=0.9.*Fix: remove top_p/top_k for E", id="eval-top-p"),
     pytest.param([E, "[{{sampling: {{top_k: 5}}}}]"], ValueError, r"evaluation batch sampled with top_p=None, top_k=5.*Fix:", id="eval-top-k"),
-    pytest.param([E, "[{{sampling: {{temperature: 0}}}}]"], ValueError, r"evaluation temperature 0.0: E must be sampled at a temperature > 0.*Fix:", id="eval-temperature-0"),
+    pytest.param([E, "[{{sampling: {{temperature: 0}}}}]"], ValueError,
+                 r"sampling temperature must be > 0, got 0.0: greedy decoding .*use a small positive temperature", id="eval-temperature-0"),
     # settings
     pytest.param(["--model.init_args.probe.etas", "[0.001, -0.001]"], ValueError, r"probe.etas must be finite and > 0, got \[-0.001\]", id="eta-negative"),
     pytest.param(["--model.init_args.probe.n_etas", "0"], ValueError, r"an empty eta grid was asked for.*n_etas=0.*Fix: set probe.n_etas >= 1", id="eta-grid-empty"),
@@ -207,8 +193,6 @@ def test_bad_config_is_refused_by_the_parser(args, message, files, tmp_path, cap
     with pytest.raises(SystemExit) as exit_info:
         main(probe_args(tmp_path, "run", *(a.format(**files) for a in args)))
     assert exit_info.value.code == 2
-    import re
-
     assert re.search(message, capsys.readouterr().err), message
     assert not (tmp_path / "run").exists()
 
@@ -236,14 +220,15 @@ def test_an_empty_eta_list_means_the_default_grid():
 
 @pytest.fixture(scope="module")
 def huge_eta_run(tmp_path_factory, toy_world_dir) -> tuple[Path, dict, str]:
-    """A run whose sweep reaches eta = 0.3 (1000 x lr: ESS collapses) and 3e38 (theta + eta * d overflows float32)."""
+    """A run whose sweep reaches eta = 3 (10^4 x lr: the log-weights spread over tens of nats, so one sequence
+    carries the weight whatever E was sampled) and 3e38 (theta + eta * d overflows float32)."""
     import contextlib
     import io
 
     root = tmp_path_factory.mktemp("huge_eta")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        main(probe_args(root, "huge", "--model.init_args.probe.etas", "[0.0003, 0.3, 3e38]"))
+        main(probe_args(root, "huge", "--model.init_args.probe.etas", "[0.0003, 3, 3e38]"))
     return root / "huge", json.loads((root / "huge" / "summary.json").read_text()), out.getvalue()
 
 
@@ -265,10 +250,11 @@ def test_collapsed_ess_is_reported_in_the_summary_and_the_table(huge_eta_run):
     _, summary, table = huge_eta_run
     full = summary["aggregate"]["full"]
     M = summary["plan"]["n_eval_sequences"][0]
-    assert full["ess_fraction"][1] < 0.1, "at 1000 x lr one sequence carries the weight"
-    assert any(w.startswith("full at eta=0.3: ESS") and "(< 10%)" in w for w in summary["evals"][0]["warnings"])
-    row = next(line for line in table.splitlines() if line.split()[:2] == ["full", "0.3"])
-    assert row.endswith("ESS<10%") and float(row.split()[-2]) == pytest.approx(full["ess"][1], abs=0.05) and full["ess"][1] < 0.1 * M
+    assert full["ess_fraction"][1] < 0.1, "at 10^4 x lr one sequence carries the weight"
+    assert any(w.startswith("full at eta=3: ESS") and "(< 10%)" in w for w in summary["evals"][0]["warnings"])
+    row = next(line for line in table.splitlines() if line.split()[:2] == ["full", "3"])
+    assert row.endswith("ESS<10%") and float(row.split()[-2]) == pytest.approx(full["ess"][1], abs=0.05)
+    assert full["ess"][1] < 0.1 * M
 
 
 def test_an_existing_finished_run_directory_is_refused(huge_eta_run):
@@ -285,8 +271,9 @@ def test_an_existing_finished_run_directory_is_refused(huge_eta_run):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "probe", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "probe", *args], capture_output=True, text=True, cwd=REPO, env=env,
+                          timeout=300)
 
 
 def test_a_missing_policy_exits_with_status_1_and_the_message(files, tmp_path):

@@ -13,28 +13,12 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from probe.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
-
-ARGS = [
-    "--model.init_args.probe.n_etas", "3",
-    "--data.init_args.update.source.n_prompts", "3",
-    "--data.init_args.update.sampling.n_per_prompt", "4",
-    "--data.init_args.evals",
-    "[{source: {prompts: toy, n_prompts: 6, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}]",
-    "--data.init_args.eval_batch_size", "8",
-    "--trainer.logger", "false",
-    "--trainer.enable_progress_bar", "false",
-]
-
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, toy_world_dir) -> tuple[Path, Path]:
+def two_runs(tmp_path_factory, run_predict) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("determinism")
     for name in ("first", "second"):
-        main(["predict", "--config", str(REPO / "configs" / "toy.yaml"), *ARGS,
-              "--model.init_args.run.root", str(root), "--model.init_args.run.name", name])
+        run_predict(root, name, eval_prompts=6, eval_batch_size=8)
     return root / "first", root / "second"
 
 

@@ -13,29 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from probe.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
-
-QUIET = [
-    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-]  # fmt: skip
-
-
-def fit(root: Path, name: str, *extra: str) -> Path:
-    """Run `python -m probe fit --config configs/toy_grpo.yaml` in-process without the live probe; returns the run directory."""
-    main([
-        "fit", "--config", str(REPO / "configs" / "toy_grpo.yaml"), *QUIET, "--trainer.callbacks", "[]",
-        "--model.init_args.run.root", str(root), "--model.init_args.run.name", name, *extra,
-    ])  # fmt: skip
-    return root / name
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, toy_world_dir) -> Path:
+def trained(tmp_path_factory, run_fit) -> Path:
+    """A 12-step GRPO run without the live probe (``--trainer.callbacks []``), checkpointed at the end."""
     root = tmp_path_factory.mktemp("grpo")
-    return fit(root, "run", "--trainer.max_steps", str(STEPS), "--model.init_args.checkpoint_every_n_steps", "0")
+    extra = ("--trainer.callbacks", "[]", "--trainer.max_steps", str(STEPS), "--model.init_args.checkpoint_every_n_steps")
+    return run_fit(root, "run", *extra, "0")
 
 
 def test_grpo_raises_the_expected_reward_of_the_toy_policy(trained, toy_world_dir):

@@ -19,27 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import probe.module
 from probe.cli import main
-from probe.module import ProbeModule
+from support import REPO, predict_args
 
-REPO = Path(__file__).resolve().parents[1]
 N_BATCHES = 12  # E: 12 prompts x 4 responses = 48 sequences, 4 per batch
-
-ARGS = [
-    "--model.init_args.probe.n_etas", "3",
-    "--data.init_args.update.source.n_prompts", "3",
-    "--data.init_args.update.sampling.n_per_prompt", "4",
-    "--data.init_args.evals",
-    "[{source: {prompts: toy, n_prompts: 12, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}]",
-    "--data.init_args.eval_batch_size", "4",
-    "--trainer.logger", "false",
-    "--trainer.enable_progress_bar", "false",
-]
 
 
 def cli_args(root: Path, name: str) -> list[str]:
-    return ["predict", "--config", str(REPO / "configs" / "toy.yaml"), *ARGS,
-            "--model.init_args.run.root", str(root), "--model.init_args.run.name", name]
+    return predict_args(root, name, eval_prompts=N_BATCHES, eval_batch_size=4)
 
 
 def partial_files(run: Path) -> list[Path]:
@@ -87,8 +75,9 @@ def start_and_kill(root: Path, name: str, sig: signal.Signals) -> tuple[int, str
     """Run the CLI as a subprocess, send ``sig`` once the first batch result is on disk; (exit code, output)."""
     run, log = root / name, root / f"{name}.log"
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "probe", *cli_args(root, name)], cwd=REPO, stdout=out,
-                                   stderr=subprocess.STDOUT, env={**os.environ, "WANDB_MODE": "disabled"})
+        command = [sys.executable, "-m", "probe", *cli_args(root, name)]
+        env = {**os.environ, "WANDB_MODE": "disabled"}
+        process = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             deadline = time.monotonic() + 300
             while not partial_files(run):
@@ -107,13 +96,13 @@ def start_and_kill(root: Path, name: str, sig: signal.Signals) -> tuple[int, str
 def resume_counting_batches(monkeypatch, root: Path, name: str) -> int:
     """Run the same command again in-process; how many batches of E it had to compute (not read back)."""
     computed = []
-    real = ProbeModule.batch_statistics
+    real = probe.module.batch_rows
 
-    def counting(self, batch, eval_k=0):
+    def counting(policy, batch, *args, **kwargs):
         computed.append(len(batch))
-        return real(self, batch, eval_k)
+        return real(policy, batch, *args, **kwargs)
 
-    monkeypatch.setattr(ProbeModule, "batch_statistics", counting)
+    monkeypatch.setattr(probe.module, "batch_rows", counting)
     main(cli_args(root, name))
     return len(computed)
 
@@ -127,7 +116,9 @@ def assert_interrupted(run: Path) -> int:
     return written
 
 
-def test_a_run_stopped_by_sigterm_exits_143_and_resumes_to_the_uninterrupted_numbers(uninterrupted, tmp_path, monkeypatch):
+def test_a_run_stopped_by_sigterm_exits_143_and_resumes_to_the_uninterrupted_numbers(
+    uninterrupted, tmp_path, monkeypatch
+):
     code, output = start_and_kill(tmp_path, "terminated", signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, output[-3000:]
     assert "stopped by SIGTERM" in output and "rerun the same command (same run.name) to resume" in output

@@ -1,4 +1,5 @@
 """Loading policies from local directories: HF checkpoints, PEFT adapters, clear errors for missing pieces."""
+
 from __future__ import annotations
 
 import shutil
@@ -12,7 +13,6 @@ from probe.loading import LoraSettings, PolicySettings, load_policy, toy_policy
 from probe.toy import task
 from probe.toy.tokenizer import save_tokenizer
 
-
 INPUT = torch.tensor([[1, 7, 14, 8, 15, 5, 6, 2], [1, 4, 14, 4, 15, 12, 2, 0]])
 MASK = torch.tensor([[1] * 8, [1] * 7 + [0]])
 
@@ -20,10 +20,18 @@ MASK = torch.tensor([[1] * 8, [1] * 7 + [0]])
 def qwen2_gqa(seed: int = 0) -> Qwen2ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen2Config(
-        vocab_size=len(task.VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=task.BOS_ID, eos_token_id=task.EOS_ID,
-        pad_token_id=task.PAD_ID, attn_implementation="sdpa",
-    )  # fmt: skip
+        vocab_size=len(task.VOCAB),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=task.BOS_ID,
+        eos_token_id=task.EOS_ID,
+        pad_token_id=task.PAD_ID,
+        attn_implementation="sdpa",
+    )
     return Qwen2ForCausalLM(config).eval()
 
 
@@ -44,7 +52,8 @@ def test_gqa_qwen2_with_a_saved_lora_adapter_loads_with_the_in_memory_logits(qwe
     base_dir, base = qwen_dir
     assert base.config.num_key_value_heads < base.config.num_attention_heads
     base_logits = logits_of(base)
-    in_memory = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    adapter = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    in_memory = get_peft_model(base, adapter)
     with torch.no_grad():  # LoRA B starts at zero; give the adapter a real effect
         generator = torch.Generator().manual_seed(0)
         for name, p in in_memory.named_parameters():
@@ -85,7 +94,8 @@ def test_float64_loading_gives_a_float64_model(qwen_dir):
     base_dir, base = qwen_dir
     model, _ = load_policy(base_dir, dtype="float64")
     assert {p.dtype for p in model.parameters()} == {torch.float64}
-    torch.testing.assert_close(logits_of(model).float(), logits_of(base), rtol=0, atol=1e-4)  # float32 vs float64 forward
+    # float32 vs float64 forward
+    torch.testing.assert_close(logits_of(model).float(), logits_of(base), rtol=0, atol=1e-4)
 
 
 def test_policy_settings_load_like_load_policy(qwen_dir):
@@ -95,7 +105,8 @@ def test_policy_settings_load_like_load_policy(qwen_dir):
 
 
 def test_missing_directory_names_the_path_and_says_hub_ids_are_not_fetched(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"'Qwen/Qwen2-0.5B' does not exist.*never fetches hub ids.*--local-dir"):
+    not_fetched = r"'Qwen/Qwen2-0.5B' does not exist.*never fetches hub ids.*--local-dir"
+    with pytest.raises(FileNotFoundError, match=not_fetched):
         load_policy("Qwen/Qwen2-0.5B")
     with pytest.raises(FileNotFoundError, match=r"config\.json is missing.*save_pretrained"):
         load_policy(tmp_path)
@@ -104,7 +115,8 @@ def test_missing_directory_names_the_path_and_says_hub_ids_are_not_fetched(tmp_p
 def test_missing_weights_name_the_expected_files_and_the_fix(qwen_dir):
     base_dir, _ = qwen_dir
     (base_dir / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match=rf"no model weights in {base_dir}.*model\.safetensors.*save_pretrained"):
+    no_weights = rf"no model weights in {base_dir}.*model\.safetensors.*save_pretrained"
+    with pytest.raises(FileNotFoundError, match=no_weights):
         load_policy(base_dir)
 
 

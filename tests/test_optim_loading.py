@@ -3,11 +3,13 @@
 The truth is always ``AdamState.from_optimizer`` on the optimizer that wrote the file (mapped by
 identity), so every test compares a file-mapping against an independent identity-mapping.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import support
 import torch
 from torch import nn
 
@@ -17,22 +19,19 @@ from probe.optim_loading import OptimizerSettings, hf_trainer_decay_names, load_
 VOCAB = 32
 
 
-def tiny_llama(seed: int = 0, intermediate_size: int = 32):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=intermediate_size, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(cfg)  # q_proj [16,16], k/v_proj [8,16], mlp [32,16]/[16,32], norms [16]: shapes tell orders apart
+def tiny_llama(seed: int = 0, intermediate_size: int = 32) -> nn.Module:
+    """q_proj [16,16], k/v_proj [8,16], mlp [32,16]/[16,32], norms [16]: shapes tell orders apart."""
+    return support.tiny_llama(seed, vocab_size=VOCAB, intermediate_size=intermediate_size, max_position_embeddings=32)
 
 
-def tiny_lora_llama(seed: int = 0):
+def tiny_lora_llama(seed: int = 0) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
-    torch.manual_seed(seed + 1)
-    return get_peft_model(tiny_llama(seed), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    base = tiny_llama(seed)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    with torch.random.fork_rng():  # random (non-zero) LoRA weights drawn with seed + 1; the global RNG is left alone
+        torch.manual_seed(seed + 1)
+        return get_peft_model(base, lora)
 
 
 def token_batches(n: int = 2, seed: int = 1) -> list[torch.Tensor]:
@@ -141,7 +140,10 @@ def test_empty_state_is_step_zero_and_ambiguous_orders_are_reported(tmp_path):
     decay = hf_trainer_decay_names(model)
     named = list(model.named_parameters())
     optimizer = torch.optim.AdamW(  # built like HF Trainer but saved as a plain file, before any step
-        [{"params": [p for n, p in named if n in decay]}, {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+        [
+            {"params": [p for n, p in named if n in decay]},
+            {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+        ]
     )
     file = tmp_path / "fresh.pt"
     torch.save(optimizer.state_dict(), file)
@@ -170,7 +172,8 @@ def test_overrides_replace_hyperparameters_and_keep_the_moments(saved_full_adamw
         file, model, lr=5e-5, beta1=0.5, beta2=0.9, eps=1e-12, weight_decay=0.3, amsgrad=False, kind="adam"
     )
     for name, h in loaded.hyper.items():
-        assert (h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.amsgrad, h.decoupled) == (5e-5, 0.5, 0.9, 1e-12, 0.3, False, False), name
+        hyper = (h.lr, h.beta1, h.beta2, h.eps, h.weight_decay, h.amsgrad, h.decoupled)
+        assert hyper == (5e-5, 0.5, 0.9, 1e-12, 0.3, False, False), name
     partial = load_optimizer_state(file, model, lr=7e-4)  # only what is given changes
     for name, h in partial.hyper.items():
         assert h.lr == 7e-4 and h.beta1 == base.hyper[name].beta1 and h.weight_decay == base.hyper[name].weight_decay
@@ -214,14 +217,20 @@ def test_lightning_checkpoint_of_a_real_fit_loads_bitwise(tmp_path):
 
     policy = Policy(tiny_llama())
     trainer = L.Trainer(
-        max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=tmp_path,
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
     )
     trainer.fit(policy, torch.utils.data.DataLoader(torch.cat(token_batches()), batch_size=2))
     ckpt = tmp_path / "last.ckpt"
     trainer.save_checkpoint(ckpt)
 
-    loaded = load_optimizer_state(ckpt, policy.model)  # the HF model; the LightningModule's "model." prefix is irrelevant
+    # the HF model; the LightningModule's "model." prefix is irrelevant
+    loaded = load_optimizer_state(ckpt, policy.model)
     assert_same_state(loaded, AdamState.from_optimizer(trainer.optimizers[0], policy.model))
     assert loaded.hyper["lm_head.weight"].lr == pytest.approx(1e-3 / 3)  # after 2 scheduler steps
     assert "(lightning, optimizer 0;" in loaded.source
@@ -241,9 +250,20 @@ def hf_trainer_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("hf")
     model = tiny_llama()
     args = TrainingArguments(
-        output_dir=str(out), max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=2,
-        report_to=[], use_cpu=True, learning_rate=1e-3, weight_decay=0.1, lr_scheduler_type="constant_with_warmup",
-        warmup_steps=4, logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(out),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        learning_rate=1e-3,
+        weight_decay=0.1,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=4,
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
     dataset = [{"input_ids": x, "labels": x} for x in torch.cat(token_batches())]
     trainer = Trainer(model=model, args=args, train_dataset=dataset)
@@ -265,7 +285,8 @@ def test_hf_trainer_checkpoint_dir_loads_bitwise_in_decay_then_no_decay_order(hf
     # the optimizer.pt path itself is recognised as an HF Trainer file (trainer_state.json beside it)
     assert_same_state(load_optimizer_state(checkpoint / "optimizer.pt", model), truth)
     # read as if built over model.parameters(), the model order would put norm state on matrices: refused
-    with pytest.raises(ValueError, match="param_order=model: parameter 'model.layers.0.input_layernorm.weight' has shape"):
+    refused = "param_order=model: parameter 'model.layers.0.input_layernorm.weight' has shape"
+    with pytest.raises(ValueError, match=refused):
         load_optimizer_state(checkpoint, model, param_order="model")
 
 
@@ -273,12 +294,14 @@ def test_decay_rule_matches_the_installed_transformers_trainer(hf_trainer_run):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     trainer = hf_trainer_run[0]
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16))  # nn.LayerNorm + biases
+    # nn.LayerNorm + biases
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=1, n_head=2, n_positions=16))
     for model in (tiny_llama(), tiny_lora_llama(), gpt2):
         # the Trainer tests `name in decay_names` for names of model.named_parameters() (tied copies such as
         # GPT-2's lm_head.weight appear only in its list, never there), so compare on those names
         names = {n for n, _ in model.named_parameters()}
-        assert hf_trainer_decay_names(model) == set(trainer.get_decay_parameter_names(model)) & names, type(model).__name__
+        expected = set(trainer.get_decay_parameter_names(model)) & names
+        assert hf_trainer_decay_names(model) == expected, type(model).__name__
     # GPT-2's ln_1/ln_2/ln_f weights match no name pattern: they are undecayed because they sit in an nn.LayerNorm
     assert {"transformer.h.0.ln_1.weight", "transformer.ln_f.weight"} <= names - hf_trainer_decay_names(gpt2)
 
@@ -309,7 +332,8 @@ def test_missing_state_for_a_trainable_parameter_is_an_error(saved_full_adamw, t
     del state_dict["state"][3]  # position 3 = model.layers.0.self_attn.v_proj.weight
     file = tmp_path / "missing.pt"
     torch.save(state_dict, file)
-    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.v_proj.weight' \(id 3, group 0\) has no optimizer state"):
+    missing = r"'model.layers.0.self_attn.v_proj.weight' \(id 3, group 0\) has no optimizer state"
+    with pytest.raises(ValueError, match=missing):
         load_optimizer_state(file, model)
 
 

@@ -1,6 +1,6 @@
 """The predict pipeline end to end: `python -m probe predict` on a small toy run.
 
-What a user relies on: the run directory of DESIGN section 6 with numbers that agree with
+What a user relies on: the run directory of docs/DESIGN.md section 9 with numbers that agree with
 each other (contributions sum to Delta H, attributions sum to the grad part's first order,
 the saved update is baseline + grad), a finished run is never overwritten, an interrupted
 run resumes to the same numbers, and every config in configs/ parses.
@@ -16,32 +16,13 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from probe.cli import main
-
-REPO = Path(__file__).resolve().parents[1]
-
-SMALL = [
-    "--model.init_args.probe.n_etas", "3",
-    "--data.init_args.update.source.n_prompts", "3",
-    "--data.init_args.update.sampling.n_per_prompt", "4",
-    "--data.init_args.evals",
-    "[{source: {prompts: toy, n_prompts: 12, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}]",
-    "--data.init_args.eval_batch_size", "16",
-    "--trainer.logger", "false",
-    "--trainer.enable_progress_bar", "false",
-]
-
-
-def run_probe(root: Path, name: str, *extra: str) -> dict:
-    main(["predict", "--config", str(REPO / "configs" / "toy.yaml"), *SMALL,
-          "--model.init_args.run.root", str(root), "--model.init_args.run.name", name, *extra])
-    return json.loads((root / name / "summary.json").read_text())
+from support import REPO
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, toy_world_dir) -> tuple[Path, dict]:
+def finished_run(tmp_path_factory, run_predict) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("runs")
-    return root / "small", run_probe(root, "small")
+    return root / "small", run_predict(root, "small")
 
 
 def test_run_directory_holds_the_design_layout(finished_run):
@@ -116,37 +97,38 @@ def test_first_order_agrees_with_the_exact_change_at_the_smallest_eta(finished_r
         assert abs(res["delta_h"][0] - res["first_order"] * eta) <= 3 * res["se"][0] + 1e-9, part
 
 
-def test_a_finished_run_is_never_overwritten(finished_run):
+def test_a_finished_run_is_never_overwritten(finished_run, run_predict):
     run, _ = finished_run
     before = (run / "summary.json").read_text()
     with pytest.raises(FileExistsError, match="already holds a finished run"):
-        run_probe(run.parent, run.name)
+        run_predict(run.parent, run.name)
     assert (run / "summary.json").read_text() == before
 
 
-def test_an_interrupted_run_resumes_to_the_same_numbers(finished_run, tmp_path, monkeypatch):
-    from probe.module import ProbeModule
+def test_an_interrupted_run_resumes_to_the_same_numbers(finished_run, tmp_path, monkeypatch, run_predict):
+    import probe.module
 
     _, uninterrupted = finished_run
-    real = ProbeModule.batch_statistics
+    real = probe.module.batch_rows
     calls = {"n": 0}
 
-    def crash_on_second_batch(self, batch, eval_k=0):
+    def crash_on_second_batch(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
             raise RuntimeError("simulated crash")
-        return real(self, batch, eval_k)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(ProbeModule, "batch_statistics", crash_on_second_batch)
+    monkeypatch.setattr(probe.module, "batch_rows", crash_on_second_batch)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_probe(tmp_path, "resumed")
+        run_predict(tmp_path, "resumed")
     partial = list((tmp_path / "resumed" / "partial").rglob("*.npz"))
     assert len(partial) == 1, "the batch finished before the crash was written"
-    assert json.loads((tmp_path / "resumed" / "summary.json").read_text() if (tmp_path / "resumed" / "summary.json").exists() else "{}").get("status") != "complete"
+    summary = tmp_path / "resumed" / "summary.json"
+    assert not summary.exists() or json.loads(summary.read_text()).get("status") != "complete"
 
-    monkeypatch.setattr(ProbeModule, "batch_statistics", real)
+    monkeypatch.setattr(probe.module, "batch_rows", real)
     calls["n"] = 0
-    resumed = run_probe(tmp_path, "resumed")
+    resumed = run_predict(tmp_path, "resumed")
     for part, res in uninterrupted["aggregate"].items():
         np.testing.assert_array_equal(resumed["aggregate"][part]["delta_h"], res["delta_h"])
         np.testing.assert_array_equal(resumed["aggregate"][part]["se"], res["se"])
@@ -157,8 +139,8 @@ def test_every_config_parses(config):
     first = config.read_text().splitlines()[0]
     assert first.startswith("# python -m probe "), "every config opens with the command that runs it"
     subcommand = first.split()[4]
-    out = subprocess.run([sys.executable, "-m", "probe", subcommand, "--config", str(config), "--print_config"],
-                         capture_output=True, text=True, cwd=REPO)
+    command = [sys.executable, "-m", "probe", subcommand, "--config", str(config), "--print_config"]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
 
 
@@ -167,16 +149,17 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
-def test_rollout_files_and_two_eval_batches_share_one_update(finished_run, tmp_path):
+def test_rollout_files_and_two_eval_batches_share_one_update(finished_run, tmp_path, run_predict):
     """U and E read from rollout files (as any RL framework writes them), a second E in eval_01/,
     and the exact per-sequence path next to the attributions."""
     run, _ = finished_run
     update = [json.loads(line) for line in (run / "rollouts" / "update.jsonl").read_text().splitlines()]
     keep = {"prompt_ids", "response_ids", "group", "advantage", "reward", "old_logprobs"}
     update_file = write_jsonl(tmp_path / "u.jsonl", [{k: r[k] for k in keep if k in r} for r in update])
-    evals = f"[{{path: {run / 'rollouts' / 'eval_00.jsonl'}}}, {{source: {{prompts: toy, n_prompts: 4, offset: 2000}}, sampling: {{n_per_prompt: 4, max_new_tokens: 4, seed: 3}}}}]"
-    summary = run_probe(tmp_path, "files", "--data.init_args.update.path", str(update_file), "--data.init_args.evals", evals,
-                        "--model.init_args.probe.per_sequence_exact", "[0, 1]")
+    second = "{source: {prompts: toy, n_prompts: 4, offset: 2000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 3}}"
+    evals = f"[{{path: {run / 'rollouts' / 'eval_00.jsonl'}}}, {second}]"
+    summary = run_predict(tmp_path, "files", "--data.init_args.update.path", str(update_file), "--data.init_args.evals",
+                          evals, "--model.init_args.probe.per_sequence_exact", "[0, 1]")
     assert [ev["name"] for ev in summary["evals"]] == ["eval_00", "eval_01"]
     assert (tmp_path / "files" / "eval_01" / "attributions.npy").is_file()
     assert (tmp_path / "files" / "plots" / "delta_h_eval_01.png").is_file()
@@ -189,25 +172,23 @@ def test_rollout_files_and_two_eval_batches_share_one_update(finished_run, tmp_p
         assert abs(e["alone"][0] - e["attribution_first_order"][0]) <= 3 * e["alone_se"][0] + 1e-9
 
 
-def test_wandb_offline_run_is_written(tmp_path, toy_world_dir, monkeypatch):
+def test_wandb_offline_run_is_written(tmp_path, monkeypatch, run_predict):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    i = SMALL.index("--trainer.logger")
-    args = SMALL[:i] + SMALL[i + 2 :]
-    main(["predict", "--config", str(REPO / "configs" / "toy.yaml"), *args,
-          "--model.init_args.run.root", str(tmp_path), "--model.init_args.run.name", "wb",
-          "--model.init_args.probe.eval_update_matrix", "false",
-          "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    logger = f"{{class_path: lightning.pytorch.loggers.WandbLogger, init_args: {{save_dir: {tmp_path}, offline: true}}}}"
+    run_predict(tmp_path, "wb", "--trainer.logger", logger, "--model.init_args.probe.eval_update_matrix", "false")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].rglob("*.wandb")), "the offline run holds its event log for `wandb sync`"
 
 
-def test_per_token_views_hold_every_response_token_at_theta_and_at_the_reference_eta(finished_run, tmp_path):
+def test_per_token_views_hold_every_response_token_at_theta_and_at_the_reference_eta(finished_run, tmp_path, run_predict):
     run, first = finished_run
     update_file, eval_file = run / "rollouts" / "update.jsonl", run / "rollouts" / "eval_00.jsonl"
-    summary = run_probe(tmp_path, "tokens", "--data.init_args.update.path", str(update_file),
-                        "--data.init_args.evals", f"[{{path: {eval_file}}}]", "--model.init_args.probe.per_token_views", "true",
-                        "--model.init_args.probe.attribution", "false", "--model.init_args.probe.eval_update_matrix", "false")
+    summary = run_predict(
+        tmp_path, "tokens", "--data.init_args.update.path", str(update_file), "--data.init_args.evals",
+        f"[{{path: {eval_file}}}]", "--model.init_args.probe.per_token_views", "true",
+        "--model.init_args.probe.attribution", "false", "--model.init_args.probe.eval_update_matrix", "false",
+    )
     views = tmp_path / "tokens" / "per_token"
     offsets = np.load(views / "offsets.npy")
     assert offsets[-1] == summary["evals"][0]["n_tokens"] and len(offsets) == summary["evals"][0]["n_sequences"] + 1
@@ -219,10 +200,10 @@ def test_per_token_views_hold_every_response_token_at_theta_and_at_the_reference
     assert (lp <= 0).all() and np.load(views / "logprobs_ref.npy").shape == lp.shape
 
 
-def test_an_update_batch_whose_advantages_are_all_zero_is_refused(finished_run, tmp_path):
+def test_an_update_batch_whose_advantages_are_all_zero_is_refused(finished_run, tmp_path, run_predict):
     run, _ = finished_run
     records = [json.loads(line) for line in (run / "rollouts" / "update.jsonl").read_text().splitlines()]
     zero = write_jsonl(tmp_path / "zero.jsonl", [dict(r, advantage=0.0) for r in records])
     with pytest.raises(ValueError, match="every advantage of the update batch .* is zero"):
-        run_probe(tmp_path, "zero", "--data.init_args.update.path", str(zero))
+        run_predict(tmp_path, "zero", "--data.init_args.update.path", str(zero))
     assert not (tmp_path / "zero" / "summary.json").exists()

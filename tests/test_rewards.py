@@ -1,4 +1,5 @@
 """Reward functions: GSM8K answer extraction, built-in specs, import paths and their errors, finite rewards."""
+
 from __future__ import annotations
 
 import textwrap
@@ -95,7 +96,8 @@ def test_gsm8k_reward_compares_final_numbers(response, answer, reward):
 
 
 def test_gsm8k_reward_without_reference_says_where_it_comes_from():
-    with pytest.raises(ValueError, match=r"needs the reference answer.*Fix: give every prompt record an 'answer' field"):
+    no_answer = r"needs the reference answer.*Fix: give every prompt record an 'answer' field"
+    with pytest.raises(ValueError, match=no_answer):
         resolve_reward("gsm8k")("q", "#### 3")
     with pytest.raises(ValueError, match=r"reference answer 'unknown' holds no number.*Fix:"):
         gsm8k_reward("q", "#### 3", answer="unknown")
@@ -109,14 +111,16 @@ def test_toy_reward_is_the_toy_task_reward_imported_at_call_time():
     assert isinstance(reward, RewardFunction) and reward._fn is None  # not imported yet
     from probe.toy.task import reward as toy_reward
 
-    for prompt, response in [("3 + 4 =", "7 <eos>"), ("3 + 4 =", "8 <eos>"), ("<bos> 9 + 3 =", "1 2 <eos>"), ("9 + 3 =", "1 2")]:
+    pairs = [("3 + 4 =", "7 <eos>"), ("3 + 4 =", "8 <eos>"), ("<bos> 9 + 3 =", "1 2 <eos>"), ("9 + 3 =", "1 2")]
+    for prompt, response in pairs:
         assert reward(prompt, response) == toy_reward(prompt, response)
     assert reward("3 + 4 =", "7 <eos>") == 1.0 and reward("3 + 4 =", "7") == 0.0
     assert reward("3 + 4 =", "7 <eos>", answer="ignored") == 1.0  # answer is not passed to f(prompt, response)
 
 
 def test_unknown_name_lists_the_choices():
-    with pytest.raises(ValueError, match=r"unknown reward 'gsm9k'.*built-in reward \(toy, gsm8k\).*'package.module:function'"):
+    choices = r"unknown reward 'gsm9k'.*built-in reward \(toy, gsm8k\).*'package.module:function'"
+    with pytest.raises(ValueError, match=choices):
         resolve_reward("gsm9k")
 
 
@@ -142,12 +146,14 @@ def test_a_callable_is_wrapped_and_checked():
 
 
 def test_missing_module_is_a_clear_error(reward_module):
-    with pytest.raises(ValueError, match=r"module 'no_such_reward_module_xyz' not found.*Fix: check the spelling.*PYTHONPATH"):
+    not_found = r"module 'no_such_reward_module_xyz' not found.*Fix: check the spelling.*PYTHONPATH"
+    with pytest.raises(ValueError, match=not_found):
         resolve_reward("no_such_reward_module_xyz:score")
 
 
 def test_module_failing_on_its_own_missing_import_names_the_dependency(reward_module):
-    with pytest.raises(ValueError, match=r"importing 'broken_rewards_for_tests' failed.*Fix: install 'a_package_that_does_not_exist_xyz'"):
+    failed = r"importing 'broken_rewards_for_tests' failed.*Fix: install 'a_package_that_does_not_exist_xyz'"
+    with pytest.raises(ValueError, match=failed):
         resolve_reward("broken_rewards_for_tests:score")
     with pytest.raises(ValueError, match=r"importing 'raising_rewards_for_tests' raised RuntimeError: boom at import"):
         resolve_reward("raising_rewards_for_tests:score")
@@ -159,7 +165,11 @@ def test_missing_attribute_lists_the_module_callables(reward_module):
 
 
 def test_attribute_that_is_not_callable_is_an_error(reward_module):
-    with pytest.raises(ValueError, match=r"'user_rewards_for_tests:NOT_A_FUNCTION' is not callable \(it is of type int\).*Fix: point to a function reward\(prompt: str, response: str\)"):
+    not_callable = (
+        r"'user_rewards_for_tests:NOT_A_FUNCTION' is not callable \(it is of type int\)"
+        r".*Fix: point to a function reward\(prompt: str, response: str\)"
+    )
+    with pytest.raises(ValueError, match=not_callable):
         resolve_reward(f"{reward_module}:NOT_A_FUNCTION")
 
 
@@ -174,7 +184,8 @@ def test_malformed_import_path_is_an_error(reward_module, spec):
 
 def test_nan_reward_is_an_error_naming_the_function(reward_module):
     reward = resolve_reward(f"{reward_module}:nan_reward")
-    with pytest.raises(ValueError, match=rf"reward function '{reward_module}:nan_reward' returned nan for response 'resp'.*finite"):
+    not_finite = rf"reward function '{reward_module}:nan_reward' returned nan for response 'resp'.*finite"
+    with pytest.raises(ValueError, match=not_finite):
         reward("p", "resp")
 
 

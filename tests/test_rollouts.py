@@ -1,4 +1,5 @@
 """Rollout files (DESIGN section 6): exact round trips, and an error naming file, line and fix for each bad input."""
+
 from __future__ import annotations
 
 import json
@@ -114,7 +115,9 @@ def test_parquet_rejects_mixed_int_and_str_groups_with_a_fix(tmp_path):
 
 def test_numpy_values_are_written_as_plain_numbers(tmp_path):
     np = pytest.importorskip("numpy")
-    records = [{"prompt_ids": np.array([1, 2]), "response_ids": [np.int64(3)], "group": np.int64(4), "w": np.float32(0.5)}]
+    records = [
+        {"prompt_ids": np.array([1, 2]), "response_ids": [np.int64(3)], "group": np.int64(4), "w": np.float32(0.5)}
+    ]
     back = read_rollouts(write_rollouts(records, tmp_path / "u.jsonl"))
     assert back == [{"prompt_ids": [1, 2], "response_ids": [3], "group": 4, "w": 0.5}]
 
@@ -162,7 +165,10 @@ def test_read_rollouts_remembers_lines_for_later_validation(tmp_path):
     [
         (good_line(prompt_ids=None), r"missing required field\(s\) 'prompt_ids'.*Fix: every record needs"),
         ('{"prompt_ids": [1]}', r"missing required field\(s\) 'response_ids', 'group'.*Fix:"),
-        (good_line(prompt_ids="1 2 3"), r"field 'prompt_ids' must be a list of token ids.*Fix: store the tokenized ids"),
+        (
+            good_line(prompt_ids="1 2 3"),
+            r"field 'prompt_ids' must be a list of token ids.*Fix: store the tokenized ids",
+        ),
         (good_line(response_ids=[3, 4.0]), r"field 'response_ids' must hold integer token ids, found 4.0.*Fix:"),
         (good_line(response_ids=[3, True]), r"field 'response_ids' must hold integer token ids, found True.*Fix:"),
         (good_line(prompt_ids=[]), r"'prompt_ids' is empty.*Fix: every sequence needs at least one prompt token"),
@@ -170,12 +176,24 @@ def test_read_rollouts_remembers_lines_for_later_validation(tmp_path):
         (good_line(group=1.5), r"'group' must be an int or a str, got 1.5.*Fix:"),
         (good_line(group=[0]), r"'group' must be an int or a str.*Fix:"),
         (good_line(advantage="high"), r"'advantage' must be a number.*Fix:"),
-        ('{"prompt_ids": [1], "response_ids": [2], "group": 0, "advantage": NaN}', r"'advantage' is nan \(not finite\).*Fix:"),
-        ('{"prompt_ids": [1], "response_ids": [2], "group": 0, "reward": -Infinity}', r"'reward' is -inf \(not finite\).*Fix:"),
+        (
+            '{"prompt_ids": [1], "response_ids": [2], "group": 0, "advantage": NaN}',
+            r"'advantage' is nan \(not finite\).*Fix:",
+        ),
+        (
+            '{"prompt_ids": [1], "response_ids": [2], "group": 0, "reward": -Infinity}',
+            r"'reward' is -inf \(not finite\).*Fix:",
+        ),
         (good_line(response=5), r"'response' must be text \(str\).*Fix:"),
-        (good_line(old_logprobs=[-0.5]), r"'old_logprobs' has 1 entries but 'response_ids' has 2 tokens.*Fix: store exactly one"),
+        (
+            good_line(old_logprobs=[-0.5]),
+            r"'old_logprobs' has 1 entries but 'response_ids' has 2 tokens.*Fix: store exactly one",
+        ),
         (good_line(old_logprobs="x"), r"'old_logprobs' must be a list of numbers.*Fix:"),
-        ('{"prompt_ids": [1], "response_ids": [2], "group": 0, "old_logprobs": [NaN]}', r"'old_logprobs' holds a non-finite value \(nan\).*Fix:"),
+        (
+            '{"prompt_ids": [1], "response_ids": [2], "group": 0, "old_logprobs": [NaN]}',
+            r"'old_logprobs' holds a non-finite value \(nan\).*Fix:",
+        ),
         (good_line(old_logprobs=[0.5, 1.2]), r"holds 1.2 > 0.*Fix: store log p.*negate them"),
         ("[1, 2, 3]", r"must be a JSON object \(dict\), got list.*Fix:"),
     ],
@@ -199,7 +217,8 @@ def test_ids_outside_the_vocabulary_are_an_error_naming_the_vocab_size(tmp_path)
     path = tmp_path / "u.jsonl"
     write_lines(path, [good_line(), good_line(prompt_ids=[1, 16])])
     read_rollouts(path)  # no vocabulary given: not checked
-    with pytest.raises(ValueError, match=r"u\.jsonl, line 2: field 'prompt_ids' holds token id 16.*vocab_size=16.*re-tokenize"):
+    outside = r"u\.jsonl, line 2: field 'prompt_ids' holds token id 16.*vocab_size=16.*re-tokenize"
+    with pytest.raises(ValueError, match=outside):
         read_rollouts(path, vocab_size=16)
     assert len(read_rollouts(path, vocab_size=17)) == 2
 
@@ -207,7 +226,10 @@ def test_ids_outside_the_vocabulary_are_an_error_naming_the_vocab_size(tmp_path)
 def test_old_logprobs_given_for_some_records_only_is_an_error(tmp_path):
     path = tmp_path / "u.jsonl"
     write_lines(path, [good_line(old_logprobs=[-1.0, -2.0]), good_line()])
-    with pytest.raises(ValueError, match=r"u\.jsonl, line 2: this record has no 'old_logprobs'.*Fix: store old_logprobs for every record or for none"):
+    some_only = (
+        r"u\.jsonl, line 2: this record has no 'old_logprobs'.*Fix: store old_logprobs for every record or for none"
+    )
+    with pytest.raises(ValueError, match=some_only):
         read_rollouts(path)
 
 
@@ -219,8 +241,12 @@ def test_parquet_errors_name_the_row(tmp_path):
 
 
 def test_writing_invalid_records_fails_before_touching_the_disk(tmp_path):
+    records = [
+        {"prompt_ids": [1], "response_ids": [2], "group": 0},
+        {"prompt_ids": [1], "response_ids": [], "group": 0},
+    ]
     with pytest.raises(ValueError, match=r"u\.jsonl \(records to write\), record 1: 'response_ids' is empty"):
-        write_rollouts([{"prompt_ids": [1], "response_ids": [2], "group": 0}, {"prompt_ids": [1], "response_ids": [], "group": 0}], tmp_path / "u.jsonl")
+        write_rollouts(records, tmp_path / "u.jsonl")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -232,7 +258,8 @@ def test_truncated_last_line_says_the_file_looks_truncated_and_how_to_fix_it(tmp
     path = tmp_path / "u.jsonl"
     full = good_line(prompt=" a long prompt")
     write_lines(path, [good_line(), good_line(), full[: len(full) // 2]], trailing_newline=trailing_newline)
-    with pytest.raises(ValueError, match=r"u\.jsonl, line 3: the last line is not valid JSON.*looks truncated.*Fix: delete the last line"):
+    truncated = r"u\.jsonl, line 3: the last line is not valid JSON.*looks truncated.*Fix: delete the last line"
+    with pytest.raises(ValueError, match=truncated):
         read_rollouts(path)
 
 
@@ -272,7 +299,8 @@ def test_truncated_parquet_file_is_an_error_with_a_fix(tmp_path):
 def test_json_array_file_is_told_to_use_json_lines(tmp_path):
     path = tmp_path / "u.json"
     path.write_text("[\n" + good_line() + ",\n" + good_line() + "\n]\n")
-    with pytest.raises(ValueError, match=r"u\.json, line 1: this looks like a JSON array.*Fix: write one JSON object per line"):
+    array = r"u\.json, line 1: this looks like a JSON array.*Fix: write one JSON object per line"
+    with pytest.raises(ValueError, match=array):
         read_rollouts(path)
 
 
@@ -294,7 +322,10 @@ def test_missing_file_and_unknown_suffix(tmp_path):
 
 
 def test_validate_rollouts_on_plain_lists_names_the_record_index():
-    records = [{"prompt_ids": [1], "response_ids": [2], "group": 0}, {"prompt_ids": [1], "response_ids": [2], "group": None}]
+    records = [
+        {"prompt_ids": [1], "response_ids": [2], "group": 0},
+        {"prompt_ids": [1], "response_ids": [2], "group": None},
+    ]
     with pytest.raises(ValueError, match=r"rollout records, record 1: missing required field\(s\) 'group'"):
         validate_rollouts(records)
     with pytest.raises(ValueError, match=r"rollout records: there are no rollouts"):

@@ -1,48 +1,65 @@
 """Sampling: deterministic responses with exact old log-probs, GRPO advantages, dead-group resampling."""
+
 from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import replace
 
 import pytest
 import torch
+from support import tiny_llama
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from probe.batch import collate
-from probe.logprobs import teacher_force
-from probe.precision import exact_float64_norms
-from probe.sampling import group_advantages, sample_responses, sample_update_batch, truncate_logits
-
+from probe.logprobs import TeacherForcing, teacher_force
+from probe.sampling import SamplingSettings, group_advantages, sample_responses, sample_update_batch, truncate_logits
 
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 14, 6, 15], [1, 7], [1, 4, 4, 4, 4, 4, 4, 14]]  # different lengths: left padding is exercised
+POLICY = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    bos_token_id=1,
+    eos_token_id=EOS,
+    pad_token_id=PAD,
+)  # tiny_llama's settings of the policy (16-token vocabulary)
+SAMPLING = SamplingSettings(n_per_prompt=4, max_new_tokens=6, temperature=0.7, seed=3)
 
 
 @pytest.fixture(scope="module")
 def policy() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD,
-        attn_implementation="sdpa",
-    )  # fmt: skip
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama(0, **POLICY)
     with torch.no_grad():  # a peaked EOS logit so responses end at different lengths
         model.lm_head.weight[EOS] += 0.3 * model.lm_head.weight.norm(dim=-1).mean()
     return model
 
 
-def sample(model, **kw):
-    args = dict(n_per_prompt=4, max_new_tokens=6, temperature=0.7, eos_token_id=EOS, pad_token_id=PAD, seed=3)
-    return sample_responses(model, PROMPTS, **{**args, **kw})
+def sample(model, generator: torch.Generator | None = None, **settings):
+    """``SAMPLING`` with ``settings`` changed, EOS and pad ids given."""
+    sampling = replace(SAMPLING, **settings)
+    return sample_responses(model, PROMPTS, sampling, eos_token_id=EOS, pad_token_id=PAD, generator=generator)
 
 
 def test_same_seed_gives_the_same_records_and_another_seed_other_ones(policy):
     assert sample(policy) == sample(policy)
     assert [r["response_ids"] for r in sample(policy)] != [r["response_ids"] for r in sample(policy, seed=4)]
     generator = torch.Generator().manual_seed(3)
-    assert sample(policy, generator=generator, seed=None) == sample(policy)  # seed == a fresh generator with that seed
+    # seed == a fresh generator with that seed (a given generator is used instead of the settings' seed)
+    assert sample(policy, generator=generator, seed=4) == sample(policy)
+
+
+def test_sampling_in_batches_keeps_the_prompt_order_and_exact_old_logprobs(policy):
+    # batch_size 5 splits the 12 rows (3 prompts x 4) into 3 generation batches of different prompt lengths
+    records = sample(policy, batch_size=5)
+    assert [r["prompt_ids"] for r in records] == [p for p in PROMPTS for _ in range(4)]
+    stats = teacher_force(policy, collate(records, pad_token_id=PAD), forcing=TeacherForcing(temperature=0.7))
+    for i, r in enumerate(records):
+        assert stats.logprobs[i][stats.mask[i]].tolist() == pytest.approx(r["old_logprobs"], abs=1e-5)
 
 
 def test_records_are_grouped_by_prompt_cut_after_eos_and_flag_truncation(policy):
@@ -68,19 +85,19 @@ def test_old_logprobs_equal_teacher_forced_logprobs_at_the_sampling_temperature(
     records = sample(policy, n_per_prompt=8)
     batch = collate(records, pad_token_id=PAD)
     with torch.no_grad():
-        stats = teacher_force(policy, batch, temperature=0.7)
+        stats = teacher_force(policy, batch, forcing=TeacherForcing(temperature=0.7))
     # float32 model: the KV-cache pass and the full pass differ only in summation order (~1e-7 observed)
     torch.testing.assert_close(batch.old_logprobs, stats.logprobs, rtol=0, atol=1e-5)
     assert float(stats.logprobs.abs().sum()) > 1.0  # not trivially zero
 
 
 def test_old_logprobs_match_teacher_forcing_to_float64_precision_on_a_float64_policy(policy):
-    model = exact_float64_norms(LlamaForCausalLM(policy.config).double().eval())
+    model = tiny_llama(0, dtype=torch.float64, **POLICY)
     model.load_state_dict({k: v.double() for k, v in policy.state_dict().items()})
     with sdpa_kernel(SDPBackend.MATH):
         records = sample(model, temperature=1.3)
         with torch.no_grad():
-            stats = teacher_force(model, collate(records, pad_token_id=PAD), temperature=1.3)
+            stats = teacher_force(model, collate(records, pad_token_id=PAD), forcing=TeacherForcing(temperature=1.3))
     old = collate(records, pad_token_id=PAD).old_logprobs
     torch.testing.assert_close(old, stats.logprobs, rtol=0, atol=1e-10)  # float64 end to end: ~1e-15 expected
 
@@ -88,7 +105,8 @@ def test_old_logprobs_match_teacher_forcing_to_float64_precision_on_a_float64_po
 def test_first_tokens_follow_the_tempered_softmax(policy):
     # independent truth: the model's own next-token distribution softmax(logits / tau)
     temperature, n = 0.8, 4000
-    records = sample_responses(policy, [[1, 7]], n_per_prompt=n, max_new_tokens=1, temperature=temperature, eos_token_id=EOS, seed=11)
+    sampling = SamplingSettings(n_per_prompt=n, max_new_tokens=1, temperature=temperature, seed=11)
+    records = sample_responses(policy, [[1, 7]], sampling, eos_token_id=EOS)
     counts = torch.bincount(torch.tensor([r["response_ids"][0] for r in records]), minlength=16).double()
     with torch.no_grad():
         probs = torch.softmax(policy(torch.tensor([[1, 7]])).logits[0, -1].double() / temperature, -1)
@@ -99,7 +117,8 @@ def test_first_tokens_follow_the_tempered_softmax(policy):
 
 
 def test_top_k_samples_only_the_k_most_likely_tokens_and_records_their_renormalised_logprobs(policy):
-    records = sample_responses(policy, [[1, 7]], n_per_prompt=500, max_new_tokens=1, temperature=1.0, top_k=3, eos_token_id=EOS, seed=1)
+    sampling = SamplingSettings(n_per_prompt=500, max_new_tokens=1, temperature=1.0, top_k=3, seed=1)
+    records = sample_responses(policy, [[1, 7]], sampling, eos_token_id=EOS)
     with torch.no_grad():
         logits = policy(torch.tensor([[1, 7]])).logits[0, -1].double()
     top3 = set(torch.topk(logits, 3).indices.tolist())
@@ -125,9 +144,9 @@ def test_top_p_keeps_the_smallest_set_of_mass_at_least_p():
     assert kept.tolist() == [[True, False, False, False]]  # the most likely token always stays
 
 
-def test_greedy_temperature_is_refused_with_the_fix(policy):
+def test_greedy_temperature_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"temperature must be > 0.*small positive temperature"):
-        sample(policy, temperature=0.0)
+        SamplingSettings(temperature=0.0)
 
 
 # --------------------------------------------------------------------------- advantages
@@ -142,7 +161,8 @@ def test_group_advantages_are_centred_and_scaled_by_the_unbiased_group_std():
     eps = 1e-6
     std_a, std_7 = statistics.stdev([1.0, 0.0, 0.5]), statistics.stdev([2.0, 4.0])
     expected = [0.5 / (std_a + eps), -0.5 / (std_a + eps), 0.0, -1.0 / (std_7 + eps), 1.0 / (std_7 + eps), 0.0]
-    assert group_advantages(rewards, groups, normalize_std=True, eps=eps).tolist() == pytest.approx(expected, abs=1e-12)
+    advantages = group_advantages(rewards, groups, normalize_std=True, eps=eps)
+    assert advantages.tolist() == pytest.approx(expected, abs=1e-12)
 
 
 def test_a_group_with_equal_rewards_has_zero_advantages():
@@ -167,9 +187,14 @@ def alternating_reward_after(dead_calls: int):
 
 def test_update_batch_resamples_a_dead_group_until_it_has_signal(policy):
     records = sample_update_batch(
-        policy, PROMPTS[:2], reward_fn=alternating_reward_after(4), n_per_prompt=4, max_new_tokens=4,
-        eos_token_id=EOS, pad_token_id=PAD, seed=0, max_resample_attempts=2,
-    )  # fmt: skip
+        policy,
+        PROMPTS[:2],
+        SamplingSettings(n_per_prompt=4, max_new_tokens=4, seed=0),
+        reward_fn=alternating_reward_after(4),
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        max_resample_attempts=2,
+    )
     assert [r["group"] for r in records] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert [r["resample_attempt"] for r in records] == [1, 1, 1, 1, 0, 0, 0, 0]  # group 0 was drawn twice
     for k in (0, 1):
@@ -177,24 +202,34 @@ def test_update_batch_resamples_a_dead_group_until_it_has_signal(policy):
         assert max(abs(r["advantage"]) for r in group) > 0.5
         rewards = [r["reward"] for r in group]
         assert sum(r["advantage"] for r in group) == pytest.approx(0.0, abs=1e-12)
-        assert group[0]["advantage"] == pytest.approx((rewards[0] - statistics.mean(rewards)) / (statistics.stdev(rewards) + 1e-6))
+        expected = (rewards[0] - statistics.mean(rewards)) / (statistics.stdev(rewards) + 1e-6)
+        assert group[0]["advantage"] == pytest.approx(expected)
 
 
 def test_update_batch_takes_spare_prompts_for_dead_groups(policy):
     spare = [1, 9, 14, 9, 15]
     records = sample_update_batch(
-        policy, PROMPTS[:2], reward_fn=alternating_reward_after(4), n_per_prompt=4, max_new_tokens=4,
-        eos_token_id=EOS, seed=0, spare_prompts=[spare],
-    )  # fmt: skip
+        policy,
+        PROMPTS[:2],
+        SamplingSettings(n_per_prompt=4, max_new_tokens=4, seed=0),
+        reward_fn=alternating_reward_after(4),
+        eos_token_id=EOS,
+        spare_prompts=[spare],
+    )
     assert [r["prompt_ids"] for r in records[:4]] == [spare] * 4 and records[4]["prompt_ids"] == PROMPTS[1]
 
 
 def test_update_batch_gives_up_after_the_attempt_limit_with_the_numbers_and_the_fix(policy):
     with pytest.raises(ValueError) as info:
         sample_update_batch(
-            policy, PROMPTS, reward_fn=lambda p, r: 1.0, n_per_prompt=3, max_new_tokens=3,
-            eos_token_id=EOS, seed=0, max_resample_attempts=2, zero_tol=1e-7,
-        )  # fmt: skip
+            policy,
+            PROMPTS,
+            SamplingSettings(n_per_prompt=3, max_new_tokens=3, seed=0),
+            reward_fn=lambda p, r: 1.0,
+            eos_token_id=EOS,
+            max_resample_attempts=2,
+            zero_tol=1e-7,
+        )
     message = str(info.value)
     assert "3 of 3 prompt groups" in message and "after 2 resampling attempts" in message
     assert "|A| <= 1e-07" in message and "max_resample_attempts=2" in message and "Fix:" in message
@@ -202,19 +237,26 @@ def test_update_batch_gives_up_after_the_attempt_limit_with_the_numbers_and_the_
 
 def test_update_batch_keeps_dead_groups_when_filtering_is_off(policy):
     records = sample_update_batch(
-        policy, PROMPTS, reward_fn=lambda p, r: 1.0, n_per_prompt=2, max_new_tokens=3, eos_token_id=EOS,
-        seed=0, filter_zero_advantage_prompts=False,
-    )  # fmt: skip
+        policy,
+        PROMPTS,
+        SamplingSettings(n_per_prompt=2, max_new_tokens=3, seed=0),
+        reward_fn=lambda p, r: 1.0,
+        eos_token_id=EOS,
+        filter_zero_advantage_prompts=False,
+    )
     assert len(records) == 6 and all(r["advantage"] == 0.0 and r["reward"] == 1.0 for r in records)
 
 
 def test_update_batch_needs_two_responses_per_prompt(policy):
+    sampling = SamplingSettings(n_per_prompt=1, max_new_tokens=3)
     with pytest.raises(ValueError, match=r"n_per_prompt=1.*at least 2"):
-        sample_update_batch(policy, PROMPTS, reward_fn=lambda p, r: 1.0, n_per_prompt=1, max_new_tokens=3, eos_token_id=EOS)
+        sample_update_batch(policy, PROMPTS, sampling, reward_fn=lambda p, r: 1.0, eos_token_id=EOS)
 
 
 def test_update_batch_is_deterministic_under_a_seed(policy):
     reward = lambda p, r: float(len(r) % 2)  # noqa: E731
-    kw = dict(reward_fn=reward, n_per_prompt=4, max_new_tokens=5, eos_token_id=EOS, seed=5, temperature=1.0)
-    first, second = sample_update_batch(policy, PROMPTS, **kw), sample_update_batch(policy, PROMPTS, **kw)
+    sampling = SamplingSettings(n_per_prompt=4, max_new_tokens=5, seed=5, temperature=1.0)
+    kw = dict(reward_fn=reward, eos_token_id=EOS)
+    first = sample_update_batch(policy, PROMPTS, sampling, **kw)
+    second = sample_update_batch(policy, PROMPTS, sampling, **kw)
     assert first == second and all(math.isfinite(r["advantage"]) for r in first)

@@ -26,24 +26,14 @@ import torch
 
 from probe.cli import main
 from probe.loading import PolicySettings, load_policy, refuse_remote_code
+from probe.rundir import RUN_MARKER, RunDirectory, check_run_name, run_path
+from support import REPO, predict_args
 
-REPO = Path(__file__).resolve().parents[1]
 SKIP_DIRS = {"tests", ".git", ".venv", "venv", "runs", "build", "dist", "__pycache__", "node_modules"}
-
-SMALL = [
-    "--model.init_args.probe.n_etas", "2",
-    "--data.init_args.update.source.n_prompts", "2",
-    "--data.init_args.update.sampling.n_per_prompt", "4",
-    "--data.init_args.evals",
-    "[{source: {prompts: toy, n_prompts: 2, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}]",
-    "--trainer.logger", "false",
-    "--trainer.enable_progress_bar", "false",
-]
 
 
 def probe_args(root: Path, *extra: str) -> list[str]:
-    return ["predict", "--config", str(REPO / "configs" / "toy.yaml"), *SMALL,
-            "--model.init_args.run.root", str(root), "--model.init_args.run.name", "run", *extra]
+    return predict_args(root, "run", *extra, eval_prompts=2, n_etas=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,8 +222,6 @@ def test_trust_remote_code_lets_a_checkpoint_with_custom_code_through_the_check(
 # ---------------------------------------------------------------------------------------------
 # the run root is a boundary: a run name is one folder inside run.root, and only a folder probe made is deleted
 
-from probe.rundir import RUN_MARKER, RunDirectory, check_run_name, run_path  # noqa: E402
-
 
 @pytest.mark.parametrize("name", ["..", "../x", ".", "a/b", "/tmp/x", "~", "~/x", "", "a\\b", "x\0y"])
 def test_a_run_name_that_is_not_one_folder_name_is_refused(name):
@@ -295,8 +283,7 @@ def test_the_cli_never_writes_or_deletes_outside_the_run_root(tmp_path, name, to
     (tmp_path / "parent" / "sibling.txt").write_text("kept")
     before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     with pytest.raises(ValueError, match="is not a single folder name"):
-        main(["predict", "--config", str(REPO / "configs" / "toy.yaml"), *SMALL, "--model.init_args.run.root", str(root),
-              "--model.init_args.run.name", name, "--model.init_args.run.overwrite", "true"])
+        main(predict_args(root, name, "--model.init_args.run.overwrite", "true", eval_prompts=2, n_etas=2))
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
 
 

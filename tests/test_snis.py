@@ -5,31 +5,35 @@ The truth comes from tests/enumeration.py: a tiny float64 Llama whose whole resp
 are exact categorical draws. The directions are the parts of a real AdamW step (the third
 step of an optimizer that has taken two real steps), reconstructed by probe.update.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
+from enumeration import EnumeratedWorld, tiny_model
 
-from enumeration import EnumeratedWorld, tiny_model, world_with_update
 from probe.batch import collate
-from probe.logprobs import teacher_force
-from probe.overrides import SequenceStats, iter_sweep, sweep
+from probe.logprobs import TeacherForcing, teacher_force
+from probe.overrides import iter_sweep, sweep
 from probe.snis import SNISConfig, logprob_gap, snis_difference, snis_estimate, snis_sweep
+from probe.statistics import SequenceStats
 
 LR = 1e-2
 ETAS = [1e-3, 3e-3, 1e-2, 3e-2]  # lr / 10 .. 3 lr; the real step is eta = lr
 INTEGRANDS = ("logprob", "token_entropy")
 N_PER_PROMPT = 2000  # M = 4000
+FORCING = TeacherForcing(with_entropy=True, batch_size=None)  # E in one pass, with token entropies
 
 
 @pytest.fixture(scope="module")
-def setup():
-    world, update, _ = world_with_update(lr=LR)
+def setup(enumerated_step):
+    world, update, _ = enumerated_step  # the step at lr 1e-2 = LR
     E = world.sample(N_PER_PROMPT, seed=1)
-    swept = sweep(world.model, E, update.parts(), ETAS, chunk_size=None)
+    swept = sweep(world.model, E, update.parts(), ETAS, FORCING)
     return world, update, E, swept
 
 
@@ -58,8 +62,9 @@ def test_snis_is_within_three_standard_errors_of_the_exact_change_for_every_part
                 if r.ess_fraction <= 0.1:  # too few effective samples for the delta method: not claimed
                     continue
                 checked += 1
-                assert abs(r.delta_entropy - change) <= 3 * r.delta_entropy_se, (part, eta, integrand, r.delta_entropy, change)
-                assert abs(r.delta_entropy_per_token - change_tok) <= 3 * r.delta_entropy_per_token_se, (part, eta, integrand)
+                where = (part, eta, integrand)
+                assert abs(r.delta_entropy - change) <= 3 * r.delta_entropy_se, (*where, r.delta_entropy, change)
+                assert abs(r.delta_entropy_per_token - change_tok) <= 3 * r.delta_entropy_per_token_se, where
     # the sweep reaches the regime where ESS drops (full step at 3 lr) yet most points are checked
     assert checked >= 20
     assert results["full"]["logprob"][-1].ess_fraction < 0.1
@@ -73,15 +78,15 @@ def test_token_entropy_integrand_has_a_smaller_standard_error_than_logprob(setup
             assert results[part]["token_entropy"][j].delta_entropy_se < results[part]["logprob"][j].delta_entropy_se
 
 
-def test_standard_errors_are_honest_over_twenty_seeds():
-    world, update, _ = world_with_update(lr=LR)
+def test_standard_errors_are_honest_over_twenty_seeds(enumerated_step):
+    world, update, _ = enumerated_step
     exact, exact_tok, _ = exact_changes(world, update.grad, LR)
     covered = {name: 0 for name in INTEGRANDS}
     covered_tok = {name: 0 for name in INTEGRANDS}
     estimates, ses = [], []
     for seed in range(20):
         E = world.sample(1000, seed=1000 + seed)  # M = 2000: measured coverage over 200 seeds 0.945-0.98
-        swept = sweep(world.model, E, {"grad": update.grad}, [LR], chunk_size=None)
+        swept = sweep(world.model, E, {"grad": update.grad}, [LR], FORCING)
         for name in INTEGRANDS:
             r = snis_estimate(swept.base, swept.at("grad", 0), integrand=name, eta=LR)
             covered[name] += abs(r.delta_entropy - exact) <= 1.96 * r.delta_entropy_se
@@ -99,7 +104,7 @@ def test_standard_errors_are_honest_over_twenty_seeds():
 
 def test_eta_zero_reproduces_the_base_log_probs_bitwise(setup):
     world, update, E, _ = setup
-    swept = sweep(world.model, E.select(range(0, len(E), 7)), update.parts(), [0.0], chunk_size=100)
+    swept = sweep(world.model, E.select(range(0, len(E), 7)), update.parts(), [0.0], replace(FORCING, batch_size=100))
     for part in update.parts():
         at_zero = swept.at(part, 0)
         assert torch.equal(at_zero.logprobs, swept.base.logprobs)
@@ -115,8 +120,8 @@ def test_left_and_right_padding_give_the_same_estimates(setup):
     right = collate(records, padding_side="right")
     left = collate(records, padding_side="left")
     assert not torch.equal(right.input_ids, left.input_ids)
-    a = sweep(world.model, right, update.parts(), [LR], chunk_size=None)
-    b = sweep(world.model, left, update.parts(), [LR], chunk_size=None)
+    a = sweep(world.model, right, update.parts(), [LR], FORCING)
+    b = sweep(world.model, left, update.parts(), [LR], FORCING)
     # float64 model: positions are counted from the first real token, only rounding differs
     torch.testing.assert_close(a.logprobs, b.logprobs, rtol=0, atol=1e-12)
     torch.testing.assert_close(a.entropies, b.entropies, rtol=0, atol=1e-12)
@@ -128,8 +133,8 @@ def test_left_and_right_padding_give_the_same_estimates(setup):
 def test_chunking_over_sequences_does_not_change_the_statistics(setup):
     world, update, E, _ = setup
     sub = E.select(range(0, len(E), 10))
-    whole = sweep(world.model, sub, {"full": update.full}, ETAS[2:3], chunk_size=None)
-    chunked = sweep(world.model, sub, {"full": update.full}, ETAS[2:3], chunk_size=97)
+    whole = sweep(world.model, sub, {"full": update.full}, ETAS[2:3], FORCING)
+    chunked = sweep(world.model, sub, {"full": update.full}, ETAS[2:3], replace(FORCING, batch_size=97))
     torch.testing.assert_close(whole.logprobs, chunked.logprobs, rtol=0, atol=1e-12)
     torch.testing.assert_close(whole.base.entropies, chunked.base.entropies, rtol=0, atol=1e-12)
 
@@ -138,12 +143,13 @@ def test_base_statistics_are_computed_once_per_chunk_and_shared_by_all_parts(set
     world, update, E, _ = setup
     sub = E.select(range(250))
     parts = {"full": update.full, "grad": update.grad}
-    items = list(iter_sweep(world.model, sub, parts, ETAS[:2], chunk_size=100))
+    by_100 = replace(FORCING, batch_size=100)
+    items = list(iter_sweep(world.model, sub, parts, ETAS[:2], by_100))
     base_items = [it for it in items if it.part is None]
     assert [it.start for it in base_items] == [0, 100, 200]
     assert len(items) == 3 * (1 + 2 * 2)
     given = SequenceStats.cat([it.stats for it in base_items])
-    assert all(it.part is not None for it in iter_sweep(world.model, sub, parts, ETAS[:2], chunk_size=100, base=given))
+    assert all(it.part is not None for it in iter_sweep(world.model, sub, parts, ETAS[:2], by_100, base=given))
 
 
 def test_contributions_sum_to_the_estimate(setup):
@@ -174,7 +180,8 @@ def test_per_prompt_normalisation_with_a_single_prompt_equals_global(setup):
     rows = torch.tensor([g == 0 for g in E.group]).nonzero().squeeze(-1)
     base, shifted = swept.base.select(rows), swept.at("full", 1).select(rows)
     a = snis_estimate(base, shifted, integrand="logprob")
-    b = snis_estimate(base, shifted, integrand="logprob", config=SNISConfig(normalisation="per_prompt"), groups=[0] * len(rows))
+    per_prompt = SNISConfig(normalisation="per_prompt")
+    b = snis_estimate(base, shifted, integrand="logprob", config=per_prompt, groups=[0] * len(rows))
     for key in ("delta_entropy", "delta_entropy_se", "delta_entropy_per_token", "delta_entropy_per_token_se", "ess"):
         assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-12, abs=1e-15)
 
@@ -243,7 +250,8 @@ def test_bad_settings_raise_clear_errors(setup):
         SNISConfig(truncation=0.5)
     with pytest.raises(ValueError, match="integrand"):
         snis_estimate(swept.base, swept.base, integrand="entropy")
+    per_prompt = SNISConfig(normalisation="per_prompt")
     with pytest.raises(ValueError, match="group"):
-        snis_estimate(swept.base, swept.base, integrand="logprob", config=SNISConfig(normalisation="per_prompt"), groups=None)
+        snis_estimate(swept.base, swept.base, integrand="logprob", config=per_prompt, groups=None)
     with pytest.raises(ValueError, match="same E"):
         snis_estimate(swept.base, swept.base.select(slice(0, 10)), integrand="logprob")

@@ -4,16 +4,18 @@ differences and the exact derivative of the enumerated entropy (tests/enumeratio
 Everything is float64 (exact float64 RMSNorm, SDPA math kernel for the JVPs), so the
 identities that hold exactly in arithmetic are checked to ~1e-6 relative or tighter.
 """
+
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from enumeration import world_with_update
+from probe.logprobs import TeacherForcing
 from probe.overrides import sweep
 from probe.snis import SNISConfig, snis_estimate
 from probe.taylor import (
@@ -28,11 +30,12 @@ from probe.taylor import (
 
 LR = 1e-2
 INTEGRANDS = ("logprob", "token_entropy")
+FORCING = TeacherForcing(with_entropy=True, batch_size=None)  # E in one pass, with token entropies
 
 
 @pytest.fixture(scope="module")
-def setup():
-    world, update, _ = world_with_update(lr=LR)
+def setup(enumerated_step):
+    world, update, _ = enumerated_step  # the step at lr 1e-2 = LR
     E_small = world.sample(150, seed=11)  # M = 300: identities that hold on any sample
     return world, update, E_small
 
@@ -40,20 +43,21 @@ def setup():
 @pytest.fixture(scope="module")
 def second_orders(setup):
     world, update, E = setup
-    return {part: second_order_prediction(world.model, E, d, chunk_size=None) for part, d in update.parts().items()}
+    return {part: second_order_prediction(world.model, E, d, FORCING) for part, d in update.parts().items()}
 
 
 def test_first_order_is_the_small_eta_limit_of_the_snis_estimate(setup):
     world, update, E = setup
     eta = 1e-8  # curvature term eta |F''| / 2|F'| <~ 2e-7; float64 rounding of lambda_j / eta ~ 1e-8
     for part, d in update.parts().items():
-        swept = sweep(world.model, E, {part: d}, [eta], chunk_size=None)
-        slopes = first_order_prediction(world.model, E, d, chunk_size=None)
+        swept = sweep(world.model, E, {part: d}, [eta], FORCING)
+        slopes = first_order_prediction(world.model, E, d, FORCING)
         for name in INTEGRANDS:
             r = snis_estimate(swept.base, swept.at(part, 0), integrand=name, eta=eta)
             s = slopes[name]
             assert abs(r.delta_entropy / eta - s.slope) <= 1e-6 * abs(s.slope), (part, name)
-            assert abs(r.delta_entropy_per_token / eta - s.slope_per_token) <= 1e-6 * abs(s.slope_per_token), (part, name)
+            tolerance_tok = 1e-6 * abs(s.slope_per_token)
+            assert abs(r.delta_entropy_per_token / eta - s.slope_per_token) <= tolerance_tok, (part, name)
 
 
 def test_first_order_is_within_three_standard_errors_of_the_exact_derivative(setup):
@@ -64,7 +68,7 @@ def test_first_order_is_within_three_standard_errors_of_the_exact_derivative(set
         exact = (world.summary(world.shifted(d, eps)), world.summary(world.shifted(d, -eps)))
         slope = (exact[0]["entropy"] - exact[1]["entropy"]) / (2 * eps)
         slope_tok = (exact[0]["per_token"] - exact[1]["per_token"]) / (2 * eps)
-        for name, s in first_order_prediction(world.model, E, d, chunk_size=None).items():
+        for name, s in first_order_prediction(world.model, E, d, FORCING).items():
             assert abs(s.slope - slope) <= 3 * s.slope_se, (part, name, s.slope, slope, s.slope_se)
             assert abs(s.slope_per_token - slope_tok) <= 3 * s.slope_per_token_se, (part, name)
 
@@ -73,9 +77,9 @@ def test_sequence_derivatives_match_central_finite_differences_of_teacher_forcin
     world, update, E = setup
     d = update.grad
     eps = 1e-6  # float64: truncation ~ eps^2 |l'''| / 6 ~ 1e-8, rounding ~ 1e-16 |l| / eps ~ 1e-9
-    derivs = sequence_derivatives(world.model, E, d, order=2, chunk_size=None)
-    plus = sequence_derivatives(world.model, E, d, order=1, eta=eps, chunk_size=None)
-    minus = sequence_derivatives(world.model, E, d, order=1, eta=-eps, chunk_size=None)
+    derivs = sequence_derivatives(world.model, E, d, FORCING, order=2)
+    plus = sequence_derivatives(world.model, E, d, FORCING, order=1, eta=eps)
+    minus = sequence_derivatives(world.model, E, d, FORCING, order=1, eta=-eps)
     for field in ("logprobs", "entropies"):
         value = lambda s: getattr(s, field)  # noqa: E731
         fd_first = (value(plus.value) - value(minus.value)) / (2 * eps)
@@ -87,7 +91,7 @@ def test_sequence_derivatives_match_central_finite_differences_of_teacher_forcin
 def test_nested_jvp_first_derivative_equals_the_closed_form(setup, second_orders):
     world, update, E = setup
     for part, d in update.parts().items():
-        closed = first_order_prediction(world.model, E, d, chunk_size=None)
+        closed = first_order_prediction(world.model, E, d, FORCING)
         for name in INTEGRANDS:
             nested = second_orders[part][name]
             assert nested.eta == 0 and nested.delta_entropy == 0
@@ -99,8 +103,8 @@ def test_second_derivative_matches_a_finite_difference_of_the_first(setup, secon
     world, update, E = setup
     eps = 1e-6  # truncation ~ eps^2 |F''''| / 6 |F''| ~ 1e-8; rounding of F' / eps ~ 1e-9
     for part, d in update.parts().items():
-        plus = second_order_prediction(world.model, E, d, eta=eps, order=1, chunk_size=None)
-        minus = second_order_prediction(world.model, E, d, eta=-eps, order=1, chunk_size=None)
+        plus = second_order_prediction(world.model, E, d, FORCING, eta=eps, order=1)
+        minus = second_order_prediction(world.model, E, d, FORCING, eta=-eps, order=1)
         for name in INTEGRANDS:
             s = second_orders[part][name]
             fd = (plus[name].first - minus[name].first) / (2 * eps)
@@ -114,13 +118,14 @@ def test_second_order_prediction_leaves_a_third_order_residual(setup, second_ord
     world, update, E = setup
     etas = [2e-5, 1e-5]
     for part, d in update.parts().items():
-        swept = sweep(world.model, E, {part: d}, etas, chunk_size=None)
+        swept = sweep(world.model, E, {part: d}, etas, FORCING)
         for name in INTEGRANDS:
             s = second_orders[part][name]
-            linear_gap = [snis_estimate(swept.base, swept.at(part, k), integrand=name).delta_entropy - s.first * eta for k, eta in enumerate(etas)]
-            residual = [
-                snis_estimate(swept.base, swept.at(part, k), integrand=name).delta_entropy - s.predict(eta) for k, eta in enumerate(etas)
+            estimates = [
+                snis_estimate(swept.base, swept.at(part, k), integrand=name).delta_entropy for k in range(len(etas))
             ]
+            linear_gap = [estimate - s.first * eta for estimate, eta in zip(estimates, etas)]
+            residual = [estimate - s.predict(eta) for estimate, eta in zip(estimates, etas)]
             # the quadratic term accounts for the departure from linearity to within 3% (measured <= 1%) ...
             assert abs(residual[0]) <= 0.03 * abs(linear_gap[0])
             # ... and what is left shrinks like eta^3 (ratio 8 when eta halves)
@@ -130,8 +135,8 @@ def test_second_order_prediction_leaves_a_third_order_residual(setup, second_ord
 def test_expansion_at_a_nonzero_eta_reproduces_the_snis_estimate_there(setup):
     world, update, E = setup
     eta = 0.5 * LR
-    swept = sweep(world.model, E, {"full": update.full}, [eta], chunk_size=None)
-    at_eta = second_order_prediction(world.model, E, update.full, eta=eta, order=1, base=swept.base, chunk_size=None)
+    swept = sweep(world.model, E, {"full": update.full}, [eta], FORCING)
+    at_eta = second_order_prediction(world.model, E, update.full, FORCING, eta=eta, order=1, base=swept.base)
     for name in INTEGRANDS:
         r = snis_estimate(swept.base, swept.at("full", 0), integrand=name, eta=eta)
         assert at_eta[name].delta_entropy == pytest.approx(r.delta_entropy, abs=1e-12)
@@ -144,7 +149,8 @@ def test_linear_radius_is_where_the_quadratic_term_is_a_tenth_of_the_linear_one(
             r = s.linear_radius
             assert 0.5 * abs(s.second) * r * r == pytest.approx(0.1 * abs(s.first) * r, rel=1e-12)
             r_tok = s.linear_radius_per_token
-            assert 0.5 * abs(s.second_per_token) * r_tok**2 == pytest.approx(0.1 * abs(s.first_per_token) * r_tok, rel=1e-12)
+            linear_tok = 0.1 * abs(s.first_per_token) * r_tok
+            assert 0.5 * abs(s.second_per_token) * r_tok**2 == pytest.approx(linear_tok, rel=1e-12)
     flat = SecondOrder("logprob", "global", 0.0, 0.0, 1.0, 0.0, math.inf, 0.0, 1.0, 0.0, math.inf)
     assert json.loads(json.dumps(flat.to_dict()))["linear_radius"] is None  # strict JSON: no Infinity
 
@@ -152,8 +158,8 @@ def test_linear_radius_is_where_the_quadratic_term_is_a_tenth_of_the_linear_one(
 def test_per_prompt_first_order_is_the_derivative_of_the_per_prompt_estimate(setup):
     world, update, E = setup
     eta = 1e-8
-    swept = sweep(world.model, E, {"grad": update.grad}, [eta], chunk_size=None)
-    derivs = sequence_derivatives(world.model, E, update.grad, order=2, chunk_size=None)
+    swept = sweep(world.model, E, {"grad": update.grad}, [eta], FORCING)
+    derivs = sequence_derivatives(world.model, E, update.grad, FORCING, order=2)
     config = SNISConfig(normalisation="per_prompt")
     for name in INTEGRANDS:
         s = first_order(derivs, name, groups=E.group)
@@ -167,8 +173,8 @@ def test_per_prompt_first_order_is_the_derivative_of_the_per_prompt_estimate(set
 
 def test_chunking_over_sequences_does_not_change_the_derivatives(setup):
     world, update, E = setup
-    whole = sequence_derivatives(world.model, E, update.full, order=2, chunk_size=None)
-    chunked = sequence_derivatives(world.model, E, update.full, order=2, chunk_size=77)
+    whole = sequence_derivatives(world.model, E, update.full, FORCING, order=2)
+    chunked = sequence_derivatives(world.model, E, update.full, replace(FORCING, batch_size=77), order=2)
     for a, b in ((whole.first, chunked.first), (whole.second, chunked.second)):
         torch.testing.assert_close(a.logprobs, b.logprobs, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(a.entropies, b.entropies, rtol=1e-10, atol=1e-10)
@@ -188,8 +194,8 @@ def test_nested_forward_ad_swaps_silu_only_inside_and_keeps_its_values():
 
 def test_first_order_refuses_derivatives_taken_away_from_eta_zero(setup):
     world, update, E = setup
-    derivs = sequence_derivatives(world.model, E.select(range(10)), update.grad, eta=1e-3, chunk_size=None)
+    derivs = sequence_derivatives(world.model, E.select(range(10)), update.grad, FORCING, eta=1e-3)
     with pytest.raises(ValueError, match="eta = 0"):
         first_order(derivs, "logprob")
     with pytest.raises(ValueError, match="order"):
-        sequence_derivatives(world.model, E, update.grad, order=3)
+        sequence_derivatives(world.model, E, update.grad, FORCING, order=3)

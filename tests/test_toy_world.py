@@ -1,4 +1,5 @@
 """The toy world: task, tokenizer, deterministic cached build, and a policy with a live reward signal."""
+
 from __future__ import annotations
 
 import json
@@ -11,11 +12,10 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from probe.loading import load_policy
-from probe.sampling import group_advantages, sample_responses
+from probe.sampling import SamplingSettings, group_advantages, sample_responses
 from probe.toy import task
 from probe.toy.tokenizer import build_tokenizer, save_tokenizer
 from probe.toy.world import ToyWorldConfig, build_toy_world, is_complete, load_toy_world_info, toy_world_dir
-
 
 # --------------------------------------------------------------------------- task
 
@@ -26,7 +26,8 @@ def test_prompts_are_deterministic_in_the_seed_and_distinct_up_to_100():
     problems = task.make_problems(100, seed=3)
     assert sorted(problems) == [(a, b) for a in range(10) for b in range(10)]  # every problem exactly once
     a, b = task.make_problems(1, seed=0)[0]
-    assert task.make_prompts(1, seed=0)[0] == [task.BOS_ID, task.TOKEN_ID[str(a)], task.PLUS_ID, task.TOKEN_ID[str(b)], task.EQUALS_ID]
+    expected = [task.BOS_ID, task.TOKEN_ID[str(a)], task.PLUS_ID, task.TOKEN_ID[str(b)], task.EQUALS_ID]
+    assert task.make_prompts(1, seed=0)[0] == expected
 
 
 def test_text_reward_is_one_exactly_for_the_sum_followed_by_eos():
@@ -48,7 +49,8 @@ def test_text_reward_names_the_fix_for_a_prompt_that_is_not_an_addition():
 def test_id_and_text_rewards_agree_on_every_response_up_to_three_tokens():
     tokenizer = build_tokenizer()
     prompt = task.prompt_ids_of(6, 7)
-    answers = [[a] for a in range(16)] + [[a, b] for a in range(16) for b in range(16)] + [[5, 7, task.EOS_ID], [5, 7, 4]]
+    answers = [[a] for a in range(16)] + [[a, b] for a in range(16) for b in range(16)]
+    answers += [[5, 7, task.EOS_ID], [5, 7, 4]]
     n_correct = 0
     for response in answers:
         by_ids = task.reward_ids(prompt, response)
@@ -66,7 +68,8 @@ def test_tokenizer_round_trips_through_autotokenizer_offline(tmp_path):
     save_tokenizer(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path), local_files_only=True)
     assert len(tokenizer) == len(task.VOCAB) < 40
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (task.PAD_ID, task.BOS_ID, task.EOS_ID)
+    special = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
+    assert special == (task.PAD_ID, task.BOS_ID, task.EOS_ID)
     prompts, texts = task.make_prompts(20, seed=1), task.make_prompt_texts(20, seed=1)
     assert [tokenizer(t)["input_ids"] for t in texts] == prompts  # encoding adds BOS, digits split
     assert tokenizer("12+3=")["input_ids"] == [task.BOS_ID, 5, 6, task.PLUS_ID, 7, task.EQUALS_ID]
@@ -150,10 +153,12 @@ def test_toy_world_json_records_config_history_reward_and_versions(toy_world_dir
 def test_fresh_samples_have_mean_reward_strictly_between_0_2_and_0_8_and_live_advantages(toy_world_dir):
     cfg = ToyWorldConfig()
     model, _ = load_policy(toy_world_dir)
+    sampling = SamplingSettings(
+        n_per_prompt=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=4242
+    )
     records = sample_responses(
-        model, task.make_prompts(100, seed=999), n_per_prompt=cfg.group_size, max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature, eos_token_id=task.EOS_ID, pad_token_id=task.PAD_ID, seed=4242,
-    )  # fmt: skip
+        model, task.make_prompts(100, seed=999), sampling, eos_token_id=task.EOS_ID, pad_token_id=task.PAD_ID
+    )
     rewards = torch.tensor([task.reward_ids(r["prompt_ids"], r["response_ids"]) for r in records])
     # 800 samples: the standard error of the mean is <= 0.018, so (0.2, 0.8) is a 15-sigma margin around ~0.5
     assert 0.2 < float(rewards.mean()) < 0.8

@@ -4,6 +4,7 @@ Truth in every test is independent of probe.update: the change ``optimizer.step(
 deep copy of the model after ``sum(per_sequence_loss(...)).backward()``, ``GradScaler.unscale_``
 and ``torch.nn.utils.clip_grad_norm_``, exactly as a trainer does it.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,13 +15,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from support import tiny_llama
 
 from probe.adam import AdamState, ParamAdamState
 from probe.batch import SequenceBatch, collate
-from probe.logprobs import teacher_force
+from probe.logprobs import TeacherForcing, teacher_force
 from probe.losses import LossConfig, normalisers, per_sequence_loss
-from probe.precision import exact_float64_norms
 from probe.update import (
     ReconstructionConfig,
     Update,
@@ -62,6 +62,14 @@ class Case:
     def autocast_dtype(self) -> torch.dtype | None:
         return {"fp16-scaler": torch.float16, "bf16": torch.bfloat16, None: None}[self.precision]
 
+    @property
+    def reconstruction(self) -> ReconstructionConfig:
+        """The trainer's clipping, microbatches and autocast as reconstruction settings (dtype by name)."""
+        autocast = {"fp16-scaler": "float16", "bf16": "bfloat16", None: None}[self.precision]
+        return ReconstructionConfig(
+            max_grad_norm=self.max_grad_norm, microbatch_size=self.microbatch, autocast_dtype=autocast
+        )
+
 
 CASES = {
     "adamw-step0": Case(prior_steps=0),
@@ -88,25 +96,16 @@ CASES = {
 FLOAT64_CASES = [k for k, c in CASES.items() if c.dtype == torch.float64]
 
 
-def tiny_llama(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.2,
-        attn_implementation="sdpa",
+def policy(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    model = tiny_llama(
+        seed, dtype=dtype, vocab_size=VOCAB, num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).to(dtype)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # norms away from exactly 1, so weight decay on them is visible
         for name, p in model.named_parameters():
             if p.ndim == 1:
-                p.add_(0.1 * torch.randn_like(p))
-    return exact_float64_norms(model) if dtype == torch.float64 else model
+                p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return model
 
 
 def make_records(seed: int, n: int = N_SEQ) -> list[dict]:
@@ -161,9 +160,12 @@ def trainer_backward(model, batch: SequenceBatch, loss: LossConfig, case: Case, 
     """What a trainer does: per microbatch, loss (normalised over all of U) -> (scaled) backward."""
     norm = normalisers(batch.target_mask, loss)
     for mb in batch.chunks(case.microbatch):
-        ctx = torch.autocast("cpu", dtype=case.autocast_dtype) if case.autocast_dtype else torch.autocast("cpu", enabled=False)
+        if case.autocast_dtype:
+            ctx = torch.autocast("cpu", dtype=case.autocast_dtype)
+        else:
+            ctx = torch.autocast("cpu", enabled=False)
         with ctx:
-            stats = teacher_force(model, mb, temperature=loss.temperature)
+            stats = teacher_force(model, mb, forcing=TeacherForcing(temperature=loss.temperature))
             total = per_sequence_loss(stats.logprobs, stats.mask, mb.advantages, norm, loss, mb.old_logprobs).sum()
         (scaler.scale(total) if scaler is not None else total).backward()
 
@@ -197,7 +199,7 @@ class Run:
 
 
 def prepare(case: Case):
-    model = tiny_llama(case.dtype)
+    model = policy(case.dtype)
     if case.lora:
         from peft import LoraConfig, get_peft_model
 
@@ -226,14 +228,7 @@ def run(name: str) -> Run:
     batch = collate(records)
     real = real_step(model, optimizer, batch, loss, case, scaler)
     update = reconstruct_update(
-        model,
-        optimizer,
-        records if case.records else batch,
-        loss,
-        max_grad_norm=case.max_grad_norm,
-        microbatch_size=case.microbatch,
-        autocast_dtype=case.autocast_dtype,
-        grad_scale=scaler,
+        model, optimizer, records if case.records else batch, loss, case.reconstruction, grad_scaler=scaler
     )
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     return Run(case, model, optimizer, batch, loss, update, before, real, scaler)
@@ -317,7 +312,14 @@ def test_baseline_plus_sum_of_per_sequence_directions_equals_the_step(name):
 
 # ----------------------------------------------------------------------------- per-sequence inner products
 
-JVP_CASES = ["adamw-after2", "adam_l2-amsgrad-two_groups", "ppo-clip", "lora", "microbatched-clip", "seq-mean-token-sum-norm"]
+JVP_CASES = [
+    "adamw-after2",
+    "adam_l2-amsgrad-two_groups",
+    "ppo-clip",
+    "lora",
+    "microbatched-clip",
+    "seq-mean-token-sum-norm",
+]
 
 
 @pytest.mark.parametrize("name", JVP_CASES)
@@ -333,7 +335,8 @@ def test_jvp_inner_products_equal_dot_products_with_materialised_directions(name
     # float64 forward- vs reverse-mode of the same function: rounding only (~1e-15); 1e-10 of the largest.
     assert torch.allclose(fast, explicit, rtol=0, atol=1e-10 * explicit.abs().max())
     # and the inner products sum to <w, grad part>
-    assert math.isclose(float(fast.sum()), float(sum((r.update.grad[n] * w[n]).sum() for n in w)), rel_tol=1e-10)
+    grad_part = float(sum((r.update.grad[n] * w[n]).sum() for n in w))
+    assert math.isclose(float(fast.sum()), grad_part, rel_tol=1e-10)
 
 
 def test_inner_products_ignore_names_outside_the_update_and_reject_unknown_names():
@@ -352,7 +355,9 @@ def test_inner_products_ignore_names_outside_the_update_and_reject_unknown_names
 # ----------------------------------------------------------------------------- invariants
 
 
-@pytest.mark.parametrize("name", ["adamw-two_groups", "lora-ppo-amsgrad-step0", "float32-fp16-gradscaler-clip", "float32-bf16-autocast"])
+@pytest.mark.parametrize(
+    "name", ["adamw-two_groups", "lora-ppo-amsgrad-step0", "float32-fp16-gradscaler-clip", "float32-bf16-autocast"]
+)
 def test_model_grads_and_optimizer_state_are_bitwise_untouched(name):
     case = CASES[name]
     model, optimizer, records, loss, scaler = prepare(case)
@@ -362,9 +367,8 @@ def test_model_grads_and_optimizer_state_are_bitwise_untouched(name):
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     opt_state = copy.deepcopy(optimizer.state_dict())
-    update = reconstruct_update(
-        model, optimizer, records, loss, max_grad_norm=case.max_grad_norm, autocast_dtype=case.autocast_dtype, grad_scale=scaler
-    )
+    settings = dataclasses.replace(case.reconstruction, microbatch_size=None)  # U in one pass
+    update = reconstruct_update(model, optimizer, records, loss, settings, grad_scaler=scaler)
     list(per_sequence_directions(model, update, records, indices=[0, 3]))
     per_sequence_inner_products(model, update, records, update.full)
     for n, p in model.named_parameters():
@@ -379,10 +383,10 @@ def test_model_grads_and_optimizer_state_are_bitwise_untouched(name):
 
 def test_microbatched_reconstruction_equals_one_batch():
     model, optimizer, records, loss, _ = prepare(Case(two_groups=True, ppo=True, agg_mode="seq-mean-token-mean"))
-    one = reconstruct_update(model, optimizer, records, loss, max_grad_norm=0.05)
+    one = reconstruct_update(model, optimizer, records, loss, ReconstructionConfig(max_grad_norm=0.05))
     for size in (1, 4):
         settings = ReconstructionConfig(max_grad_norm=0.05, microbatch_size=size)  # the CLI's settings object
-        many = reconstruct_update(model, optimizer, records, loss, **settings.kwargs())
+        many = reconstruct_update(model, optimizer, records, loss, settings)
         assert (many.n_sequences, many.n_tokens) == (one.n_sequences, one.n_tokens)
         assert math.isclose(many.clip_coef, one.clip_coef, rel_tol=1e-13)
         for part in ("full", "baseline", "grad", "scale"):
@@ -404,7 +408,8 @@ def test_two_groups_parts_are_per_unit_of_the_largest_group_lr():
     # the no-decay group's step is lr_g * u_g = lr_ref * (lr_g/lr_ref) u_g: recompute it directly
     r = run("adamw-two_groups")
     name = next(n for n in u.full if u.group_lr[n] == 4e-3)
-    assert torch.allclose(u.lr * u.full[name], r.real_delta[name], rtol=0, atol=1e-12 * r.real_delta[name].abs().max())
+    real = r.real_delta[name]
+    assert torch.allclose(u.lr * u.full[name], real, rtol=0, atol=1e-12 * real.abs().max())
 
 
 def test_step_parts_of_one_parameter_match_adamw_at_step_zero():
@@ -429,11 +434,12 @@ def test_live_update_from_trainer_gradients_equals_reconstruction(clipped):
     case = Case(two_groups=True, clip="active", amsgrad=True)
     model, optimizer, records, loss, _ = prepare(case)
     batch = collate(records)
-    offline = reconstruct_update(model, optimizer, batch, loss, max_grad_norm=case.max_grad_norm)
+    offline = reconstruct_update(model, optimizer, batch, loss, ReconstructionConfig(max_grad_norm=case.max_grad_norm))
     trainer_backward(model, batch, loss, case, None)  # the trainer's real backward: .grad filled
     grad_norm = None
     if clipped:
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], case.max_grad_norm)
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, case.max_grad_norm)
     live = update_from_gradients(
         model.named_parameters(),
         {n: p.grad for n, p in model.named_parameters()},
@@ -456,7 +462,8 @@ def test_live_path_needs_the_pre_clip_norm_for_clipped_gradients():
     r = run("adamw-after2")
     grads = {n: torch.ones_like(p) for n, p in r.model.named_parameters()}
     with pytest.raises(ValueError, match="grad_norm"):
-        update_from_gradients(r.model.named_parameters(), grads, AdamState.from_optimizer(r.optimizer, r.model), 1.0, clipped=True)
+        state = AdamState.from_optimizer(r.optimizer, r.model)
+        update_from_gradients(r.model.named_parameters(), grads, state, 1.0, clipped=True)
 
 
 # ----------------------------------------------------------------------------- file round trip
@@ -473,7 +480,8 @@ def test_update_file_holds_full_baseline_grad_by_parameter_name(tmp_path):
         assert {k.split(".", 1)[1] for k in raw if k.startswith(part + ".")} == set(names)
         assert all(torch.equal(raw[f"{part}.{n}"], getattr(u, part)[n]) for n in names)
     back = Update.load(path)
-    assert (back.lr, back.group_lr, back.clip_coef, back.loss, back.normalisers) == (u.lr, u.group_lr, u.clip_coef, u.loss, u.normalisers)
+    keys = ("lr", "group_lr", "clip_coef", "loss", "normalisers")
+    assert [getattr(back, k) for k in keys] == [getattr(u, k) for k in keys]
     assert all(torch.equal(back.scale[n], u.scale[n]) for n in names)
 
 
@@ -485,7 +493,8 @@ def test_optimizer_state_of_the_wrong_shape_is_refused():
     state = AdamState.from_optimizer(r.optimizer, r.model)
     name = next(iter(state.state))
     st = state.state[name]
-    bad = dataclasses.replace(state, state={**state.state, name: dataclasses.replace(st, exp_avg=st.exp_avg.flatten()[:-1])})
+    wrong_shape = dataclasses.replace(st, exp_avg=st.exp_avg.flatten()[:-1])
+    bad = dataclasses.replace(state, state={**state.state, name: wrong_shape})
     with pytest.raises(ValueError, match=r"shape .* another model"):
         reconstruct_update(r.model, bad, r.batch, r.loss)
 
@@ -508,8 +517,9 @@ def test_non_finite_loss_is_refused_with_the_fix():
 def test_overflowing_scaled_gradients_are_refused_with_the_fix():
     case = CASES["float32-fp16-gradscaler-clip"]
     model, optimizer, records, loss, _ = prepare(case)
+    settings = ReconstructionConfig(autocast_dtype="float16", grad_scale=2.0**100)
     with pytest.raises(ValueError, match="not finite under grad scale.*smaller grad_scale"):
-        reconstruct_update(model, optimizer, records, loss, autocast_dtype="float16", grad_scale=2.0**100)
+        reconstruct_update(model, optimizer, records, loss, settings)
 
 
 def test_non_finite_live_gradients_are_refused():

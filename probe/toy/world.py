@@ -33,9 +33,9 @@ from typing import Iterator
 import torch
 
 from probe.batch import collate
-from probe.logprobs import teacher_force
+from probe.logprobs import TeacherForcing, teacher_force
 from probe.losses import LossConfig, normalisers, per_sequence_loss
-from probe.sampling import sample_responses, sample_update_batch
+from probe.sampling import SamplingSettings, sample_responses, sample_update_batch
 from probe.toy import task
 from probe.toy.tokenizer import save_tokenizer
 
@@ -89,6 +89,12 @@ class ToyWorldConfig:
     max_new_tokens: int = 4
     temperature: float = 1.0
     eval_prompts: int = 100
+
+    def sampling(self, seed: int = 0) -> SamplingSettings:
+        """How the warm-up and the reward measurement sample: G responses at the world's temperature."""
+        return SamplingSettings(
+            n_per_prompt=self.group_size, max_new_tokens=self.max_new_tokens, temperature=self.temperature, seed=seed
+        )
 
     def key(self) -> str:
         """Short hash of the config (and build format) naming the cache directory."""
@@ -165,7 +171,7 @@ def expected_reward(model: torch.nn.Module, temperature: float = 1.0) -> float:
     """
     batch = _answer_batch(ALL_PROBLEMS)
     with torch.no_grad():
-        stats = teacher_force(model, batch, temperature=temperature)
+        stats = teacher_force(model, batch, forcing=TeacherForcing(temperature=temperature))
     return float(stats.sequence_logprobs.exp().mean())  # [100] -> mean
 
 
@@ -177,7 +183,7 @@ def _pretrain(model: torch.nn.Module, cfg: ToyWorldConfig) -> list[dict]:
     history: list[dict] = []
     for step in range(cfg.pretrain_max_steps + 1):
         model.train()
-        stats = teacher_force(model, batch, temperature=cfg.temperature)
+        stats = teacher_force(model, batch, forcing=TeacherForcing(temperature=cfg.temperature))
         reached = float(stats.sequence_logprobs.detach().exp().mean())  # exact expected reward before this step
         if reached >= cfg.pretrain_target_reward or step == cfg.pretrain_max_steps:
             break
@@ -196,12 +202,9 @@ def mean_reward(model: torch.nn.Module, cfg: ToyWorldConfig, n_prompts: int, see
     records = sample_responses(
         model,
         task.make_prompts(n_prompts, seed=seed),
-        n_per_prompt=cfg.group_size,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
+        cfg.sampling(seed=seed),
         eos_token_id=task.EOS_ID,
         pad_token_id=task.PAD_ID,
-        seed=seed,
     )
     return sum(task.reward_ids(r["prompt_ids"], r["response_ids"]) for r in records) / len(records)
 
@@ -218,10 +221,8 @@ def _grpo_warmup(model: torch.nn.Module, cfg: ToyWorldConfig) -> tuple[torch.opt
         records = sample_update_batch(
             model,
             prompts,
+            cfg.sampling(),
             reward_fn=task.reward_ids,
-            n_per_prompt=cfg.group_size,
-            max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature,
             eos_token_id=task.EOS_ID,
             pad_token_id=task.PAD_ID,
             generator=generator,
@@ -229,7 +230,7 @@ def _grpo_warmup(model: torch.nn.Module, cfg: ToyWorldConfig) -> tuple[torch.opt
         )
         batch = collate(records, pad_token_id=task.PAD_ID)
         model.train()
-        stats = teacher_force(model, batch, temperature=cfg.temperature)
+        stats = teacher_force(model, batch, forcing=TeacherForcing(temperature=cfg.temperature))
         norm = normalisers(batch.target_mask, loss_cfg)
         loss = per_sequence_loss(stats.logprobs, stats.mask, batch.advantages, norm, loss_cfg).sum()
         optimizer.zero_grad(set_to_none=True)

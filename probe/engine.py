@@ -1,0 +1,615 @@
+"""The probe engine: one update and evaluation batches in, typed results out (docs/DESIGN.md section 6).
+
+Plain functions, no Lightning. The offline run and the live callback call the same ones:
+
+* :func:`batch_rows` teacher-forces one batch of E at theta and at theta + eta * d for every
+  part and eta of the :class:`Plan`, and takes the first/second eta-derivatives by JVP: per-sequence
+  numbers only, nothing reduced (``ProbeModule.predict_step`` runs it on each rank's batches);
+* :func:`summarise_eval` turns the rows of the whole of E (any split, sorted by sequence index)
+  into an :class:`~probe.results.EvalResult`: SNIS Delta H with SEs, ESS and clipping, first and
+  second order, warnings (``SNISAggregation`` runs it after its one gather);
+* :func:`complete_eval` adds what needs all of E in one process: the attribution to U's
+  sequences, the eval x update matrix, the exact per-sequence path and per-token views;
+* :func:`probe_eval` is the three in one process (the live callback, and library use);
+* :func:`realised_change` compares the predictions with the change measured on fresh samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from probe.attribution import attribute, eval_update_matrix, per_sequence_exact
+from probe.batch import SequenceBatch
+from probe.logprobs import TeacherForcing, teacher_force
+from probe.overrides import Direction, Sweep, iter_sweep
+from probe.results import AttributionSummary, BaseEntropy, EvalResult, PartResult
+from probe.settings import PrecisionSettings, ProbeSettings
+from probe.snis import SNISConfig, SNISResult, snis_estimate, snis_estimates
+from probe.statistics import SequenceStats, mean_and_se, ratio_and_se
+from probe.taylor import SequenceDerivatives, first_order, sequence_derivatives, snis_derivatives
+from probe.update import Update
+
+Tick = Callable[[float], None]  # progress: called with the number of teacher-forcing passes just done
+
+
+# ---------------------------------------------------------------------------------------------
+# what is measured
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What is measured for one update (``summary.json["plan"]`` holds its main fields).
+
+    Resolved once the update's lr is known (:func:`make_plan`): the etas are then numbers.
+    """
+
+    parts: tuple[str, ...]  # update parts, and "baseline_plus_grad" (the additivity check)
+    etas: tuple[float, ...]  # step sizes of the sweep, ascending
+    lr: float  # the update's reference lr: eta = lr is the real step
+    reference_eta: float  # eta of the eval x update matrix and the per-token views
+    integrand: str  # token_entropy or logprob
+    snis: SNISConfig
+    first_order: bool = True
+    second_order: bool = True
+    attribution: bool = True
+    eval_update_matrix: bool = False
+    per_sequence_exact: tuple[int, ...] = ()
+    per_token_views: bool = False
+    head_dtype: torch.dtype | None = torch.float64
+    token_chunk: int = 4096
+    batch_size: int | None = 32  # sequences of E per forward pass
+
+    def forcing(self, temperature: float) -> TeacherForcing:
+        """How E, sampled at ``temperature``, is teacher-forced under this plan."""
+        return TeacherForcing(
+            temperature=temperature,
+            with_entropy=self.integrand == "token_entropy",
+            head_dtype=self.head_dtype,
+            token_chunk=self.token_chunk,
+            batch_size=self.batch_size,
+        )
+
+    @property
+    def passes_per_batch(self) -> int:
+        """Progress units of one batch of E: one per (part, eta) and one per part's derivatives."""
+        K = len(self.parts)
+        return K * len(self.etas) + (K if self.first_order else 0)
+
+    def row_layout(self) -> dict[str, tuple[int, ...]]:
+        """The per-sequence columns :func:`batch_rows` returns: key -> shape before the sequence axis (sorted)."""
+        K, J = len(self.parts), len(self.etas)
+        layout: dict[str, tuple[int, ...]] = {
+            "index": (),
+            "logprobs": (),
+            "lengths": (),
+            "sweep_logprobs": (K, J),
+            "sampler_gap_max": (),
+            "sampler_gap_sum": (),
+        }
+        entropy = self.integrand == "token_entropy"
+        if entropy:
+            layout.update(entropies=(), sweep_entropies=(K, J))
+        if self.first_order:
+            orders = ("d", "d2") if self.second_order else ("d",)
+            for prefix in orders:
+                layout[f"{prefix}_logprobs"] = (K,)
+                if entropy:
+                    layout[f"{prefix}_entropies"] = (K,)
+        return dict(sorted(layout.items()))
+
+    def describe(self) -> dict[str, Any]:
+        """The plan as ``summary.json`` records it."""
+        return {
+            "parts": list(self.parts),
+            "etas": list(self.etas),
+            "reference_eta": self.reference_eta,
+            "integrand": self.integrand,
+            "truncation": self.snis.truncation or 0.0,
+            "normalisation": self.snis.normalisation,
+        }
+
+
+def make_plan(settings: ProbeSettings, precision: PrecisionSettings, lr: float) -> Plan:
+    """The plan of an offline run: ``settings`` with its eta grid resolved around the update's ``lr``."""
+    return Plan(
+        parts=tuple(settings.parts),
+        etas=tuple(settings.eta_grid(lr)),
+        lr=lr,
+        reference_eta=settings.reference_eta or lr,
+        integrand=settings.integrand,
+        snis=SNISConfig(truncation=settings.truncation or None, normalisation=settings.normalisation),
+        first_order=settings.first_order,
+        second_order=settings.second_order,
+        attribution=settings.attribution,
+        eval_update_matrix=settings.eval_update_matrix,
+        per_sequence_exact=tuple(settings.per_sequence_exact),
+        per_token_views=settings.per_token_views,
+        head_dtype=torch.float64 if precision.float64_head else None,
+        token_chunk=settings.token_chunk,
+        batch_size=settings.eval_batch_size,
+    )
+
+
+def check_etas_fit(etas: Sequence[float], policy: nn.Module) -> None:
+    """Refuse etas beyond what the policy's dtype can hold (theta + eta * d could not even be formed)."""
+    largest = min(torch.finfo(p.dtype).max for p in policy.parameters() if p.is_floating_point())
+    if max(etas) > largest:
+        raise ValueError(
+            f"probe.etas reaches {max(etas):.3g}, beyond the largest number the policy's parameters can hold "
+            f"({largest:.3g}), so theta + eta * d cannot even be formed. Fix: use smaller etas (a very large eta is "
+            "reported as non-finite in the summary as long as it fits the dtype)"
+        )
+
+
+def part_directions(update: Update, parts: Sequence[str]) -> dict[str, Direction]:
+    """Part name -> direction per unit lr; ``baseline_plus_grad`` is baseline + grad added up as one direction."""
+    available = update.parts()
+    out: dict[str, Direction] = {}
+    for name in parts:
+        if name == "baseline_plus_grad":
+            out[name] = {n: available["baseline"][n] + available["grad"][n] for n in available["full"]}
+        else:
+            out[name] = available[name]
+    return out
+
+
+@dataclass
+class EvalBatch:
+    """One evaluation batch E and how it was sampled."""
+
+    name: str  # eval_00, eval_01, ...
+    batch: SequenceBatch  # index = position in E; group = prompt group of each sequence
+    temperature: float  # tau it was sampled at
+    sampling: SequenceStats | None = None  # E's statistics at the policy it came from, when that is not theta
+
+
+# ---------------------------------------------------------------------------------------------
+# per-sequence rows of one batch of E
+
+
+def batch_rows(
+    policy: nn.Module,
+    batch: SequenceBatch,
+    directions: dict[str, Direction],
+    plan: Plan,
+    temperature: float,
+    tick: Tick | None = None,
+) -> dict[str, np.ndarray]:
+    """Per-sequence statistics of one batch of E: ``[B]`` arrays at theta, ``[K, J, B]`` over the sweep,
+    ``[K, B]`` first/second eta-derivatives; the columns of :meth:`Plan.row_layout`, float64."""
+    forcing = plan.forcing(temperature)
+    device = next(policy.parameters()).device
+    batch = batch.to(device)
+    B = len(batch)
+    rows = {key: np.zeros((*shape, B)) for key, shape in plan.row_layout().items()}
+    rows["index"][:] = batch.index.cpu().numpy()
+    entropy = forcing.with_entropy
+
+    base_chunks, start = [], 0
+    with torch.no_grad():
+        for chunk in batch.chunks(forcing.batch_size):
+            tokens = teacher_force(policy, chunk, forcing=forcing)
+            base_chunks.append(SequenceStats.from_tokens(tokens))
+            span = slice(start, start + len(chunk))
+            if chunk.old_logprobs is None:
+                rows["sampler_gap_max"][span] = rows["sampler_gap_sum"][span] = np.nan
+            else:
+                gap = (tokens.logprobs - chunk.old_logprobs.to(tokens.logprobs)).abs() * tokens.mask  # [c, T-1]
+                rows["sampler_gap_max"][span] = gap.max(-1).values.cpu().numpy()
+                rows["sampler_gap_sum"][span] = gap.sum(-1).cpu().numpy()
+            start += len(chunk)
+    base = SequenceStats.cat(base_chunks)
+    rows["logprobs"][:] = base.logprobs.cpu().numpy()
+    rows["lengths"][:] = base.lengths.cpu().numpy()
+    if entropy:
+        rows["entropies"][:] = base.entropies.cpu().numpy()
+
+    parts = list(directions)
+    for item in iter_sweep(policy, batch, directions, plan.etas, forcing, base=base):
+        k, span = parts.index(item.part), slice(item.start, item.start + len(item.stats))
+        rows["sweep_logprobs"][k, item.eta_index, span] = item.stats.logprobs.cpu().numpy()
+        if entropy:
+            rows["sweep_entropies"][k, item.eta_index, span] = item.stats.entropies.cpu().numpy()
+        if tick is not None:
+            tick(len(item.stats) / B)
+
+    if plan.first_order:
+        order = 2 if plan.second_order else 1
+        for k, direction in enumerate(directions.values()):
+            derivs = sequence_derivatives(policy, batch, direction, forcing, order=order)
+            for prefix, stats in (("d", derivs.first), ("d2", derivs.second)):
+                if stats is None:
+                    continue
+                rows[f"{prefix}_logprobs"][k] = stats.logprobs.cpu().numpy()
+                if entropy:
+                    rows[f"{prefix}_entropies"][k] = stats.entropies.cpu().numpy()
+            if tick is not None:
+                tick(1)
+    return rows
+
+
+def concat_rows(blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Rows of several batches as one table, sorted by sequence index (duplicates dropped)."""
+    table = {key: np.concatenate([b[key] for b in blocks], axis=-1) for key in blocks[0]}
+    return sort_rows(table)
+
+
+def sort_rows(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The rows sorted by sequence index, so results do not depend on how E was split; a sequence seen twice
+    (a sampler that repeats sequences across ranks) is kept once."""
+    index = table["index"]
+    keep = np.unique(index, return_index=True)[1]  # sorted by index, first occurrence of each
+    return {key: v[..., keep] for key, v in table.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole of E
+
+
+def _stats(rows: dict[str, np.ndarray], logprobs: str, entropies: str, *index: int) -> SequenceStats:
+    def pick(a: np.ndarray) -> Tensor:
+        return torch.as_tensor(a[index] if index else a, dtype=torch.float64)
+
+    return SequenceStats(
+        logprobs=pick(rows[logprobs]),
+        entropies=pick(rows[entropies]) if entropies in rows else None,
+        lengths=torch.as_tensor(rows["lengths"], dtype=torch.float64),
+    )
+
+
+def _base_entropy(base: SequenceStats, E: EvalBatch, plan: Plan) -> tuple[BaseEntropy, float | None]:
+    """H(theta) on E with SEs: the plain mean when E ~ pi_theta; the SNIS estimate against the policy a held E
+    was sampled from otherwise (no SE: it would need the weights' own variance), with that ESS."""
+    h = base.integrand(plan.integrand)
+    if E.sampling is None:
+        mean, se = mean_and_se(h)
+        per_token, per_token_se = ratio_and_se(h, base.lengths)
+        return BaseEntropy(mean, se, per_token, per_token_se), None
+    r = snis_estimate(E.sampling, base, integrand=plan.integrand)
+    return BaseEntropy(r.entropy, math.nan, r.entropy_per_token, math.nan), r.ess
+
+
+def _part_result(
+    results: list[SNISResult], rows: dict[str, np.ndarray], k: int, base: SequenceStats, plan: Plan, E: EvalBatch
+) -> PartResult:
+    etas = plan.etas
+    bad = ~np.isfinite(rows["sweep_logprobs"][k])  # [J, M]
+    if "sweep_entropies" in rows:
+        bad |= ~np.isfinite(rows["sweep_entropies"][k])
+    part = PartResult(
+        delta_h=[r.delta_entropy for r in results],
+        se=[r.delta_entropy_se for r in results],
+        delta_h_per_token=[r.delta_entropy_per_token for r in results],
+        se_per_token=[r.delta_entropy_per_token_se for r in results],
+        ess=[r.ess for r in results],
+        ess_fraction=[r.ess_fraction for r in results],
+        clip_fraction=[r.truncated_fraction for r in results],
+        max_log_weight=[r.max_log_weight for r in results],
+        finite=[bool(math.isfinite(r.delta_entropy)) for r in results],
+        non_finite_sequences=[int(n) for n in bad.sum(-1)],
+    )
+    if "d_logprobs" not in rows:
+        return part
+    groups = E.batch.group if plan.snis.normalisation == "per_prompt" else None
+    derivs = SequenceDerivatives(
+        eta=0.0,
+        value=base,
+        first=_stats(rows, "d_logprobs", "d_entropies", k),
+        second=_stats(rows, "d2_logprobs", "d2_entropies", k) if "d2_logprobs" in rows else None,
+    )
+    if E.sampling is None:
+        fo = first_order(derivs, plan.integrand, groups)
+        slope, slope_se, slope_tok, slope_tok_se = fo.slope, fo.slope_se, fo.slope_per_token, fo.slope_per_token_se
+    else:  # held E: the derivative of the estimate against the sampling policy; its SE is not derived
+        taylor = snis_derivatives(derivs, E.sampling, plan.integrand, groups)
+        slope, slope_se, slope_tok, slope_tok_se = taylor.first, math.nan, taylor.first_per_token, math.nan
+    part.first_order, part.first_order_se = slope, slope_se
+    part.first_order_per_token, part.first_order_per_token_se = slope_tok, slope_tok_se
+    part.predicted_first = [slope * e for e in etas]
+    if derivs.second is not None:
+        so = snis_derivatives(derivs, base if E.sampling is None else E.sampling, plan.integrand, groups)
+        part.second_order, part.second_order_per_token = so.second, so.second_per_token
+        part.linear_radius, part.linear_radius_per_token = so.linear_radius, so.linear_radius_per_token
+        part.predicted_second = [slope * e + 0.5 * so.second * e * e for e in etas]
+    return part
+
+
+def _warnings(parts: dict[str, PartResult], etas: Sequence[float], M: int) -> list[str]:
+    out = []
+    for name, res in parts.items():
+        for j, eta in enumerate(etas):
+            if res.non_finite_sequences[j]:
+                out.append(
+                    f"{name} at eta={eta:.3g}: {res.non_finite_sequences[j]} of {M} sequences have non-finite "
+                    "log-probs/entropies at theta + eta * d (the step overflows the model): no estimate there; "
+                    "use smaller etas"
+                )
+            elif res.ess_fraction[j] < 0.1:
+                out.append(
+                    f"{name} at eta={eta:.3g}: ESS {res.ess[j]:.1f} of {M} samples (< 10%): the SNIS estimate is "
+                    "unreliable there; use smaller etas or a larger E"
+                )
+    return out
+
+
+def summarise_eval(rows: dict[str, np.ndarray], plan: Plan, E: EvalBatch) -> EvalResult:
+    """Delta H per (part, eta) with SEs, ESS and clipping, and the first/second-order predictions, on all of E.
+
+    ``rows`` holds the columns of :meth:`Plan.row_layout` for every sequence of E, sorted by index.
+    Per-sequence contributions (summing to each Delta H) go to ``arrays["per_sequence/<part>/eta_<j>"]``.
+    """
+    base = _stats(rows, "logprobs", "entropies")
+    M = len(base)
+    swept = Sweep(
+        parts=list(plan.parts),
+        etas=torch.tensor(plan.etas, dtype=torch.float64),
+        base=base,
+        logprobs=torch.as_tensor(rows["sweep_logprobs"], dtype=torch.float64),
+        entropies=torch.as_tensor(rows["sweep_entropies"], dtype=torch.float64) if "sweep_entropies" in rows else None,
+    )
+    groups = E.batch.group if plan.snis.normalisation == "per_prompt" else None
+    base_entropy, ess_vs_sampling = _base_entropy(base, E, plan)
+    result = EvalResult(
+        name=E.name,
+        n_sequences=M,
+        n_tokens=int(base.lengths.sum()),
+        temperature=float(E.temperature),
+        on_policy=E.sampling is None,
+        base_entropy=base_entropy,
+        parts={},
+        ess_vs_sampling_policy=ess_vs_sampling,
+    )
+    estimates: dict[str, list[SNISResult]] = {}
+    for k, part in enumerate(plan.parts):
+        estimates[part] = snis_estimates(
+            swept, part, integrand=plan.integrand, config=plan.snis, groups=groups, sampling=E.sampling
+        )
+        result.parts[part] = _part_result(estimates[part], rows, k, base, plan, E)
+        for j, r in enumerate(estimates[part]):
+            result.arrays[f"per_sequence/{part}/eta_{j}"] = r.contributions.numpy()
+    if "full" in estimates and "baseline_plus_grad" in estimates:
+        diff = [a.delta_entropy - b.delta_entropy for a, b in zip(estimates["full"], estimates["baseline_plus_grad"])]
+        result.additivity = {
+            "full_minus_baseline_plus_grad": diff,
+            "max_abs": max((abs(d) for d in diff if math.isfinite(d)), default=math.nan),
+        }
+    result.warnings = _warnings(result.parts, plan.etas, M)
+    if np.isfinite(rows["sampler_gap_max"]).all():
+        result.sampler_gap = {
+            "max_abs": float(rows["sampler_gap_max"].max()),
+            "mean_abs": float(rows["sampler_gap_sum"].sum() / base.lengths.sum().item()),
+        }
+    return result
+
+
+def complete_eval(
+    policy: nn.Module,
+    update: Update,
+    U: SequenceBatch | None,
+    E: EvalBatch,
+    result: EvalResult,
+    rows: dict[str, np.ndarray],
+    plan: Plan,
+) -> None:
+    """Add to ``result`` what needs all of E in one process: the attribution a_i (one backward over E, one JVP
+    over U), the eval x update matrix, the exact per-sequence path and per-token views, as the plan asks.
+    ``U`` (the update batch) is needed for all but the per-token views."""
+    if not (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact or plan.per_token_views):
+        return
+    if U is None and (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact):
+        raise ValueError("the attribution, the eval x update matrix and the exact per-sequence path need U; pass it")
+    device = next(policy.parameters()).device
+    forcing = plan.forcing(E.temperature)
+    batch = E.batch.to(device)
+    U = None if U is None else U.to(device)
+    base = _stats(rows, "logprobs", "entropies")
+    ref_eta = plan.reference_eta
+    with torch.inference_mode(False):
+        if (plan.attribution or plan.eval_update_matrix) and E.sampling is not None:
+            result.warnings.append(
+                "attribution and the eval x update matrix assume E ~ pi_theta; E was sampled from another policy "
+                "(a held E), so they are not computed"
+            )
+        elif plan.attribution:
+            # the grad part's slope from the sweep is the check on sum_i a_i (no second JVP over E) where it
+            # is the same estimator; else attribute() takes it
+            swept_slope = result.parts["grad"].first_order if "grad" in result.parts else None
+            slope = swept_slope if plan.snis.normalisation == "global" else None
+            att = attribute(policy, update, U, batch, forcing, integrand=plan.integrand, base=base, check=slope is None)
+            slope = att.first_order_grad if slope is None else slope
+            a = att.attributions.numpy()
+            order = np.argsort(a)
+            result.arrays["attributions"] = a
+            result.attribution = AttributionSummary(
+                sum=att.total,
+                abs_sum=float(np.abs(a).sum()),
+                grad_first_order=slope,
+                relative_difference=abs(att.total - slope) / max(abs(slope), 1e-300),
+                reference_eta=ref_eta,
+                top_positive=[int(i) for i in order[::-1][:5]],
+                top_negative=[int(i) for i in order[:5]],
+            )
+        if plan.eval_update_matrix and E.sampling is None:
+            S = eval_update_matrix(policy, update, U, batch, forcing, integrand=plan.integrand, base=base).numpy()
+            result.arrays["eval_delta_matrix"] = ref_eta * S  # [M, N] at the reference eta
+            result.eval_update_matrix = {"reference_eta": ref_eta, "sum": float(ref_eta * S.sum()), "shape": list(S.shape)}
+        if plan.per_sequence_exact:
+            result.per_sequence_exact = _per_sequence_exact(policy, update, U, batch, forcing, base, result, plan)
+    if plan.per_token_views:
+        result.arrays.update({f"per_token/{k}": v for k, v in per_token_views(policy, update, batch, plan, E.temperature).items()})
+
+
+def _per_sequence_exact(policy, update, U, batch, forcing, base, result: EvalResult, plan: Plan) -> list[dict]:
+    exact = per_sequence_exact(
+        policy,
+        update,
+        U,
+        batch,
+        plan.etas,
+        forcing,
+        indices=plan.per_sequence_exact,
+        mixed="baseline" in update.parts(),
+        integrands=[plan.integrand],
+        config=SNISConfig(truncation=plan.snis.truncation),
+        base=base,
+    )
+    a = result.arrays.get("attributions")
+    out = []
+    for item in exact:
+        alone, mixed = item.alone[plan.integrand], None if item.mixed is None else item.mixed[plan.integrand]
+        out.append({
+            "index": item.index,
+            "attribution_first_order": None if a is None else [float(a[item.index]) * e for e in plan.etas],
+            "alone": [r.delta_entropy for r in alone],
+            "alone_se": [r.delta_entropy_se for r in alone],
+            "mixed": None if mixed is None else [r.delta_entropy for r in mixed],
+            "mixed_se": None if mixed is None else [r.delta_entropy_se for r in mixed],
+        })
+    return out
+
+
+def per_token_views(
+    policy: nn.Module, update: Update, batch: SequenceBatch, plan: Plan, temperature: float
+) -> dict[str, np.ndarray]:
+    """Per-token log-probs and entropies of E at theta and at theta + reference_eta * full.
+
+    Flat over response tokens, sequence j's tokens at ``offsets[j]:offsets[j+1]``.
+    """
+    forcing = TeacherForcing(
+        temperature=temperature, with_entropy=True, head_dtype=plan.head_dtype, token_chunk=plan.token_chunk
+    )
+    theta = dict(policy.named_parameters())
+    shifted = {n: torch.add(theta[n].detach(), d.to(theta[n]), alpha=plan.reference_eta) for n, d in update.full.items()}
+    views: dict[str, list[np.ndarray]] = {k: [] for k in ("logprobs_theta", "entropies_theta", "logprobs_ref", "entropies_ref")}
+    lengths = []
+    device = next(policy.parameters()).device
+    with torch.no_grad():
+        for chunk in batch.chunks(plan.batch_size):
+            chunk = chunk.to(device)
+            for tag, params in (("theta", None), ("ref", shifted)):
+                ts = teacher_force(policy, chunk, params, forcing)
+                views[f"logprobs_{tag}"].append(ts.logprobs[ts.mask].cpu().numpy())
+                views[f"entropies_{tag}"].append(ts.entropies[ts.mask].cpu().numpy())
+            lengths.append(chunk.target_mask.sum(-1).cpu().numpy())
+    out = {key: np.concatenate(v) for key, v in views.items()}
+    out["offsets"] = np.concatenate([[0], np.cumsum(np.concatenate(lengths))]).astype(np.int64)
+    out["reference_eta"] = np.asarray(plan.reference_eta)
+    return out
+
+
+def probe_eval(
+    policy: nn.Module,
+    update: Update,
+    U: SequenceBatch | None,
+    E: EvalBatch,
+    plan: Plan,
+    *,
+    tick: Tick | None = None,
+    timings: dict[str, float] | None = None,
+) -> tuple[EvalResult, SequenceStats]:
+    """The whole probe of one evaluation batch in one process: :func:`batch_rows` over E,
+    :func:`summarise_eval`, :func:`complete_eval`. Returns the result and E's statistics at theta;
+    ``timings`` (if given) gets the seconds of each stage."""
+    clock = time.perf_counter()
+    rows = sort_rows(batch_rows(policy, E.batch, part_directions(update, plan.parts), plan, E.temperature, tick))
+    result = summarise_eval(rows, plan, E)
+    middle = time.perf_counter()
+    complete_eval(policy, update, U, E, result, rows, plan)
+    if timings is not None:
+        timings["eval_passes_s"] = middle - clock
+        timings[f"attribution_{E.name}_s"] = time.perf_counter() - middle
+    return result, _stats(rows, "logprobs", "entropies")
+
+
+# ---------------------------------------------------------------------------------------------
+# the run's summary
+
+
+def run_summary(
+    plan: Plan,
+    update: Update,
+    evals: Sequence[EvalResult],
+    *,
+    config: dict[str, Any],
+    timings: dict[str, float],
+    environment: dict[str, str],
+    world_size: int,
+    policy: str,
+) -> dict[str, Any]:
+    """``summary.json`` (docs/DESIGN.md section 9): plan, config, update, one entry per evaluation batch."""
+    return {
+        "plan": {
+            **plan.describe(),
+            "n_update_sequences": update.n_sequences,
+            "n_eval_sequences": [ev.n_sequences for ev in evals],
+            "world_size": world_size,
+            "policy": policy,
+        },
+        "config": config,
+        "update": update.summary(),
+        "aggregate": evals[0].to_dict()["parts"],
+        "evals": [ev.to_dict() for ev in evals],
+        "timings": timings,
+        "environment": environment,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# predicted vs realised (live)
+
+
+@dataclass
+class RealisedChange:
+    """H(new) - H(old) measured on independent fresh samples of the old and the new policy."""
+
+    delta_h: float
+    se: float  # sqrt(se_old^2 + se_new^2): the two samples are independent
+    delta_h_per_token: float
+    se_per_token: float
+    old: dict[str, float]  # mean, se, n
+    new: dict[str, float]
+    z: dict[str, float] = field(default_factory=dict)  # (prediction - realised) / combined SE, per predictor
+
+
+def realised_change(
+    old: SequenceStats,
+    new: SequenceStats,
+    integrand: str,
+    predicted: PartResult | None = None,
+    at: int = 0,
+    eta: float = math.nan,
+) -> RealisedChange:
+    """The realised entropy change of one step, and the z-scores against it of the predictions at the real step
+    (eta index ``at``, step size ``eta``): ``snis`` (+- its SE), ``first_order`` (+- eta x its SE) and
+    ``second_order`` (no SE)."""
+    h_old, h_new = old.integrand(integrand), new.integrand(integrand)
+    mean_old, se_old = mean_and_se(h_old)
+    mean_new, se_new = mean_and_se(h_new)
+    tok_old, tok_se_old = ratio_and_se(h_old, old.lengths)
+    tok_new, tok_se_new = ratio_and_se(h_new, new.lengths)
+    out = RealisedChange(
+        delta_h=mean_new - mean_old,
+        se=math.hypot(se_old, se_new),
+        delta_h_per_token=tok_new - tok_old,
+        se_per_token=math.hypot(tok_se_old, tok_se_new),
+        old={"mean": mean_old, "se": se_old, "n": len(h_old)},
+        new={"mean": mean_new, "se": se_new, "n": len(h_new)},
+    )
+    if predicted is None:
+        return out
+    candidates = {"snis": (predicted.delta_h[at], predicted.se[at])}
+    if predicted.predicted_first is not None:
+        candidates["first_order"] = (predicted.predicted_first[at], abs(eta) * (predicted.first_order_se or math.nan))
+    if predicted.predicted_second is not None:
+        candidates["second_order"] = (predicted.predicted_second[at], 0.0)
+    for key, (value, value_se) in candidates.items():
+        value_se = value_se if math.isfinite(value_se) else 0.0
+        out.z[key] = (value - out.delta_h) / math.hypot(out.se, value_se) if math.isfinite(value) else math.nan
+    return out

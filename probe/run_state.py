@@ -1,0 +1,135 @@
+"""The typed state of one ``predict`` run in one process: what each stage hands to the next.
+
+The stages of a run (docs/DESIGN.md section 6) never pass results through ad-hoc attributes of
+each other: the :class:`~probe.module.ProbeModule` owns one :class:`PredictRunState`, and every
+stage reads what it needs from it with :meth:`PredictRunState.require`, which names the stage that
+provides a missing field. Producers fill it in this order:
+
+=================  ======================================  ====================================
+field              provided by                             when
+=================  ======================================  ====================================
+settings, policy,  ProbeModule                             construction
+tokenizer
+run_dir            ProbeModule.open_run_dir                ProbeDataModule.setup (every rank)
+inputs             datamodules.ProbeDataModule             setup
+update, plan,      callbacks.UpdateReconstruction          on_predict_start
+directions
+result             callbacks.SNISAggregation               on_predict_epoch_end
+=================  ======================================  ====================================
+
+Observers (``RunWriter``, ``WandbReport``, ``SweepProgress``) only read it, at ``on_predict_end``
+or later, so their order does not matter. No Lightning import here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from probe.batch import SequenceBatch, collate
+from probe.engine import EvalBatch, Plan
+from probe.loading import PolicySettings
+from probe.losses import LossConfig
+from probe.optim_loading import OptimizerSettings
+from probe.overrides import Direction
+from probe.results import EvalResult
+from probe.rundir import RunDirectory
+from probe.settings import PrecisionSettings, ProbeSettings, RunSettings
+from probe.update import ReconstructionConfig, Update
+
+PROVIDERS = {
+    "run_dir": "ProbeModule.open_run_dir, called by datamodules.ProbeDataModule in setup (use that DataModule)",
+    "inputs": "datamodules.ProbeDataModule (setup): pass it as the run's data",
+    "update": "callbacks.UpdateReconstruction (on_predict_start); ProbeModule.configure_callbacks adds it",
+    "plan": "callbacks.UpdateReconstruction (on_predict_start); ProbeModule.configure_callbacks adds it",
+    "directions": "callbacks.UpdateReconstruction (on_predict_start); ProbeModule.configure_callbacks adds it",
+    "result": "callbacks.SNISAggregation (on_predict_epoch_end); ProbeModule.configure_callbacks adds it",
+}
+
+
+@dataclass
+class ProbeInputs:
+    """The update batch U and the evaluation batches E of a run, as read from the run's rollout files."""
+
+    update_records: list[dict]  # U, each with "index" = its row
+    eval_records: list[list[dict]]  # one list per evaluation batch, each record with "index"
+    temperatures: list[float]  # tau each evaluation batch was sampled at
+    pad_token_id: int
+
+    @property
+    def update_batch(self) -> SequenceBatch:
+        """U as one padded batch (index = position in U)."""
+        return collate(self.update_records, pad_token_id=self.pad_token_id, index=[r["index"] for r in self.update_records])
+
+    def eval_batch(self, k: int) -> EvalBatch:
+        records = self.eval_records[k]
+        batch = collate(records, pad_token_id=self.pad_token_id, index=[r["index"] for r in records])
+        return EvalBatch(name=f"eval_{k:02d}", batch=batch, temperature=self.temperatures[k])
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """Every setting of a predict run, as the ProbeModule received them (``summary.json["config"]``)."""
+
+    policy: PolicySettings
+    optimizer: OptimizerSettings  # where the optimizer state is read (default: the policy directory)
+    loss: LossConfig
+    reconstruction: ReconstructionConfig
+    probe: ProbeSettings
+    precision: PrecisionSettings
+    run: RunSettings
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: asdict(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass
+class PredictRunState:
+    """One process's state of a predict run (module docstring: who provides each field)."""
+
+    settings: PredictSettings
+    policy: nn.Module
+    tokenizer: Any
+    policy_dir: Path
+    run_dir: RunDirectory | None = None
+    inputs: ProbeInputs | None = None
+    update: Update | None = None
+    plan: Plan | None = None
+    directions: dict[str, Direction] | None = None  # part -> direction per unit lr, on the policy's device
+    result: list[EvalResult] | None = None  # one per evaluation batch (complete on rank 0)
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+    progress: Callable[[float], None] | None = None  # set by callbacks.SweepProgress: passes done
+
+    def require(self, name: str) -> Any:
+        """The field ``name``, or an error naming the stage that provides it."""
+        value = getattr(self, name)
+        if value is None:
+            raise RuntimeError(f"the probe run has no {name!r} yet: it is provided by {PROVIDERS.get(name, 'the run')}")
+        return value
+
+    @property
+    def finished(self) -> bool:
+        """The run directory holds the finished run (``summary.json`` with status ``complete``)."""
+        return self.run_dir is not None and self.run_dir.is_finished()
+
+    def tick(self, n: float) -> None:
+        """Report ``n`` teacher-forcing passes done (to the progress bar, if one is attached)."""
+        if self.progress is not None:
+            self.progress(n)
+
+
+def run_state_of(trainer: Any) -> PredictRunState:
+    """The run state of the Trainer's module, or a clear error when the module is not a probe module."""
+    module = getattr(trainer, "lightning_module", None)
+    state = getattr(module, "run_state", None)
+    if not isinstance(state, PredictRunState):
+        raise TypeError(
+            f"{type(module).__name__} is not a probe predict module (it has no PredictRunState): the probe's DataModule "
+            "and callbacks run with probe.ProbeModule"
+        )
+    return state

@@ -1,0 +1,59 @@
+"""Did the optimizer take the step we reconstructed? The live probe's check after each probed step.
+
+Compares the parameters' real change ``p_new - p_old`` with ``lr * full`` element by element, in units
+of the parameters' own rounding (docs/DESIGN.md section 2). No Lightning here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from probe.update import Update
+
+
+@torch.no_grad()
+def verify_step(policy: torch.nn.Module, update: Update, before: dict[str, Tensor]) -> dict[str, Any]:
+    """How far the parameters' real change is from ``lr * full``, in units of their own rounding.
+
+    Per element, in units of ``2 ulp(max(|p_old|, |p_new|)) + c * scale`` with ``c = 1e-12`` for float64
+    parameters and ``1e-6`` otherwise (a few roundings of the step's own arithmetic):
+
+    * ``max_units``: ``scale = lr * (|baseline| + |grad|)``, the size of the terms AdamW adds up. Its
+      float32 arithmetic rounds the momentum and gradient terms before they cancel (``m' = beta1 m +
+      (1 - beta1) g``), so where they nearly cancel the step's own error is relative to the terms,
+      not to their sum: measured on the toy world, up to 8 ulps of ``|p_new - p_old|``.
+    * ``max_units_step_scale``: ``scale = |p_new - p_old|`` (stricter; may exceed 1 where terms cancel).
+
+    Also the largest absolute error, ``max_relative_error`` (the largest error over the largest change
+    of the same parameter) and ``relative_error`` (``||lr * full - (p_new - p_old)|| / ||p_new - p_old||``
+    over all parameters). Both relative errors are floored by the parameters' own rounding,
+    ``ulp(|p|) / |step|`` (float64, |p| ~ 1, lr = 1e-4: ~2e-12).
+    """
+    named = dict(policy.named_parameters())
+    max_units, max_step_units, max_abs, max_rel, worst = 0.0, 0.0, 0.0, 0.0, None
+    error_sq = change_sq = 0.0
+    for n, full in update.full.items():
+        p_old, p_new = before[n], named[n].detach()
+        device = p_new.device
+        actual = p_new.double() - p_old.double()
+        predicted = full.to(device=device, dtype=torch.float64) * update.lr
+        error = (predicted - actual).abs()
+        magnitude = torch.maximum(p_old.abs(), p_new.abs())
+        ulp = (torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude).double()
+        c = 1e-12 if p_new.dtype == torch.float64 else 1e-6
+        terms = (update.baseline[n].to(device=device, dtype=torch.float64).abs()
+                 + update.grad[n].to(device=device, dtype=torch.float64).abs()) * update.lr  # fmt: skip
+        units = float((error / (2 * ulp + c * terms)).max())
+        max_step_units = max(max_step_units, float((error / (2 * ulp + c * actual.abs())).max()))
+        if worst is None or units > max_units:
+            max_units, worst = units, n
+        error_sq, change_sq = error_sq + float(error.pow(2).sum()), change_sq + float(actual.pow(2).sum())
+        max_abs = max(max_abs, float(error.max()))
+        max_rel = max(max_rel, float(error.max() / actual.abs().max().clamp(min=1e-300)))
+    return {"max_units": max_units, "max_units_step_scale": max_step_units, "max_abs_error": max_abs,
+            "max_relative_error": max_rel, "relative_error": math.sqrt(error_sq / max(change_sq, 1e-300)), "worst_parameter": worst, "ok": max_units <= 1.0,
+            "n_parameters": len(update.full)}  # fmt: skip

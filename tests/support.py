@@ -1,0 +1,94 @@
+"""What the tests share: the repository's configs, small-run CLI arguments, and a tiny-Llama factory.
+
+The fixtures in conftest.py hand these to the tests (``tiny_llama``, ``run_predict``, ``run_fit``);
+module-level parameter lists import them from here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from probe.precision import exact_float64_norms
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_CONFIG = str(REPO / "configs" / "toy.yaml")
+GRPO_CONFIG = str(REPO / "configs" / "toy_grpo.yaml")
+
+
+def eval_batch_arg(n_prompts: int = 12, n_per_prompt: int = 4, offset: int = 1000, seed: int = 1) -> str:
+    """``--data.init_args.evals`` for one sampled evaluation batch of the toy task."""
+    return (
+        f"[{{source: {{prompts: toy, n_prompts: {n_prompts}, offset: {offset}}}, "
+        f"sampling: {{n_per_prompt: {n_per_prompt}, max_new_tokens: 4, seed: {seed}}}}}]"
+    )
+
+
+def predict_args(
+    root: Path | str, name: str, *extra: str, eval_prompts: int = 12, eval_batch_size: int = 16, n_etas: int = 3
+) -> list[str]:
+    """``python -m probe predict`` arguments of a small toy run: U = 3 prompts x 4, E = ``eval_prompts`` x 4,
+    ``n_etas`` etas, no logger and no progress bar, in ``<root>/<name>``; ``extra`` comes last (it wins)."""
+    return [
+        "predict", "--config", TOY_CONFIG,
+        "--model.init_args.probe.n_etas", str(n_etas),
+        "--data.init_args.update.source.n_prompts", "3",
+        "--data.init_args.update.sampling.n_per_prompt", "4",
+        "--data.init_args.evals", eval_batch_arg(eval_prompts),
+        "--data.init_args.eval_batch_size", str(eval_batch_size),
+        "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--model.init_args.run.root", str(root),
+        "--model.init_args.run.name", name,
+        *extra,
+    ]  # fmt: skip
+
+
+QUIET_FIT = [
+    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+def fit_args(root: Path | str, name: str, *extra: str) -> list[str]:
+    """``python -m probe fit`` arguments of the toy GRPO config, quiet, in ``<root>/<name>``; ``extra`` last."""
+    return ["fit", "--config", GRPO_CONFIG, *QUIET_FIT, "--model.init_args.run.root", str(root),
+            "--model.init_args.run.name", name, *extra]  # fmt: skip
+
+
+def read_summary(run: Path) -> dict[str, Any]:
+    return json.loads((Path(run) / "summary.json").read_text())
+
+
+def tiny_llama(
+    seed: int = 0,
+    *,
+    dtype: torch.dtype = torch.float32,
+    vocab_size: int = 16,
+    hidden_size: int = 16,
+    intermediate_size: int = 32,
+    num_hidden_layers: int = 1,
+    num_attention_heads: int = 2,
+    num_key_value_heads: int = 1,
+    **config: Any,
+) -> LlamaForCausalLM:
+    """A tiny ``LlamaForCausalLM`` drawn with ``seed`` (the global RNG is left as it was), in eval mode, SDPA
+    attention; float64 models get exact float64 RMSNorm (``probe.precision.exact_float64_norms``)."""
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        num_key_value_heads=num_key_value_heads,
+        attn_implementation=config.pop("attn_implementation", "sdpa"),
+        **{"max_position_embeddings": 64, **config},
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(cfg)
+    model = model.to(dtype).eval()
+    return exact_float64_norms(model) if dtype == torch.float64 else model

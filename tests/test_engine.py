@@ -1,0 +1,107 @@
+"""One engine under both paths, and the stages of a predict run handing results through one typed run state.
+
+What a user relies on: ``python -m probe predict`` is the engine (``probe.engine``) run batch by batch
+behind Lightning, so calling the engine directly on the run's own U, E and update gives the run's
+numbers; the callbacks' order does not matter (the observers only observe, the stages hand their
+results through the run state); a stage whose input is missing says which stage provides it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from datamodules.rollouts import read_rollouts
+from probe.batch import collate
+from probe.engine import EvalBatch, make_plan, probe_eval
+from probe.loading import load_policy
+from probe.run_state import PredictRunState
+from probe.settings import PrecisionSettings, ProbeSettings
+from probe.update import Update
+
+
+def numbers_of(summary: dict) -> dict:
+    """The summary without what may differ between two runs of the same inputs (timings, run name)."""
+    out = {k: v for k, v in summary.items() if k not in ("timings", "environment")}
+    out["config"] = json.loads(json.dumps(summary["config"]))
+    out["config"]["run"].pop("name")
+    return out
+
+
+@pytest.fixture(scope="module")
+def float64_run(tmp_path_factory, run_predict) -> tuple[Path, dict]:
+    """A small predict run of the toy policy in float64 (so that any two routes agree to ~1e-12)."""
+    root = tmp_path_factory.mktemp("engine")
+    summary = run_predict(root, "f64", "--model.init_args.policy.dtype", "float64")
+    return root / "f64", summary
+
+
+def test_the_engine_called_directly_gives_the_numbers_of_the_predict_run(float64_run, toy_world_dir):
+    run, summary = float64_run
+    config = summary["config"]
+    policy, tokenizer = load_policy(toy_world_dir, dtype="float64")
+    update = Update.load(run / "update.safetensors")
+    pad = tokenizer.pad_token_id
+    U = collate(list(read_rollouts(run / "rollouts" / "update.jsonl")), pad_token_id=pad)
+    records = list(read_rollouts(run / "rollouts" / "eval_00.jsonl"))
+    E = EvalBatch(name="eval_00", batch=collate(records, pad_token_id=pad), temperature=1.0)
+    plan = make_plan(ProbeSettings(**config["probe"]), PrecisionSettings(**config["precision"]), update.lr)
+
+    result, _ = probe_eval(policy, update, U, E, plan)  # one process, E in chunks of probe.eval_batch_size
+
+    got, want = result.to_dict(), summary["evals"][0]
+    assert got.keys() == want.keys()
+    for part, res in want["parts"].items():
+        for key, value in res.items():
+            # the run split E into predict batches of 16, the direct call into chunks of 32: float64 rounding only
+            np.testing.assert_allclose(got["parts"][part][key], value, rtol=1e-10, atol=1e-13, err_msg=f"{part} {key}")
+    assert got["attribution"]["sum"] == pytest.approx(want["attribution"]["sum"], rel=1e-10)
+    np.testing.assert_allclose(result.arrays["attributions"], np.load(run / "attributions.npy"), rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(result.arrays["eval_delta_matrix"], np.load(run / "eval_delta_matrix.npy"),
+                               rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("order", ["reversed", "shuffled"])
+def test_the_order_of_the_callbacks_does_not_change_the_summary(order, float64_run, tmp_path, run_predict, monkeypatch):
+    from probe.module import ProbeModule
+
+    default = ProbeModule.configure_callbacks
+
+    def permuted(self):
+        callbacks = default(self)
+        if order == "reversed":
+            return callbacks[::-1]
+        random.Random(1).shuffle(callbacks)
+        return callbacks
+
+    monkeypatch.setattr(ProbeModule, "configure_callbacks", permuted)
+    run, reference = float64_run
+    files = [f"--data.init_args.update.path={run / 'rollouts' / 'update.jsonl'}",
+             f"--data.init_args.evals=[{{path: {run / 'rollouts' / 'eval_00.jsonl'}}}]"]
+    summary = run_predict(tmp_path, order, "--model.init_args.policy.dtype", "float64", *files)
+    assert summary["status"] == "complete"
+    assert numbers_of(summary)["evals"] == numbers_of(reference)["evals"]
+    assert numbers_of(summary)["update"] == numbers_of(reference)["update"]
+    assert sorted(p.name for p in (tmp_path / order / "plots").iterdir()) == sorted(p.name for p in (run / "plots").iterdir())
+
+
+def test_a_stage_whose_input_is_missing_names_the_stage_that_provides_it(tmp_path, run_predict, monkeypatch):
+    from callbacks import UpdateReconstruction
+    from probe.module import ProbeModule
+
+    default = ProbeModule.configure_callbacks
+    monkeypatch.setattr(
+        ProbeModule, "configure_callbacks", lambda self: [c for c in default(self) if not isinstance(c, UpdateReconstruction)]
+    )
+    with pytest.raises(RuntimeError, match=r"has no 'plan' yet: it is provided by callbacks.UpdateReconstruction"):
+        run_predict(tmp_path, "missing")
+
+
+def test_the_run_state_refuses_a_field_nobody_provided_yet():
+    state = PredictRunState(settings=None, policy=None, tokenizer=None, policy_dir=Path("."))
+    with pytest.raises(RuntimeError, match="no 'result' yet: it is provided by callbacks.SNISAggregation"):
+        state.require("result")
