@@ -1,6 +1,7 @@
 """What probing costs, side by side with what the trainer already pays, in one process.
 
-    python benchmarks/bench_probe.py                 # toy + llama-22m, prints a table, writes benchmarks/results/<date>-<time>-<machine>.json
+    python benchmarks/bench_probe.py                 # toy + llama-22m, prints a table, writes
+                                                     # benchmarks/results/<date>-<time>-<machine>.json
     python benchmarks/bench_probe.py --quick         # smoke run: toy policy only, one round (writes ...-quick.json)
 
 Policies: the built-in toy world (tiny Llama, 2 layers, hidden 64, vocab 16; E = 32 x 32 tokens,
@@ -31,10 +32,12 @@ tokens, 16 prompt + 48 response). Its optimizer state comes from one real AdamW 
 
 Timings are medians over interleaved rounds after a warm-up round (a busy machine slows every
 function of a round alike); ratios are medians of the per-round ratios, with the ratio of the
-minimum times beside them (the least disturbed run of each, robust on a shared machine). torch runs on 2 threads for the Llama
+minimum times beside them (the least disturbed run of each, robust on a shared machine). torch runs on 2 threads for
+the Llama
 policies and 1 for the toy (as its config does: tiny ops on 2 threads of a busy 2-core machine
 spin-wait and run up to 25x slower).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,14 +59,21 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench_reconstruction (P3's measurement) lives beside this file
 
-from bench_reconstruction import make_batch, paired, train_step  # noqa: E402
-
 from probe.attribution import attribute, per_sequence_exact  # noqa: E402
 from probe.batch import SequenceBatch, collate  # noqa: E402
-from probe.logprobs import teacher_force  # noqa: E402
+from probe.logprobs import (
+    TeacherForcing,  # noqa: E402
+    teacher_force,  # noqa: E402
+)
 from probe.losses import LossConfig, normalisers, per_sequence_loss  # noqa: E402
 from probe.overrides import base_statistics, sweep  # noqa: E402
-from probe.update import reconstruct_update  # noqa: E402
+from probe.update import ReconstructionConfig, reconstruct_update  # noqa: E402
+
+from bench_reconstruction import make_batch, paired, train_step  # noqa: E402
+
+ENTROPY = TeacherForcing(with_entropy=True)  # the probe's default teacher forcing: float64 head, 256 sequences a pass
+LOGPROB = TeacherForcing(with_entropy=False)
+CLIPPED = ReconstructionConfig(max_grad_norm=1.0)
 
 LLAMA_SIZES = {  # name -> LlamaConfig fields (vocab 4096, untied embeddings)
     "llama-6m": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4),
@@ -83,28 +93,47 @@ class Policy:
     """A model, a live AdamW with state, U (32 sequences) and E, for one benchmark policy."""
 
     def __init__(self, name: str, model: torch.nn.Module, vocab: int, prompt: int, total: int, config: dict):
-        self.name, self.model, self.vocab, self.prompt, self.total, self.config = name, model, vocab, prompt, total, config
+        self.name, self.model, self.vocab, self.prompt, self.total, self.config = (
+            name,
+            model,
+            vocab,
+            prompt,
+            total,
+            config,
+        )
         self.n_params = sum(p.numel() for p in model.parameters())
         self.loss = LossConfig()
         self.U = make_batch(vocab, n=32, prompt=prompt, total=total)
         self.E = random_batch(vocab, 32, prompt, total, seed=1)
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-        train_step(model, self.optimizer, make_batch(vocab, n=32, prompt=prompt, total=total), self.loss)  # non-empty state
+        train_step(
+            model, self.optimizer, make_batch(vocab, n=32, prompt=prompt, total=total), self.loss
+        )  # non-empty state
         model.eval()
 
     def batch(self, n: int) -> SequenceBatch:
         return make_batch(self.vocab, n=n, prompt=self.prompt, total=self.total)
 
     def describe(self) -> dict:
-        return {"name": self.name, "params": self.n_params, "config": self.config,
-                "E": [len(self.E), self.total], "E_response_tokens": int(self.E.target_mask.sum())}
+        return {
+            "name": self.name,
+            "params": self.n_params,
+            "config": self.config,
+            "E": [len(self.E), self.total],
+            "E_response_tokens": int(self.E.target_mask.sum()),
+        }
 
 
 def random_batch(vocab: int, n: int, prompt: int, total: int, seed: int) -> SequenceBatch:
     gen = torch.Generator().manual_seed(seed)
-    records = [dict(prompt_ids=torch.randint(1, vocab, (prompt,), generator=gen).tolist(),
-                    response_ids=torch.randint(1, vocab, (total - prompt,), generator=gen).tolist(), group=i // 4)
-               for i in range(n)]
+    records = [
+        dict(
+            prompt_ids=torch.randint(1, vocab, (prompt,), generator=gen).tolist(),
+            response_ids=torch.randint(1, vocab, (total - prompt,), generator=gen).tolist(),
+            group=i // 4,
+        )
+        for i in range(n)
+    ]
     return collate(records)
 
 
@@ -112,8 +141,14 @@ def llama(name: str, seed: int = 0) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     fields = LLAMA_SIZES[name]
-    cfg = LlamaConfig(vocab_size=VOCAB, num_key_value_heads=fields["num_attention_heads"], max_position_embeddings=128,
-                      tie_word_embeddings=False, attn_implementation="sdpa", **fields)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        num_key_value_heads=fields["num_attention_heads"],
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+        **fields,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).float().eval()
 
@@ -125,11 +160,23 @@ def make_policy(name: str) -> Policy:
 
         model, _ = load_policy(build_toy_world(), dtype="float32")
         c = ToyWorldConfig()
-        config = dict(hidden_size=c.hidden_size, intermediate_size=c.intermediate_size, num_hidden_layers=c.num_hidden_layers,
-                      num_attention_heads=c.num_attention_heads, vocab_size=16, weights="toy world (trained)")
+        config = dict(
+            hidden_size=c.hidden_size,
+            intermediate_size=c.intermediate_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            vocab_size=16,
+            weights="toy world (trained)",
+        )
         return Policy(name, model, vocab=16, prompt=8, total=32, config=config)
-    return Policy(name, llama(name), vocab=VOCAB, prompt=16, total=64,
-                  config={**LLAMA_SIZES[name], "vocab_size": VOCAB, "weights": "random init, seed 0"})
+    return Policy(
+        name,
+        llama(name),
+        vocab=VOCAB,
+        prompt=16,
+        total=64,
+        config={**LLAMA_SIZES[name], "vocab_size": VOCAB, "weights": "random init, seed 0"},
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,9 +208,16 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: bool = 
         for k, fn in fns.items():
             times[k].append(timed(fn))
     ref = next(iter(fns))
-    return {k: {"median_s": statistics.median(v), "min_s": min(v), "all_s": v,
-                "ratio": statistics.median([t / r for t, r in zip(v, times[ref])]),
-                "ratio_of_minima": min(v) / min(times[ref])} for k, v in times.items()}
+    return {
+        k: {
+            "median_s": statistics.median(v),
+            "min_s": min(v),
+            "all_s": v,
+            "ratio": statistics.median([t / r for t, r in zip(v, times[ref])]),
+            "ratio_of_minima": min(v) / min(times[ref]),
+        }
+        for k, v in times.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,31 +238,45 @@ def bench_p1(pol: Policy, update, base, repeats: int, K: int = 2, J: int = 4) ->
     def plain() -> None:
         with torch.no_grad():
             for _ in range(K * J):
-                model(input_ids=E.input_ids, attention_mask=E.attention_mask, position_ids=E.position_ids, use_cache=False)
+                model(
+                    input_ids=E.input_ids, attention_mask=E.attention_mask, position_ids=E.position_ids, use_cache=False
+                )
 
     def head_only() -> None:
         with torch.no_grad():
             for _ in range(K * J):
-                teacher_force(model, E, with_entropy=True)
+                teacher_force(model, E, forcing=ENTROPY)
 
-    r = interleaved({
-        "plain": plain,
-        "sweep_token_entropy": lambda: sweep(model, E, directions, etas, base=base, with_entropy=True),
-        "sweep_logprob": lambda: sweep(model, E, directions, etas, base=base, with_entropy=False),
-        "teacher_force_no_override": head_only,
-    }, repeats)
-    return {"K": K, "J": J, "parts": parts, "repeats": repeats, "times": r, "ours_s": r["sweep_token_entropy"]["median_s"],
-            "ref_s": r["plain"]["median_s"], "ratio": r["sweep_token_entropy"]["ratio"],
-            "ratio_logprob": r["sweep_logprob"]["ratio"], "ratio_no_override": r["teacher_force_no_override"]["ratio"],
-            "ratio_of_minima": r["sweep_token_entropy"]["ratio_of_minima"],
-            "per_point_s": r["sweep_token_entropy"]["median_s"] / (K * J)}
+    r = interleaved(
+        {
+            "plain": plain,
+            "sweep_token_entropy": lambda: sweep(model, E, directions, etas, ENTROPY, base=base),
+            "sweep_logprob": lambda: sweep(model, E, directions, etas, LOGPROB, base=base),
+            "teacher_force_no_override": head_only,
+        },
+        repeats,
+    )
+    return {
+        "K": K,
+        "J": J,
+        "parts": parts,
+        "repeats": repeats,
+        "times": r,
+        "ours_s": r["sweep_token_entropy"]["median_s"],
+        "ref_s": r["plain"]["median_s"],
+        "ratio": r["sweep_token_entropy"]["ratio"],
+        "ratio_logprob": r["sweep_logprob"]["ratio"],
+        "ratio_no_override": r["teacher_force_no_override"]["ratio"],
+        "ratio_of_minima": r["sweep_token_entropy"]["ratio_of_minima"],
+        "per_point_s": r["sweep_token_entropy"]["median_s"] / (K * J),
+    }
 
 
 def fwd_bwd(model: torch.nn.Module, U: SequenceBatch, E: SequenceBatch, loss: LossConfig) -> None:
     """One forward+backward over U (policy-gradient loss) and E (log-likelihood), one autograd.grad."""
     params = [p for p in model.parameters() if p.requires_grad]
     with torch.enable_grad():
-        su = teacher_force(model, U, temperature=loss.temperature)
+        su = teacher_force(model, U, forcing=loss.forcing())
         lu = per_sequence_loss(su.logprobs, su.mask, U.advantages, normalisers(U.target_mask, loss), loss).sum()
         le = teacher_force(model, E).sequence_logprobs.sum()
         torch.autograd.grad(lu + le, params, allow_unused=True)
@@ -223,41 +291,70 @@ def bench_p2(pol: Policy, E: SequenceBatch, Ns: list[int], repeats: int, repeats
     by which a real per-sequence sweep costs more than its J passes (building each v_i by a backward).
     """
     model, loss = pol.model, pol.loss
-    base = base_statistics(model, E, with_entropy=True)
+    base = base_statistics(model, E, ENTROPY)
     rows, calibration = [], None
     for k, N in enumerate(Ns):
         U = pol.batch(N)
-        update = reconstruct_update(model, pol.optimizer, U, loss, max_grad_norm=1.0)
-        point = lambda: sweep(model, E, {"full": update.full}, [LR], base=base, with_entropy=True)  # noqa: E731
+        update = reconstruct_update(model, pol.optimizer, U, loss, CLIPPED)
+        point = lambda: sweep(model, E, {"full": update.full}, [LR], ENTROPY, base=base)  # noqa: E731
         if calibration is None:  # the exact per-sequence path on 2 sequences of U, J etas, no mixed form
             etas = [LR * f for f in (0.1, 0.3, 1.0, 3.0, 10.0)][:J_exact]
             point()
             points = [timed(point)]
-            t = timed(lambda: per_sequence_exact(model, update, U, E, etas, indices=[0, 1], mixed=False,
-                                                 integrands=("token_entropy",), base=base))
+            t = timed(
+                lambda: per_sequence_exact(
+                    model,
+                    update,
+                    U,
+                    E,
+                    etas,
+                    ENTROPY,
+                    indices=[0, 1],
+                    mixed=False,
+                    integrands=("token_entropy",),
+                    base=base,
+                )
+            )
             points.append(timed(point))
             factor = (t / 2) / (J_exact * statistics.mean(points))
             calibration = {"sequences": 2, "J": J_exact, "seconds": t, "point_s": points, "factor": factor}
         reps = repeats if N <= 64 else repeats_large
-        r = interleaved({
-            "fwd_bwd_U_E": lambda: fwd_bwd(model, U, E, loss),
-            "attribute": lambda: attribute(model, update, U, E, base=base, check=False, integrand="token_entropy"),
-            "sweep_point": point,
-        }, reps, warmup=k == 0)
+        r = interleaved(
+            {
+                "fwd_bwd_U_E": lambda: fwd_bwd(model, U, E, loss),
+                "attribute": lambda: attribute(
+                    model, update, U, E, ENTROPY, base=base, check=False, integrand="token_entropy"
+                ),
+                "sweep_point": point,
+            },
+            reps,
+            warmup=k == 0,
+        )
         t_attr, t_point = r["attribute"]["median_s"], r["sweep_point"]["median_s"]
         exact_forwards = N * J_exact * t_point
         exact_calibrated = exact_forwards * calibration["factor"]
-        row = {"N": N, "repeats": reps, "times": r, "ours_s": t_attr, "ref_s": r["fwd_bwd_U_E"]["median_s"],
-               "ratio": r["attribute"]["ratio"], "ratio_of_minima": r["attribute"]["ratio_of_minima"],
-               "exact_forward_count_s": exact_forwards, "exact_calibrated_s": exact_calibrated,
-               "speedup_forward_count": N * J_exact / statistics.median(
-                   [a / p for a, p in zip(r["attribute"]["all_s"], r["sweep_point"]["all_s"])]),
-               }
+        row = {
+            "N": N,
+            "repeats": reps,
+            "times": r,
+            "ours_s": t_attr,
+            "ref_s": r["fwd_bwd_U_E"]["median_s"],
+            "ratio": r["attribute"]["ratio"],
+            "ratio_of_minima": r["attribute"]["ratio_of_minima"],
+            "exact_forward_count_s": exact_forwards,
+            "exact_calibrated_s": exact_calibrated,
+            "speedup_forward_count": N
+            * J_exact
+            / statistics.median([a / p for a, p in zip(r["attribute"]["all_s"], r["sweep_point"]["all_s"])]),
+        }
         row["speedup_calibrated"] = row["speedup_forward_count"] * calibration["factor"]
         rows.append(row)
-        print(f"  [{pol.name}] P2 M={len(E)} N={N}: attribute {t_attr:.3f}s, fwd+bwd U&E {row['ref_s']:.3f}s, "
-              f"ratio {row['ratio']:.2f}, speed-up vs exact {row['speedup_calibrated']:.0f}x "
-              f"(forward count {row['speedup_forward_count']:.0f}x)", flush=True)
+        print(
+            f"  [{pol.name}] P2 M={len(E)} N={N}: attribute {t_attr:.3f}s, fwd+bwd U&E {row['ref_s']:.3f}s, "
+            f"ratio {row['ratio']:.2f}, speed-up vs exact {row['speedup_calibrated']:.0f}x "
+            f"(forward count {row['speedup_forward_count']:.0f}x)",
+            flush=True,
+        )
     return {"rows": rows, "exact_calibration": calibration, "J": J_exact, "M": len(E)}
 
 
@@ -267,7 +364,7 @@ def bench_p3(pol: Policy, repeats: int) -> dict:
     trainer_opt = torch.optim.AdamW(trainer_model.parameters(), lr=LR, weight_decay=0.01)
     t_train, t_rec, ratio = paired(
         lambda: train_step(trainer_model, trainer_opt, pol.U, pol.loss),
-        lambda: reconstruct_update(pol.model, pol.optimizer, pol.U, pol.loss, max_grad_norm=1.0),
+        lambda: reconstruct_update(pol.model, pol.optimizer, pol.U, pol.loss, CLIPPED),
         repeats,
     )
     return {"ref_s": t_train, "ours_s": t_rec, "ratio": ratio, "repeats": repeats}
@@ -321,18 +418,31 @@ def live_child(steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for with_live in (False, True):
             pl.seed_everything(0, verbose=False)
-            module = GRPOModule(run=FitRunSettings(root=tmp, name=f"live_{with_live}", num_threads=1),
-                                checkpoint_every_n_steps=-1, save_policy=False)
+            module = GRPOModule(
+                run=FitRunSettings(root=tmp, name=f"live_{with_live}", num_threads=1),
+                checkpoint_every_n_steps=-1,
+                save_policy=False,
+            )
             timer = StepTimer()
             live = LiveEntropyProbe(every_n_steps=1) if with_live else None
-            trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, gradient_clip_val=1.0, logger=False,
-                                 enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False,
-                                 callbacks=([live] if live else []) + [timer])
+            trainer = pl.Trainer(
+                accelerator="cpu",
+                devices=1,
+                max_steps=steps,
+                gradient_clip_val=1.0,
+                logger=False,
+                enable_progress_bar=False,
+                enable_checkpointing=False,
+                enable_model_summary=False,
+                callbacks=([live] if live else []) + [timer],
+            )
             trainer.fit(module, PromptDataModule(prompts_per_step=16))
             key = "with_live" if with_live else "without"
             out[key] = timer.times
             if live is not None:
-                out["live_self_reported_s"] = [r.get("timings", {}).get("total_s") for r in getattr(live, "records", [])]
+                out["live_self_reported_s"] = [
+                    r.get("timings", {}).get("total_s") for r in getattr(live, "records", [])
+                ]
     return out
 
 
@@ -340,16 +450,31 @@ def bench_live(steps: int = 6) -> dict:
     ok, why = live_callback_status()
     if not ok:
         return {"measured": False, "why": why}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), _LIVE_CHILD, str(steps)], capture_output=True,
-                          text=True, timeout=1800, env={**os.environ, "WANDB_MODE": "disabled"})
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), _LIVE_CHILD, str(steps)],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
     if proc.returncode != 0:
-        return {"measured": False, "why": "the live fit failed: " + " ".join(proc.stderr.strip().splitlines()[-1:])[:200]}
+        return {
+            "measured": False,
+            "why": "the live fit failed: " + " ".join(proc.stderr.strip().splitlines()[-1:])[:200],
+        }
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     without, with_live = r["without"][1:], r["with_live"][1:]
     base_s, live_s = statistics.median(without), statistics.median(with_live)
     reported = [x for x in r.get("live_self_reported_s", [])[1:] if x is not None]
-    return {"measured": True, "ref_s": base_s, "ours_s": live_s, "overhead_s": live_s - base_s,
-            "ratio": live_s / base_s, "self_reported_s": statistics.median(reported) if reported else None, "raw": r}
+    return {
+        "measured": True,
+        "ref_s": base_s,
+        "ours_s": live_s,
+        "overhead_s": live_s - base_s,
+        "ratio": live_s / base_s,
+        "self_reported_s": statistics.median(reported) if reported else None,
+        "raw": r,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,16 +523,21 @@ def memory_child(name: str) -> dict:
     E = random_batch(vocab, 32, prompt, total, seed=1)
     n_params = sum(p.numel() for p in pol_model.parameters())
     direction = {n: torch.full_like(p, 1e-3) for n, p in pol_model.named_parameters()}  # allocated before measuring
-    base = base_statistics(pol_model, E)
-    out = {"name": name, "params": n_params, "weights_mib": n_params * 4 / 2**20,
-           "logits_mib": len(E) * total * vocab * 4 / 2**20, "E": [len(E), total]}
+    base = base_statistics(pol_model, E, ENTROPY)
+    out = {
+        "name": name,
+        "params": n_params,
+        "weights_mib": n_params * 4 / 2**20,
+        "logits_mib": len(E) * total * vocab * 4 / 2**20,
+        "E": [len(E), total],
+    }
 
     def tf() -> None:
         with torch.no_grad():
-            teacher_force(pol_model, E, with_entropy=True)
+            teacher_force(pol_model, E, forcing=ENTROPY)
 
     def sweep_point() -> None:
-        sweep(pol_model, E, {"d": direction}, [1e-3], base=base, with_entropy=True)
+        sweep(pol_model, E, {"d": direction}, [1e-3], ENTROPY, base=base)
 
     def fb() -> None:
         params = list(pol_model.parameters())
@@ -424,15 +554,24 @@ def bench_memory(sizes: list[str]) -> list[dict]:
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "2"}
     for name in sizes:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), _MEM_CHILD, name], capture_output=True,
-                              text=True, env=env, timeout=1800)
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).resolve()), _MEM_CHILD, name],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=1800,
+        )
         if proc.returncode != 0:
             rows.append({"name": name, "error": proc.stderr.strip().splitlines()[-1:]})
             continue
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"  memory {name}: {r['params'] / 1e6:.2f}M params, teacher forcing +{r['teacher_force_nograd_mib']:.0f} MiB, "
-              f"sweep point +{r['sweep_point_mib']:.0f} MiB, fwd+bwd +{r['forward_backward_mib']:.0f} MiB", flush=True)
+        print(
+            f"  memory {name}: {r['params'] / 1e6:.2f}M params, teacher forcing +{r['teacher_force_nograd_mib']:.0f} "
+            "MiB, "
+            f"sweep point +{r['sweep_point_mib']:.0f} MiB, fwd+bwd +{r['forward_backward_mib']:.0f} MiB",
+            flush=True,
+        )
     return rows
 
 
@@ -443,18 +582,28 @@ def bench_memory(sizes: list[str]) -> list[dict]:
 def _machine() -> dict:
     cpu = "unknown"
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     try:
-        commit = subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"cpu": cpu, "cores": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
-            "python": sys.version.split()[0], "commit": commit,
-            "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "commit": commit,
+        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
 
 
 def _met(kind: str, value: float) -> str:
@@ -464,61 +613,94 @@ def _met(kind: str, value: float) -> str:
 
 
 def table(result: dict) -> str:
-    rows = ["| measurement | policy | probe (median) | reference (median) | ratio: median of rounds (of minima) | target | met |",
-            "|---|---|---:|---:|---:|---:|:---:|"]
+    rows = [
+        "| measurement | policy | probe (median) | reference (median) | ratio: median of rounds (of minima) | target "
+        "| met |",
+        "|---|---|---:|---:|---:|---:|:---:|",
+    ]
     for name, r in result["policies"].items():
         if "P1" in r:
             p = r["P1"]
             n = p["K"] * p["J"]
-            for key, label in (("sweep_token_entropy", "token_entropy (log-probs + full-vocabulary entropies)"),
-                               ("sweep_logprob", "logprob (log-probs only)"),
-                               ("teacher_force_no_override", "no override: teacher forcing + entropies alone")):
+            for key, label in (
+                ("sweep_token_entropy", "token_entropy (log-probs + full-vocabulary entropies)"),
+                ("sweep_logprob", "logprob (log-probs only)"),
+                ("teacher_force_no_override", "no override: teacher forcing + entropies alone"),
+            ):
                 tm = p["times"][key]
                 t, ok = _met("P1", tm["ratio"])
-                what = f"P1 sweep, {p['K']} directions x {p['J']} etas, {label}" if key != "teacher_force_no_override" else \
-                    f"P1 breakdown: {n} x {label}"
-                rows.append(f"| {what} | {name} | {tm['median_s']:.3f} s | {n} plain forwards {p['ref_s']:.3f} s | "
-                            f"{tm['ratio']:.2f}x ({tm['ratio_of_minima']:.2f}x) | {t if key != 'teacher_force_no_override' else '-'} | "
-                            f"{ok if key != 'teacher_force_no_override' else '-'} |")
+                what = (
+                    f"P1 sweep, {p['K']} directions x {p['J']} etas, {label}"
+                    if key != "teacher_force_no_override"
+                    else f"P1 breakdown: {n} x {label}"
+                )
+                rows.append(
+                    f"| {what} | {name} | {tm['median_s']:.3f} s | {n} plain forwards {p['ref_s']:.3f} s | "
+                    f"{tm['ratio']:.2f}x ({tm['ratio_of_minima']:.2f}x) | "
+                    f"{t if key != 'teacher_force_no_override' else '-'} | "
+                    f"{ok if key != 'teacher_force_no_override' else '-'} |"
+                )
         for key in ("P2", "P2_large_E"):
             if key not in r:
                 continue
             p2 = r[key]
             for row in p2["rows"]:
                 t, ok = _met("P2_ratio", row["ratio"])
-                rows.append(f"| P2 all-N attributions, N = {row['N']}, M = {p2['M']} | {name} | {row['ours_s']:.3f} s | "
-                            f"fwd+bwd over U and E {row['ref_s']:.3f} s | {row['ratio']:.2f}x ({row['ratio_of_minima']:.2f}x) | "
-                            f"{t} | {ok} |")
+                rows.append(
+                    f"| P2 all-N attributions, N = {row['N']}, M = {p2['M']} | {name} | {row['ours_s']:.3f} s | "
+                    f"fwd+bwd over U and E {row['ref_s']:.3f} s | {row['ratio']:.2f}x "
+                    f"({row['ratio_of_minima']:.2f}x) | "
+                    f"{t} | {ok} |"
+                )
             for row in p2["rows"]:
                 t, ok = _met("P2_speedup", row["speedup_calibrated"])
-                rows.append(f"| P2 speed-up vs exact per-sequence (N x J = {row['N']} x {p2['J']}), M = {p2['M']}, estimated | "
-                            f"{name} | {row['ours_s']:.3f} s | {row['exact_calibrated_s']:.1f} s (N x J sweep points x "
-                            f"{p2['exact_calibration']['factor']:.2f}; N x J points alone: {row['exact_forward_count_s']:.1f} s) | "
-                            f"{row['speedup_calibrated']:.0f}x ({row['speedup_forward_count']:.0f}x) | {t} | {ok} |")
+                rows.append(
+                    f"| P2 speed-up vs exact per-sequence (N x J = {row['N']} x {p2['J']}), M = {p2['M']}, estimated | "
+                    f"{name} | {row['ours_s']:.3f} s | {row['exact_calibrated_s']:.1f} s (N x J sweep points x "
+                    f"{p2['exact_calibration']['factor']:.2f}; N x J points alone: "
+                    f"{row['exact_forward_count_s']:.1f} s) | "
+                    f"{row['speedup_calibrated']:.0f}x ({row['speedup_forward_count']:.0f}x) | {t} | {ok} |"
+                )
         if "P3" in r:
             p = r["P3"]
             t, ok = _met("P3", p["ratio"])
-            rows.append(f"| P3 reconstruction | {name} | {p['ours_s']:.3f} s | training step {p['ref_s']:.3f} s | "
-                        f"{p['ratio']:.2f}x | {t} | {ok} |")
+            rows.append(
+                f"| P3 reconstruction | {name} | {p['ours_s']:.3f} s | training step {p['ref_s']:.3f} s | "
+                f"{p['ratio']:.2f}x | {t} | {ok} |"
+            )
         live = r.get("live")
         if live is not None:
             if live.get("measured"):
-                own = "" if live.get("self_reported_s") is None else f", callback's own timing {live['self_reported_s']:.3f} s"
-                rows.append(f"| live callback (every step), step with probe | {name} (GRPO fit) | {live['ours_s']:.3f} s "
-                            f"(+{live['overhead_s']:.3f} s{own}) | GRPO step {live['ref_s']:.3f} s | {live['ratio']:.2f}x | - | - |")
+                own = (
+                    ""
+                    if live.get("self_reported_s") is None
+                    else f", callback's own timing {live['self_reported_s']:.3f} s"
+                )
+                rows.append(
+                    f"| live callback (every step), step with probe | {name} (GRPO fit) | {live['ours_s']:.3f} s "
+                    f"(+{live['overhead_s']:.3f} s{own}) | GRPO step {live['ref_s']:.3f} s | {live['ratio']:.2f}x | "
+                    "- | - |"
+                )
             else:
                 rows.append(f"| live callback, per probed step | {name} | not measured ({live['why']}) | | | | |")
     mem = result.get("memory") or []
     if mem:
-        rows += ["", "| model | params | weights | logits [32, T, V] f32 | teacher forcing, no grad | sweep point | fwd+bwd |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
+        rows += [
+            "",
+            "| model | params | weights | logits [32, T, V] f32 | teacher forcing, no grad | sweep point | fwd+bwd |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         for m in mem:
             if "error" in m:
                 rows.append(f"| {m['name']} | failed: {m['error']} | | | | | |")
                 continue
-            rows.append(f"| {m['name']} (E {m['E'][0]} x {m['E'][1]}) | {m['params'] / 1e6:.2f}M | {m['weights_mib']:.0f} MiB | "
-                        f"{m['logits_mib']:.1f} MiB | +{m['teacher_force_nograd_mib']:.0f} MiB | +{m['sweep_point_mib']:.0f} MiB | "
-                        f"+{m['forward_backward_mib']:.0f} MiB |")
+            rows.append(
+                f"| {m['name']} (E {m['E'][0]} x {m['E'][1]}) | {m['params'] / 1e6:.2f}M | {m['weights_mib']:.0f} "
+                "MiB | "
+                f"{m['logits_mib']:.1f} MiB | +{m['teacher_force_nograd_mib']:.0f} MiB | +{m['sweep_point_mib']:.0f} "
+                "MiB | "
+                f"+{m['forward_backward_mib']:.0f} MiB |"
+            )
     return "\n".join(rows)
 
 
@@ -529,16 +711,29 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--repeats-toy", type=int, default=9, help="rounds for the (fast) toy policy")
     ap.add_argument("--repeats-large", type=int, default=3, help="rounds for P2 at N > 64 (Llama)")
     ap.add_argument("--Ns", type=int, nargs="+", default=[16, 64, 256], help="update-batch sizes of P2")
-    ap.add_argument("--large-eval", type=int, default=1024, help="toy only: P2 again with E of this many sequences (0: skip)")
+    ap.add_argument(
+        "--large-eval", type=int, default=1024, help="toy only: P2 again with E of this many sequences (0: skip)"
+    )
     ap.add_argument("--memory-sizes", nargs="*", default=["toy", "llama-6m", "llama-22m", "llama-91m"])
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the Llama policies")
-    ap.add_argument("--threads-toy", type=int, default=1,
-                    help="torch threads for the toy policy (its config's 1: tiny ops on 2 threads of a busy 2-core box spin-wait)")
+    ap.add_argument(
+        "--threads-toy",
+        type=int,
+        default=1,
+        help="torch threads for the toy policy (its config's 1: tiny ops on 2 threads of a busy 2-core box spin-wait)",
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: toy only, 1 repeat, N = 16, toy memory")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/<date>-<time>-<device>-<cores>cores.json)")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/<date>-<time>-<device>-<cores>cores.json)",
+    )
     ap.add_argument(_MEM_CHILD, default=None, help=argparse.SUPPRESS)
     ap.add_argument(_LIVE_CHILD, type=int, default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--live-steps", type=int, default=6, help="toy GRPO steps per live-callback fit (the first is dropped)")
+    ap.add_argument(
+        "--live-steps", type=int, default=6, help="toy GRPO steps per live-callback fit (the first is dropped)"
+    )
     args = ap.parse_args(argv)
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child)))
@@ -552,8 +747,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         args.memory_sizes, args.large_eval, args.live_steps = ["toy"], 256, 3
     load_before = os.getloadavg()
     started = time.time()
-    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": _machine(), "load_before": load_before,
-                    "policies": {}, "notes": []}
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": _machine(),
+        "load_before": load_before,
+        "policies": {},
+        "notes": [],
+    }
     stem = f"{time.strftime('%Y-%m-%d-%H%M')}-{result['machine']['device']}-{result['machine']['cores']}cores"
     out = args.out or HERE / "results" / (stem + ("-quick" if args.quick else "") + ".json")
 
@@ -569,14 +769,21 @@ def main(argv: list[str] | None = None) -> dict | None:
         reps = args.repeats_toy if name == "toy" else args.repeats
         r: dict = {"policy": pol.describe(), "threads": threads, "load_start": os.getloadavg()}
         result["policies"][name] = r
-        update = reconstruct_update(pol.model, pol.optimizer, pol.U, pol.loss, max_grad_norm=1.0)
-        base = base_statistics(pol.model, pol.E, with_entropy=True)
+        update = reconstruct_update(pol.model, pol.optimizer, pol.U, pol.loss, CLIPPED)
+        base = base_statistics(pol.model, pol.E, ENTROPY)
         r["P1"] = bench_p1(pol, update, base, reps)
-        print(f"  [{name}] P1: sweep {r['P1']['ours_s']:.3f}s vs plain {r['P1']['ref_s']:.3f}s, ratio {r['P1']['ratio']:.3f} "
-              f"(logprob only {r['P1']['ratio_logprob']:.3f}, no override {r['P1']['ratio_no_override']:.3f})", flush=True)
+        print(
+            f"  [{name}] P1: sweep {r['P1']['ours_s']:.3f}s vs plain {r['P1']['ref_s']:.3f}s, ratio "
+            f"{r['P1']['ratio']:.3f} "
+            f"(logprob only {r['P1']['ratio_logprob']:.3f}, no override {r['P1']['ratio_no_override']:.3f})",
+            flush=True,
+        )
         r["P3"] = bench_p3(pol, reps)
-        print(f"  [{name}] P3: reconstruction {r['P3']['ours_s']:.3f}s vs train step {r['P3']['ref_s']:.3f}s, "
-              f"ratio {r['P3']['ratio']:.2f}", flush=True)
+        print(
+            f"  [{name}] P3: reconstruction {r['P3']['ours_s']:.3f}s vs train step {r['P3']['ref_s']:.3f}s, "
+            f"ratio {r['P3']['ratio']:.2f}",
+            flush=True,
+        )
         save()
         r["P2"] = bench_p2(pol, pol.E, args.Ns, reps, args.repeats_large if name != "toy" else reps, 5)
         save()
@@ -599,10 +806,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     result["table_markdown"] = text
     save()
     print()
-    print(f"{result['date']}, {result['machine']['cpu']} ({result['machine']['cores']} cores; torch threads: toy {args.threads_toy}, "
-          f"Llama {args.threads}), "
-          f"torch {result['machine']['torch']}, commit {result['machine']['commit']}, load average before "
-          f"{load_before[0]:.2f} / after {result['load_after'][0]:.2f}, {result['wall_s'] / 60:.1f} min")
+    print(
+        f"{result['date']}, {result['machine']['cpu']} ({result['machine']['cores']} cores; torch threads: toy "
+        f"{args.threads_toy}, "
+        f"Llama {args.threads}), "
+        f"torch {result['machine']['torch']}, commit {result['machine']['commit']}, load average before "
+        f"{load_before[0]:.2f} / after {result['load_after'][0]:.2f}, {result['wall_s'] / 60:.1f} min"
+    )
     print(text)
     print(f"wrote {out}")
     return result

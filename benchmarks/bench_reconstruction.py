@@ -7,6 +7,7 @@ computes it) -> backward -> AdamW.step(). Reconstruction is ``probe.update.recon
 on the same batch (one forward+backward plus elementwise AdamW math). Target: ratio <= 1.5.
 Also timed, for information: all N per-sequence inner products <w, v_i> by one JVP pass.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,11 +21,25 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from probe.batch import collate
 from probe.logprobs import teacher_force
 from probe.losses import LossConfig, normalisers, per_sequence_loss
-from probe.update import per_sequence_inner_products, reconstruct_update
+from probe.update import ReconstructionConfig, per_sequence_inner_products, reconstruct_update
 
 SIZES = {
-    "tiny": dict(vocab_size=24, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2),
-    "20m": dict(vocab_size=8192, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8),
+    "tiny": dict(
+        vocab_size=24,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),
+    "20m": dict(
+        vocab_size=8192,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    ),
 }
 
 
@@ -53,7 +68,7 @@ def make_batch(vocab: int, n: int = 32, prompt: int = 16, total: int = 64):
 def train_step(model, optimizer, batch, loss: LossConfig) -> None:
     optimizer.zero_grad(set_to_none=True)
     norm = normalisers(batch.target_mask, loss)
-    stats = teacher_force(model, batch, temperature=loss.temperature)
+    stats = teacher_force(model, batch, forcing=loss.forcing())
     per_sequence_loss(stats.logprobs, stats.mask, batch.advantages, norm, loss).sum().backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
@@ -101,7 +116,9 @@ def main() -> None:
         holder = {}
         t_train, t_rec, ratio = paired(
             lambda: train_step(trainer_model, trainer_opt, batch, loss),
-            lambda: holder.update(u=reconstruct_update(model, optimizer, batch, loss, max_grad_norm=1.0)),
+            lambda: holder.update(
+                u=reconstruct_update(model, optimizer, batch, loss, ReconstructionConfig(max_grad_norm=1.0))
+            ),
             args.repeats,
         )
         w = holder["u"].full

@@ -83,9 +83,14 @@ class SNISAggregation(pl.Callback):
         return self.metrics[k]
 
     def on_predict_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: dict[str, np.ndarray], batch: Any,
-        batch_idx: int, dataloader_idx: int = 0,
-    ) -> None:  # fmt: skip
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: dict[str, np.ndarray],
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         layout = run_state_of(trainer).require("plan").row_layout()
         if sorted(outputs) != list(layout):
             raise RuntimeError(f"predict_step returned columns {sorted(outputs)}, expected {list(layout)}")

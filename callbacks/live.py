@@ -85,7 +85,9 @@ class LiveEvalSettings:
 
     path: str = ""
     source: PromptSource = field(default_factory=lambda: PromptSource(prompts="toy", n_prompts=32, offset=1000, seed=0))
-    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(n_per_prompt=8, max_new_tokens=4, seed=1))
+    sampling: SamplingSettings = field(
+        default_factory=lambda: SamplingSettings(n_per_prompt=8, max_new_tokens=4, seed=1)
+    )
     refresh: bool = True
     realised_n_per_prompt: int | None = None
     batch_size: int = 256
@@ -120,7 +122,8 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     inner = unwrap_optimizer(optimizer)
     if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
         raise TypeError(
-            f"LiveEntropyProbe reconstructs torch.optim.Adam/AdamW steps, the run uses {type(inner or optimizer).__name__}; "
+            "LiveEntropyProbe reconstructs torch.optim.Adam/AdamW steps, the run uses "
+            f"{type(inner or optimizer).__name__}; "
             "train with AdamW (or detach the callback)"
         )
     return inner
@@ -181,15 +184,19 @@ class LiveEntropyProbe(pl.Callback):
             return
         if not isinstance(pl_module, LiveProbeTarget):
             raise TypeError(
-                f"{type(pl_module).__name__} does not implement probe.live_contract.LiveProbeTarget (policy, tokenizer, "
+                f"{type(pl_module).__name__} does not implement probe.live_contract.LiveProbeTarget (policy, "
+                "tokenizer, "
                 "probed_step()): LiveEntropyProbe reads the step's update batch and loss from it. Fix: implement it "
                 "(README.md shows a minimal module) or train with probe.grpo.GRPOModule"
             )
         if not pl_module.automatic_optimization:
-            raise ValueError("LiveEntropyProbe needs automatic optimisation (the step is read in on_before_optimizer_step)")
+            raise ValueError(
+                "LiveEntropyProbe needs automatic optimisation (the step is read in on_before_optimizer_step)"
+            )
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
-                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: the probe needs the whole U of a step in one "
+                f"accumulate_grad_batches={trainer.accumulate_grad_batches}: the probe needs the whole U of a step "
+                "in one "
                 "training_step; set it to 1 (put the whole batch in each step)"
             )
         if trainer.gradient_clip_val and trainer.gradient_clip_algorithm not in (None, "norm"):
@@ -202,11 +209,17 @@ class LiveEntropyProbe(pl.Callback):
             self.run_dir = self._resolve_run_dir(trainer, pl_module)
             self.run_dir.mkdir(parents=True, exist_ok=True)
             settings = {
-                "every_n_steps": self.every_n_steps, "start_step": self.start_step, "eval": asdict(self.eval_settings),
-                "integrand": self.integrand, "eta_factors": self.eta_factors, "second_order": self.second_order,
-                "attribution": self.attribution, "verify": self.verify, "realised": self.realised,
+                "every_n_steps": self.every_n_steps,
+                "start_step": self.start_step,
+                "eval": asdict(self.eval_settings),
+                "integrand": self.integrand,
+                "eta_factors": self.eta_factors,
+                "second_order": self.second_order,
+                "attribution": self.attribution,
+                "verify": self.verify,
+                "realised": self.realised,
                 "world_size": trainer.world_size,
-            }  # fmt: skip
+            }
             (self.run_dir / "settings.json").write_text(json.dumps(settings, indent=2, default=str))
 
     def _resolve_run_dir(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Path:
@@ -258,9 +271,13 @@ class LiveEntropyProbe(pl.Callback):
         device = next(policy.parameters()).device
         sampling = replace(self.eval_settings.sampling, n_per_prompt=n_per_prompt)
         records = sample_responses(
-            policy, self._prompts, sampling, eos_token_id=self._eos, pad_token_id=self._pad,
+            policy,
+            self._prompts,
+            sampling,
+            eos_token_id=self._eos,
+            pad_token_id=self._pad,
             generator=torch.Generator(device=device).manual_seed(seed),
-        )  # fmt: skip
+        )
         return collate(records, pad_token_id=self._pad)
 
     def _statistics(self, policy: torch.nn.Module, E: SequenceBatch) -> SequenceStats:
@@ -324,9 +341,16 @@ class LiveEntropyProbe(pl.Callback):
         max_norm = float(clip) if clip is not None and clip > 0 else None
         try:
             update = update_from_gradients(
-                named, grads, state, max_norm, loss=probed.loss, normalisers=norm, autocast_dtype=autocast,
-                grad_scale=None if scaler is None else float(scaler.get_scale()), head_dtype=probed.head_dtype,
-            )  # fmt: skip
+                named,
+                grads,
+                state,
+                max_norm,
+                loss=probed.loss,
+                normalisers=norm,
+                autocast_dtype=autocast,
+                grad_scale=None if scaler is None else float(scaler.get_scale()),
+                head_dtype=probed.head_dtype,
+            )
         except ValueError as e:  # no or non-finite gradients (e.g. a GradScaler step that will be skipped)
             log.warning("live probe: step %d not reconstructed: %s", step, e)
             return
@@ -345,7 +369,9 @@ class LiveEntropyProbe(pl.Callback):
         settings, step, update = self.eval_settings, pending.step, pending.update
         tau = settings.sampling.temperature
         if settings.refresh:
-            E = self._sample(policy, settings.sampling.n_per_prompt, derived_seed("live", settings.sampling.seed, step, "eval"))
+            E = self._sample(
+                policy, settings.sampling.n_per_prompt, derived_seed("live", settings.sampling.seed, step, "eval")
+            )
             E_batch = EvalBatch(name="eval_00", batch=E, temperature=tau)
         else:
             E, at_sampling = self._held
@@ -358,8 +384,10 @@ class LiveEntropyProbe(pl.Callback):
         pending.record.update(plan=plan.describe(), eval=result.to_dict())
         if "attributions" in result.arrays:
             pending.record["attributions"] = {
-                "index": U.index.tolist(), "group": [_plain(g) for g in U.group], "values": result.arrays["attributions"].tolist(),
-            }  # fmt: skip
+                "index": U.index.tolist(),
+                "group": [_plain(g) for g in U.group],
+                "values": result.arrays["attributions"].tolist(),
+            }
         lap("probe")
         if self.realised:
             if settings.refresh:
@@ -371,8 +399,9 @@ class LiveEntropyProbe(pl.Callback):
                 lap("sample_old")
 
     # ---- after the step: verify and measure ------------------------------------------------
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         pending, self._pending = self._pending, None
         if pending is None:
             return
@@ -409,8 +438,10 @@ class LiveEntropyProbe(pl.Callback):
     def _warn_if_off(self, step: int, worst: float, check: dict) -> None:
         if worst > 1.0:
             message = (
-                f"live probe: at step {step} the parameters moved {worst:.3g} rounding units away from the reconstructed "
-                f"step (worst: {check['worst_parameter']}, |error| {check['max_abs_error']:.3g}); the optimizer step is not "
+                f"live probe: at step {step} the parameters moved {worst:.3g} rounding units away from the "
+                "reconstructed "
+                f"step (worst: {check['worst_parameter']}, |error| {check['max_abs_error']:.3g}); the optimizer step "
+                "is not "
                 "the AdamW step of the module's loss: check the module's probed_step() (batch, loss, normalisers), "
                 "gradient clipping, and that nothing else changes parameters or gradients between backward and step"
             )
@@ -461,8 +492,12 @@ class LiveEntropyProbe(pl.Callback):
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="live/entropy", images=[str(path)])
         overhead = self.overhead_seconds()
-        log.info("live probe: %d probed steps, %.3f s per probed step on average; records in %s", len(overhead),
-                 sum(overhead) / len(overhead), self.run_dir)  # fmt: skip
+        log.info(
+            "live probe: %d probed steps, %.3f s per probed step on average; records in %s",
+            len(overhead),
+            sum(overhead) / len(overhead),
+            self.run_dir,
+        )
 
     def overhead_seconds(self) -> list[float]:
         """The callback's own time per probed step (``timings.total_s`` of each record)."""

@@ -18,16 +18,21 @@ class SweepProgress(pl.Callback):
     def __init__(self) -> None:
         self.bar: tqdm | None = None
 
-    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int,
-                               dataloader_idx: int = 0) -> None:  # fmt: skip
+    def on_predict_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if self.bar is not None:
             return
         state = run_state_of(trainer)
         total = sum(trainer.num_predict_batches) * state.require("plan").passes_per_batch
         self.bar = tqdm(
-            total=total, desc="probe: parts x etas x batches", unit="pass", dynamic_ncols=True,
-            disable=trainer.global_rank != 0, bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}]",
-        )  # fmt: skip
+            total=total,
+            desc="probe: parts x etas x batches",
+            unit="pass",
+            dynamic_ncols=True,
+            disable=trainer.global_rank != 0,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total} [{elapsed}<{remaining}]",
+        )
         state.progress = self.bar.update
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -49,9 +49,15 @@ class UpdateReconstruction(pl.Callback):
         log.info(
             "update: lr %.3g, |full| %.4g, |baseline| %.4g, |grad| %.4g, clip coef %.4g (||g|| = %.4g), %d sequences, "
             "%d tokens",
-            update.lr, update.norms["full"], update.norms["baseline"], update.norms["grad"], update.clip_coef,
-            update.grad_norm, update.n_sequences, update.n_tokens,
-        )  # fmt: skip
+            update.lr,
+            update.norms["full"],
+            update.norms["baseline"],
+            update.norms["grad"],
+            update.clip_coef,
+            update.grad_norm,
+            update.n_sequences,
+            update.n_tokens,
+        )
         if trainer.global_rank == 0 and settings.probe.save_update:
             update.save(state.require("run_dir").path / "update.safetensors")
 
@@ -65,7 +71,10 @@ def broadcast_update(update: Update | None, trainer: pl.Trainer, device: torch.d
     header = None
     if trainer.global_rank == 0:
         header = {
-            "shapes": {part: {n: (tuple(t.shape), str(t.dtype)) for n, t in getattr(update, part).items()} for part in TENSOR_PARTS},
+            "shapes": {
+                part: {n: (tuple(t.shape), str(t.dtype)) for n, t in getattr(update, part).items()}
+                for part in TENSOR_PARTS
+            },
             "update": Update(**{**vars(update), **{part: {} for part in TENSOR_PARTS}}),
         }
     header = trainer.strategy.broadcast(header, src=0)

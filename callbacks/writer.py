@@ -26,7 +26,13 @@ class RunWriter(pl.Callback):
     """Write the run directory (rank 0) once the aggregation is done."""
 
     def on_predict_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         """Stop after the batch whose results were just saved when SIGTERM arrived (Lightning only records
         the signal during predict, so without this a terminated run would go on to the end)."""
@@ -37,15 +43,23 @@ class RunWriter(pl.Callback):
             where = run_dir.path if run_dir is not None else "the run directory"
             log.warning(
                 "stopped by SIGTERM after batch %d of eval_%02d; finished batches are kept in %s/partial. "
-                "Fix: rerun the same command (same run.name) to resume", batch_idx, dataloader_idx, where,
-            )  # fmt: skip
+                "Fix: rerun the same command (same run.name) to resume",
+                batch_idx,
+                dataloader_idx,
+                where,
+            )
             raise SIGTERMException(128 + 15)  # the exit status of a process ended by SIGTERM
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0:
             return
         state = run_state_of(trainer)
-        evals, plan, update, run_dir = state.require("result"), state.require("plan"), state.require("update"), state.require("run_dir")
+        evals, plan, update, run_dir = (
+            state.require("result"),
+            state.require("plan"),
+            state.require("update"),
+            state.require("run_dir"),
+        )
         for k, ev in enumerate(evals):
             folder = run_dir.eval_dir(k)
             for path, array in ev.arrays.items():
@@ -62,8 +76,11 @@ class RunWriter(pl.Callback):
                 if low:
                     log.warning(
                         "%s/%s: ESS below 10%% of the samples at eta = %s; the SNIS estimate there is unreliable "
-                        "(use smaller etas or a larger E)", ev.name, part, ", ".join(low),
-                    )  # fmt: skip
+                        "(use smaller etas or a larger E)",
+                        ev.name,
+                        part,
+                        ", ".join(low),
+                    )
         state.timings["total_s"] = time.perf_counter() - state.started
         summary = run_summary(
             plan,

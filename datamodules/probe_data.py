@@ -34,7 +34,7 @@ class UpdateBatchSettings:
     """The update batch U.
 
     Args:
-        path: a rollout file (JSONL or Parquet, DESIGN section 6) to read U from; empty: sample it.
+        path: a rollout file (JSONL or Parquet, docs/DESIGN.md section 9) to read U from; empty: sample it.
         source: prompts to sample from (when ``path`` is empty).
         sampling: sampling settings (G = ``n_per_prompt`` responses per prompt).
         reward: ``toy``, ``gsm8k`` or ``package.module:function`` (reward(prompt, response[, answer])).
@@ -69,7 +69,9 @@ class EvalBatchSettings:
 
     path: str = ""
     source: PromptSource = field(default_factory=lambda: PromptSource(offset=1000))
-    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(n_per_prompt=16, max_new_tokens=4, seed=1))
+    sampling: SamplingSettings = field(
+        default_factory=lambda: SamplingSettings(n_per_prompt=16, max_new_tokens=4, seed=1)
+    )
     allow_truncated_sampling: bool = False
 
     def __post_init__(self) -> None:
@@ -77,7 +79,8 @@ class EvalBatchSettings:
         if s.truncated and not self.allow_truncated_sampling:
             raise ValueError(
                 f"evaluation batch sampled with top_p={s.top_p}, top_k={s.top_k}: the entropy would be of another "
-                "distribution than the policy's. Fix: remove top_p/top_k for E, or set allow_truncated_sampling=true knowingly"
+                "distribution than the policy's. Fix: remove top_p/top_k for E, or set allow_truncated_sampling=true "
+                "knowingly"
             )
 
 
@@ -116,10 +119,16 @@ class ProbeDataModule(pl.LightningDataModule):
         s = self.update_settings
         prompts, answers = load_prompts(s.source, tokenizer)
         return sample_update_batch(
-            policy, prompts, s.sampling, reward_fn=ids_reward_from_text(resolve_reward(s.reward), tokenizer, answers),
-            tokenizer=tokenizer, normalize_std=s.normalize_std, filter_zero_advantage_prompts=s.filter_zero_advantage_prompts,
-            max_resample_attempts=s.max_resample_attempts, zero_tol=s.zero_tol,
-        )  # fmt: skip
+            policy,
+            prompts,
+            s.sampling,
+            reward_fn=ids_reward_from_text(resolve_reward(s.reward), tokenizer, answers),
+            tokenizer=tokenizer,
+            normalize_std=s.normalize_std,
+            filter_zero_advantage_prompts=s.filter_zero_advantage_prompts,
+            max_resample_attempts=s.max_resample_attempts,
+            zero_tol=s.zero_tol,
+        )
 
     @staticmethod
     def _sample_eval(settings: EvalBatchSettings, policy: torch.nn.Module, tokenizer: Any) -> list[dict]:
@@ -162,11 +171,19 @@ class ProbeDataModule(pl.LightningDataModule):
         rollouts = run_dir.path / "rollouts"
         if trainer.global_rank == 0:
             policy.to(trainer.strategy.root_device)
-            self._materialise(rollouts / "update.jsonl", self.update_settings,
-                              lambda: self._sample_update(policy, tokenizer), vocab_size)  # fmt: skip
+            self._materialise(
+                rollouts / "update.jsonl",
+                self.update_settings,
+                lambda: self._sample_update(policy, tokenizer),
+                vocab_size,
+            )
             for k, settings in enumerate(self.eval_settings):
-                self._materialise(rollouts / f"eval_{k:02d}.jsonl", settings,
-                                  partial(self._sample_eval, settings, policy, tokenizer), vocab_size)  # fmt: skip
+                self._materialise(
+                    rollouts / f"eval_{k:02d}.jsonl",
+                    settings,
+                    partial(self._sample_eval, settings, policy, tokenizer),
+                    vocab_size,
+                )
         trainer.strategy.barrier("probe-rollouts")
         update = list(read_rollouts(rollouts / "update.jsonl", vocab_size=vocab_size))
         if any(r.get("advantage") is None for r in update):
@@ -196,15 +213,23 @@ class ProbeDataModule(pl.LightningDataModule):
         if truncated and not settings.allow_truncated_sampling:
             raise ValueError(
                 f"{path}: {len(truncated)} evaluation sequences were sampled with top-p/top-k truncation; the entropy "
-                "would be of another distribution. Fix: sample E without top_p/top_k, or set allow_truncated_sampling=true knowingly"
+                "would be of another distribution. Fix: sample E without top_p/top_k, or set "
+                "allow_truncated_sampling=true knowingly"
             )
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.inputs is None:
-            raise RuntimeError("ProbeDataModule.setup has not run: the predict dataloaders come from the rollouts it reads")
+            raise RuntimeError(
+                "ProbeDataModule.setup has not run: the predict dataloaders come from the rollouts it reads"
+            )
         loaders = [
-            DataLoader(records, batch_size=self.eval_batch_size, shuffle=False, num_workers=self.num_workers,
-                       collate_fn=partial(_indexed_collate, pad_token_id=self.inputs.pad_token_id))
+            DataLoader(
+                records,
+                batch_size=self.eval_batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                collate_fn=partial(_indexed_collate, pad_token_id=self.inputs.pad_token_id),
+            )
             for records in self.inputs.eval_records
-        ]  # fmt: skip
+        ]
         return loaders[0] if len(loaders) == 1 else loaders

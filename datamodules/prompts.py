@@ -7,6 +7,7 @@ whatever the number of processes, and a DDP run sees the global batches of a one
 Batches are dicts: ``prompt_ids`` (list of token-id lists), ``index`` (stream positions, the
 prompt group labels) and ``answer`` (reference answers or None).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -78,7 +79,9 @@ class PromptDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         tokenizer = getattr(self.trainer.lightning_module, "tokenizer", None) if self.trainer is not None else None
         if tokenizer is None and self.source.prompts != "toy":
-            raise ValueError("prompt files are tokenised with the module's tokenizer; the LightningModule has no `tokenizer`")
+            raise ValueError(
+                "prompt files are tokenised with the module's tokenizer; the LightningModule has no `tokenizer`"
+            )
         prompts, answers = load_prompts(self.source, tokenizer)
         self.prompts = [list(map(int, p)) for p in prompts]
         self.answers = [answers.get(tuple(p)) for p in prompts]

@@ -1,4 +1,4 @@
-"""Rollout files: read, validate and write the sequences of U and E (DESIGN section 6).
+"""Rollout files: read, validate and write the sequences of U and E (docs/DESIGN.md section 9).
 
 A rollout file holds one sequence per record, as JSON lines (``.jsonl``, ``.json``,
 ``.ndjson``: one JSON object a line) or Parquet (``.parquet``, ``.pq``). Fields:
@@ -13,6 +13,7 @@ Every error names the file, the line (JSONL, counted from 1 as editors do) or ro
 (Parquet, counted from 0 as pyarrow does), the problem and the fix. Writing is atomic
 (temporary file, then ``os.replace``): a file that exists is a complete file.
 """
+
 from __future__ import annotations
 
 import json
@@ -108,7 +109,7 @@ def _check_token_ids(record: dict, name: str, where: str, vocab_size: int | None
     if ids is None:
         raise ValueError(
             f"{where}: field {name!r} must be a list of token ids (int), got {type(record[name]).__name__}. "
-            f"Fix: store the tokenized ids, e.g. \"{name}\": [1, 2, 3]"
+            f'Fix: store the tokenized ids, e.g. "{name}": [1, 2, 3]'
         )
     if not set(map(type, ids)) <= {int}:  # fast path for plain ints; else the exact check
         bad = [t for t in ids if not _is_int(t)][:1]
@@ -256,9 +257,7 @@ def _read_jsonl(path: Path) -> RolloutRecords:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path}: not UTF-8 text ({err}). Fix: write the rollout file as UTF-8 JSON lines"
-        ) from None
+        raise ValueError(f"{path}: not UTF-8 text ({err}). Fix: write the rollout file as UTF-8 JSON lines") from None
     lines = text.split("\n")
     filled = [n for n, line in enumerate(lines) if line.strip()]
     last = filled[-1] if filled else -1

@@ -1,4 +1,5 @@
 """``python -m probe predict|fit --config ...`` (LightningCLI) and ``python -m probe analyze RUN_DIR``."""
+
 import sys
 
 if __name__ == "__main__":

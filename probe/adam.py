@@ -3,6 +3,7 @@
 State is tied to parameters by identity (live optimizer) or by the documented param-group
 order (files, see ``probe.optim_loading``), never by guessing; shapes are always checked.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -57,11 +58,15 @@ class AdamState:
         return list(self.hyper)
 
     def with_overrides(self, **overrides: Any) -> "AdamState":
-        """A copy with hyperparameters (lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled) replaced in every group."""
+        """A copy with hyperparameters (lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled) replaced in every
+        group."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
         unknown = set(overrides) - set(AdamHyper.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown optimizer hyperparameter(s) {sorted(unknown)}; allowed: {sorted(AdamHyper.__dataclass_fields__)}")
+            raise ValueError(
+                f"unknown optimizer hyperparameter(s) {sorted(unknown)}; allowed: "
+                f"{sorted(AdamHyper.__dataclass_fields__)}"
+            )
         return replace(self, hyper={n: replace(h, **overrides) for n, h in self.hyper.items()})
 
     @classmethod

@@ -19,6 +19,7 @@ Every function here is pure numpy on plain lists/arrays, shared by the command l
 and writes ``analysis.json`` and ``plots/linearity.png`` beside it (derived files: rewritten
 on every call; the run's own results are never touched).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -149,7 +150,9 @@ def loglog_fit(etas: Sequence[float] | np.ndarray, delta_h: Sequence[float] | np
         raise ValueError("delta_h must be finite and non-zero for a log-log fit; drop the points where it is not")
     signs = np.sign(y)
     if not (signs == signs[0]).all():
-        raise ValueError("delta_h changes sign over the fitted points; fit each sign separately (or only the linear regime)")
+        raise ValueError(
+            "delta_h changes sign over the fitted points; fit each sign separately (or only the linear regime)"
+        )
     lx, ly = np.log(x), np.log(np.abs(y))  # [n], [n]
     X = np.stack([lx, np.ones_like(lx)], axis=1)  # [n, 2]
     (slope, intercept), *_ = np.linalg.lstsq(X, ly, rcond=None)
@@ -163,8 +166,14 @@ def loglog_fit(etas: Sequence[float] | np.ndarray, delta_h: Sequence[float] | np
     if n >= 3 and sxx > 0:
         slope_se = math.sqrt(ss_res / (n - 2) / sxx)
     return LogLogFit(
-        slope=float(slope), intercept=float(intercept), r2=float(r2), slope_se=slope_se, n_points=n,
-        eta_min=float(x.min()), eta_max=float(x.max()), sign=int(signs[0]),
+        slope=float(slope),
+        intercept=float(intercept),
+        r2=float(r2),
+        slope_se=slope_se,
+        n_points=n,
+        eta_min=float(x.min()),
+        eta_max=float(x.max()),
+        sign=int(signs[0]),
     )
 
 
@@ -247,7 +256,10 @@ def analyse_part(
         slope, reference = float(first_order), "first_order"
     else:
         if not np.isfinite(dh[0]):
-            raise ValueError(f"part {part!r}: no first-order slope and Delta H at the smallest eta is not finite; nothing to compare with")
+            raise ValueError(
+                f"part {part!r}: no first-order slope and Delta H at the smallest eta is not finite; nothing to "
+                "compare with"
+            )
         slope, reference = float(dh[0] / eta[0]), "smallest_eta"
     gap, relative, in_se, agrees, reasons = first_order_agreement(eta, dh, s_e, slope, criteria)
     n_linear = int(np.argmin(agrees)) if not agrees.all() else len(agrees)  # the agreeing prefix
@@ -284,7 +296,9 @@ def _parts_of(summary: dict[str, Any], eval_index: int) -> tuple[dict[str, Any],
     evals = summary.get("evals")
     if evals:
         if not 0 <= eval_index < len(evals):
-            raise ValueError(f"the run has {len(evals)} evaluation batch(es); choose --eval between 0 and {len(evals) - 1}")
+            raise ValueError(
+                f"the run has {len(evals)} evaluation batch(es); choose --eval between 0 and {len(evals) - 1}"
+            )
         ev = evals[eval_index]
         return ev.get("parts", {}), ev.get("name", f"eval_{eval_index:02d}"), ev.get("n_sequences")
     if eval_index != 0:
@@ -336,7 +350,10 @@ def analyse_summary(
             raise ValueError(f"part {part!r} has no {dh_key!r} in summary.json; the run did not measure it")
         se_key = "se_per_token" if per_token else "se"
         out_parts[part] = analyse_part(
-            part, etas, res[dh_key], res.get(se_key),
+            part,
+            etas,
+            res[dh_key],
+            res.get(se_key),
             first_order=res.get(f"first_order{suffix}"),
             ess_fraction=res.get("ess_fraction"),
             linear_radius=res.get(f"linear_radius{suffix}"),
@@ -359,12 +376,17 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     """Parse ``RUN_DIR/summary.json`` with errors that say what to do."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise FileNotFoundError(f"run directory {run_dir} does not exist; pass a directory written by `python -m probe predict` (e.g. runs/<name>)")
+        raise FileNotFoundError(
+            f"run directory {run_dir} does not exist; pass a directory written by `python -m probe predict` (e.g. "
+            "runs/<name>)"
+        )
     path = run_dir / "summary.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{run_dir} has no summary.json, so it is not a probe run directory (or the run has not written its results yet); "
-            "pass a directory written by `python -m probe predict` (e.g. runs/<name>), or finish the run by rerunning it with the same run.name"
+            f"{run_dir} has no summary.json, so it is not a probe run directory (or the run has not written its "
+            "results yet); "
+            "pass a directory written by `python -m probe predict` (e.g. runs/<name>), or finish the run by "
+            "rerunning it with the same run.name"
         )
     try:
         return json.loads(path.read_text())
@@ -425,7 +447,11 @@ def markdown_table(analysis: dict[str, Any]) -> str:
         ess = "-"
         if dep is not None and r.get("ess_fraction"):
             ess = _fmt(r["ess_fraction"][r["n_linear"]], ".2f")
-        slope = "-" if fit is None else _fmt(fit["slope"], ".3f") + ("" if fit["slope_se"] is None else f" +- {fit['slope_se']:.3f}")
+        slope = (
+            "-"
+            if fit is None
+            else _fmt(fit["slope"], ".3f") + ("" if fit["slope_se"] is None else f" +- {fit['slope_se']:.3f}")
+        )
         ref = _fmt(r["reference_slope"], ".4g") + ("" if r["reference"] == "first_order" else " (from smallest eta)")
         lines.append(
             f"| {part} | {ref} | {_fmt(r['last_linear_eta'])} | "
@@ -453,8 +479,14 @@ def plot_linearity(analysis: dict[str, Any], path: str | Path) -> Path:
     from probe.plots import plt, save_figure
 
     has_ess = any(r.get("ess_fraction") for r in analysis["parts"].values())
-    fig, axes = plt.subplots(2 if has_ess else 1, 1, figsize=(6.8, 7.2 if has_ess else 4.6), sharex=True,
-                             gridspec_kw={"height_ratios": [3, 1.3]} if has_ess else None, squeeze=False)
+    fig, axes = plt.subplots(
+        2 if has_ess else 1,
+        1,
+        figsize=(6.8, 7.2 if has_ess else 4.6),
+        sharex=True,
+        gridspec_kw={"height_ratios": [3, 1.3]} if has_ess else None,
+        squeeze=False,
+    )
     ax = axes[0, 0]
     for k, (part, r) in enumerate(analysis["parts"].items()):
         color = f"C{k}"
@@ -464,22 +496,50 @@ def plot_linearity(analysis: dict[str, Any], path: str | Path) -> Path:
         mag = np.abs(dh)
         lower = np.minimum(np.nan_to_num(se), mag * 0.999)  # keep error bars above zero on a log axis
         pos, neg = dh > 0, dh < 0
-        ax.errorbar(eta[pos], mag[pos], yerr=[lower[pos], np.nan_to_num(se[pos])], fmt="o", color=color, capsize=2,
-                    label=f"{part}: |SNIS Delta H|")
-        ax.errorbar(eta[neg], mag[neg], yerr=[lower[neg], np.nan_to_num(se[neg])], fmt="o", mfc="none", color=color, capsize=2)
+        ax.errorbar(
+            eta[pos],
+            mag[pos],
+            yerr=[lower[pos], np.nan_to_num(se[pos])],
+            fmt="o",
+            color=color,
+            capsize=2,
+            label=f"{part}: |SNIS Delta H|",
+        )
+        ax.errorbar(
+            eta[neg], mag[neg], yerr=[lower[neg], np.nan_to_num(se[neg])], fmt="o", mfc="none", color=color, capsize=2
+        )
         s = r["reference_slope"]
         if s:
-            ax.plot(eta, np.abs(s) * eta, ":", color=color, alpha=0.8, label=f"{part}: |first order|" if r["reference"] == "first_order" else None)
+            ax.plot(
+                eta,
+                np.abs(s) * eta,
+                ":",
+                color=color,
+                alpha=0.8,
+                label=f"{part}: |first order|" if r["reference"] == "first_order" else None,
+            )
         fit = r["fit"]
         if fit is not None:
             x = np.geomspace(fit["eta_min"], fit["eta_max"], 20)
-            ax.plot(x, np.exp(fit["intercept"]) * x ** fit["slope"], "-", color=color, lw=2, alpha=0.6,
-                    label=f"{part}: fit slope {fit['slope']:.3f}, R^2 {fit['r2']:.4f}")
+            ax.plot(
+                x,
+                np.exp(fit["intercept"]) * x ** fit["slope"],
+                "-",
+                color=color,
+                lw=2,
+                alpha=0.6,
+                label=f"{part}: fit slope {fit['slope']:.3f}, R^2 {fit['r2']:.4f}",
+            )
         if r["departure_eta"] is not None:
             ax.axvline(r["departure_eta"], color=color, ls="--", lw=0.8, alpha=0.7)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    magnitudes = [abs(v) for r in analysis["parts"].values() for v in r["delta_h"] if v is not None and v != 0 and math.isfinite(v)]
+    magnitudes = [
+        abs(v)
+        for r in analysis["parts"].values()
+        for v in r["delta_h"]
+        if v is not None and v != 0 and math.isfinite(v)
+    ]
     if magnitudes:  # error bars reaching towards zero would otherwise stretch the log axis for decades
         ax.set_ylim(bottom=min(magnitudes) / 5)
     ax.set_ylabel(f"|Delta H| ({analysis['units']})")
@@ -521,8 +581,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=int, default=0, dest="eval_index", help="evaluation batch to analyse (default 0)")
     p.add_argument("--per-token", action="store_true", help="analyse the per-token entropy change")
     p.add_argument("--parts", nargs="+", default=None, help="parts to analyse (default: all)")
-    p.add_argument("--n-se", type=float, default=3.0, help="disagreement when the gap exceeds this many SEs (default 3)")
-    p.add_argument("--rel-tol", type=float, default=0.10, help="... or this fraction of the first-order prediction (default 0.1)")
+    p.add_argument(
+        "--n-se", type=float, default=3.0, help="disagreement when the gap exceeds this many SEs (default 3)"
+    )
+    p.add_argument(
+        "--rel-tol", type=float, default=0.10, help="... or this fraction of the first-order prediction (default 0.1)"
+    )
     p.add_argument("--no-write", action="store_true", help="print only; write no files")
     p.add_argument("--no-plot", action="store_true", help="write analysis.json but no plot")
     return p
@@ -535,8 +599,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         criteria = LinearityCriteria(n_se=args.n_se, rel_tol=args.rel_tol)
         analysis = analyse_run(
-            args.run_dir, eval_index=args.eval_index, per_token=args.per_token, parts=args.parts, criteria=criteria,
-            write=not args.no_write, plot=not args.no_plot,
+            args.run_dir,
+            eval_index=args.eval_index,
+            per_token=args.per_token,
+            parts=args.parts,
+            criteria=criteria,
+            write=not args.no_write,
+            plot=not args.no_plot,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"probe analyze: error: {e}", file=sys.stderr)

@@ -27,6 +27,7 @@ else the cheaper of ``reverse`` and ``forward``.
 :func:`per_sequence_exact` measures the entropy change along single v_i by SNIS (the slow,
 exact path), alone and in the mixed form H(theta + eta b + eta v_i) - H(theta + eta b).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -78,8 +79,12 @@ def eval_gradient(
     for chunk in batch.chunks(forcing.batch_size):
         chunk = chunk.to(device)
         if chunk.input_ids.is_inference():  # made under inference_mode (e.g. a predict loop): autograd cannot save it
-            chunk = replace(chunk, input_ids=chunk.input_ids.clone(), attention_mask=chunk.attention_mask.clone(),
-                            response_mask=chunk.response_mask.clone())
+            chunk = replace(
+                chunk,
+                input_ids=chunk.input_ids.clone(),
+                attention_mask=chunk.attention_mask.clone(),
+                response_mask=chunk.response_mask.clone(),
+            )
         with torch.enable_grad():
             ts = teacher_force(model, chunk, leaves, forcing)
             l = ts.sequence_logprobs  # [c]
@@ -163,8 +168,13 @@ def attribute(
         slope = first_order(derivs, integrand).slope
         gap = abs(total - slope) / max(abs(slope), 1e-300)
     return Attribution(
-        integrand=integrand, n_update=len(update_batch), n_eval=M, total=total,
-        first_order_grad=slope, relative_gap=gap, attributions=a,
+        integrand=integrand,
+        n_update=len(update_batch),
+        n_eval=M,
+        total=total,
+        first_order_grad=slope,
+        relative_gap=gap,
+        attributions=a,
     )
 
 
@@ -240,10 +250,12 @@ def _matrix_from_per_sample_gradients(
 ) -> Tensor:  # [M, N]
     """S = ((h - hbar) * (G_l V^T) + G_h V^T) / M with per-sequence gradients G_l, G_h of E and V of U."""
     names = list(update.scale)
-    V = torch.stack([  # [N, P] v_i flattened
-        torch.cat([v_i[n].reshape(-1).double() for n in names])
-        for _, v_i in per_sequence_directions(model, update, update_batch, chunk_size=eval_chunk)
-    ])
+    V = torch.stack(
+        [  # [N, P] v_i flattened
+            torch.cat([v_i[n].reshape(-1).double() for n in names])
+            for _, v_i in per_sequence_directions(model, update, update_batch, chunk_size=eval_chunk)
+        ]
+    )
     named = dict(model.named_parameters())
     leaves = {n: named[n].detach().clone().requires_grad_(True) for n in names}  # fresh leaves, never .grad
     device = V.device
@@ -256,12 +268,24 @@ def _matrix_from_per_sample_gradients(
             h = -l if integrand == "logprob" else ts.sequence_entropies  # [c]
             c = l.shape[0]
             eye = torch.eye(c, dtype=l.dtype, device=l.device)
-            grads = torch.autograd.grad(torch.cat([l, h]), list(leaves.values()), allow_unused=True, is_grads_batched=True,
-                                        grad_outputs=torch.block_diag(eye, eye))  # each [2c, *p.shape]
-        flat = torch.cat([  # [2c, P]
-            (torch.zeros(2 * c, leaves[n].numel(), dtype=torch.float64) if g is None else g.reshape(2 * c, -1).double())
-            for n, g in zip(names, grads)
-        ], dim=1).to(device)
+            grads = torch.autograd.grad(
+                torch.cat([l, h]),
+                list(leaves.values()),
+                allow_unused=True,
+                is_grads_batched=True,
+                grad_outputs=torch.block_diag(eye, eye),
+            )  # each [2c, *p.shape]
+        flat = torch.cat(
+            [  # [2c, P]
+                (
+                    torch.zeros(2 * c, leaves[n].numel(), dtype=torch.float64)
+                    if g is None
+                    else g.reshape(2 * c, -1).double()
+                )
+                for n, g in zip(names, grads)
+            ],
+            dim=1,
+        ).to(device)
         Gl, Gh = flat[:c], flat[c:]  # [c, P]
         rows.append(((h.detach().double().to(device) - hbar)[:, None] * (Gl @ V.T) + Gh @ V.T) / M)  # [c, N]
     return torch.cat(rows).cpu()
@@ -280,7 +304,10 @@ class PerSequenceExact:
     mixed: dict[str, list[SNISResult]] | None  # H(theta + eta b + eta v_i) - H(theta + eta b)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"index": self.index, "alone": {k: [r.to_dict() for r in v] for k, v in self.alone.items()}}
+        out: dict[str, Any] = {
+            "index": self.index,
+            "alone": {k: [r.to_dict() for r in v] for k, v in self.alone.items()},
+        }
         if self.mixed is not None:
             out["mixed"] = {k: [r.to_dict() for r in v] for k, v in self.mixed.items()}
         return out
@@ -317,9 +344,13 @@ def per_sequence_exact(
     def estimates(swept: Sweep, part: str) -> dict[str, list[SNISResult]]:
         return {name: snis_estimates(swept, part, integrand=name, config=config, groups=groups) for name in integrands}
 
-    on_baseline = estimates(sweep(model, eval_batch, {"b": update.baseline}, etas, forcing, base=base), "b") if mixed else None
+    on_baseline = (
+        estimates(sweep(model, eval_batch, {"b": update.baseline}, etas, forcing, base=base), "b") if mixed else None
+    )
     out = []
-    for i, v_i in per_sequence_directions(model, update, update_batch, indices=list(indices), chunk_size=direction_chunk_size):
+    for i, v_i in per_sequence_directions(
+        model, update, update_batch, indices=list(indices), chunk_size=direction_chunk_size
+    ):
         directions: dict[str, Mapping[str, Tensor]] = {"v": v_i}
         if mixed:
             directions["b+v"] = {n: b + v_i[n].to(b) if n in v_i else b for n, b in update.baseline.items()}
@@ -328,6 +359,8 @@ def per_sequence_exact(
         both = None
         if mixed:
             with_b = estimates(swept, "b+v")
-            both = {name: [snis_difference(x, y) for x, y in zip(with_b[name], on_baseline[name])] for name in integrands}
+            both = {
+                name: [snis_difference(x, y) for x, y in zip(with_b[name], on_baseline[name])] for name in integrands
+            }
         out.append(PerSequenceExact(index=i, alone=alone, mixed=both))
     return out

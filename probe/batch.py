@@ -1,6 +1,6 @@
 """Sequences (prompt + response) as padded tensors: the one batch type every part of probe uses.
 
-A rollout *record* is a dict following the rollout-file contract (DESIGN section 6):
+A rollout *record* is a dict following the rollout-file contract (docs/DESIGN.md section 9):
 ``prompt_ids``, ``response_ids``, ``group`` and optionally ``advantage``, ``reward``,
 ``old_logprobs`` (one per response token), ``prompt``, ``response`` and any metadata.
 
@@ -8,6 +8,7 @@ Token alignment used everywhere: position ``t`` of a ``[B, T-1]`` per-token tens
 ``targets[:, t] = input_ids[:, t + 1]`` given the prefix ``input_ids[:, : t + 1]``;
 ``target_mask`` is True where that target is a response token.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace

@@ -1,4 +1,5 @@
 """``python -m probe predict|fit --config ...`` through LightningCLI."""
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,9 @@ class SaveRunConfig(SaveConfigCallback):
         """Called by Lightning on rank 0 only, after the DataModule's setup opened the run directory."""
         run_dir = pl_module.run_directory() if hasattr(pl_module, "run_directory") else None
         if run_dir is not None:
-            self.parser.save(self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True,
-                             multifile=False)  # fmt: skip
+            self.parser.save(
+                self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True, multifile=False
+            )
 
 
 def check_gpu_request(trainer_cfg) -> None:
@@ -37,7 +39,8 @@ def check_gpu_request(trainer_cfg) -> None:
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if available == 0:
         raise ValueError(
-            f"--trainer.accelerator {accelerator} asks for a GPU but torch sees none on this machine (torch {torch.__version__}, "
+            f"--trainer.accelerator {accelerator} asks for a GPU but torch sees none on this machine (torch "
+            f"{torch.__version__}, "
             f"CUDA build: {torch.version.cuda or 'none'}). Fix: run on CPU with --trainer.accelerator cpu (or auto), "
             "or on a machine with a CUDA GPU and a CUDA build of torch"
         )
@@ -75,8 +78,11 @@ class ProbeCLI(LightningCLI):
         check_gpu_request(cfg.get("trainer") if hasattr(cfg, "get") else None)
         run = cfg.get("model", {}).get("init_args", {}).get("run") if hasattr(cfg, "get") else None
         level = getattr(run, "log_level", None) or (run or {}).get("log_level", "standard") if run else "standard"
-        logging.basicConfig(level=logging.DEBUG if level == "detailed" else logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+        logging.basicConfig(
+            level=logging.DEBUG if level == "detailed" else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            datefmt="%H:%M:%S",
+        )
 
 
 def main(args: list[str] | None = None) -> ProbeCLI:

@@ -439,11 +439,17 @@ def complete_eval(
         if plan.eval_update_matrix and E.sampling is None:
             S = eval_update_matrix(policy, update, U, batch, forcing, integrand=plan.integrand, base=base).numpy()
             result.arrays["eval_delta_matrix"] = ref_eta * S  # [M, N] at the reference eta
-            result.eval_update_matrix = {"reference_eta": ref_eta, "sum": float(ref_eta * S.sum()), "shape": list(S.shape)}
+            result.eval_update_matrix = {
+                "reference_eta": ref_eta,
+                "sum": float(ref_eta * S.sum()),
+                "shape": list(S.shape),
+            }
         if plan.per_sequence_exact:
             result.per_sequence_exact = _per_sequence_exact(policy, update, U, batch, forcing, base, result, plan)
     if plan.per_token_views:
-        result.arrays.update({f"per_token/{k}": v for k, v in per_token_views(policy, update, batch, plan, E.temperature).items()})
+        result.arrays.update(
+            {f"per_token/{k}": v for k, v in per_token_views(policy, update, batch, plan, E.temperature).items()}
+        )
 
 
 def _per_sequence_exact(policy, update, U, batch, forcing, base, result: EvalResult, plan: Plan) -> list[dict]:
@@ -464,14 +470,16 @@ def _per_sequence_exact(policy, update, U, batch, forcing, base, result: EvalRes
     out = []
     for item in exact:
         alone, mixed = item.alone[plan.integrand], None if item.mixed is None else item.mixed[plan.integrand]
-        out.append({
-            "index": item.index,
-            "attribution_first_order": None if a is None else [float(a[item.index]) * e for e in plan.etas],
-            "alone": [r.delta_entropy for r in alone],
-            "alone_se": [r.delta_entropy_se for r in alone],
-            "mixed": None if mixed is None else [r.delta_entropy for r in mixed],
-            "mixed_se": None if mixed is None else [r.delta_entropy_se for r in mixed],
-        })
+        out.append(
+            {
+                "index": item.index,
+                "attribution_first_order": None if a is None else [float(a[item.index]) * e for e in plan.etas],
+                "alone": [r.delta_entropy for r in alone],
+                "alone_se": [r.delta_entropy_se for r in alone],
+                "mixed": None if mixed is None else [r.delta_entropy for r in mixed],
+                "mixed_se": None if mixed is None else [r.delta_entropy_se for r in mixed],
+            }
+        )
     return out
 
 
@@ -486,8 +494,12 @@ def per_token_views(
         temperature=temperature, with_entropy=True, head_dtype=plan.head_dtype, token_chunk=plan.token_chunk
     )
     theta = dict(policy.named_parameters())
-    shifted = {n: torch.add(theta[n].detach(), d.to(theta[n]), alpha=plan.reference_eta) for n, d in update.full.items()}
-    views: dict[str, list[np.ndarray]] = {k: [] for k in ("logprobs_theta", "entropies_theta", "logprobs_ref", "entropies_ref")}
+    shifted = {
+        n: torch.add(theta[n].detach(), d.to(theta[n]), alpha=plan.reference_eta) for n, d in update.full.items()
+    }
+    views: dict[str, list[np.ndarray]] = {
+        k: [] for k in ("logprobs_theta", "entropies_theta", "logprobs_ref", "entropies_ref")
+    }
     lengths = []
     device = next(policy.parameters()).device
     with torch.no_grad():

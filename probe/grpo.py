@@ -10,7 +10,7 @@ Per optimizer step (automatic optimisation, so Lightning's gradient clipping and
 3. score them (text reward, ``probe.rewards``), GRPO group advantages; a group whose
    advantages are all zero is resampled (``zero_advantage: resample``, then dropped if still
    dead), dropped, or kept;
-4. the loss of DESIGN section 2 (``probe.losses.per_sequence_loss``) with normalisers of the
+4. the loss of docs/DESIGN.md section 2 (``probe.losses.per_sequence_loss``) with normalisers of the
    GLOBAL update batch (counts all-reduced over ranks) and multiplied by the world size, so
    DDP's gradient average is the gradient of ``sum_i c_i`` over every rank's sequences;
    ``rollout.inner_epochs > 1`` reuses one rollout for several steps with the PPO-clip loss
@@ -28,10 +28,12 @@ U); after backward (and DDP's all-reduce) ``p.grad = d/dp sum_{i in global U} c_
 
 Outputs, in the run directory ``<run.root>/<run.name>`` (rank 0): ``config.yaml``,
 ``checkpoints/*.ckpt`` (ordinary Lightning checkpoints; ``probe.optim_loading`` reads their AdamW
-state), ``history.jsonl`` (one line per rollout: reward, dead groups, loss) and, at the end, ``policy/`` (HF ``save_pretrained``
+state), ``history.jsonl`` (one line per rollout: reward, dead groups, loss) and, at the end, ``policy/``
+(HF ``save_pretrained``
 with the tokenizer): a ``configs/toy.yaml``-style predict run takes ``policy.path: <run>/policy`` and
 ``optimizer.path: <run>/checkpoints/last.ckpt``.
 """
+
 from __future__ import annotations
 
 import json
@@ -96,7 +98,9 @@ class RolloutSettings:
 
     def __post_init__(self) -> None:
         if self.zero_advantage not in ZERO_ADVANTAGE:
-            raise ValueError(f"rollout.zero_advantage={self.zero_advantage!r}; choose one of {', '.join(ZERO_ADVANTAGE)}")
+            raise ValueError(
+                f"rollout.zero_advantage={self.zero_advantage!r}; choose one of {', '.join(ZERO_ADVANTAGE)}"
+            )
         if self.n_per_prompt < 2:
             raise ValueError(f"rollout.n_per_prompt={self.n_per_prompt}: GRPO needs at least 2 responses per prompt")
         if self.inner_epochs < 1:
@@ -184,7 +188,9 @@ def sample_rollout(
     reward_fn = reward_fn or resolve_reward(settings.reward)
     device = next(policy.parameters()).device
     G = settings.n_per_prompt
-    sampling = SamplingSettings(n_per_prompt=G, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature)
+    sampling = SamplingSettings(
+        n_per_prompt=G, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature
+    )
 
     score = ids_reward_from_text(reward_fn, tokenizer, {tuple(p): a for p, a in zip(prompts, answers) if a is not None})
 
@@ -196,9 +202,16 @@ def sample_rollout(
         for attempt in range(settings.max_resample_attempts + 1):
             generator = torch.Generator(device=device).manual_seed(group_seed(seed, rollout, int(position), attempt))
             group = sample_update_batch(
-                policy, [list(prompt)], sampling, reward_fn=score, tokenizer=tokenizer, generator=generator,
-                groups=[int(position)], normalize_std=settings.normalize_std, filter_zero_advantage_prompts=False,
-            )  # fmt: skip
+                policy,
+                [list(prompt)],
+                sampling,
+                reward_fn=score,
+                tokenizer=tokenizer,
+                generator=generator,
+                groups=[int(position)],
+                normalize_std=settings.normalize_std,
+                filter_zero_advantage_prompts=False,
+            )
             if attempt == 0:
                 rewards.extend(r["reward"] for r in group)
             dead = all(abs(r["advantage"]) <= 1e-8 for r in group)
@@ -266,8 +279,12 @@ class GRPOModule(pl.LightningModule):
         self.policy, self.tokenizer = policy.load()
         self.reward_fn = resolve_reward(rollout.reward)
         if loss.temperature != rollout.temperature:
-            log.warning("loss.temperature=%s differs from rollout.temperature=%s: the loss's log-probs are not those of "
-                        "the sampling policy (verl uses the rollout temperature for both)", loss.temperature, rollout.temperature)
+            log.warning(
+                "loss.temperature=%s differs from rollout.temperature=%s: the loss's log-probs are not those of "
+                "the sampling policy (verl uses the rollout temperature for both)",
+                loss.temperature,
+                rollout.temperature,
+            )
         self.pad_token_id = pad_token_id(self.tokenizer)
         self.head_dtype: torch.dtype | None = torch.float64 if rollout.float64_head else None
         self._probed: ProbedStep | None = None  # the live probe's view of the current step
@@ -305,11 +322,17 @@ class GRPOModule(pl.LightningModule):
         if self.checkpoint_every_n_steps < 0 or not checkpointing:
             return []
 
-        return [ModelCheckpoint(
-            dirpath=str(run_path(self.run.root, self.run_name) / "checkpoints"), filename="step={step}", auto_insert_metric_name=False,
-            every_n_train_steps=self.checkpoint_every_n_steps or None, save_last=True, save_top_k=-1,
-            save_on_train_epoch_end=True,
-        )]  # fmt: skip
+        return [
+            ModelCheckpoint(
+                dirpath=str(run_path(self.run.root, self.run_name) / "checkpoints"),
+                filename="step={step}",
+                auto_insert_metric_name=False,
+                every_n_train_steps=self.checkpoint_every_n_steps or None,
+                save_last=True,
+                save_top_k=-1,
+                save_on_train_epoch_end=True,
+            )
+        ]
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -326,9 +349,16 @@ class GRPOModule(pl.LightningModule):
         was_training = self.policy.training
         self.policy.eval()
         ro = sample_rollout(
-            self.policy, self.tokenizer, batch["prompt_ids"], [int(i) for i in batch["index"]], batch["answer"],
-            self.rollout_settings, seed=self.run.seed, rollout=rollout_index, reward_fn=self.reward_fn,
-        )  # fmt: skip
+            self.policy,
+            self.tokenizer,
+            batch["prompt_ids"],
+            [int(i) for i in batch["index"]],
+            batch["answer"],
+            self.rollout_settings,
+            seed=self.run.seed,
+            rollout=rollout_index,
+            reward_fn=self.reward_fn,
+        )
         device = next(self.policy.parameters()).device
         if ro.records:
             U = collate(ro.records, pad_token_id=self.pad_token_id, index=[r["index"] for r in ro.records]).to(device)
@@ -359,8 +389,13 @@ class GRPOModule(pl.LightningModule):
         world = self._world()
         if U is None or norm.n_sequences == 0:
             if norm.n_sequences == 0:
-                log.warning("step %d: every prompt group of the step was dropped (all advantages zero); the loss is 0", self.global_step)
-            loss = sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0.0  # zero gradients, DDP stays in step
+                log.warning(
+                    "step %d: every prompt group of the step was dropped (all advantages zero); the loss is 0",
+                    self.global_step,
+                )
+            loss = (
+                sum(p.sum() for p in self.policy.parameters() if p.requires_grad) * 0.0
+            )  # zero gradients, DDP stays in step
         else:
             stats = teacher_force(self.policy, U, forcing=loss_cfg.forcing(self.head_dtype))
             c = per_sequence_loss(stats.logprobs, stats.mask, U.advantages, norm, loss_cfg, U.old_logprobs)  # [n] c_i
@@ -385,9 +420,15 @@ class GRPOModule(pl.LightningModule):
         local = torch.tensor(rewards, dtype=torch.float64, device=self.device)
         total = (self.all_gather(local).reshape(-1, 5).sum(0) if self._world() > 1 else local).tolist()
         entry = {
-            "step": int(self.global_step), "mean_reward": total[0] / max(1.0, total[1]), "responses": int(total[1]),
-            "groups_dropped": int(total[2]), "resample_attempts": int(total[3]), "loss": total[4],
-            "sequences": norm.n_sequences, "response_tokens": norm.n_tokens, "sampling_s": ro.sampling_s,
+            "step": int(self.global_step),
+            "mean_reward": total[0] / max(1.0, total[1]),
+            "responses": int(total[1]),
+            "groups_dropped": int(total[2]),
+            "resample_attempts": int(total[3]),
+            "loss": total[4],
+            "sequences": norm.n_sequences,
+            "response_tokens": norm.n_tokens,
+            "sampling_s": ro.sampling_s,
         }
         self.history.append(entry)
         if self.trainer.global_rank == 0:
@@ -403,9 +444,18 @@ class GRPOModule(pl.LightningModule):
         target = self.run_directory() / "policy"
         self.policy.save_pretrained(str(target), safe_serialization=True)
         self.tokenizer.save_pretrained(str(target))
-        (target / "probe_fit.json").write_text(json.dumps({
-            "global_step": int(self.global_step), "source": str(self.policy_dir),
-            "loss": asdict(self.loss), "rollout": asdict(self.rollout_settings), "optimizer": asdict(self.optimizer_settings),
-            "note": "pair with the Lightning checkpoint <run>/checkpoints/last.ckpt as optimizer.path",
-        }, indent=2, default=str))  # fmt: skip
+        (target / "probe_fit.json").write_text(
+            json.dumps(
+                {
+                    "global_step": int(self.global_step),
+                    "source": str(self.policy_dir),
+                    "loss": asdict(self.loss),
+                    "rollout": asdict(self.rollout_settings),
+                    "optimizer": asdict(self.optimizer_settings),
+                    "note": "pair with the Lightning checkpoint <run>/checkpoints/last.ckpt as optimizer.path",
+                },
+                indent=2,
+                default=str,
+            )
+        )
         log.info("saved the trained policy to %s (step %d)", target, self.global_step)

@@ -4,6 +4,7 @@ Local directories only: hub ids are never fetched (``local_files_only=True``), s
 are preferred, and ``trust_remote_code`` is off unless asked for. Every missing piece is
 reported as a FileNotFoundError that names the path and the fix.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,7 +15,12 @@ import torch
 
 from probe.precision import exact_float64_norms, resolve_dtype
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
@@ -122,12 +128,17 @@ def refuse_remote_code(directory: Path, trust_remote_code: bool) -> None:
         try:
             config = json.loads(file.read_text())
         except (ValueError, UnicodeDecodeError) as e:
-            raise ValueError(f"{file} is not valid JSON ({e}); the checkpoint is corrupt. Fix: copy it again or re-save it with save_pretrained(dir)") from None
+            raise ValueError(
+                f"{file} is not valid JSON ({e}); the checkpoint is corrupt. Fix: copy it again or re-save it with "
+                "save_pretrained(dir)"
+            ) from None
         if isinstance(config, dict) and config.get("auto_map") and not trust_remote_code:
             raise ValueError(
-                f"{file} has an auto_map ({config['auto_map']}): the checkpoint ships its own Python code, which probe does not "
+                f"{file} has an auto_map ({config['auto_map']}): the checkpoint ships its own Python code, which "
+                "probe does not "
                 "run unless told to. Fix: if you trust the code in that directory, set policy.trust_remote_code=true "
-                "(--model.init_args.policy.trust_remote_code true); otherwise use a checkpoint of a built-in architecture"
+                "(--model.init_args.policy.trust_remote_code true); otherwise use a checkpoint of a built-in "
+                "architecture"
             )
 
 
@@ -135,7 +146,9 @@ def check_adapter_dir(path: str | Path) -> Path:
     """The adapter directory as a Path, after checking it holds ``adapter_config.json`` and weights."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
-        raise FileNotFoundError(f"adapter directory {str(directory)!r} does not exist; pass the local directory a PEFT adapter was saved to")
+        raise FileNotFoundError(
+            f"adapter directory {str(directory)!r} does not exist; pass the local directory a PEFT adapter was saved to"
+        )
     if not (directory / "adapter_config.json").is_file():
         raise FileNotFoundError(
             f"{directory / 'adapter_config.json'} is missing: {directory} is not a PEFT adapter directory "
@@ -143,7 +156,8 @@ def check_adapter_dir(path: str | Path) -> Path:
         )
     if not any((directory / name).is_file() for name in ADAPTER_WEIGHT_FILES):
         raise FileNotFoundError(
-            f"no adapter weights in {directory}: expected {' or '.join(ADAPTER_WEIGHT_FILES)}; save them with peft_model.save_pretrained(dir)"
+            f"no adapter weights in {directory}: expected {' or '.join(ADAPTER_WEIGHT_FILES)}; save them with "
+            "peft_model.save_pretrained(dir)"
         )
     return directory
 
@@ -194,11 +208,14 @@ def load_policy(
     refuse_remote_code(model_dir, trust_remote_code)
     tokenizer_dir = _tokenizer_dir(model_dir, adapter_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(tokenizer_dir), local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except Exception as e:  # a corrupt tokenizer.json raises anything from JSONDecodeError to a tokenizers panic
         raise ValueError(
             f"could not load the tokenizer in {tokenizer_dir} ({type(e).__name__}: {e}); its files are corrupt or "
-            "incomplete (e.g. an interrupted copy). Fix: copy the tokenizer files again or re-save them with tokenizer.save_pretrained(dir)"
+            "incomplete (e.g. an interrupted copy). Fix: copy the tokenizer files again or re-save them with "
+            "tokenizer.save_pretrained(dir)"
         ) from e
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -219,14 +236,18 @@ def load_policy(
             text = str(e).partition("WeightsUnpickler error:")[2].strip()
             detail = text.split("\n")[0].split(". ")[0] if text else ""
             raise ValueError(
-                f"the weights in {model_dir} were refused for safety: a pickled weight file holds objects other than tensors "
-                f"(which could run code when loaded) or is not a torch file ({detail or type(e).__name__}); weights are only "
+                f"the weights in {model_dir} were refused for safety: a pickled weight file holds objects other than "
+                "tensors "
+                f"(which could run code when loaded) or is not a torch file ({detail or type(e).__name__}); weights "
+                "are only "
                 "loaded with weights_only=True. Fix: if you trust the checkpoint, convert it to safetensors "
                 "(model.save_pretrained(dir, safe_serialization=True)); if it is corrupt, copy it again"
             ) from e
         raise ValueError(
-            f"could not load the model in {model_dir} ({type(e).__name__}: {e}); its config.json or weight files are corrupt "
-            "or incomplete (e.g. an interrupted copy or download). Fix: copy the checkpoint again or re-save it with model.save_pretrained(dir)"
+            f"could not load the model in {model_dir} ({type(e).__name__}: {e}); its config.json or weight files are "
+            "corrupt "
+            "or incomplete (e.g. an interrupted copy or download). Fix: copy the checkpoint again or re-save it with "
+            "model.save_pretrained(dir)"
         ) from e
     if adapter_dir is not None:
         from peft import PeftModel
@@ -235,8 +256,10 @@ def load_policy(
             model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
         except Exception as e:
             raise ValueError(
-                f"could not load the PEFT adapter in {adapter_dir} ({type(e).__name__}: {e}); its files are corrupt or were "
-                "saved for another base model. Fix: copy the adapter again or re-save it with peft_model.save_pretrained(dir), "
+                f"could not load the PEFT adapter in {adapter_dir} ({type(e).__name__}: {e}); its files are corrupt "
+                "or were "
+                "saved for another base model. Fix: copy the adapter again or re-save it with "
+                "peft_model.save_pretrained(dir), "
                 "and check that policy.path is the base model it was trained on"
             ) from e
     elif lora is not None:

@@ -66,7 +66,9 @@ class TokenStats:
     @property
     def sequence_entropies(self) -> Tensor:  # [B]  sum_t H_t
         if self.entropies is None:
-            raise ValueError("entropies were not computed: teacher-force with forcing=TeacherForcing(with_entropy=True)")
+            raise ValueError(
+                "entropies were not computed: teacher-force with forcing=TeacherForcing(with_entropy=True)"
+            )
         return self.entropies.sum(-1)
 
     @property

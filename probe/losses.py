@@ -1,8 +1,9 @@
-"""The policy-gradient loss on the update batch U, per sequence (DESIGN section 2).
+"""The policy-gradient loss on the update batch U, per sequence (docs/DESIGN.md section 2).
 
 ``L = sum_i c_i``; the aggregation mode (verl's ``loss_agg_mode``) fixes the normaliser.
 Normalisers are computed once over the *whole* U, so microbatches of U sum to one batch.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -82,7 +83,9 @@ def per_sequence_loss(
     adv = advantages.to(logprobs.dtype)[:, None]  # [B, 1]
     if cfg.use_old_logprobs:
         if old_logprobs is None:
-            raise ValueError("loss.use_old_logprobs is on but U has no old_logprobs; add them to the rollouts or turn it off")
+            raise ValueError(
+                "loss.use_old_logprobs is on but U has no old_logprobs; add them to the rollouts or turn it off"
+            )
         ratio = torch.exp((logprobs - old_logprobs.to(logprobs.dtype)) * mask_f)  # [B, T-1]
         high = cfg.clip_ratio if cfg.clip_ratio_high is None else cfg.clip_ratio_high
         clipped = ratio.clamp(1.0 - cfg.clip_ratio, 1.0 + high)

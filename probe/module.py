@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
@@ -69,7 +70,9 @@ class ProbeModule(pl.LightningModule):
             precision=precision,
             run=run,
         )
-        self.run_state = PredictRunState(settings=settings, policy=policy_model, tokenizer=tokenizer, policy_dir=policy_dir)
+        self.run_state = PredictRunState(
+            settings=settings, policy=policy_model, tokenizer=tokenizer, policy_dir=policy_dir
+        )
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The stages of the run: reconstruct the update, aggregate; observers write, report and show progress."""
@@ -105,7 +108,15 @@ class ProbeModule(pl.LightningModule):
             state.tick(plan.passes_per_batch)
             return cached
         start = time.perf_counter()
-        rows = batch_rows(self.policy, batch, state.require("directions"), plan, inputs.temperatures[dataloader_idx], state.tick)
-        log.debug("eval_%02d batch %d: %d sequences in %.2fs", dataloader_idx, batch_idx, len(batch), time.perf_counter() - start)
+        rows = batch_rows(
+            self.policy, batch, state.require("directions"), plan, inputs.temperatures[dataloader_idx], state.tick
+        )
+        log.debug(
+            "eval_%02d batch %d: %d sequences in %.2fs",
+            dataloader_idx,
+            batch_idx,
+            len(batch),
+            time.perf_counter() - start,
+        )
         run_dir.save_partial(dataloader_idx, indices, rows)
         return rows

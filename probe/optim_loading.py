@@ -1,4 +1,4 @@
-"""Adam/AdamW optimizer state from files, mapped to parameter names (DESIGN section 2).
+"""Adam/AdamW optimizer state from files, mapped to parameter names (docs/DESIGN.md section 2).
 
 Three kinds of file are read, always with ``torch.load(..., map_location="cpu", weights_only=True)``
 (a pickle that needs arbitrary classes is refused, never executed):
@@ -40,6 +40,7 @@ without state while others have taken steps is an error; an empty state everywhe
 Hyperparameters come from each saved group (its ``lr`` is the one the scheduler set for the next step),
 ``step`` from each parameter's state; every one can be overridden.
 """
+
 from __future__ import annotations
 
 import pickle
@@ -133,7 +134,9 @@ class _Order:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_optimizer_state(settings_or_path: OptimizerSettings | str | Path, model: nn.Module, **overrides: Any) -> AdamState:
+def load_optimizer_state(
+    settings_or_path: OptimizerSettings | str | Path, model: nn.Module, **overrides: Any
+) -> AdamState:
     """Read Adam/AdamW state from a file and key it by ``model.named_parameters()`` names.
 
     ``settings_or_path`` is an ``OptimizerSettings`` or a path; keyword arguments set (or replace)
@@ -151,10 +154,15 @@ def load_optimizer_state(settings_or_path: OptimizerSettings | str | Path, model
     ids = [pid for g in groups for pid in g["params"]]  # position k -> saved id
     group_sizes = [len(g["params"]) for g in groups]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{file}: a parameter id appears in more than one param group; the file is not a torch optimizer state_dict")
+        raise ValueError(
+            f"{file}: a parameter id appears in more than one param group; the file is not a torch optimizer state_dict"
+        )
     stray = sorted(set(state) - set(ids), key=str)
     if stray:
-        raise ValueError(f"{file}: state holds ids {stray[:5]} that no param group lists; the file is not a torch optimizer state_dict")
+        raise ValueError(
+            f"{file}: state holds ids {stray[:5]} that no param group lists; the file is not a torch optimizer "
+            "state_dict"
+        )
 
     params = dict(model.named_parameters())
     candidates = _candidate_orders(settings.param_order, fmt, model, len(ids))
@@ -169,7 +177,8 @@ def load_optimizer_state(settings_or_path: OptimizerSettings | str | Path, model
     if not fitting:
         tried = "\n  ".join(problems)
         raise ValueError(
-            f"optimizer state in {file} ({fmt}, {len(ids)} parameters in groups of {group_sizes}) does not fit the model "
+            f"optimizer state in {file} ({fmt}, {len(ids)} parameters in groups of {group_sizes}) does not fit the "
+            "model "
             f"({len(params)} parameters, {sum(p.requires_grad for p in params.values())} trainable):\n  {tried}\n"
             f"Fix: {FIX_ORDER}."
         )
@@ -199,15 +208,23 @@ def load_optimizer_state(settings_or_path: OptimizerSettings | str | Path, model
             entry = state.get(pid, {})
             if not entry and any_steps:
                 raise ValueError(
-                    f"{file}: parameter {name!r} (id {pid}, group {gi}) has no optimizer state while others have taken steps. "
-                    f"Fix: if it is not trained, set requires_grad=False on it (e.g. load the same LoRA/freezing setup); "
+                    f"{file}: parameter {name!r} (id {pid}, group {gi}) has no optimizer state while others have "
+                    "taken steps. "
+                    "Fix: if it is not trained, set requires_grad=False on it (e.g. load the same LoRA/freezing "
+                    "setup); "
                     f"otherwise {FIX_ORDER}."
                 )
             states[name] = _param_state(entry, name, pid, group_hyper, file)
             hyper[name], group_of[name] = group_hyper, gi
     if frozen:
         notes.append(f"{frozen} listed parameter(s) with requires_grad=False left out")
-    source = f"{file} ({fmt}" + (f", optimizer {settings.optimizer_index}" if fmt == "lightning" else "") + "; " + "; ".join(notes) + ")"
+    source = (
+        f"{file} ({fmt}"
+        + (f", optimizer {settings.optimizer_index}" if fmt == "lightning" else "")
+        + "; "
+        + "; ".join(notes)
+        + ")"
+    )
     return AdamState(hyper=hyper, state=states, group_of=group_of, source=source)
 
 
@@ -228,7 +245,9 @@ def _resolve_file(path: Path, fmt: str) -> tuple[Path, str]:
         ckpts = sorted(p.name for p in path.glob("*.ckpt"))
         found = checkpoints + ckpts
         hint = f"; pass one of {found} inside it" if found else ""
-        raise FileNotFoundError(f"optimizer state not found: directory {path} holds no {HF_OPTIMIZER_FILE}{hint}; expected {EXPECTED_FILES}")
+        raise FileNotFoundError(
+            f"optimizer state not found: directory {path} holds no {HF_OPTIMIZER_FILE}{hint}; expected {EXPECTED_FILES}"
+        )
     if fmt == "auto" and path.name == HF_OPTIMIZER_FILE and (path.parent / "trainer_state.json").is_file():
         return path, "hf_trainer"
     return path, fmt
@@ -243,16 +262,27 @@ def _load_weights_only(file: Path) -> Any:
         detail = text.split("\n")[0].split(". ")[0] if text else (str(e).splitlines() or [type(e).__name__])[0]
         raise ValueError(
             f"{file} was refused for safety: it is not a weights-only file (it pickles objects other than tensors and "
-            f"plain containers, which could run code when loaded, or it is not a torch file at all), and probe only loads "
+            "plain containers, which could run code when loaded, or it is not a torch file at all), and probe only "
+            "loads "
             f"with weights_only=True. Fix: if you trust the file, re-save just the optimizer state, e.g. "
             f"torch.save(torch.load(path, weights_only=False)['optimizer_states'][0], 'optimizer.pt') for a Lightning "
             f"checkpoint, or torch.save(optimizer.state_dict(), 'optimizer.pt') from the training script; if it is "
             f"corrupt, copy it again. (torch said: {detail})"
         ) from e
-    except (RuntimeError, EOFError, IndexError, KeyError, ValueError, TypeError, OSError) as e:  # truncated/garbage files
+    except (
+        RuntimeError,
+        EOFError,
+        IndexError,
+        KeyError,
+        ValueError,
+        TypeError,
+        OSError,
+    ) as e:  # truncated/garbage files
         raise ValueError(
-            f"could not read {file} with torch.load ({type(e).__name__}: {e}): the file is corrupt, truncated or not written "
-            f"by torch.save. Fix: copy it again, or save the state with torch.save(optimizer.state_dict(), path); expected {EXPECTED_FILES}"
+            f"could not read {file} with torch.load ({type(e).__name__}: {e}): the file is corrupt, truncated or not "
+            "written "
+            "by torch.save. Fix: copy it again, or save the state with torch.save(optimizer.state_dict(), path); "
+            f"expected {EXPECTED_FILES}"
         ) from e
 
 
@@ -264,7 +294,10 @@ def _optimizer_state_dict(saved: Any, file: Path, fmt: str, optimizer_index: int
         fmt = "lightning" if "optimizer_states" in saved else "torch"
     if fmt == "lightning":
         if "optimizer_states" not in saved:
-            raise ValueError(f"{file} is not a Lightning checkpoint (no 'optimizer_states'; keys: {sorted(saved)[:10]}); set optimizer.format")
+            raise ValueError(
+                f"{file} is not a Lightning checkpoint (no 'optimizer_states'; keys: {sorted(saved)[:10]}); set "
+                "optimizer.format"
+            )
         states = saved["optimizer_states"]
         if not states:
             raise ValueError(
@@ -272,11 +305,16 @@ def _optimizer_state_dict(saved: Any, file: Path, fmt: str, optimizer_index: int
                 "save a full checkpoint (trainer.save_checkpoint(path) or ModelCheckpoint(save_weights_only=False))"
             )
         if optimizer_index >= len(states):
-            raise ValueError(f"optimizer.optimizer_index={optimizer_index} but {file} holds {len(states)} optimizer state(s)")
+            raise ValueError(
+                f"optimizer.optimizer_index={optimizer_index} but {file} holds {len(states)} optimizer state(s)"
+            )
         saved = states[optimizer_index]
     if not (isinstance(saved, dict) and "state" in saved and "param_groups" in saved):
         keys = sorted(saved)[:10] if isinstance(saved, dict) else type(saved).__name__
-        raise ValueError(f"{file} is not an optimizer state_dict (expected keys 'state' and 'param_groups', found {keys}); expected {EXPECTED_FILES}")
+        raise ValueError(
+            f"{file} is not an optimizer state_dict (expected keys 'state' and 'param_groups', found {keys}); "
+            f"expected {EXPECTED_FILES}"
+        )
     return saved, fmt
 
 
@@ -319,7 +357,9 @@ def _named_order(kind: str, model: nn.Module) -> list[_Order]:
         return [_Order("trainable", [n for n, p in model.named_parameters() if p.requires_grad])]
     return [  # hf_trainer: the current rule, then the older one (told apart by the saved group sizes)
         _hf_trainer_order(model, HF_NO_DECAY_PATTERNS, "hf_trainer"),
-        _hf_trainer_order(model, HF_NO_DECAY_PATTERNS_LEGACY, "hf_trainer (older transformers rule: only biases undecayed)"),
+        _hf_trainer_order(
+            model, HF_NO_DECAY_PATTERNS_LEGACY, "hf_trainer (older transformers rule: only biases undecayed)"
+        ),
     ]
 
 
@@ -332,7 +372,8 @@ def _candidate_orders(param_order: str | list[str], fmt: str, model: nn.Module, 
         file = Path(param_order)
         if not file.is_file():
             raise FileNotFoundError(
-                f"optimizer.param_order={param_order!r} is neither one of {PARAM_ORDERS} nor an existing text file of parameter names"
+                f"optimizer.param_order={param_order!r} is neither one of {PARAM_ORDERS} nor an existing text file "
+                "of parameter names"
             )
         names = [ln.strip() for ln in file.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
         return [_Order(f"names from {file}", _match_names(names, model, n_ids))]
@@ -366,21 +407,24 @@ def _match_names(names: list[str], model: nn.Module, n_ids: int) -> list[str]:
     first = names[0].split(".")
     for k in range(len(first)):  # strip the first k components of the given names ...
         strip = ".".join(first[:k]) + ("." if k else "")
-        rest = names[0][len(strip):]
+        rest = names[0][len(strip) :]
         for model_name in model_names:  # ... and add whatever the model's name holds before the rest
             if model_name == rest or model_name.endswith("." + rest):
                 add = model_name[: len(model_name) - len(rest)]
-                mapped = [add + n[len(strip):] if n.startswith(strip) else None for n in names]
+                mapped = [add + n[len(strip) :] if n.startswith(strip) else None for n in names]
                 if all(m in known for m in mapped):
                     return mapped  # type: ignore[return-value]
     unknown = [n for n in names if n not in known]
     raise ValueError(
-        f"optimizer.param_order names {unknown[:3]} (and {max(0, len(unknown) - 3)} more) are not parameters of the model, "
+        f"optimizer.param_order names {unknown[:3]} (and {max(0, len(unknown) - 3)} more) are not parameters of the "
+        "model, "
         f"even after stripping or adding one common prefix; model names look like {model_names[:2]}"
     )
 
 
-def _check_order(order: _Order, ids: list, group_sizes: list[int], state: dict, params: dict[str, Tensor], file: Path) -> str | None:
+def _check_order(
+    order: _Order, ids: list, group_sizes: list[int], state: dict, params: dict[str, Tensor], file: Path
+) -> str | None:
     """None if ``order`` fits the saved groups and every state tensor's shape, else the first problem."""
     if len(order.names) != len(ids):
         return f"{len(order.names)} parameters in this order but {len(ids)} saved"
@@ -413,7 +457,9 @@ def _group_hyper(group: dict, gi: int, settings: OptimizerSettings, file: Path) 
         raise ValueError(f"{file}: param group {gi} uses maximize=True, which probe does not reconstruct")
     missing = [k for k in ("lr", "betas", "eps", "weight_decay") if k not in group]
     if missing:
-        raise ValueError(f"{file}: param group {gi} lacks {missing}; it is not an Adam/AdamW state (only those are reconstructed)")
+        raise ValueError(
+            f"{file}: param group {gi} lacks {missing}; it is not an Adam/AdamW state (only those are reconstructed)"
+        )
     if settings.kind == "auto":
         decoupled = bool(group.get("decoupled_weight_decay", True))
     else:
@@ -444,7 +490,12 @@ def _param_state(entry: dict, name: str, pid: Any, hyper: AdamHyper, file: Path)
         if missing:
             raise ValueError(
                 f"{file}: state of parameter {name!r} (id {pid}) at step {step} lacks {missing}"
-                + ("; amsgrad is on (saved or overridden) but the optimizer ran without it: set optimizer.amsgrad=false" if "max_exp_avg_sq" in missing else "")
+                + (
+                    "; amsgrad is on (saved or overridden) but the optimizer ran without it: set "
+                    "optimizer.amsgrad=false"
+                    if "max_exp_avg_sq" in missing
+                    else ""
+                )
             )
     return ParamAdamState(
         step=step,
@@ -452,4 +503,3 @@ def _param_state(entry: dict, name: str, pid: Any, hyper: AdamHyper, file: Path)
         exp_avg_sq=entry.get("exp_avg_sq"),
         max_exp_avg_sq=entry.get("max_exp_avg_sq"),
     )
-

@@ -108,7 +108,9 @@ def iter_sweep(
     Yields, for each chunk of E: the base point (``part=None``) unless ``base`` is given, then
     each part and eta in order.
     """
-    etas_of = {p: list(etas[p]) for p in directions} if isinstance(etas, Mapping) else {p: list(etas) for p in directions}
+    etas_of = (
+        {p: list(etas[p]) for p in directions} if isinstance(etas, Mapping) else {p: list(etas) for p in directions}
+    )
     aligned = {p: aligned_direction(model, d) for p, d in directions.items()}
     theta0 = {p: base_parameters(model, d) for p, d in directions.items()}
     if base is not None and len(base) != len(batch):
@@ -178,7 +180,9 @@ def sweep(
         if entropies is not None:
             entropies[k, item.eta_index, rows] = item.stats.entropies.cpu()
     base = (SequenceStats.cat(base_chunks) if base is None else base).cpu()
-    return Sweep(parts=parts, etas=torch.tensor(eta_list, dtype=torch.float64), base=base, logprobs=logprobs, entropies=entropies)
+    return Sweep(
+        parts=parts, etas=torch.tensor(eta_list, dtype=torch.float64), base=base, logprobs=logprobs, entropies=entropies
+    )
 
 
 def base_statistics(model: nn.Module, batch: SequenceBatch, forcing: TeacherForcing) -> SequenceStats:

@@ -1,4 +1,5 @@
 """Plots of a run (matplotlib, headless): Delta H vs eta, attribution histogram, ESS vs eta."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,8 +36,15 @@ def plot_delta_h(eval_result: dict, etas: list[float], path: Path, title: str = 
         if res.get("first_order") is not None:
             ax.plot(dense, res["first_order"] * dense, "-", color=color, alpha=0.7, lw=1, label=f"{part} 1st order")
         if res.get("second_order") is not None and res.get("first_order") is not None:
-            ax.plot(dense, res["first_order"] * dense + 0.5 * res["second_order"] * dense**2, "--", color=color,
-                    alpha=0.7, lw=1, label=f"{part} 2nd order")
+            ax.plot(
+                dense,
+                res["first_order"] * dense + 0.5 * res["second_order"] * dense**2,
+                "--",
+                color=color,
+                alpha=0.7,
+                lw=1,
+                label=f"{part} 2nd order",
+            )
     lo, hi = min(lows + [0.0]), max(highs + [0.0])
     pad = 0.15 * (hi - lo) or 1e-6
     ax.set_ylim(lo - pad, hi + pad)  # the measured points set the scale; predictions may leave it
@@ -78,22 +86,40 @@ def plot_live(records: list[dict], path: Path) -> Path:
     """Predicted (SNIS at eta = lr +- SE, first and second order) vs realised (+- SE) entropy change per probed step,
     and the verification error in rounding units, from the live probe's records."""
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7.0, 6.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    predicted = [(r["step"], r["eval"]["parts"]["full"], r["plan"]["etas"].index(r["update"]["lr"])) for r in records if "eval" in r]
+    predicted = [
+        (r["step"], r["eval"]["parts"]["full"], r["plan"]["etas"].index(r["update"]["lr"]))
+        for r in records
+        if "eval" in r
+    ]
 
     def at(values: list | None, j: int) -> float:
         return np.nan if values is None or values[j] is None else values[j]
 
     if predicted:
         steps = [s for s, _, _ in predicted]
-        ax.errorbar(steps, [at(p["delta_h"], j) for _, p, j in predicted], yerr=[at(p["se"], j) for _, p, j in predicted],
-                    fmt="o", capsize=3, label="predicted (SNIS at eta = lr)")  # fmt: skip
+        ax.errorbar(
+            steps,
+            [at(p["delta_h"], j) for _, p, j in predicted],
+            yerr=[at(p["se"], j) for _, p, j in predicted],
+            fmt="o",
+            capsize=3,
+            label="predicted (SNIS at eta = lr)",
+        )
         ax.plot(steps, [at(p.get("predicted_first"), j) for _, p, j in predicted], "-", alpha=0.7, label="first order")
-        ax.plot(steps, [at(p.get("predicted_second"), j) for _, p, j in predicted], "--", alpha=0.7, label="second order")
+        ax.plot(
+            steps, [at(p.get("predicted_second"), j) for _, p, j in predicted], "--", alpha=0.7, label="second order"
+        )
     real = [r for r in records if "realised" in r]
     if real:
-        ax.errorbar([r["step"] + 0.15 for r in real], [r["realised"]["delta_h"] for r in real],
-                    yerr=[r["realised"]["se"] for r in real], fmt="s", capsize=3, color="C3",
-                    label="realised (fresh samples)")  # fmt: skip
+        ax.errorbar(
+            [r["step"] + 0.15 for r in real],
+            [r["realised"]["delta_h"] for r in real],
+            yerr=[r["realised"]["se"] for r in real],
+            fmt="s",
+            capsize=3,
+            color="C3",
+            label="realised (fresh samples)",
+        )
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_ylabel("Delta H (nats / sequence)")
     ax.set_title("entropy change per optimizer step: predicted vs realised")

@@ -39,7 +39,9 @@ def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]],
         return prompts, {}
     path = Path(source.prompts)
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found. Fix: give 'toy' or a local JSONL file with a 'prompt' field per line")
+        raise FileNotFoundError(
+            f"prompt file {path} not found. Fix: give 'toy' or a local JSONL file with a 'prompt' field per line"
+        )
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows = rows[source.offset : source.offset + source.n_prompts]
     if len(rows) < source.n_prompts:
@@ -47,7 +49,10 @@ def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]],
     prompts, answers = [], {}
     for i, row in enumerate(rows):
         if "prompt" not in row:
-            raise ValueError(f"{path}: line {source.offset + i + 1} has no 'prompt' field. Fix: one JSON object with 'prompt' per line")
+            raise ValueError(
+                f"{path}: line {source.offset + i + 1} has no 'prompt' field. Fix: one JSON object with 'prompt' per "
+                "line"
+            )
         ids = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
         prompts.append(ids)
         answers[tuple(ids)] = row.get("answer")

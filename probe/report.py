@@ -27,7 +27,9 @@ def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
             f"{ev['name']}: {ev['n_sequences']} sequences, H = {number(base['sequence'], 0, '.4f')} nats/seq "
             f"({number(base['per_token'], 0, '.4f')} per token)"
         )
-        lines.append(f"  {'part':<20}{'eta':>10}{'Delta H':>13}{'+- SE':>11}{'1st order':>13}{'2nd order':>13}{'ESS':>8}")
+        lines.append(
+            f"  {'part':<20}{'eta':>10}{'Delta H':>13}{'+- SE':>11}{'1st order':>13}{'2nd order':>13}{'ESS':>8}"
+        )
         for part, res in ev["parts"].items():
             for j, eta in enumerate(etas):
                 first = res.get("predicted_first", [None] * len(etas))[j]

@@ -108,7 +108,9 @@ class EvalResult:
         fields = {**data}
         fields["base_entropy"] = BaseEntropy(**{k: numbers(v) for k, v in data["base_entropy"].items()})
         fields["parts"] = {
-            part: PartResult(**{k: v if k in ("finite", "non_finite_sequences") else numbers(v) for k, v in res.items()})
+            part: PartResult(
+                **{k: v if k in ("finite", "non_finite_sequences") else numbers(v) for k, v in res.items()}
+            )
             for part, res in data["parts"].items()
         }
         if data.get("attribution") is not None:
@@ -136,7 +138,15 @@ def metrics(result: EvalResult, etas: list[float], lr: float) -> dict[str, float
     for part, res in result.parts.items():
         for j, eta in enumerate(etas):
             at = eta_label(eta, lr)
-            for key in ("delta_h", "se", "delta_h_per_token", "ess", "clip_fraction", "predicted_first", "predicted_second"):
+            for key in (
+                "delta_h",
+                "se",
+                "delta_h_per_token",
+                "ess",
+                "clip_fraction",
+                "predicted_first",
+                "predicted_second",
+            ):
                 values = getattr(res, key)
                 if values is not None:
                     out[f"{name}/{part}/{key}@{at}"] = values[j]

@@ -15,6 +15,7 @@ Every reward is called as ``reward(prompt, response, answer=None) -> float`` on 
 
 A reward must be a finite number: anything else stops the run with an error naming the function.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -110,7 +111,9 @@ def load_callable(path: str) -> Callable:
                 f"reward {path!r}: module {module_name!r} not found. Fix: check the spelling, install the "
                 "package, or add the folder holding it to PYTHONPATH"
             ) from err
-        raise ValueError(f"reward {path!r}: importing {module_name!r} failed: {err}. Fix: install {err.name!r}") from err
+        raise ValueError(
+            f"reward {path!r}: importing {module_name!r} failed: {err}. Fix: install {err.name!r}"
+        ) from err
     except Exception as err:
         raise ValueError(
             f"reward {path!r}: importing {module_name!r} raised {type(err).__name__}: {err}. Fix the module"

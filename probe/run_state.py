@@ -63,7 +63,9 @@ class ProbeInputs:
     @property
     def update_batch(self) -> SequenceBatch:
         """U as one padded batch (index = position in U)."""
-        return collate(self.update_records, pad_token_id=self.pad_token_id, index=[r["index"] for r in self.update_records])
+        return collate(
+            self.update_records, pad_token_id=self.pad_token_id, index=[r["index"] for r in self.update_records]
+        )
 
     def eval_batch(self, k: int) -> EvalBatch:
         records = self.eval_records[k]
@@ -129,7 +131,8 @@ def run_state_of(trainer: Any) -> PredictRunState:
     state = getattr(module, "run_state", None)
     if not isinstance(state, PredictRunState):
         raise TypeError(
-            f"{type(module).__name__} is not a probe predict module (it has no PredictRunState): the probe's DataModule "
+            f"{type(module).__name__} is not a probe predict module (it has no PredictRunState): the probe's "
+            "DataModule "
             "and callbacks run with probe.ProbeModule"
         )
     return state

@@ -1,11 +1,12 @@
 """The run directory: results written as they are made, resumable, never silently overwritten.
 
-Layout (DESIGN section 6), per evaluation batch ``k`` (the first at the root, further ones
+Layout (docs/DESIGN.md section 9), per evaluation batch ``k`` (the first at the root, further ones
 in ``eval_01/``, ``eval_02/``, ...): ``per_sequence/<part>/eta_<j>.npy``,
 ``eval_delta_matrix.npy``, ``attributions.npy``; at the root ``summary.json``,
 ``config.yaml``, ``plots/*.png``, ``update.safetensors``, the rollout files ``rollouts/``,
 and ``partial/`` (per-batch results kept for resuming, removed once the run finishes).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -127,7 +128,9 @@ class RunDirectory:
         run.path.mkdir(parents=True, exist_ok=True)
         marker = run.path / RUN_MARKER
         if not marker.exists():
-            _atomic_write_bytes(marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode())
+            _atomic_write_bytes(
+                marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode()
+            )
         return run
 
     def _check_owned(self, kind: str) -> None:

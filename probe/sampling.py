@@ -1,6 +1,6 @@
 """Sampling responses from a policy, GRPO group advantages, and update batches without dead groups.
 
-Pure torch/transformers. Records follow the rollout contract (DESIGN section 6):
+Pure torch/transformers. Records follow the rollout contract (docs/DESIGN.md section 9):
 ``prompt_ids``, ``response_ids`` (cut after the first EOS, EOS included), ``group``,
 ``old_logprobs`` (one per response token) and flat metadata fields (``temperature``,
 ``top_p``, ``top_k``, ``truncated``, ...).
@@ -10,6 +10,7 @@ in float64, i.e. what :func:`probe.logprobs.teacher_force` gives at the same tem
 With top-p/top-k truncation the behaviour distribution differs from that policy; its
 log-probs (renormalised over the kept tokens) are then recorded as ``sampling_logprobs``.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,7 +47,8 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         if not (self.temperature > 0):
             raise ValueError(
-                f"sampling temperature must be > 0, got {self.temperature}: greedy decoding has no sampling distribution "
+                f"sampling temperature must be > 0, got {self.temperature}: greedy decoding has no sampling "
+                "distribution "
                 "to take old_logprobs or importance weights from; use a small positive temperature instead"
             )
         if self.n_per_prompt < 1 or self.max_new_tokens < 1:
@@ -55,7 +57,9 @@ class SamplingSettings:
                 f"{self.max_new_tokens}"
             )
         if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}; use null to turn nucleus sampling off")
+            raise ValueError(
+                f"sampling.top_p must be in (0, 1], got {self.top_p}; use null to turn nucleus sampling off"
+            )
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"sampling.top_k must be >= 1, got {self.top_k}; use null to turn top-k sampling off")
 
@@ -138,7 +142,13 @@ def _sample_rows(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [R, P]
     eos_ids = torch.tensor(eos, device=device)
 
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **_last_logits_only(model))
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=True,
+        **_last_logits_only(model),
+    )
     # transformers >= 5.2x names the KV cache `cache`; older versions `past_key_values`
     cache_key = "cache" if "cache" in out else "past_key_values"
     cache, logits = out[cache_key], out.logits[:, -1]  # [R, V]
@@ -229,7 +239,12 @@ def sample_responses(
     if generator is None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(int(sampling.seed or 0))
-    n_per_prompt, temperature, top_p, top_k = sampling.n_per_prompt, sampling.temperature, sampling.top_p, sampling.top_k
+    n_per_prompt, temperature, top_p, top_k = (
+        sampling.n_per_prompt,
+        sampling.temperature,
+        sampling.top_p,
+        sampling.top_k,
+    )
     batch_size, truncated_sampling = sampling.batch_size, sampling.truncated
 
     rows = [(k, list(map(int, p))) for k, p in enumerate(prompts) for _ in range(n_per_prompt)]
@@ -278,7 +293,10 @@ def group_advantages(
     """
     rewards = torch.as_tensor(rewards, dtype=torch.float64)
     if rewards.ndim != 1 or rewards.shape[0] != len(groups):
-        raise ValueError(f"rewards must be a vector with one entry per group label; got shape {tuple(rewards.shape)} and {len(groups)} labels")
+        raise ValueError(
+            f"rewards must be a vector with one entry per group label; got shape {tuple(rewards.shape)} and "
+            f"{len(groups)} labels"
+        )
     label_ids: dict[Hashable, int] = {}
     group_index = torch.tensor([label_ids.setdefault(g, len(label_ids)) for g in groups], dtype=torch.long)  # [N]
     n_groups = len(label_ids)
@@ -365,12 +383,21 @@ def sample_update_batch(
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(int(sampling.seed or 0))
     labels = list(range(len(prompts))) if groups is None else list(groups)
+
     def draw(prompt_list: list[list[int]], label_list: list[Hashable], attempt: int) -> list[list[dict]]:
         records = sample_responses(
-            model, prompt_list, sampling, tokenizer=tokenizer, eos_token_id=eos_token_id, pad_token_id=pad_token_id,
-            generator=generator, groups=label_list,
-        )  # fmt: skip
-        rewards = torch.tensor([float(reward_fn(r["prompt_ids"], r["response_ids"])) for r in records], dtype=torch.float64)
+            model,
+            prompt_list,
+            sampling,
+            tokenizer=tokenizer,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            generator=generator,
+            groups=label_list,
+        )
+        rewards = torch.tensor(
+            [float(reward_fn(r["prompt_ids"], r["response_ids"])) for r in records], dtype=torch.float64
+        )
         advantages = group_advantages(rewards, [r["group"] for r in records], normalize_std=normalize_std, eps=eps)
         for r, rew, adv in zip(records, rewards.tolist(), advantages.tolist()):
             r.update(reward=rew, advantage=adv, resample_attempt=attempt)
@@ -393,7 +420,8 @@ def sample_update_batch(
                 f"(max_resample_attempts={max_resample_attempts}, n_per_prompt={n_per_prompt}, "
                 f"temperature={sampling.temperature}). "
                 "Fix: raise max_resample_attempts or n_per_prompt, raise the temperature, give spare prompts, "
-                "use prompts of middling difficulty for this policy, or set filter_zero_advantage_prompts=False to keep them."
+                "use prompts of middling difficulty for this policy, or set filter_zero_advantage_prompts=False to "
+                "keep them."
             )
         attempt += 1
         new_prompts = [next(spares, None) or list(by_group[k][0]["prompt_ids"]) for k in dead]

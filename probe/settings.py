@@ -1,4 +1,5 @@
 """Settings of a probe run, as typed dataclasses (their docstrings are the CLI's --help)."""
+
 from __future__ import annotations
 
 import math
@@ -6,8 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from probe.statistics import INTEGRANDS
 from probe.snis import NORMALISATIONS
+from probe.statistics import INTEGRANDS
 from probe.update import PARTS as UPDATE_PARTS
 
 PARTS = (*UPDATE_PARTS, "baseline_plus_grad")  # the update's parts and the additivity check
@@ -75,8 +76,15 @@ class ProbeSettings:
             raise ValueError(f"unknown normalisation {self.normalisation!r}; choose one of {', '.join(NORMALISATIONS)}")
         bad = [e for e in self.etas if not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0)]
         if bad:
-            raise ValueError(f"probe.etas must be finite and > 0, got {bad}; give positive learning rates or leave empty for the default grid")
-        if self.n_etas < 1 or not (0 < self.eta_min_factor <= self.eta_max_factor) or not math.isfinite(self.eta_max_factor):
+            raise ValueError(
+                f"probe.etas must be finite and > 0, got {bad}; give positive learning rates or leave empty for the "
+                "default grid"
+            )
+        if (
+            self.n_etas < 1
+            or not (0 < self.eta_min_factor <= self.eta_max_factor)
+            or not math.isfinite(self.eta_max_factor)
+        ):
             raise ValueError(
                 f"an empty eta grid was asked for or the grid is malformed: n_etas={self.n_etas}, eta_min_factor="
                 f"{self.eta_min_factor}, eta_max_factor={self.eta_max_factor}. Fix: set probe.n_etas >= 1 and "
@@ -115,7 +123,9 @@ class PrecisionSettings:
 
     def __post_init__(self) -> None:
         if self.matmul_precision not in ("highest", "high", "medium"):
-            raise ValueError(f"precision.matmul_precision must be highest, high or medium, got {self.matmul_precision!r}")
+            raise ValueError(
+                f"precision.matmul_precision must be highest, high or medium, got {self.matmul_precision!r}"
+            )
 
     def apply(self) -> None:
         """Set torch's TF32 switches and float32 matmul precision for this process."""

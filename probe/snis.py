@@ -19,6 +19,7 @@ the formulas above. Per-group normalisation removes the prompt-to-prompt variati
 weights but each group's estimate carries the O(1/M_g) SNIS bias: use it with many samples
 per prompt only. Per-token, each group's ratio R_g - r_g is averaged with the same M_g / M.
 """
+
 from __future__ import annotations
 
 import math
@@ -61,9 +62,14 @@ class SNISConfig:
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {self.normalisation!r}; choose one of {', '.join(NORMALISATIONS)}")
         if self.truncation is not None and (not math.isfinite(self.truncation) or self.truncation < 0):
-            raise ValueError(f"truncation must be None, 0 (off) or a positive multiple of mean(w), got {self.truncation}")
+            raise ValueError(
+                f"truncation must be None, 0 (off) or a positive multiple of mean(w), got {self.truncation}"
+            )
         if self.truncation is not None and 0 < self.truncation < 1:
-            raise ValueError(f"truncation={self.truncation} < 1 would cap every weight below the mean; use c >= 1 (e.g. 10) or 0 to disable")
+            raise ValueError(
+                f"truncation={self.truncation} < 1 would cap every weight below the mean; use c >= 1 (e.g. 10) or 0 "
+                "to disable"
+            )
 
 
 def log_weights(base: SequenceStats, shifted: SequenceStats) -> Tensor:  # [M]
@@ -182,10 +188,14 @@ def snis_estimate(
     if M == 0:
         raise ValueError("the evaluation batch E is empty; sample at least one sequence")
     if len(shifted) != M:
-        raise ValueError(f"statistics at eta cover {len(shifted)} sequences but the base covers {M}; they must be of the same E")
+        raise ValueError(
+            f"statistics at eta cover {len(shifted)} sequences but the base covers {M}; they must be of the same E"
+        )
     if config.normalisation == "per_prompt":
         if groups is None:
-            raise ValueError("per_prompt normalisation needs the prompt group of every sequence of E: pass groups=batch.group")
+            raise ValueError(
+                "per_prompt normalisation needs the prompt group of every sequence of E: pass groups=batch.group"
+            )
         gid, G = group_ids(groups, M)
     else:
         gid, G = torch.zeros(M, dtype=torch.long), 1
@@ -197,7 +207,9 @@ def snis_estimate(
     T = base.lengths.double()  # [M]
     log_w = log_weights(base, shifted)  # [M] lambda_j
     if not torch.isfinite(log_w).all():
-        raise ValueError("non-finite log-weights: a sequence has zero probability at theta + eta * d; use a smaller eta")
+        raise ValueError(
+            "non-finite log-weights: a sequence has zero probability at theta + eta * d; use a smaller eta"
+        )
 
     shift = torch.full((G,), -math.inf, dtype=torch.float64, device=device).scatter_reduce(0, gid, log_w, "amax")
     w = torch.exp(log_w - shift[gid])  # [M] in (0, 1]
@@ -224,7 +236,9 @@ def snis_estimate(
     sum_wT = group_sum(w * T, gid, G)  # [G]
     sum_T = group_sum(T, gid, G)  # [G]
     if (sum_T == 0).any():
-        raise ValueError("a prompt group of E has no response tokens, so its per-token entropy is undefined; drop empty responses")
+        raise ValueError(
+            "a prompt group of E has no response tokens, so its per-token entropy is undefined; drop empty responses"
+        )
     R_g = group_sum(w * h, gid, G) / sum_wT  # [G]
     r_g = group_sum(h0, gid, G) / sum_T  # [G]
     delta_tok = (frac * (R_g - r_g)).sum()
@@ -302,7 +316,9 @@ def non_finite_result(M: int, *, integrand: str, eta: float, normalisation: str)
     """An all-NaN result: the point where theta + eta * d overflowed the model (reported, never a crash)."""
     scalars = {f.name: math.nan for f in fields(SNISResult) if f.name not in SNISResult._TENSORS}
     scalars.update(integrand=integrand, eta=float(eta), normalisation=normalisation, n_samples=M)
-    return SNISResult(**scalars, **{name: torch.full((M,), math.nan, dtype=torch.float64) for name in SNISResult._TENSORS})
+    return SNISResult(
+        **scalars, **{name: torch.full((M,), math.nan, dtype=torch.float64) for name in SNISResult._TENSORS}
+    )
 
 
 def snis_estimates(

@@ -86,7 +86,8 @@ class SequenceStats:
 
 
 def group_ids(groups: Sequence[Any] | Tensor | None, n: int) -> tuple[Tensor, int]:
-    """Integer id ``[n]`` of each sequence's prompt group (all zeros when ``groups`` is None) and the number of groups."""
+    """Integer id ``[n]`` of each sequence's prompt group (all zeros when ``groups`` is None), and the number of
+    groups."""
     if groups is None:
         return torch.zeros(n, dtype=torch.long), 1
     if isinstance(groups, Tensor):

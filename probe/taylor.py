@@ -1,4 +1,4 @@
-"""First- and second-order predictions of Delta H(eta) by forward-mode AD, DESIGN section 4.
+"""First- and second-order predictions of Delta H(eta) by forward-mode AD, docs/DESIGN.md section 4.
 
 Let F(eta) be the SNIS estimate of Delta H on E at theta + eta * d (no truncation, see
 ``probe.snis``). Its derivatives depend on the model only through the per-sequence Taylor
@@ -18,6 +18,7 @@ quadratic term reaches 10% of the linear one, |F''| eta^2 / 2 = 0.1 |F'| eta.
 Forward-mode AD needs the MATH SDPA kernel (flash / memory-efficient kernels have no
 forward AD); every JVP here runs under ``sdpa_kernel(SDPBackend.MATH)``.
 """
+
 from __future__ import annotations
 
 import math
@@ -107,7 +108,7 @@ def sequence_derivatives(
     with_entropy = forcing.with_entropy
 
     values, firsts, seconds = [], [], []
-    with torch.no_grad(), math_attention(), (nested_forward_ad() if order == 2 else nullcontext()):
+    with torch.no_grad(), math_attention(), nested_forward_ad() if order == 2 else nullcontext():
         for chunk in batch.chunks(forcing.batch_size):
             chunk = chunk.to(device)
 
@@ -131,9 +132,14 @@ def sequence_derivatives(
     second = None
     if order == 2:
         second = SequenceStats.cat(
-            [SequenceStats(ddl.double(), dde.double() if with_entropy else None, f.lengths) for (ddl, dde), f in zip(seconds, firsts)]
+            [
+                SequenceStats(ddl.double(), dde.double() if with_entropy else None, f.lengths)
+                for (ddl, dde), f in zip(seconds, firsts)
+            ]
         )
-    return SequenceDerivatives(eta=float(eta), value=SequenceStats.cat(values), first=SequenceStats.cat(firsts), second=second)
+    return SequenceDerivatives(
+        eta=float(eta), value=SequenceStats.cat(values), first=SequenceStats.cat(firsts), second=second
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +155,9 @@ def _delta_method(
     """Estimate sum_g (M_g/M) f(mean_g X), its SE and per-sample influence terms (SE^2 = sum terms^2)."""
     M = samples.shape[0]
     count = group_sum(torch.ones(M, dtype=samples.dtype, device=samples.device), gid, n_groups)  # [G]
-    means = torch.zeros(n_groups, samples.shape[1], dtype=samples.dtype, device=samples.device).index_add(0, gid, samples)
+    means = torch.zeros(n_groups, samples.shape[1], dtype=samples.dtype, device=samples.device).index_add(
+        0, gid, samples
+    )
     means = means / count[:, None]  # [G, k]
     values = vmap(f)(means)  # [G]
     grads = vmap(grad(f))(means)  # [G, k]
@@ -179,7 +187,9 @@ class FirstOrder:
     def to_dict(self, per_sequence: bool = False) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if not isinstance(getattr(self, f.name), Tensor)}
         if per_sequence:
-            out.update(contributions=self.contributions.tolist(), contributions_per_token=self.contributions_per_token.tolist())
+            out.update(
+                contributions=self.contributions.tolist(), contributions_per_token=self.contributions_per_token.tolist()
+            )
         return out
 
 
@@ -204,7 +214,9 @@ def first_order(
     """
     check_integrand(integrand)
     if derivs.eta != 0:
-        raise ValueError(f"first_order needs derivatives at eta = 0, got eta = {derivs.eta}; use snis_derivatives at other points")
+        raise ValueError(
+            f"first_order needs derivatives at eta = 0, got eta = {derivs.eta}; use snis_derivatives at other points"
+        )
     l1 = derivs.first.logprobs  # [M] l'_j
     h = derivs.value.integrand(integrand)  # [M]
     h1 = derivs.first.integrand(integrand)  # [M] h'_j
@@ -308,7 +320,9 @@ def snis_derivatives(
         return jvp(estimate, (s,), (torch.ones_like(s),))
 
     s0 = torch.zeros((), dtype=torch.float64, device=l.device)
-    ((value, value_tok), (first, first_tok)), (_, (second, second_tok)) = jvp(estimate_and_slope, (s0,), (torch.ones_like(s0),))
+    ((value, value_tok), (first, first_tok)), (_, (second, second_tok)) = jvp(
+        estimate_and_slope, (s0,), (torch.ones_like(s0),)
+    )
     first, first_tok = float(first), float(first_tok)
     second, second_tok = (float(second), float(second_tok)) if has_second else (math.nan, math.nan)
     return SecondOrder(

@@ -1,4 +1,4 @@
-"""Exact reconstruction of the next Adam/AdamW step and its per-sequence parts (DESIGN sections 2 and 4).
+"""Exact reconstruction of the next Adam/AdamW step and its per-sequence parts (docs/DESIGN.md sections 2 and 5).
 
 For every trained parameter p with optimizer state (m, v, step) the step that
 ``torch.optim.AdamW.step()`` / ``torch.optim.Adam.step()`` will take is ``lr_g * u`` with
@@ -21,6 +21,7 @@ step for every group at once and eta = ``Update.lr`` reproduces it.
 The reconstruction computes the gradient with one forward+backward over U (``torch.autograd.grad``,
 so ``.grad`` is never touched) and never writes to the model or the optimizer.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,9 +76,13 @@ class ReconstructionConfig:
         for name in ("autocast_dtype", "head_dtype", "parts_dtype"):
             resolve_dtype(getattr(self, name))  # an unknown dtype name is refused here, naming the key
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"reconstruction.max_grad_norm must be > 0 (or null: no clipping), got {self.max_grad_norm}")
+            raise ValueError(
+                f"reconstruction.max_grad_norm must be > 0 (or null: no clipping), got {self.max_grad_norm}"
+            )
         if self.microbatch_size is not None and self.microbatch_size < 1:
-            raise ValueError(f"reconstruction.microbatch_size must be >= 1 (or null: all of U), got {self.microbatch_size}")
+            raise ValueError(
+                f"reconstruction.microbatch_size must be >= 1 (or null: all of U), got {self.microbatch_size}"
+            )
 
 
 @dataclass
@@ -132,13 +137,18 @@ class Update:
 
     def save(self, path: str | Path) -> Path:
         """Write ``update.safetensors``: ``full.<name>``, ``baseline.<name>``, ``grad.<name>``
-        (DESIGN section 6) plus ``scale.<name>`` and the scalars as JSON metadata."""
+        (docs/DESIGN.md section 9) plus ``scale.<name>`` and the scalars as JSON metadata."""
         from safetensors.torch import save_file
 
         path = Path(path)
         tensors = {
             f"{part}.{name}": t.detach().contiguous().cpu()
-            for part, d in (("full", self.full), ("baseline", self.baseline), ("grad", self.grad), ("scale", self.scale))
+            for part, d in (
+                ("full", self.full),
+                ("baseline", self.baseline),
+                ("grad", self.grad),
+                ("scale", self.scale),
+            )
             for name, t in d.items()
         }
         meta = {
@@ -296,19 +306,27 @@ def adam_update(
     """``(baseline, grad, scale, lr_ref, group_lr)`` for every parameter that has a gradient."""
     names = [n for n in state.hyper if n in grads and grads[n] is not None]
     if not names:
-        raise ValueError("no trained parameter received a gradient; check that the loss depends on the optimizer's parameters")
+        raise ValueError(
+            "no trained parameter received a gradient; check that the loss depends on the optimizer's parameters"
+        )
     group_lr = {n: float(state.hyper[n].lr) for n in names}
     lr_ref = max(group_lr.values())
     if lr_ref < 0:
         raise ValueError(f"negative learning rate {lr_ref}; check the scheduler")
     if lr_ref == 0.0:
-        warnings.warn("every param group has lr = 0 (e.g. the first warmup step): the real step is zero; parts are per unit lr with lr_g/lr_ref taken as 1")
+        warnings.warn(
+            "every param group has lr = 0 (e.g. the first warmup step): the real step is zero; parts are per unit lr "
+            "with lr_g/lr_ref taken as 1",
+            stacklevel=2,
+        )
     baseline, grad, scale = {}, {}, {}
     for n in names:
         lr_scale = 1.0 if lr_ref == 0.0 else group_lr[n] / lr_ref
         p = params[n]
         dtype = parts_dtype or torch.promote_types(p.dtype, torch.float32)  # computed in the parts' dtype
-        sp = adam_step_parts(p, grads[n], state.state.get(n, ParamAdamState()), state.hyper[n], clip_coef, lr_scale, dtype)
+        sp = adam_step_parts(
+            p, grads[n], state.state.get(n, ParamAdamState()), state.hyper[n], clip_coef, lr_scale, dtype
+        )
         baseline[n], grad[n], scale[n] = sp.baseline, sp.grad, sp.scale
     return baseline, grad, scale, lr_ref, group_lr
 
@@ -387,7 +405,9 @@ def update_from_gradients(
     _check_state(params, state)
     names = [n for n in state.hyper if n in params and grads.get(n) is not None]
     if not names:
-        raise ValueError("no gradient for any parameter the optimizer holds; call this after backward() and before zero_grad()")
+        raise ValueError(
+            "no gradient for any parameter the optimizer holds; call this after backward() and before zero_grad()"
+        )
     g = {n: grads[n].detach() for n in names}
     _check_finite_gradients(g, grad_scale=None)
     if clipped:
@@ -400,8 +420,16 @@ def update_from_gradients(
             total, coef = clip_coefficient(list(g.values()), None)
         else:
             # the tensor clip_grad_norm_ returned keeps its dtype; a plain number is taken in the gradients' dtype
-            total = grad_norm.detach() if isinstance(grad_norm, Tensor) else torch.tensor(float(grad_norm), dtype=next(iter(g.values())).dtype)
-            coef = torch.clamp(float(max_grad_norm) / (total + 1e-6), max=1.0) if max_grad_norm is not None else torch.ones(())
+            total = (
+                grad_norm.detach()
+                if isinstance(grad_norm, Tensor)
+                else torch.tensor(float(grad_norm), dtype=next(iter(g.values())).dtype)
+            )
+            coef = (
+                torch.clamp(float(max_grad_norm) / (total + 1e-6), max=1.0)
+                if max_grad_norm is not None
+                else torch.ones(())
+            )
         clipped_grads = g
     else:
         total, coef = clip_coefficient(list(g.values()), max_grad_norm)
@@ -513,7 +541,9 @@ def reconstruct_update(
     grad_scale = grad_scaler if grad_scaler is not None else config.grad_scale
     autocast_dtype, head_dtype, parts_dtype = config.autocast_dtype, config.head_dtype, config.parts_dtype
     _require_autograd()
-    state = optimizer if isinstance(optimizer, AdamState) else AdamState.from_optimizer(unwrap_optimizer(optimizer), model)
+    state = (
+        optimizer if isinstance(optimizer, AdamState) else AdamState.from_optimizer(unwrap_optimizer(optimizer), model)
+    )
     params = _trained_parameters(model, state)
     device = next(iter(params.values())).device
     batch = _as_batch(batch, pad_token_id).to(device)
@@ -585,7 +615,9 @@ def per_sequence_gradients(
     rows = list(range(len(batch))) if indices is None else [int(i) for i in indices]
     bad = [i for i in rows if not 0 <= i < len(batch)]
     if bad:
-        raise ValueError(f"sequence indices {bad[:5]} are out of range for a batch of {len(batch)}; use 0..{len(batch) - 1}")
+        raise ValueError(
+            f"sequence indices {bad[:5]} are out of range for a batch of {len(batch)}; use 0..{len(batch) - 1}"
+        )
     scale_t = _grad_scale_tensor(update.grad_scale)
     chunk_size = max(1, int(chunk_size))
     for start in range(0, len(rows), chunk_size):
@@ -638,7 +670,9 @@ def per_sequence_inner_products(
     named = dict(model.named_parameters())
     unknown = [n for n in w if n not in named]
     if unknown:
-        raise ValueError(f"w has entries {unknown[:3]} that are not parameters of the model; key w by model.named_parameters() names")
+        raise ValueError(
+            f"w has entries {unknown[:3]} that are not parameters of the model; key w by model.named_parameters() names"
+        )
     names = [n for n in _update_names_in_model(update, named) if n in w]
     device = next(iter(named.values())).device
     batch = _as_batch(batch, pad_token_id).to(device)
@@ -688,7 +722,10 @@ def _trained_parameters(model: nn.Module, state: AdamState) -> dict[str, Tensor]
         )
     params = {n: named[n] for n in state.hyper if named[n].requires_grad}
     if not params:
-        raise ValueError("no parameter is both held by the optimizer and requires_grad; unfreeze the trained parameters (e.g. LoRA adapters)")
+        raise ValueError(
+            "no parameter is both held by the optimizer and requires_grad; unfreeze the trained parameters (e.g. "
+            "LoRA adapters)"
+        )
     _check_state(params, state)
     return params
 
@@ -709,9 +746,13 @@ def _check_state(params: Mapping[str, Tensor], state: AdamState) -> None:
                     "load the optimizer saved with this checkpoint"
                 )
         if st.step > 0 and (st.exp_avg is None or st.exp_avg_sq is None):
-            raise ValueError(f"optimizer state of {n!r} has step {st.step} but no exp_avg/exp_avg_sq; the state file is incomplete")
+            raise ValueError(
+                f"optimizer state of {n!r} has step {st.step} but no exp_avg/exp_avg_sq; the state file is incomplete"
+            )
         if state.hyper[n].amsgrad and st.step > 0 and st.max_exp_avg_sq is None:
-            raise ValueError(f"amsgrad is on but the state of {n!r} has no max_exp_avg_sq; the state file is incomplete")
+            raise ValueError(
+                f"amsgrad is on but the state of {n!r} has no max_exp_avg_sq; the state file is incomplete"
+            )
 
 
 def _check_batch(batch: SequenceBatch, loss: LossConfig) -> None:
@@ -721,7 +762,9 @@ def _check_batch(batch: SequenceBatch, loss: LossConfig) -> None:
             "(or compute group advantages from rewards before reconstructing the update)"
         )
     if loss.use_old_logprobs and batch.old_logprobs is None:
-        raise ValueError("loss.use_old_logprobs is on but U has no old_logprobs; add them to the rollouts or turn it off")
+        raise ValueError(
+            "loss.use_old_logprobs is on but U has no old_logprobs; add them to the rollouts or turn it off"
+        )
 
 
 def _check_finite_gradients(grads: Mapping[str, Tensor], grad_scale: Tensor | None) -> None:
@@ -754,7 +797,8 @@ def _warn_if_stochastic(model: nn.Module) -> None:
     if any(isinstance(m, nn.Dropout) and m.p > 0 and m.training for m in model.modules()):
         warnings.warn(
             "the model is in training mode with dropout > 0: the reconstructed gradient uses one random dropout "
-            "draw; call model.eval() (RL trainers normally disable dropout)"
+            "draw; call model.eval() (RL trainers normally disable dropout)",
+            stacklevel=2,
         )
 
 
@@ -772,7 +816,9 @@ def _update_names_in_model(update: Update, named: Mapping[str, Tensor]) -> list[
         raise ValueError("this Update has no scale (K); it was saved without one - reconstruct it again")
     missing = [n for n in update.scale if n not in named]
     if missing:
-        raise ValueError(f"update parameters {missing[:3]} are not in the model; use the model the update was built for")
+        raise ValueError(
+            f"update parameters {missing[:3]} are not in the model; use the model the update was built for"
+        )
     return list(update.scale)
 
 

@@ -45,8 +45,10 @@ def verify_step(policy: torch.nn.Module, update: Update, before: dict[str, Tenso
         magnitude = torch.maximum(p_old.abs(), p_new.abs())
         ulp = (torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude).double()
         c = 1e-12 if p_new.dtype == torch.float64 else 1e-6
-        terms = (update.baseline[n].to(device=device, dtype=torch.float64).abs()
-                 + update.grad[n].to(device=device, dtype=torch.float64).abs()) * update.lr  # fmt: skip
+        terms = (
+            update.baseline[n].to(device=device, dtype=torch.float64).abs()
+            + update.grad[n].to(device=device, dtype=torch.float64).abs()
+        ) * update.lr
         units = float((error / (2 * ulp + c * terms)).max())
         max_step_units = max(max_step_units, float((error / (2 * ulp + c * actual.abs())).max()))
         if worst is None or units > max_units:
@@ -54,6 +56,13 @@ def verify_step(policy: torch.nn.Module, update: Update, before: dict[str, Tenso
         error_sq, change_sq = error_sq + float(error.pow(2).sum()), change_sq + float(actual.pow(2).sum())
         max_abs = max(max_abs, float(error.max()))
         max_rel = max(max_rel, float(error.max() / actual.abs().max().clamp(min=1e-300)))
-    return {"max_units": max_units, "max_units_step_scale": max_step_units, "max_abs_error": max_abs,
-            "max_relative_error": max_rel, "relative_error": math.sqrt(error_sq / max(change_sq, 1e-300)), "worst_parameter": worst, "ok": max_units <= 1.0,
-            "n_parameters": len(update.full)}  # fmt: skip
+    return {
+        "max_units": max_units,
+        "max_units_step_scale": max_step_units,
+        "max_abs_error": max_abs,
+        "max_relative_error": max_rel,
+        "relative_error": math.sqrt(error_sq / max(change_sq, 1e-300)),
+        "worst_parameter": worst,
+        "ok": max_units <= 1.0,
+        "n_parameters": len(update.full),
+    }

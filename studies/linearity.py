@@ -15,6 +15,7 @@ function ``python -m probe analyze RUN_DIR`` uses.
 The policy runs in float64 (with float64 RMSNorm, ``probe.precision``) so that numerical error
 does not blur the smallest etas; the toy model is tiny, so this costs nothing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,6 +24,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +33,16 @@ import torch
 from probe.analyze import analyse_part, markdown_table, plot_linearity
 from probe.batch import collate
 from probe.loading import load_policy
+from probe.logprobs import TeacherForcing
 from probe.losses import LossConfig
 from probe.optim_loading import load_optimizer_state
 from probe.overrides import base_statistics, sweep
-from probe.sampling import sample_responses, sample_update_batch
+from probe.sampling import SamplingSettings, sample_responses, sample_update_batch
 from probe.snis import snis_estimate
 from probe.taylor import first_order, sequence_derivatives, snis_derivatives
 from probe.toy import task
 from probe.toy.world import build_toy_world
-from probe.update import reconstruct_update
+from probe.update import ReconstructionConfig, reconstruct_update
 
 PARTS = ("full", "baseline", "grad")
 INTEGRANDS = ("token_entropy", "logprob")
@@ -48,8 +51,9 @@ HERE = Path(__file__).resolve().parent
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -60,37 +64,44 @@ def run(args: argparse.Namespace) -> dict:
     world = build_toy_world()
     model, _ = load_policy(world, dtype=args.dtype)
     state = load_optimizer_state(str(world), model)
-    kw = dict(eos_token_id=task.EOS_ID, pad_token_id=task.PAD_ID, max_new_tokens=4, temperature=1.0)
+    ids = dict(eos_token_id=task.EOS_ID, pad_token_id=task.PAD_ID)
+    sampling = SamplingSettings(n_per_prompt=8, max_new_tokens=4, temperature=1.0, seed=0)
 
     update_records = sample_update_batch(
-        model, task.make_prompts(args.update_prompts, seed=0), reward_fn=task.reward_ids, n_per_prompt=8, seed=0, **kw
+        model, task.make_prompts(args.update_prompts, seed=0), sampling, reward_fn=task.reward_ids, **ids
     )
     U = collate(update_records, pad_token_id=task.PAD_ID)
-    update = reconstruct_update(model, state, U, LossConfig(agg_mode="seq-mean-token-mean"), max_grad_norm=1.0)
+    loss = LossConfig(agg_mode="seq-mean-token-mean")
+    update = reconstruct_update(model, state, U, loss, ReconstructionConfig(max_grad_norm=1.0))
     lr = update.lr
     eval_prompts = task.make_prompts(1000 + args.eval_prompts, seed=0)[1000:]  # held-out draw, as configs/toy.yaml
-    E = collate(sample_responses(model, eval_prompts, n_per_prompt=8, seed=1, **kw), pad_token_id=task.PAD_ID)
+    E = collate(sample_responses(model, eval_prompts, replace(sampling, seed=1), **ids), pad_token_id=task.PAD_ID)
     etas = (lr * np.geomspace(args.eta_min, args.eta_max, args.n_etas)).tolist()
     t_setup = time.perf_counter() - t0
 
-    chunk = dict(chunk_size=args.chunk_size)
-    base = base_statistics(model, E, with_entropy=True, **chunk)
+    forcing = TeacherForcing(with_entropy=True, batch_size=args.chunk_size)
+    base = base_statistics(model, E, forcing)
     directions = {p: update.parts()[p] for p in PARTS}
-    swept = sweep(model, E, directions, etas, base=base, with_entropy=True, **chunk)
+    swept = sweep(model, E, directions, etas, forcing, base=base)
     t_sweep = time.perf_counter() - t0 - t_setup
 
     out: dict = {}
     for integrand in INTEGRANDS:
         out[integrand] = {}
     for part in PARTS:
-        derivs = sequence_derivatives(model, E, directions[part], order=2, with_entropy=True, **chunk)
+        derivs = sequence_derivatives(model, E, directions[part], forcing, order=2)
         for integrand in INTEGRANDS:
             res = [snis_estimate(base, swept.at(part, j), integrand=integrand, eta=eta) for j, eta in enumerate(etas)]
             fo = first_order(derivs, integrand)
             so = snis_derivatives(derivs, base, integrand)
             lin = analyse_part(
-                part, etas, [r.delta_entropy for r in res], [r.delta_entropy_se for r in res], first_order=fo.slope,
-                ess_fraction=[r.ess_fraction for r in res], linear_radius=so.linear_radius,
+                part,
+                etas,
+                [r.delta_entropy for r in res],
+                [r.delta_entropy_se for r in res],
+                first_order=fo.slope,
+                ess_fraction=[r.ess_fraction for r in res],
+                linear_radius=so.linear_radius,
             ).to_dict()
             lin["first_order_se"] = fo.slope_se
             lin["second_order"] = so.second
@@ -102,26 +113,44 @@ def run(args: argparse.Namespace) -> dict:
     t_total = time.perf_counter() - t0
     return {
         "setup": {
-            "world": str(world.name), "dtype": args.dtype, "lr": lr, "etas": etas, "eta_over_lr": [e / lr for e in etas],
-            "n_update": len(U), "n_eval": len(E), "eval_tokens": int(E.target_mask.sum()),
+            "world": str(world.name),
+            "dtype": args.dtype,
+            "lr": lr,
+            "etas": etas,
+            "eta_over_lr": [e / lr for e in etas],
+            "n_update": len(U),
+            "n_eval": len(E),
+            "eval_tokens": int(E.target_mask.sum()),
             "update_mean_reward": float(np.mean([r["reward"] for r in update_records])),
-            "clip_coef": update.clip_coef, "norms": update.norms, "loss": "GRPO seq-mean-token-mean, max_grad_norm 1.0",
+            "clip_coef": update.clip_coef,
+            "norms": update.norms,
+            "loss": "GRPO seq-mean-token-mean, max_grad_norm 1.0",
         },
         "results": out,
         "timings_s": {"setup": t_setup, "sweep": t_sweep, "total": t_total},
-        "environment": {"python": sys.version.split()[0], "torch": torch.__version__, "platform": platform.platform(),
-                        "threads": args.threads, "commit": _commit(), "date": time.strftime("%Y-%m-%d")},
+        "environment": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "platform": platform.platform(),
+            "threads": args.threads,
+            "commit": _commit(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
     }
 
 
 def per_eta_table(part: dict, lr: float) -> str:
-    lines = ["| eta / lr | Delta H +- SE | first order | second order | gap / first order | gap / SE | ESS / M | agrees |",
-             "|---:|---:|---:|---:|---:|---:|---:|:---:|"]
+    lines = [
+        "| eta / lr | Delta H +- SE | first order | second order | gap / first order | gap / SE | ESS / M | agrees |",
+        "|---:|---:|---:|---:|---:|---:|---:|:---:|",
+    ]
     for j, eta in enumerate(part["etas"]):
         f = lambda x, s=".3e": "-" if x is None else format(x, s)  # noqa: E731
         lines.append(
-            f"| {eta / lr:.3g} | {f(part['delta_h'][j])} +- {f(part['se'][j], '.1e')} | {f(part['predicted_first'][j])} | "
-            f"{f(part['predicted_second'][j])} | {f(part['relative_gap'][j], '.3f')} | {f(part['gap_in_se'][j], '.2f')} | "
+            f"| {eta / lr:.3g} | {f(part['delta_h'][j])} +- {f(part['se'][j], '.1e')} | "
+            f"{f(part['predicted_first'][j])} | "
+            f"{f(part['predicted_second'][j])} | {f(part['relative_gap'][j], '.3f')} | "
+            f"{f(part['gap_in_se'][j], '.2f')} | "
             f"{f(part['ess_fraction'][j], '.3f')} | {'yes' if part['agrees'][j] else 'no'} |"
         )
     return "\n".join(lines)
@@ -135,8 +164,10 @@ def write(result: dict, out_dir: Path) -> None:
     md = [
         "# Linearity of Delta H(eta) on the toy world",
         "",
-        f"`python studies/linearity.py` (commit {env['commit']}, {env['date']}, torch {env['torch']}, {env['threads']} CPU thread(s), "
-        f"{result['timings_s']['total']:.0f} s). Policy: toy world `{s['world']}` in {s['dtype']}; U: {s['n_update']} sequences "
+        f"`python studies/linearity.py` (commit {env['commit']}, {env['date']}, torch {env['torch']}, "
+        f"{env['threads']} CPU thread(s), "
+        f"{result['timings_s']['total']:.0f} s). Policy: toy world `{s['world']}` in {s['dtype']}; U: "
+        f"{s['n_update']} sequences "
         f"(mean reward {s['update_mean_reward']:.2f}, {s['loss']}, clip coefficient {s['clip_coef']:.3f}); "
         f"E: {s['n_eval']} sequences ({s['eval_tokens']} response tokens); lr = {lr:g}; "
         f"{len(s['etas'])} etas from {s['eta_over_lr'][0]:g} x lr to {s['eta_over_lr'][-1]:g} x lr.",
@@ -147,21 +178,31 @@ def write(result: dict, out_dir: Path) -> None:
     for integrand in INTEGRANDS:
         analysis = {"parts": result["results"][integrand]}
         md += ["", f"## Integrand `{integrand}` (nats per sequence)", "", markdown_table(analysis)]
-    md += ["", "## Per eta (integrand `token_entropy`)", "",
-           "gap = |SNIS Delta H - first order|; 'gap / first order' is relative to |first order|."]
+    md += [
+        "",
+        "## Per eta (integrand `token_entropy`)",
+        "",
+        "gap = |SNIS Delta H - first order|; 'gap / first order' is relative to |first order|.",
+    ]
     for part in PARTS:
         md += ["", f"### {part}", "", per_eta_table(result["results"]["token_entropy"][part], lr)]
     (out_dir / "linearity.md").write_text("\n".join(md) + "\n")
     plot_linearity(
-        {"eval": f"toy world, E = {s['n_eval']} sequences, token_entropy", "units": "nats per sequence", "reference_eta": lr,
-         "parts": result["results"]["token_entropy"]},
+        {
+            "eval": f"toy world, E = {s['n_eval']} sequences, token_entropy",
+            "units": "nats per sequence",
+            "reference_eta": lr,
+            "parts": result["results"]["token_entropy"],
+        },
         out_dir / "linearity.png",
     )
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--eval-prompts", type=int, default=512, help="E: prompts (8 responses each); default 512 -> 4096 sequences")
+    ap.add_argument(
+        "--eval-prompts", type=int, default=512, help="E: prompts (8 responses each); default 512 -> 4096 sequences"
+    )
     ap.add_argument("--update-prompts", type=int, default=16, help="U: prompts (8 responses each)")
     ap.add_argument("--n-etas", type=int, default=12)
     ap.add_argument("--eta-min", type=float, default=1e-2, help="smallest eta as a multiple of lr")

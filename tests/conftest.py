@@ -41,7 +41,8 @@ def tiny_llama() -> Callable[..., Any]:
 
 @pytest.fixture(scope="session")
 def run_predict(toy_world_dir: Path) -> Callable[..., dict]:
-    """``run_predict(root, name, *extra, eval_prompts=12, ...)``: a small toy ``predict`` run in-process; its summary."""
+    """``run_predict(root, name, *extra, eval_prompts=12, ...)``: a small toy ``predict`` run, in-process; returns
+    its summary."""
     from probe.cli import main
 
     def run(root: Path, name: str, *extra: str, **sizes: int) -> dict:

@@ -19,7 +19,6 @@ import itertools
 from typing import Mapping, Sequence
 
 import torch
-from support import tiny_llama
 from torch import Tensor
 from torch.func import functional_call
 from transformers import LlamaForCausalLM
@@ -27,6 +26,8 @@ from transformers import LlamaForCausalLM
 from probe.batch import SequenceBatch, collate
 from probe.logprobs import TeacherForcing, teacher_force
 from probe.losses import LossConfig, normalisers, per_sequence_loss
+
+from support import tiny_llama
 
 EOS = 3
 VOCAB = 4

@@ -34,29 +34,54 @@ def predict_args(
     """``python -m probe predict`` arguments of a small toy run: U = 3 prompts x 4, E = ``eval_prompts`` x 4,
     ``n_etas`` etas, no logger and no progress bar, in ``<root>/<name>``; ``extra`` comes last (it wins)."""
     return [
-        "predict", "--config", TOY_CONFIG,
-        "--model.init_args.probe.n_etas", str(n_etas),
-        "--data.init_args.update.source.n_prompts", "3",
-        "--data.init_args.update.sampling.n_per_prompt", "4",
-        "--data.init_args.evals", eval_batch_arg(eval_prompts),
-        "--data.init_args.eval_batch_size", str(eval_batch_size),
-        "--trainer.logger", "false",
-        "--trainer.enable_progress_bar", "false",
-        "--model.init_args.run.root", str(root),
-        "--model.init_args.run.name", name,
+        "predict",
+        "--config",
+        TOY_CONFIG,
+        "--model.init_args.probe.n_etas",
+        str(n_etas),
+        "--data.init_args.update.source.n_prompts",
+        "3",
+        "--data.init_args.update.sampling.n_per_prompt",
+        "4",
+        "--data.init_args.evals",
+        eval_batch_arg(eval_prompts),
+        "--data.init_args.eval_batch_size",
+        str(eval_batch_size),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--model.init_args.run.root",
+        str(root),
+        "--model.init_args.run.name",
+        name,
         *extra,
-    ]  # fmt: skip
+    ]
 
 
 QUIET_FIT = [
-    "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
-]  # fmt: skip
+    "--trainer.logger",
+    "false",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+]
 
 
 def fit_args(root: Path | str, name: str, *extra: str) -> list[str]:
     """``python -m probe fit`` arguments of the toy GRPO config, quiet, in ``<root>/<name>``; ``extra`` last."""
-    return ["fit", "--config", GRPO_CONFIG, *QUIET_FIT, "--model.init_args.run.root", str(root),
-            "--model.init_args.run.name", name, *extra]  # fmt: skip
+    return [
+        "fit",
+        "--config",
+        GRPO_CONFIG,
+        *QUIET_FIT,
+        "--model.init_args.run.root",
+        str(root),
+        "--model.init_args.run.name",
+        name,
+        *extra,
+    ]
 
 
 def read_summary(run: Path) -> dict[str, Any]:

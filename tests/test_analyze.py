@@ -5,6 +5,7 @@ c * eta^p (the fit must return p, log c and R^2 = 1 to rounding), a line plus a 
 term s eta + q eta^2 (its relative gap to the line is |q eta / s|, so the first eta past 10%
 is known), and numpy's own least squares (``np.polyfit``) for the slope's standard error.
 """
+
 from __future__ import annotations
 
 import json
@@ -150,10 +151,14 @@ def _summary(etas: np.ndarray, status: str = "complete") -> dict:
     def part(scale: float) -> dict:
         dh = scale * (s * etas + q * etas**2)
         return {
-            "delta_h": dh.tolist(), "se": (0.02 * np.abs(dh)).tolist(),
-            "delta_h_per_token": (dh / 2).tolist(), "se_per_token": (0.02 * np.abs(dh) / 2).tolist(),
-            "first_order": scale * s, "first_order_per_token": scale * s / 2,
-            "ess_fraction": np.linspace(1.0, 0.2, len(etas)).tolist(), "linear_radius": 0.2 * 75 / (2 * q),
+            "delta_h": dh.tolist(),
+            "se": (0.02 * np.abs(dh)).tolist(),
+            "delta_h_per_token": (dh / 2).tolist(),
+            "se_per_token": (0.02 * np.abs(dh) / 2).tolist(),
+            "first_order": scale * s,
+            "first_order_per_token": scale * s / 2,
+            "ess_fraction": np.linspace(1.0, 0.2, len(etas)).tolist(),
+            "linear_radius": 0.2 * 75 / (2 * q),
         }
 
     parts = {"full": part(1.0), "grad": part(0.5)}
@@ -161,8 +166,10 @@ def _summary(etas: np.ndarray, status: str = "complete") -> dict:
         "schema_version": 1,
         "plan": {"etas": etas.tolist(), "integrand": "token_entropy", "reference_eta": 3e-4, "n_eval_sequences": [64]},
         "aggregate": parts,
-        "evals": [{"name": "eval_00", "n_sequences": 64, "parts": parts},
-                  {"name": "eval_01", "n_sequences": 32, "parts": {"full": part(-1.0)}}],
+        "evals": [
+            {"name": "eval_00", "n_sequences": 64, "parts": parts},
+            {"name": "eval_01", "n_sequences": 32, "parts": {"full": part(-1.0)}},
+        ],
         "status": status,
     }
 
@@ -186,7 +193,9 @@ def test_cli_writes_analysis_json_and_plot_for_a_run_directory(run_dir: Path, ca
     expected = ETAS[(2.0e5 * ETAS / 75.0) > 3 * 0.02 * np.abs(1 + 2.0e5 * ETAS / -75.0)][0]
     assert full["departure_eta"] == pytest.approx(expected) and expected < ETAS[ETAS > eta_star][0]
     assert full["reference"] == "first_order" and full["linear_radius"] == pytest.approx(0.2 * 75 / 4e5)
-    assert analysis["parts"]["grad"]["departure_eta"] == pytest.approx(expected)  # scaling Delta H leaves the bend in place
+    assert analysis["parts"]["grad"]["departure_eta"] == pytest.approx(
+        expected
+    )  # scaling Delta H leaves the bend in place
     assert analysis["units"] == "nats per sequence" and analysis["n_sequences"] == 64
 
 
@@ -226,7 +235,12 @@ def test_cli_rejects_an_out_of_range_eval_and_unknown_parts(run_dir: Path, capsy
 
 def test_python_dash_m_probe_analyze_dispatches_before_lightning_cli(run_dir: Path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.run([sys.executable, "-m", "probe", "analyze", str(run_dir), "--no-plot"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "probe", "analyze", str(run_dir), "--no-plot"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "| full |" in proc.stdout and (run_dir / "analysis.json").is_file()

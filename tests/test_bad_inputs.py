@@ -6,6 +6,7 @@ in the summary and the table instead. The catalogue with the real messages is do
 Most cases call the CLI in-process (``probe.cli.main``: an exception, or ``SystemExit(2)`` for a
 config the parser refuses); a few run ``python -m probe`` as a subprocess and check the exit code.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ import torch
 
 from probe.cli import check_gpu_request, main
 from probe.settings import ProbeSettings
+
 from support import REPO, predict_args
 
 
@@ -113,7 +115,9 @@ def files(tmp_path_factory, toy_world_dir: Path, tiny_llama) -> dict[str, str]:
 
     (root / "misspelt.yaml").write_text("model:\n  init_args:\n    probe:\n      n_eta: 3\n")
     out["misspelt_yaml"] = str(root / "misspelt.yaml")
-    (root / "constant_reward_for_probe_tests.py").write_text("def reward(prompt, response, answer=None):\n    return 1.0\n")
+    (root / "constant_reward_for_probe_tests.py").write_text(
+        "def reward(prompt, response, answer=None):\n    return 1.0\n"
+    )
     out["dir"] = str(root)
     return out
 
@@ -126,57 +130,215 @@ U, E = "--data.init_args.update.path", "--data.init_args.evals"
 U_OK = (U, "{update_ok}")
 REFUSED = [
     # policy, tokenizer, adapter
-    pytest.param([P, "{nowhere}"], FileNotFoundError, r"policy directory .* does not exist.*download the model first", id="policy-dir-missing"),
-    pytest.param([P, "{no_weights}"], FileNotFoundError, r"no model weights in .*save them with model.save_pretrained", id="policy-weights-missing"),
-    pytest.param([P, "{corrupt_weights}"], ValueError, r"could not load the model in .*SafetensorError.*corrupt.*Fix: copy the checkpoint again", id="policy-weights-corrupt"),
-    pytest.param([P, "{corrupt_config}"], ValueError, r"config.json is not valid JSON.*corrupt. Fix: copy it again", id="policy-config-corrupt"),
-    pytest.param([P, "{no_tokenizer}"], FileNotFoundError, r"no tokenizer in .*tokenizer.save_pretrained", id="tokenizer-missing"),
-    pytest.param([P, "{corrupt_tokenizer}"], ValueError, r"could not load the tokenizer in .*corrupt.*Fix: copy the tokenizer files again", id="tokenizer-corrupt"),
-    pytest.param([A, "{nowhere}"], FileNotFoundError, r"adapter directory .* does not exist; pass the local directory", id="adapter-missing"),
-    pytest.param([A, "{corrupt_adapter}"], ValueError, r"could not load the PEFT adapter in .*corrupt.*Fix: copy the adapter again", id="adapter-corrupt"),
+    pytest.param(
+        [P, "{nowhere}"],
+        FileNotFoundError,
+        r"policy directory .* does not exist.*download the model first",
+        id="policy-dir-missing",
+    ),
+    pytest.param(
+        [P, "{no_weights}"],
+        FileNotFoundError,
+        r"no model weights in .*save them with model.save_pretrained",
+        id="policy-weights-missing",
+    ),
+    pytest.param(
+        [P, "{corrupt_weights}"],
+        ValueError,
+        r"could not load the model in .*SafetensorError.*corrupt.*Fix: copy the checkpoint again",
+        id="policy-weights-corrupt",
+    ),
+    pytest.param(
+        [P, "{corrupt_config}"],
+        ValueError,
+        r"config.json is not valid JSON.*corrupt. Fix: copy it again",
+        id="policy-config-corrupt",
+    ),
+    pytest.param(
+        [P, "{no_tokenizer}"], FileNotFoundError, r"no tokenizer in .*tokenizer.save_pretrained", id="tokenizer-missing"
+    ),
+    pytest.param(
+        [P, "{corrupt_tokenizer}"],
+        ValueError,
+        r"could not load the tokenizer in .*corrupt.*Fix: copy the tokenizer files again",
+        id="tokenizer-corrupt",
+    ),
+    pytest.param(
+        [A, "{nowhere}"],
+        FileNotFoundError,
+        r"adapter directory .* does not exist; pass the local directory",
+        id="adapter-missing",
+    ),
+    pytest.param(
+        [A, "{corrupt_adapter}"],
+        ValueError,
+        r"could not load the PEFT adapter in .*corrupt.*Fix: copy the adapter again",
+        id="adapter-corrupt",
+    ),
     # optimizer state
-    pytest.param([P, "{no_optimizer}"], FileNotFoundError, r"optimizer state not found: directory .* holds no optimizer.pt", id="optimizer-missing"),
-    pytest.param([P, "{corrupt_optimizer}"], ValueError, r"could not read .*optimizer.pt with torch.load .*corrupt.*Fix: copy it again", id="optimizer-corrupt"),
-    pytest.param([P, "{other_models_optimizer}"], ValueError, r"\(hf_trainer, 12 parameters .*does not fit the model \(21 parameters.*Fix: set optimizer.param_order", id="optimizer-of-another-model"),
-    pytest.param([O, "{{path: {toy}, param_order: {reversed_order}}}"], ValueError,
-                 r"param_order=names from .*reversed_order.txt: parameter .* has shape .*Fix: set optimizer.param_order", id="parameter-order-mismatch"),
+    pytest.param(
+        [P, "{no_optimizer}"],
+        FileNotFoundError,
+        r"optimizer state not found: directory .* holds no optimizer.pt",
+        id="optimizer-missing",
+    ),
+    pytest.param(
+        [P, "{corrupt_optimizer}"],
+        ValueError,
+        r"could not read .*optimizer.pt with torch.load .*corrupt.*Fix: copy it again",
+        id="optimizer-corrupt",
+    ),
+    pytest.param(
+        [P, "{other_models_optimizer}"],
+        ValueError,
+        r"\(hf_trainer, 12 parameters .*does not fit the model \(21 parameters.*Fix: set optimizer.param_order",
+        id="optimizer-of-another-model",
+    ),
+    pytest.param(
+        [O, "{{path: {toy}, param_order: {reversed_order}}}"],
+        ValueError,
+        r"param_order=names from .*reversed_order.txt: parameter .* has shape .*Fix: set optimizer.param_order",
+        id="parameter-order-mismatch",
+    ),
     # rollout files
-    pytest.param([U, "{empty}"], ValueError, r"empty.jsonl: the file holds no rollouts .*Fix: check that the writer finished", id="update-batch-empty"),
-    pytest.param([*U_OK, E, "[{{path: {empty}}}]"], ValueError, r"empty.jsonl: the file holds no rollouts", id="eval-batch-empty"),
-    pytest.param([*U_OK, E, "[]"], ValueError, r"data.evals is empty: give at least one evaluation batch", id="no-eval-batch"),
-    pytest.param([U, "{update_empty_response}"], ValueError, r"line 2: 'response_ids' is empty .*Fix: drop empty responses", id="response-empty"),
-    pytest.param([*U_OK, E, "[{{path: {eval_out_of_vocabulary}}}]"], ValueError,
-                 r"line 2: field 'response_ids' holds token id 99, outside the model's vocabulary \(vocab_size=16.*re-tokenize", id="token-id-outside-vocabulary"),
-    pytest.param([U, "{update_nan_advantage}"], ValueError, r"line 2: 'advantage' is nan \(not finite\). Fix:", id="advantage-nan"),
-    pytest.param([U, "{update_infinite_advantage}"], ValueError, r"line 2: 'advantage' is inf \(not finite\). Fix:", id="advantage-infinite"),
-    pytest.param([U, "{update_truncated}"], ValueError, r"line 5: the last line is not valid JSON .*looks truncated.*Fix: delete the last line", id="rollout-last-line-truncated"),
-    pytest.param([*U_OK, E, "[{{path: {eval_top_p}}}]"], ValueError, r"eval_top_p.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation.*Fix:", id="eval-file-top-p"),
+    pytest.param(
+        [U, "{empty}"],
+        ValueError,
+        r"empty.jsonl: the file holds no rollouts .*Fix: check that the writer finished",
+        id="update-batch-empty",
+    ),
+    pytest.param(
+        [*U_OK, E, "[{{path: {empty}}}]"], ValueError, r"empty.jsonl: the file holds no rollouts", id="eval-batch-empty"
+    ),
+    pytest.param(
+        [*U_OK, E, "[]"], ValueError, r"data.evals is empty: give at least one evaluation batch", id="no-eval-batch"
+    ),
+    pytest.param(
+        [U, "{update_empty_response}"],
+        ValueError,
+        r"line 2: 'response_ids' is empty .*Fix: drop empty responses",
+        id="response-empty",
+    ),
+    pytest.param(
+        [*U_OK, E, "[{{path: {eval_out_of_vocabulary}}}]"],
+        ValueError,
+        r"line 2: field 'response_ids' holds token id 99, outside the model's vocabulary \(vocab_size=16.*re-tokenize",
+        id="token-id-outside-vocabulary",
+    ),
+    pytest.param(
+        [U, "{update_nan_advantage}"],
+        ValueError,
+        r"line 2: 'advantage' is nan \(not finite\). Fix:",
+        id="advantage-nan",
+    ),
+    pytest.param(
+        [U, "{update_infinite_advantage}"],
+        ValueError,
+        r"line 2: 'advantage' is inf \(not finite\). Fix:",
+        id="advantage-infinite",
+    ),
+    pytest.param(
+        [U, "{update_truncated}"],
+        ValueError,
+        r"line 5: the last line is not valid JSON .*looks truncated.*Fix: delete the last line",
+        id="rollout-last-line-truncated",
+    ),
+    pytest.param(
+        [*U_OK, E, "[{{path: {eval_top_p}}}]"],
+        ValueError,
+        r"eval_top_p.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation.*Fix:",
+        id="eval-file-top-p",
+    ),
     # sampling
-    pytest.param(["--data.init_args.update.reward", "constant_reward_for_probe_tests:reward",
-                  "--data.init_args.update.max_resample_attempts", "1"], ValueError,
-                 r"3 of 3 prompt groups still have all advantages .* after 1 resampling attempts.*Fix: raise max_resample_attempts", id="all-zero-advantages-after-resampling"),
-    pytest.param([E, "[{{sampling: {{top_p: 0.9}}}}]"], ValueError, r"evaluation batch sampled with top_p=0.9.*Fix: remove top_p/top_k for E", id="eval-top-p"),
-    pytest.param([E, "[{{sampling: {{top_k: 5}}}}]"], ValueError, r"evaluation batch sampled with top_p=None, top_k=5.*Fix:", id="eval-top-k"),
-    pytest.param([E, "[{{sampling: {{temperature: 0}}}}]"], ValueError,
-                 r"sampling temperature must be > 0, got 0.0: greedy decoding .*use a small positive temperature", id="eval-temperature-0"),
+    pytest.param(
+        [
+            "--data.init_args.update.reward",
+            "constant_reward_for_probe_tests:reward",
+            "--data.init_args.update.max_resample_attempts",
+            "1",
+        ],
+        ValueError,
+        r"3 of 3 prompt groups still have all advantages .* after 1 resampling attempts.*Fix: raise "
+        r"max_resample_attempts",
+        id="all-zero-advantages-after-resampling",
+    ),
+    pytest.param(
+        [E, "[{{sampling: {{top_p: 0.9}}}}]"],
+        ValueError,
+        r"evaluation batch sampled with top_p=0.9.*Fix: remove top_p/top_k for E",
+        id="eval-top-p",
+    ),
+    pytest.param(
+        [E, "[{{sampling: {{top_k: 5}}}}]"],
+        ValueError,
+        r"evaluation batch sampled with top_p=None, top_k=5.*Fix:",
+        id="eval-top-k",
+    ),
+    pytest.param(
+        [E, "[{{sampling: {{temperature: 0}}}}]"],
+        ValueError,
+        r"sampling temperature must be > 0, got 0.0: greedy decoding .*use a small positive temperature",
+        id="eval-temperature-0",
+    ),
     # settings
-    pytest.param(["--model.init_args.probe.etas", "[0.001, -0.001]"], ValueError, r"probe.etas must be finite and > 0, got \[-0.001\]", id="eta-negative"),
-    pytest.param(["--model.init_args.probe.n_etas", "0"], ValueError, r"an empty eta grid was asked for.*n_etas=0.*Fix: set probe.n_etas >= 1", id="eta-grid-empty"),
-    pytest.param(["--model.init_args.probe.parts", "[full, gradient]"], ValueError, r"unknown part\(s\) \['gradient'\]; choose from full, baseline, grad", id="unknown-part"),
-    pytest.param(["--model.init_args.probe.etas", "[0.0003, 1e39]"], ValueError,
-                 r"probe.etas reaches 1e\+39, beyond the largest number .*\(3.4e\+38\).*Fix: use smaller etas", id="eta-beyond-the-dtype"),
+    pytest.param(
+        ["--model.init_args.probe.etas", "[0.001, -0.001]"],
+        ValueError,
+        r"probe.etas must be finite and > 0, got \[-0.001\]",
+        id="eta-negative",
+    ),
+    pytest.param(
+        ["--model.init_args.probe.n_etas", "0"],
+        ValueError,
+        r"an empty eta grid was asked for.*n_etas=0.*Fix: set probe.n_etas >= 1",
+        id="eta-grid-empty",
+    ),
+    pytest.param(
+        ["--model.init_args.probe.parts", "[full, gradient]"],
+        ValueError,
+        r"unknown part\(s\) \['gradient'\]; choose from full, baseline, grad",
+        id="unknown-part",
+    ),
+    pytest.param(
+        ["--model.init_args.probe.etas", "[0.0003, 1e39]"],
+        ValueError,
+        r"probe.etas reaches 1e\+39, beyond the largest number .*\(3.4e\+38\).*Fix: use smaller etas",
+        id="eta-beyond-the-dtype",
+    ),
     # hardware
-    pytest.param(["--trainer.accelerator", "gpu"], ValueError, r"--trainer.accelerator gpu asks for a GPU but torch sees none.*Fix: run on CPU", id="gpu-without-gpu"),
-    pytest.param(["--trainer.accelerator", "gpu", "--trainer.devices", "2"], ValueError, r"asks for a GPU but torch sees none", id="two-gpus-without-gpu"),
+    pytest.param(
+        ["--trainer.accelerator", "gpu"],
+        ValueError,
+        r"--trainer.accelerator gpu asks for a GPU but torch sees none.*Fix: run on CPU",
+        id="gpu-without-gpu",
+    ),
+    pytest.param(
+        ["--trainer.accelerator", "gpu", "--trainer.devices", "2"],
+        ValueError,
+        r"asks for a GPU but torch sees none",
+        id="two-gpus-without-gpu",
+    ),
 ]
 if torch.cuda.is_available():  # on a GPU machine these two are not bad input
     REFUSED = [p for p in REFUSED if "gpu" not in p.id]
 
 PARSER_REFUSED = [  # refused by the config parser: SystemExit(2), the message on stderr
-    pytest.param(["--model.init_args.probe.n_etass", "3"], r"unrecognized arguments: --probe.n_etass=3", id="misspelt-key"),
-    pytest.param(["--config", "{misspelt_yaml}"], r"Group 'probe' does not accept option 'n_eta'", id="misspelt-key-in-yaml"),
-    pytest.param(["--model.init_args.probe.etas", "[.nan]"], r'Parser key "probe.etas":\s+Expected a <class .float.>. Got value: nan', id="eta-nan"),
-    pytest.param(["--model.init_args.probe.etas", "[.inf]"], r'Parser key "probe.etas":\s+Expected a <class .float.>. Got value: inf', id="eta-infinite"),
+    pytest.param(
+        ["--model.init_args.probe.n_etass", "3"], r"unrecognized arguments: --probe.n_etass=3", id="misspelt-key"
+    ),
+    pytest.param(
+        ["--config", "{misspelt_yaml}"], r"Group 'probe' does not accept option 'n_eta'", id="misspelt-key-in-yaml"
+    ),
+    pytest.param(
+        ["--model.init_args.probe.etas", "[.nan]"],
+        r'Parser key "probe.etas":\s+Expected a <class .float.>. Got value: nan',
+        id="eta-nan",
+    ),
+    pytest.param(
+        ["--model.init_args.probe.etas", "[.inf]"],
+        r'Parser key "probe.etas":\s+Expected a <class .float.>. Got value: inf',
+        id="eta-infinite",
+    ),
 ]
 
 
@@ -240,7 +402,10 @@ def test_a_huge_eta_is_reported_as_non_finite_not_a_crash(huge_eta_run):
     assert non_finite, "theta + 3e38 * d overflows float32 for some part"
     for part, j in non_finite:
         assert j == 2 and parts[part]["delta_h"][j] is None and parts[part]["non_finite_sequences"][j] > 0
-        assert any(w.startswith(f"{part} at eta=3e+38:") and "non-finite log-probs" in w for w in summary["evals"][0]["warnings"])
+        assert any(
+            w.startswith(f"{part} at eta=3e+38:") and "non-finite log-probs" in w
+            for w in summary["evals"][0]["warnings"]
+        )
     assert all(res["finite"][0] and res["non_finite_sequences"][0] == 0 for res in parts.values())
     assert "non-finite" in table
     assert (run / "per_sequence" / non_finite[0][0] / "eta_2.npy").is_file()
@@ -260,7 +425,9 @@ def test_collapsed_ess_is_reported_in_the_summary_and_the_table(huge_eta_run):
 def test_an_existing_finished_run_directory_is_refused(huge_eta_run):
     run, _, _ = huge_eta_run
     before = (run / "summary.json").read_bytes()
-    with pytest.raises(FileExistsError, match=r"already holds a finished run .*choose another --run.name, or pass --run.overwrite=true"):
+    with pytest.raises(
+        FileExistsError, match=r"already holds a finished run .*choose another --run.name, or pass --run.overwrite=true"
+    ):
         main(probe_args(run.parent, run.name))
     assert (run / "summary.json").read_bytes() == before
 
@@ -272,8 +439,9 @@ def test_an_existing_finished_run_directory_is_refused(huge_eta_run):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "probe", *args], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "probe", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
 
 
 def test_a_missing_policy_exits_with_status_1_and_the_message(files, tmp_path):

@@ -4,6 +4,7 @@ Two runs of ``python -m probe predict`` (in-process, two run directories) sample
 and E, reconstruct the same update and report identical numbers: every number of the
 summary (except timings), every array, the saved update and the rollout files.
 """
+
 from __future__ import annotations
 
 import json

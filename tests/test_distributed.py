@@ -5,6 +5,7 @@ LightningCLI re-launches `python -m probe` for the second rank. Each rank teache
 share of E; the per-sequence rows are gathered once at epoch end and sorted by index, so the
 estimates must match a single process to float rounding (1e-6 relative).
 """
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,12 @@ from support import REPO, predict_args
 def probe_cli(root: Path, name: str, *extra: str) -> dict:
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("PROBE_RUN_NAME", None)
-    args = predict_args(root, name, "--model.init_args.probe.eval_update_matrix", "false", *extra, eval_prompts=10,
-                        eval_batch_size=8)
-    out = subprocess.run([sys.executable, "-m", "probe", *args], capture_output=True, text=True, cwd=REPO, env=env,
-                         timeout=600)
+    args = predict_args(
+        root, name, "--model.init_args.probe.eval_update_matrix", "false", *extra, eval_prompts=10, eval_batch_size=8
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "probe", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((root / name / "summary.json").read_text())
 

@@ -61,8 +61,9 @@ def test_the_engine_called_directly_gives_the_numbers_of_the_predict_run(float64
             np.testing.assert_allclose(got["parts"][part][key], value, rtol=1e-10, atol=1e-13, err_msg=f"{part} {key}")
     assert got["attribution"]["sum"] == pytest.approx(want["attribution"]["sum"], rel=1e-10)
     np.testing.assert_allclose(result.arrays["attributions"], np.load(run / "attributions.npy"), rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(result.arrays["eval_delta_matrix"], np.load(run / "eval_delta_matrix.npy"),
-                               rtol=1e-9, atol=1e-14)
+    np.testing.assert_allclose(
+        result.arrays["eval_delta_matrix"], np.load(run / "eval_delta_matrix.npy"), rtol=1e-9, atol=1e-14
+    )
 
 
 @pytest.mark.parametrize("order", ["reversed", "shuffled"])
@@ -80,13 +81,17 @@ def test_the_order_of_the_callbacks_does_not_change_the_summary(order, float64_r
 
     monkeypatch.setattr(ProbeModule, "configure_callbacks", permuted)
     run, reference = float64_run
-    files = [f"--data.init_args.update.path={run / 'rollouts' / 'update.jsonl'}",
-             f"--data.init_args.evals=[{{path: {run / 'rollouts' / 'eval_00.jsonl'}}}]"]
+    files = [
+        f"--data.init_args.update.path={run / 'rollouts' / 'update.jsonl'}",
+        f"--data.init_args.evals=[{{path: {run / 'rollouts' / 'eval_00.jsonl'}}}]",
+    ]
     summary = run_predict(tmp_path, order, "--model.init_args.policy.dtype", "float64", *files)
     assert summary["status"] == "complete"
     assert numbers_of(summary)["evals"] == numbers_of(reference)["evals"]
     assert numbers_of(summary)["update"] == numbers_of(reference)["update"]
-    assert sorted(p.name for p in (tmp_path / order / "plots").iterdir()) == sorted(p.name for p in (run / "plots").iterdir())
+    assert sorted(p.name for p in (tmp_path / order / "plots").iterdir()) == sorted(
+        p.name for p in (run / "plots").iterdir()
+    )
 
 
 def test_a_stage_whose_input_is_missing_names_the_stage_that_provides_it(tmp_path, run_predict, monkeypatch):
@@ -95,7 +100,9 @@ def test_a_stage_whose_input_is_missing_names_the_stage_that_provides_it(tmp_pat
 
     default = ProbeModule.configure_callbacks
     monkeypatch.setattr(
-        ProbeModule, "configure_callbacks", lambda self: [c for c in default(self) if not isinstance(c, UpdateReconstruction)]
+        ProbeModule,
+        "configure_callbacks",
+        lambda self: [c for c in default(self) if not isinstance(c, UpdateReconstruction)],
     )
     with pytest.raises(RuntimeError, match=r"has no 'plan' yet: it is provided by callbacks.UpdateReconstruction"):
         run_predict(tmp_path, "missing")

@@ -5,6 +5,7 @@ The reward is measured exactly (no sampling noise): the toy task has one correct
 so the expected reward over all 100 problems is the mean probability of the correct answers
 (``probe.toy.world.expected_reward``).
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,13 @@ STEPS = 12
 def trained(tmp_path_factory, run_fit) -> Path:
     """A 12-step GRPO run without the live probe (``--trainer.callbacks []``), checkpointed at the end."""
     root = tmp_path_factory.mktemp("grpo")
-    extra = ("--trainer.callbacks", "[]", "--trainer.max_steps", str(STEPS), "--model.init_args.checkpoint_every_n_steps")
+    extra = (
+        "--trainer.callbacks",
+        "[]",
+        "--trainer.max_steps",
+        str(STEPS),
+        "--model.init_args.checkpoint_every_n_steps",
+    )
     return run_fit(root, "run", *extra, "0")
 
 
@@ -63,12 +70,20 @@ def test_the_lightning_checkpoint_maps_to_the_saved_policy_like_torch_itself(tra
     assert loaded.hyper[next(iter(loaded.hyper))].lr == pytest.approx(1e-4)
     for n, st in truth.state.items():
         assert loaded.state[n].step == st.step == STEPS
-        assert torch.equal(loaded.state[n].exp_avg, st.exp_avg) and torch.equal(loaded.state[n].exp_avg_sq, st.exp_avg_sq)
+        assert torch.equal(loaded.state[n].exp_avg, st.exp_avg) and torch.equal(
+            loaded.state[n].exp_avg_sq, st.exp_avg_sq
+        )
 
 
 def test_the_run_directory_holds_config_checkpoints_and_policy(trained):
-    for name in ("config.yaml", "checkpoints/last.ckpt", "policy/config.json", "policy/model.safetensors",
-                 "policy/tokenizer.json", "policy/probe_fit.json"):
+    for name in (
+        "config.yaml",
+        "checkpoints/last.ckpt",
+        "policy/config.json",
+        "policy/model.safetensors",
+        "policy/tokenizer.json",
+        "policy/probe_fit.json",
+    ):
         assert (trained / name).is_file(), name
 
 
@@ -109,7 +124,9 @@ def _rollout(policy, tokenizer, reward, mode, attempts=2):
 
     settings = RolloutSettings(n_per_prompt=4, zero_advantage=mode, max_resample_attempts=attempts)
     prompts = make_prompts(3, seed=0)
-    return sample_rollout(policy, tokenizer, prompts, [10, 11, 12], [None] * 3, settings, seed=0, rollout=0, reward_fn=reward)
+    return sample_rollout(
+        policy, tokenizer, prompts, [10, 11, 12], [None] * 3, settings, seed=0, rollout=0, reward_fn=reward
+    )
 
 
 @pytest.mark.parametrize("mode, kept, attempts", [("keep", 12, 0), ("drop", 0, 0), ("resample", 0, 3 * 2)])

@@ -6,6 +6,7 @@ the batch in hand and exits with 143; SIGKILL: it dies at once). The same comman
 again (in-process, same ``run.name``): it must recompute only the batches that were not written
 and end with the summary numbers and arrays of an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,6 +22,7 @@ import pytest
 
 import probe.module
 from probe.cli import main
+
 from support import REPO, predict_args
 
 N_BATCHES = 12  # E: 12 prompts x 4 responses = 48 sequences, 4 per batch

@@ -6,6 +6,7 @@ reported loudly, the module's declared per-sequence losses explain its real grad
 sum to the gradient part's first order), the prediction at eta = lr agrees with the change measured on
 fresh samples of the new policy, and a two-process DDP run gives the numbers of one process.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,17 +21,31 @@ import pytest
 from support import REPO, fit_args
 
 QUIET = [
-    "--model.init_args.checkpoint_every_n_steps", "-1", "--trainer.enable_checkpointing", "false",
-    "--model.init_args.save_policy", "false",
+    "--model.init_args.checkpoint_every_n_steps",
+    "-1",
+    "--trainer.enable_checkpointing",
+    "false",
+    "--model.init_args.save_policy",
+    "false",
 ]
 PROBE = "--trainer.callbacks.init_args."
 # A small run probed at every step: 4 prompts x G = 8 per step, two PPO inner epochs per rollout (step 1
 # reuses step 0's rollout with ratio != 1 and clipping), E = 8 prompts x 4 samples.
 SMALL = [
-    "--trainer.max_steps", "3", "--data.init_args.prompts_per_step", "4", "--model.init_args.optimizer.lr", "1e-3",
-    "--model.init_args.rollout.inner_epochs", "2", "--model.init_args.loss.clip_ratio", "0.05",
-    f"{PROBE}every_n_steps", "1",
-    f"{PROBE}eval", "{source: {prompts: toy, n_prompts: 8, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}",
+    "--trainer.max_steps",
+    "3",
+    "--data.init_args.prompts_per_step",
+    "4",
+    "--model.init_args.optimizer.lr",
+    "1e-3",
+    "--model.init_args.rollout.inner_epochs",
+    "2",
+    "--model.init_args.loss.clip_ratio",
+    "0.05",
+    f"{PROBE}every_n_steps",
+    "1",
+    f"{PROBE}eval",
+    "{source: {prompts: toy, n_prompts: 8, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}",
 ]
 
 
@@ -66,7 +81,8 @@ def test_the_modules_declared_losses_explain_its_real_gradient_also_in_ppo_inner
         att = r["eval"]["attribution"]
         # sum_i <G_E, K g_i> (per-sequence losses, one JVP over U) vs the slope along the gradient part of the
         # real step (one JVP over E): equal up to float32 rounding when the U, loss and
-        # normalisers of its probed_step() give the gradient the optimizer saw. Rounding is amplified at Adam's first steps,
+        # normalisers of its probed_step() give the gradient the optimizer saw. Rounding is amplified at Adam's first
+        # steps,
         # where K ~ 1/|g| is huge on tiny gradients (measured up to 2e-4 at step 0, ~1e-6 later); a declared loss
         # that is not the trained one is off by far more (see the next test)
         assert att["relative_difference"] < 1e-3, (r["step"], att)
@@ -90,12 +106,25 @@ def test_a_module_that_declares_another_loss_than_it_trains_is_exposed_by_the_at
             return replace(step, loss=replace(step.loss, temperature=0.5))
 
     run = FitRunSettings(root=str(tmp_path), name="lies")
-    module = DeclaresAnotherTemperature(optimizer=AdamWSettings(lr=1e-3), run=run, checkpoint_every_n_steps=-1,
-                                        save_policy=False)
-    probe = LiveEntropyProbe(eval=LiveEvalSettings(sampling=SamplingSettings(n_per_prompt=2, max_new_tokens=4)),
-                             second_order=False, realised=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=2, gradient_clip_val=1.0, logger=False, callbacks=[probe],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module = DeclaresAnotherTemperature(
+        optimizer=AdamWSettings(lr=1e-3), run=run, checkpoint_every_n_steps=-1, save_policy=False
+    )
+    probe = LiveEntropyProbe(
+        eval=LiveEvalSettings(sampling=SamplingSettings(n_per_prompt=2, max_new_tokens=4)),
+        second_order=False,
+        realised=False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=2,
+        gradient_clip_val=1.0,
+        logger=False,
+        callbacks=[probe],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, datamodule=PromptDataModule(prompts_per_step=4))
     for r in probe.records:
         assert r["verification"]["ok"]  # the step itself is still reconstructed exactly, from the real gradients
@@ -113,7 +142,10 @@ def test_attaching_the_probe_leaves_the_training_run_unchanged(float32_run, tmp_
     history = lambda run: (run / "history.jsonl").read_text().splitlines()  # noqa: E731
     strip = lambda lines: [{k: v for k, v in json.loads(x).items() if k != "sampling_s"} for x in lines]  # noqa: E731
     assert strip(history(alone)) == strip(history(with_probe)) == strip(history(float32_run))
-    a, b = load_file(str(alone / "policy" / "model.safetensors")), load_file(str(with_probe / "policy" / "model.safetensors"))
+    a, b = (
+        load_file(str(alone / "policy" / "model.safetensors")),
+        load_file(str(with_probe / "policy" / "model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise the same final policy
 
 
@@ -153,9 +185,23 @@ def test_offline_and_live_results_use_the_same_field_names(float32_run, tmp_path
 
 def test_float64_steps_are_reconstructed_to_1e12_relative(tmp_path, fit):
     E = "{source: {prompts: toy, n_prompts: 4, offset: 1000}, sampling: {n_per_prompt: 2, max_new_tokens: 4}}"
-    run = fit(tmp_path, "f64", *SMALL[:2], "--model.init_args.policy.dtype", "float64", f"{PROBE}every_n_steps", "1",
-              "--data.init_args.prompts_per_step", "4", f"{PROBE}realised", "false", f"{PROBE}second_order", "false",
-              f"{PROBE}eval", E)
+    run = fit(
+        tmp_path,
+        "f64",
+        *SMALL[:2],
+        "--model.init_args.policy.dtype",
+        "float64",
+        f"{PROBE}every_n_steps",
+        "1",
+        "--data.init_args.prompts_per_step",
+        "4",
+        f"{PROBE}realised",
+        "false",
+        f"{PROBE}second_order",
+        "false",
+        f"{PROBE}eval",
+        E,
+    )
     recs = records(run)
     assert len(recs) == 3
     for r in recs:
@@ -179,10 +225,23 @@ def test_a_step_that_differs_from_the_reconstruction_is_reported_loudly(tmp_path
 
     run = FitRunSettings(root=str(tmp_path), name="wrong")
     module = FreezesItsHead(optimizer=AdamWSettings(lr=1e-3), run=run, checkpoint_every_n_steps=-1, save_policy=False)
-    probe = LiveEntropyProbe(eval=LiveEvalSettings(sampling=SamplingSettings(n_per_prompt=2, max_new_tokens=4)),
-                             second_order=False, attribution=False, realised=False)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, gradient_clip_val=1.0, logger=False, callbacks=[probe],
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    probe = LiveEntropyProbe(
+        eval=LiveEvalSettings(sampling=SamplingSettings(n_per_prompt=2, max_new_tokens=4)),
+        second_order=False,
+        attribution=False,
+        realised=False,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        gradient_clip_val=1.0,
+        logger=False,
+        callbacks=[probe],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     with pytest.warns(UserWarning, match="rounding units away from the reconstructed step"):
         trainer.fit(module, datamodule=PromptDataModule(prompts_per_step=4))
     v = probe.records[0]["verification"]
@@ -194,11 +253,29 @@ def test_the_predicted_change_at_eta_lr_agrees_with_the_realised_change_on_fresh
     # measured on E' = 128 x 64 fresh samples of the new policy. How much one step changes the entropy depends on
     # the sampled U (so on the CPU's rounding); over three steps at least one changes it measurably, which makes the
     # agreement a test (measured here: realised -0.036 +- 0.003 at one step, |z| <= 1.1 at all three)
-    E = ("{source: {prompts: toy, n_prompts: 128, offset: 1000}, sampling: {n_per_prompt: 64, max_new_tokens: 4, seed: 1},"
-         " realised_n_per_prompt: 64}")
-    run = fit(tmp_path, "pred", "--trainer.max_steps", "3", "--model.init_args.optimizer.lr", "5e-4",
-              f"{PROBE}every_n_steps", "1", f"{PROBE}second_order", "false", f"{PROBE}attribution", "false",
-              f"{PROBE}eta_factors", "[1.0]", f"{PROBE}eval", E)
+    E = (
+        "{source: {prompts: toy, n_prompts: 128, offset: 1000}, sampling: {n_per_prompt: 64, max_new_tokens: 4, "
+        "seed: 1},"
+        " realised_n_per_prompt: 64}"
+    )
+    run = fit(
+        tmp_path,
+        "pred",
+        "--trainer.max_steps",
+        "3",
+        "--model.init_args.optimizer.lr",
+        "5e-4",
+        f"{PROBE}every_n_steps",
+        "1",
+        f"{PROBE}second_order",
+        "false",
+        f"{PROBE}attribution",
+        "false",
+        f"{PROBE}eta_factors",
+        "[1.0]",
+        f"{PROBE}eval",
+        E,
+    )
     recs = records(run)
     assert len(recs) == 3
     real = [r["realised"] for r in recs]
@@ -211,9 +288,26 @@ def test_the_predicted_change_at_eta_lr_agrees_with_the_realised_change_on_fresh
 
 def test_a_held_evaluation_batch_is_reweighted_to_the_current_policy(tmp_path, fit):
     logger = "{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: %s, name: csv}}" % tmp_path
-    E = "{source: {prompts: toy, n_prompts: 8, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4}, refresh: false}"
-    run = fit(tmp_path, "held", "--trainer.max_steps", "2", "--data.init_args.prompts_per_step", "4",
-              f"{PROBE}second_order", "false", f"{PROBE}every_n_steps", "1", "--trainer.logger", logger, f"{PROBE}eval", E)
+    E = (
+        "{source: {prompts: toy, n_prompts: 8, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4},"
+        " refresh: false}"
+    )
+    run = fit(
+        tmp_path,
+        "held",
+        "--trainer.max_steps",
+        "2",
+        "--data.init_args.prompts_per_step",
+        "4",
+        f"{PROBE}second_order",
+        "false",
+        f"{PROBE}every_n_steps",
+        "1",
+        "--trainer.logger",
+        logger,
+        f"{PROBE}eval",
+        E,
+    )
     recs = records(run)
     assert [r["step"] for r in recs] == [0, 1]
     for r in recs:
@@ -245,8 +339,12 @@ def test_two_ddp_processes_probe_the_steps_of_one(tmp_path, fit):
     env = {**os.environ, "WANDB_MODE": "disabled"}
     env.pop("PROBE_RUN_NAME", None)
     ddp = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
-    command = [sys.executable, "-m", "probe", *fit_args(tmp_path, "two", *QUIET, *SMALL, *float64, *ddp,
-                                                        "--model.init_args.run.num_threads", "1")]
+    command = [
+        sys.executable,
+        "-m",
+        "probe",
+        *fit_args(tmp_path, "two", *QUIET, *SMALL, *float64, *ddp, "--model.init_args.run.num_threads", "1"),
+    ]
     out = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     two = records(tmp_path / "two")
@@ -255,13 +353,16 @@ def test_two_ddp_processes_probe_the_steps_of_one(tmp_path, fit):
     def history(run: Path) -> list[dict]:
         return [json.loads(x) for x in (run / "history.jsonl").read_text().splitlines()]
 
-    assert [h["mean_reward"] for h in history(tmp_path / "two")] == [h["mean_reward"] for h in history(tmp_path / "one")]
+    assert [h["mean_reward"] for h in history(tmp_path / "two")] == [
+        h["mean_reward"] for h in history(tmp_path / "one")
+    ]
     for a, b in zip(one, two):
         assert b["world_size"] == 2 and a["world_size"] == 1
         assert b["update"]["n_sequences"] == a["update"]["n_sequences"]
         assert b["attributions"]["index"] == a["attributions"]["index"]  # the same global U, in the same order
         assert b["update"]["rank_norm_spread"] == 0.0  # both ranks reconstructed the identical step
         assert len(b["verification"]["ranks"]) == 2 and b["verification"]["max_units_all_ranks"] <= 1.0
+
         # float64: summation order moves these by ~1e-15 relative (measured); 1e-9 leaves room for conditioning
         def close(x: float, y: float) -> bool:
             return x == pytest.approx(y, rel=1e-9, abs=1e-12)

@@ -9,12 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import support
 import torch
 from torch import nn
 
 from probe.adam import AdamState
 from probe.optim_loading import OptimizerSettings, hf_trainer_decay_names, load_optimizer_state
+
+import support
 
 VOCAB = 32
 

@@ -5,6 +5,7 @@ each other (contributions sum to Delta H, attributions sum to the grad part's fi
 the saved update is baseline + grad), a finished run is never overwritten, an interrupted
 run resumes to the same numbers, and every config in configs/ parses.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,17 @@ def test_run_directory_holds_the_design_layout(finished_run):
     for part in summary["plan"]["parts"]:
         for j in range(J):
             assert (run / "per_sequence" / part / f"eta_{j}.npy").is_file()
-    for name in ("eval_delta_matrix.npy", "attributions.npy", "config.yaml", "update.safetensors",
-                 "rollouts/update.jsonl", "rollouts/eval_00.jsonl", "plots/delta_h.png", "plots/ess.png",
-                 "plots/attributions.png"):
+    for name in (
+        "eval_delta_matrix.npy",
+        "attributions.npy",
+        "config.yaml",
+        "update.safetensors",
+        "rollouts/update.jsonl",
+        "rollouts/eval_00.jsonl",
+        "plots/delta_h.png",
+        "plots/ess.png",
+        "plots/attributions.png",
+    ):
         assert (run / name).is_file(), name
     assert not (run / "partial").exists(), "the resume cache is dropped once the run is complete"
     N, M = summary["plan"]["n_update_sequences"], summary["plan"]["n_eval_sequences"][0]
@@ -83,11 +92,15 @@ def test_eval_update_matrix_sums_to_the_first_order_gradient_change(finished_run
 def test_saved_update_is_baseline_plus_grad(finished_run):
     run, _ = finished_run
     tensors = load_file(str(run / "update.safetensors"))
-    names = [k[len("full."):] for k in tensors if k.startswith("full.")]
+    names = [k[len("full.") :] for k in tensors if k.startswith("full.")]
     assert names
     for n in names:
-        np.testing.assert_allclose(tensors[f"full.{n}"].numpy(),
-                                   (tensors[f"baseline.{n}"] + tensors[f"grad.{n}"]).numpy(), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            tensors[f"full.{n}"].numpy(),
+            (tensors[f"baseline.{n}"] + tensors[f"grad.{n}"]).numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 def test_first_order_agrees_with_the_exact_change_at_the_smallest_eta(finished_run):
@@ -156,16 +169,28 @@ def test_rollout_files_and_two_eval_batches_share_one_update(finished_run, tmp_p
     update = [json.loads(line) for line in (run / "rollouts" / "update.jsonl").read_text().splitlines()]
     keep = {"prompt_ids", "response_ids", "group", "advantage", "reward", "old_logprobs"}
     update_file = write_jsonl(tmp_path / "u.jsonl", [{k: r[k] for k in keep if k in r} for r in update])
-    second = "{source: {prompts: toy, n_prompts: 4, offset: 2000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 3}}"
+    second = (
+        "{source: {prompts: toy, n_prompts: 4, offset: 2000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 3}}"
+    )
     evals = f"[{{path: {run / 'rollouts' / 'eval_00.jsonl'}}}, {second}]"
-    summary = run_predict(tmp_path, "files", "--data.init_args.update.path", str(update_file), "--data.init_args.evals",
-                          evals, "--model.init_args.probe.per_sequence_exact", "[0, 1]")
+    summary = run_predict(
+        tmp_path,
+        "files",
+        "--data.init_args.update.path",
+        str(update_file),
+        "--data.init_args.evals",
+        evals,
+        "--model.init_args.probe.per_sequence_exact",
+        "[0, 1]",
+    )
     assert [ev["name"] for ev in summary["evals"]] == ["eval_00", "eval_01"]
     assert (tmp_path / "files" / "eval_01" / "attributions.npy").is_file()
     assert (tmp_path / "files" / "plots" / "delta_h_eval_01.png").is_file()
     _, first = finished_run
     # same U and E as the first run: the same numbers
-    np.testing.assert_allclose(summary["aggregate"]["full"]["delta_h"], first["aggregate"]["full"]["delta_h"], rtol=1e-12)
+    np.testing.assert_allclose(
+        summary["aggregate"]["full"]["delta_h"], first["aggregate"]["full"]["delta_h"], rtol=1e-12
+    )
     exact = summary["evals"][0]["per_sequence_exact"]
     assert [e["index"] for e in exact] == [0, 1]
     for e in exact:  # at the smallest eta the exact own-direction change agrees with eta * a_i within 3 SE
@@ -174,20 +199,33 @@ def test_rollout_files_and_two_eval_batches_share_one_update(finished_run, tmp_p
 
 def test_wandb_offline_run_is_written(tmp_path, monkeypatch, run_predict):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    logger = f"{{class_path: lightning.pytorch.loggers.WandbLogger, init_args: {{save_dir: {tmp_path}, offline: true}}}}"
+    logger = (
+        f"{{class_path: lightning.pytorch.loggers.WandbLogger, init_args: {{save_dir: {tmp_path}, offline: true}}}}"
+    )
     run_predict(tmp_path, "wb", "--trainer.logger", logger, "--model.init_args.probe.eval_update_matrix", "false")
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].rglob("*.wandb")), "the offline run holds its event log for `wandb sync`"
 
 
-def test_per_token_views_hold_every_response_token_at_theta_and_at_the_reference_eta(finished_run, tmp_path, run_predict):
+def test_per_token_views_hold_every_response_token_at_theta_and_at_the_reference_eta(
+    finished_run, tmp_path, run_predict
+):
     run, first = finished_run
     update_file, eval_file = run / "rollouts" / "update.jsonl", run / "rollouts" / "eval_00.jsonl"
     summary = run_predict(
-        tmp_path, "tokens", "--data.init_args.update.path", str(update_file), "--data.init_args.evals",
-        f"[{{path: {eval_file}}}]", "--model.init_args.probe.per_token_views", "true",
-        "--model.init_args.probe.attribution", "false", "--model.init_args.probe.eval_update_matrix", "false",
+        tmp_path,
+        "tokens",
+        "--data.init_args.update.path",
+        str(update_file),
+        "--data.init_args.evals",
+        f"[{{path: {eval_file}}}]",
+        "--model.init_args.probe.per_token_views",
+        "true",
+        "--model.init_args.probe.attribution",
+        "false",
+        "--model.init_args.probe.eval_update_matrix",
+        "false",
     )
     views = tmp_path / "tokens" / "per_token"
     offsets = np.load(views / "offsets.npy")

@@ -1,4 +1,5 @@
-"""Rollout files (DESIGN section 6): exact round trips, and an error naming file, line and fix for each bad input."""
+"""Rollout files (docs/DESIGN.md section 9): exact round trips, and an error naming file, line and fix for each bad
+input."""
 
 from __future__ import annotations
 

@@ -8,13 +8,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from support import tiny_llama
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import LlamaForCausalLM
 
 from probe.batch import collate
 from probe.logprobs import TeacherForcing, teacher_force
 from probe.sampling import SamplingSettings, group_advantages, sample_responses, sample_update_batch, truncate_logits
+
+from support import tiny_llama
 
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 14, 6, 15], [1, 7], [1, 4, 4, 4, 4, 4, 4, 14]]  # different lengths: left padding is exercised

@@ -10,6 +10,7 @@
 * A checkpoint whose ``config.json`` (or ``tokenizer_config.json``) has an ``auto_map`` pointing
   at custom code is refused unless ``policy.trust_remote_code`` is turned on.
 """
+
 from __future__ import annotations
 
 import ast
@@ -27,6 +28,7 @@ import torch
 from probe.cli import main
 from probe.loading import PolicySettings, load_policy, refuse_remote_code
 from probe.rundir import RUN_MARKER, RunDirectory, check_run_name, run_path
+
 from support import REPO, predict_args
 
 SKIP_DIRS = {"tests", ".git", ".venv", "venv", "runs", "build", "dist", "__pycache__", "node_modules"}
@@ -98,14 +100,22 @@ def test_trust_remote_code_is_never_on_by_default():
     for path in source_files():
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id == "trust_remote_code":
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and node.target.id == "trust_remote_code"
+            ):
                 if is_true(node.value):  # a dataclass field default
                     on.append(f"{path.relative_to(REPO)}:{node.lineno}")
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 args = node.args
-                pairs = list(zip(args.args[len(args.args) - len(args.defaults):], args.defaults))
+                pairs = list(zip(args.args[len(args.args) - len(args.defaults) :], args.defaults))
                 pairs += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
-                on += [f"{path.relative_to(REPO)}:{node.lineno}" for a, d in pairs if a.arg == "trust_remote_code" and is_true(d)]
+                on += [
+                    f"{path.relative_to(REPO)}:{node.lineno}"
+                    for a, d in pairs
+                    if a.arg == "trust_remote_code" and is_true(d)
+                ]
             if isinstance(node, ast.Call) and is_true(keyword(node, "trust_remote_code")):
                 on.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not on, f"trust_remote_code turned on at {on}"
@@ -127,8 +137,11 @@ class CreatesMarker:
 
 
 def crafted_optimizer_state(path: Path, marker: Path, *, torch_format: bool = True) -> Path:
-    state = {"state": {}, "param_groups": [{"params": [0], "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8,
-                                            "weight_decay": 0.0}], "payload": CreatesMarker(marker)}
+    state = {
+        "state": {},
+        "param_groups": [{"params": [0], "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}],
+        "payload": CreatesMarker(marker),
+    }
     if torch_format:
         torch.save(state, path)  # a zip archive, as torch.save writes every optimizer.pt
     else:
@@ -155,9 +168,19 @@ def test_the_crafted_pickle_runs_code_when_loaded_unsafely(tmp_path):
 def test_a_crafted_optimizer_pt_is_refused_by_the_cli_process_and_runs_nothing(world_copy, tmp_path):
     marker = tmp_path / "marker"
     crafted_optimizer_state(world_copy / "optimizer.pt", marker)
-    out = subprocess.run([sys.executable, "-m", "probe", *probe_args(tmp_path / "runs", "--model.init_args.policy.path",
-                                                                      str(world_copy))],
-                         capture_output=True, text=True, cwd=REPO, env={**os.environ, "WANDB_MODE": "disabled"}, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "probe",
+            *probe_args(tmp_path / "runs", "--model.init_args.policy.path", str(world_copy)),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+        timeout=300,
+    )
     assert out.returncode == 1
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("ValueError: ") and "optimizer.pt was refused for safety" in last
@@ -179,8 +202,12 @@ def test_a_crafted_pickled_policy_weight_file_is_refused(world_copy, tmp_path):
     # a checkpoint with pytorch_model.bin instead of safetensors: transformers loads it with weights_only=True
     marker = tmp_path / "marker"
     (world_copy / "model.safetensors").unlink()
-    torch.save({"lm_head.weight": torch.zeros(16, 64), "payload": CreatesMarker(marker)}, world_copy / "pytorch_model.bin")
-    with pytest.raises(ValueError, match=r"the weights in .* were refused for safety.*Unsupported global: GLOBAL exec.*Fix:"):
+    torch.save(
+        {"lm_head.weight": torch.zeros(16, 64), "payload": CreatesMarker(marker)}, world_copy / "pytorch_model.bin"
+    )
+    with pytest.raises(
+        ValueError, match=r"the weights in .* were refused for safety.*Unsupported global: GLOBAL exec.*Fix:"
+    ):
         main(probe_args(tmp_path / "runs", "--model.init_args.policy.path", str(world_copy)))
     assert not marker.exists()
 
@@ -197,8 +224,11 @@ def ship_custom_code(world: Path, marker: Path, config_file: str) -> None:
         "from transformers import PreTrainedTokenizerFast as CustomTokenizer\n"
     )
     config = json.loads((world / config_file).read_text())
-    config["auto_map"] = ({"AutoConfig": "custom_model.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomModel"}
-                          if config_file == "config.json" else {"AutoTokenizer": ["custom_model.CustomTokenizer", None]})
+    config["auto_map"] = (
+        {"AutoConfig": "custom_model.CustomConfig", "AutoModelForCausalLM": "custom_model.CustomModel"}
+        if config_file == "config.json"
+        else {"AutoTokenizer": ["custom_model.CustomTokenizer", None]}
+    )
     (world / config_file).write_text(json.dumps(config))
 
 
@@ -206,8 +236,11 @@ def ship_custom_code(world: Path, marker: Path, config_file: str) -> None:
 def test_custom_code_in_a_checkpoint_is_refused_without_trust_remote_code(config_file, world_copy, tmp_path):
     marker = tmp_path / "marker"
     ship_custom_code(world_copy, marker, config_file)
-    with pytest.raises(ValueError, match=rf"{config_file} has an auto_map .*ships its own Python code.*"
-                                         r"Fix: if you trust the code .*policy.trust_remote_code=true"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{config_file} has an auto_map .*ships its own Python code.*"
+        r"Fix: if you trust the code .*policy.trust_remote_code=true",
+    ):
         main(probe_args(tmp_path / "runs", "--model.init_args.policy.path", str(world_copy)))
     assert not marker.exists()
     with pytest.raises(ValueError, match="has an auto_map"):

@@ -81,11 +81,10 @@ def test_sequence_derivatives_match_central_finite_differences_of_teacher_forcin
     plus = sequence_derivatives(world.model, E, d, FORCING, order=1, eta=eps)
     minus = sequence_derivatives(world.model, E, d, FORCING, order=1, eta=-eps)
     for field in ("logprobs", "entropies"):
-        value = lambda s: getattr(s, field)  # noqa: E731
-        fd_first = (value(plus.value) - value(minus.value)) / (2 * eps)
-        fd_second = (value(plus.first) - value(minus.first)) / (2 * eps)
-        torch.testing.assert_close(value(derivs.first), fd_first, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(value(derivs.second), fd_second, rtol=1e-6, atol=1e-6)
+        fd_first = (getattr(plus.value, field) - getattr(minus.value, field)) / (2 * eps)
+        fd_second = (getattr(plus.first, field) - getattr(minus.first, field)) / (2 * eps)
+        torch.testing.assert_close(getattr(derivs.first, field), fd_first, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(getattr(derivs.second, field), fd_second, rtol=1e-6, atol=1e-6)
 
 
 def test_nested_jvp_first_derivative_equals_the_closed_form(setup, second_orders):

@@ -1,4 +1,4 @@
-"""Exact AdamW/Adam step reconstruction (DESIGN section 2) against torch.optim's own step.
+"""Exact AdamW/Adam step reconstruction (docs/DESIGN.md section 2) against torch.optim's own step.
 
 Truth in every test is independent of probe.update: the change ``optimizer.step()`` makes to a
 deep copy of the model after ``sum(per_sequence_loss(...)).backward()``, ``GradScaler.unscale_``
@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from support import tiny_llama
 
 from probe.adam import AdamState, ParamAdamState
 from probe.batch import SequenceBatch, collate
@@ -30,6 +29,8 @@ from probe.update import (
     reconstruct_update,
     update_from_gradients,
 )
+
+from support import tiny_llama
 
 VOCAB, N_SEQ = 24, 6
 
@@ -102,7 +103,7 @@ def policy(dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
     )
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # norms away from exactly 1, so weight decay on them is visible
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 1:
                 p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return model

@@ -3,6 +3,7 @@
 ``build_toy_world()`` returns a cached HF checkpoint directory; ``probe.loading.toy_policy()``
 loads it. The task's text reward is ``probe.toy.task:reward``.
 """
+
 from probe.toy.task import make_prompt_texts, make_prompts, reward, reward_ids
 from probe.toy.tokenizer import build_tokenizer, save_tokenizer
 from probe.toy.world import ToyWorldConfig, build_toy_world, default_cache_root, load_toy_world_info, toy_world_dir

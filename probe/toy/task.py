@@ -14,6 +14,7 @@ Two reward functions, both returning 1.0 for a correct answer followed by ``<eos
   ``skip_special_tokens=False`` so that ``<eos>`` stays visible: a response without
   ``<eos>`` (cut at ``max_new_tokens``) earns 0.
 """
+
 from __future__ import annotations
 
 import re
@@ -86,7 +87,12 @@ def make_prompt_texts(n: int, seed: int) -> list[str]:
 def parse_prompt(words: Sequence[str]) -> tuple[int, int]:
     """``(a, b)`` of a prompt given as words; special tokens are ignored."""
     content = [w for w in words if w not in SPECIAL_TOKENS]
-    if len(content) != 4 or content[1] != "+" or content[3] != "=" or not (content[0] in DIGITS and content[2] in DIGITS):
+    if (
+        len(content) != 4
+        or content[1] != "+"
+        or content[3] != "="
+        or not (content[0] in DIGITS and content[2] in DIGITS)
+    ):
         raise ValueError(
             f"not a toy addition prompt: {' '.join(words)!r}; expected 'a + b =' with single digits a, b "
             "(make prompts with probe.toy.task.make_prompts or make_prompt_texts)"
@@ -102,7 +108,8 @@ def _is_correct(a: int, b: int, response_words: Sequence[str]) -> bool:
 
 
 def reward_ids(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> float:
-    """1.0 if ``response_ids`` is the sum's digits followed by ``<eos>`` (tokens after ``<eos>`` are ignored), else 0.0."""
+    """1.0 if ``response_ids`` is the sum's digits followed by ``<eos>`` (tokens after ``<eos>`` are ignored), else
+    0.0."""
     to_word = lambda i: VOCAB[i] if 0 <= int(i) < len(VOCAB) else "<unk>"  # noqa: E731
     a, b = parse_prompt([to_word(i) for i in prompt_ids])
     return float(_is_correct(a, b, [to_word(i) for i in response_ids]))

@@ -4,6 +4,7 @@ Words are split on whitespace, digits one by one (``"12"`` -> ``1 2``); encoding
 leading ``<bos>``; decoding joins words with spaces. Saved as an ordinary HF tokenizer
 directory that ``AutoTokenizer.from_pretrained(dir)`` loads offline.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

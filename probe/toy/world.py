@@ -17,6 +17,7 @@ param group, parameters in ``model.parameters()`` order) and ``toy_world.json`` 
 reward history, final mean reward, versions). Worlds are cached under ``$PROBE_CACHE``
 (default ``~/.cache/probe``) in ``toy_world-<hash of the config>/`` and built once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -354,5 +355,7 @@ def load_toy_world_info(directory: str | Path) -> dict:
     """The ``toy_world.json`` of a built world (config, reward history, final mean reward, versions)."""
     path = Path(directory) / COMPLETE_MARKER
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: {directory} is not a complete toy world; build it with probe.toy.build_toy_world()")
+        raise FileNotFoundError(
+            f"{path} is missing: {directory} is not a complete toy world; build it with probe.toy.build_toy_world()"
+        )
     return json.loads(path.read_text())
