@@ -59,7 +59,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # bench_reconstruction (P3's measurement) lives beside this file
 
-from probe.attribution import attribute, per_sequence_exact  # noqa: E402
+from probe.attribution import AttributionInputs, attribute, per_sequence_exact  # noqa: E402
 from probe.batch import SequenceBatch, collate  # noqa: E402
 from probe.logprobs import (
     TeacherForcing,  # noqa: E402
@@ -297,24 +297,12 @@ def bench_p2(pol: Policy, E: SequenceBatch, Ns: list[int], repeats: int, repeats
         U = pol.batch(N)
         update = reconstruct_update(model, pol.optimizer, U, loss, CLIPPED)
         point = lambda: sweep(model, E, {"full": update.full}, [LR], ENTROPY, base=base)  # noqa: E731
+        inputs = AttributionInputs(model, update, U, E, ENTROPY, base=base)
         if calibration is None:  # the exact per-sequence path on 2 sequences of U, J etas, no mixed form
             etas = [LR * f for f in (0.1, 0.3, 1.0, 3.0, 10.0)][:J_exact]
             point()
             points = [timed(point)]
-            t = timed(
-                lambda: per_sequence_exact(
-                    model,
-                    update,
-                    U,
-                    E,
-                    etas,
-                    ENTROPY,
-                    indices=[0, 1],
-                    mixed=False,
-                    integrands=("token_entropy",),
-                    base=base,
-                )
-            )
+            t = timed(lambda: per_sequence_exact(inputs, etas, [0, 1], mixed=False, integrands=("token_entropy",)))
             points.append(timed(point))
             factor = (t / 2) / (J_exact * statistics.mean(points))
             calibration = {"sequences": 2, "J": J_exact, "seconds": t, "point_s": points, "factor": factor}
@@ -322,9 +310,7 @@ def bench_p2(pol: Policy, E: SequenceBatch, Ns: list[int], repeats: int, repeats
         r = interleaved(
             {
                 "fwd_bwd_U_E": lambda: fwd_bwd(model, U, E, loss),
-                "attribute": lambda: attribute(
-                    model, update, U, E, ENTROPY, base=base, check=False, integrand="token_entropy"
-                ),
+                "attribute": lambda: attribute(inputs, check=False),
                 "sweep_point": point,
             },
             reps,

@@ -23,23 +23,10 @@ from probe.logprobs import teacher_force
 from probe.losses import LossConfig, normalisers, per_sequence_loss
 from probe.update import ReconstructionConfig, per_sequence_inner_products, reconstruct_update
 
-SIZES = {
-    "tiny": dict(
-        vocab_size=24,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    ),
-    "20m": dict(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-    ),
+LLAMA_FIELDS = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads"
+SIZES = {  # name -> LlamaConfig fields, in the order of LLAMA_FIELDS
+    "tiny": dict(zip(LLAMA_FIELDS.split(), (24, 16, 32, 1, 4, 2))),
+    "20m": dict(zip(LLAMA_FIELDS.split(), (8192, 512, 1376, 4, 8, 8))),
 }
 
 

@@ -1,13 +1,7 @@
 """Data for probe: the update batch U and the evaluation batches E (sampled or read from rollout files), and the
 prompts of a GRPO run."""
 
-from datamodules.rollouts import (
-    RolloutRecords,
-    fill_advantages,
-    read_rollouts,
-    validate_rollouts,
-    write_rollouts,
-)
+from datamodules.rollouts import RolloutRecords, fill_advantages, read_rollouts, validate_rollouts, write_rollouts
 
 
 def __getattr__(name: str):

@@ -304,10 +304,7 @@ def _read_parquet(path: Path) -> RolloutRecords:
 
 
 def read_rollouts(
-    path: str | os.PathLike,
-    *,
-    vocab_size: int | None = None,
-    allow_empty_responses: bool = False,
+    path: str | os.PathLike, *, vocab_size: int | None = None, allow_empty_responses: bool = False
 ) -> RolloutRecords:
     """Read and validate a rollout file (JSON lines or Parquet, chosen by the suffix).
 
@@ -383,12 +380,7 @@ def _parquet_table(records: Sequence[dict], path: Path):
     return pa.table(columns)
 
 
-def write_rollouts(
-    records: Sequence[dict],
-    path: str | os.PathLike,
-    *,
-    allow_empty_responses: bool = False,
-) -> Path:
+def write_rollouts(records: Sequence[dict], path: str | os.PathLike, *, allow_empty_responses: bool = False) -> Path:
     """Validate and write rollout records atomically (JSON lines or Parquet, by the suffix).
 
     The file appears complete or not at all (temporary file in the same folder, then
@@ -446,11 +438,7 @@ def write_rollouts(
 
 
 def fill_advantages(
-    records: Sequence[dict],
-    *,
-    normalize_std: bool = True,
-    eps: float = 1e-6,
-    overwrite: bool = False,
+    records: Sequence[dict], *, normalize_std: bool = True, eps: float = 1e-6, overwrite: bool = False
 ) -> RolloutRecords:
     """Records with group-relative advantages computed from their rewards (GRPO).
 

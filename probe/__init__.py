@@ -12,6 +12,7 @@ from probe.analyze import (
 )
 from probe.attribution import (
     Attribution,
+    AttributionInputs,
     PerSequenceExact,
     attribute,
     eval_gradient,
@@ -46,8 +47,6 @@ from probe.taylor import (
     SecondOrder,
     SequenceDerivatives,
     first_order,
-    first_order_prediction,
-    second_order_prediction,
     sequence_derivatives,
     snis_derivatives,
 )
@@ -124,11 +123,10 @@ __all__ = [
     "SecondOrder",
     "SequenceDerivatives",
     "first_order",
-    "first_order_prediction",
-    "second_order_prediction",
     "sequence_derivatives",
     "snis_derivatives",
     "Attribution",
+    "AttributionInputs",
     "PerSequenceExact",
     "attribute",
     "eval_gradient",

@@ -29,6 +29,17 @@ class AdamHyper:
     amsgrad: bool = False
     decoupled: bool = True
 
+    @classmethod
+    def from_param_group(cls, group: dict[str, Any], decoupled: bool) -> AdamHyper:
+        """The hyperparameters of a ``param_groups`` entry (live, or from a state dict; tensors are read as floats)."""
+
+        def number(x: Any) -> float:
+            return float(x.item() if isinstance(x, Tensor) else x)
+
+        beta1, beta2 = (number(b) for b in group["betas"])
+        scalars = {key: number(group[key]) for key in ("lr", "eps", "weight_decay")}
+        return cls(**scalars, beta1=beta1, beta2=beta2, amsgrad=bool(group.get("amsgrad", False)), decoupled=decoupled)
+
 
 @dataclass
 class ParamAdamState:
@@ -81,19 +92,9 @@ class AdamState:
         for gi, group in enumerate(optimizer.param_groups):
             if group.get("maximize", False):
                 raise ValueError("optimizer uses maximize=True, which probe does not reconstruct; use maximize=False")
-            lr = group["lr"]
-            lr = float(lr.item() if isinstance(lr, Tensor) else lr)
             # torch >= 2.x: AdamW has decoupled_weight_decay=True; older AdamW objects lack the key.
             decoupled = bool(group.get("decoupled_weight_decay", isinstance(optimizer, torch.optim.AdamW)))
-            h = AdamHyper(
-                lr=lr,
-                beta1=float(group["betas"][0]),
-                beta2=float(group["betas"][1]),
-                eps=float(group["eps"]),
-                weight_decay=float(group["weight_decay"]),
-                amsgrad=bool(group.get("amsgrad", False)),
-                decoupled=decoupled,
-            )
+            h = AdamHyper.from_param_group(group, decoupled)
             for p in group["params"]:
                 if id(p) not in name_of:
                     raise ValueError(

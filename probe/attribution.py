@@ -48,64 +48,81 @@ MATRIX_METHODS = ("auto", "reverse", "forward", "per_sample")
 
 
 # ---------------------------------------------------------------------------------------------
-# G_E
+# the inputs every route shares, and G_E
 
 
-def eval_gradient(
-    model: nn.Module,
-    batch: SequenceBatch,
-    names: Sequence[str],
-    forcing: TeacherForcing,
-    *,
-    integrand: str = "token_entropy",
-    hbar: float,
-    n_total: int,
-) -> dict[str, Tensor]:
-    """grad_theta (1/n_total) sum_{j in batch} [stopgrad(h_j - hbar) l_j + h_j] for the parameters ``names``.
+@dataclass
+class AttributionInputs:
+    """One attribution problem: the policy at theta, the step, U, E and how E is teacher-forced.
 
-    ``batch`` may be all of E or a part of it (one sequence for G_E,j); ``hbar`` and
-    ``n_total`` are those of the whole E. One backward per chunk of ``forcing.batch_size``
-    sequences; ``.grad`` is never touched.
+    Args:
+        model: the policy at theta.
+        update: the reconstructed step (``probe.update.reconstruct_update``).
+        U: the update batch the step was reconstructed from.
+        E: the evaluation batch, sampled from the policy at ``forcing.temperature``.
+        forcing: how E is teacher-forced (its ``with_entropy`` is set from ``integrand``).
+        integrand: ``token_entropy`` or ``logprob``.
+        base: E's statistics at theta if already computed (else one forward over E, once, when first needed).
     """
-    check_integrand(integrand)
+
+    model: nn.Module
+    update: Update
+    U: SequenceBatch
+    E: SequenceBatch
+    forcing: TeacherForcing
+    integrand: str = "token_entropy"
+    base: SequenceStats | None = None
+
+    def __post_init__(self) -> None:
+        check_integrand(self.integrand)
+        self.forcing = self.forcing.for_integrand(self.integrand)
+        if self.base is not None and len(self.base) != len(self.E):
+            raise ValueError(
+                f"base statistics cover {len(self.base)} sequences but E has {len(self.E)}; pass the base of this E"
+            )
+
+    @property
+    def M(self) -> int:
+        return len(self.E)
+
+    @property
+    def hbar(self) -> float:
+        """mean_j h_j over E at theta (teacher-forcing E once if ``base`` was not given)."""
+        if self.base is None:
+            self.base = base_statistics(self.model, self.E, self.forcing)
+        return float(self.base.integrand(self.integrand).mean())
+
+
+def eval_gradient(inputs: AttributionInputs, rows: SequenceBatch | None = None) -> dict[str, Tensor]:
+    """G_E = grad_theta (1/M) sum_j [stopgrad(h_j - hbar) l_j + h_j] over the step's trained parameters.
+
+    ``rows``: a part of E (one sequence for G_E,j) instead of all of it; ``hbar`` and M stay those of
+    the whole E. One backward per chunk of ``forcing.batch_size`` sequences; ``.grad`` is never touched.
+    """
+    model, forcing, hbar, M = inputs.model, inputs.forcing, inputs.hbar, inputs.M
     named = dict(model.named_parameters())
-    missing = [n for n in names if n not in named]
+    missing = [n for n in inputs.update.scale if n not in named]
     if missing:
-        raise ValueError(f"parameters {missing[:3]} are not in the model; pass names from model.named_parameters()")
-    leaves = {n: named[n].detach().requires_grad_(True) for n in names}  # fresh leaves sharing storage
+        raise ValueError(
+            f"update parameters {missing[:3]} are not in the model; use the model the update was built for"
+        )
+    leaves = {n: named[n].detach().requires_grad_(True) for n in inputs.update.scale}  # fresh leaves sharing storage
     device = next(model.parameters()).device
-    forcing = forcing.for_integrand(integrand)
     total: dict[str, Tensor] = {n: torch.zeros_like(t) for n, t in leaves.items()}
-    for chunk in batch.chunks(forcing.batch_size):
+    for chunk in (inputs.E if rows is None else rows).chunks(forcing.batch_size):
         chunk = chunk.to(device)
         if chunk.input_ids.is_inference():  # made under inference_mode (e.g. a predict loop): autograd cannot save it
-            chunk = replace(
-                chunk,
-                input_ids=chunk.input_ids.clone(),
-                attention_mask=chunk.attention_mask.clone(),
-                response_mask=chunk.response_mask.clone(),
-            )
+            chunk = chunk.map_tensors(torch.clone)
         with torch.enable_grad():
             ts = teacher_force(model, chunk, leaves, forcing)
             l = ts.sequence_logprobs  # [c]
-            h = -l if integrand == "logprob" else ts.sequence_entropies  # [c]
-            objective = ((h.detach() - hbar) * l + h).sum() / n_total  # []
+            h = -l if inputs.integrand == "logprob" else ts.sequence_entropies  # [c]
+            objective = ((h.detach() - hbar) * l + h).sum() / M  # []
         grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
         for n, g in zip(leaves, grads):
             if g is not None:
                 total[n] += g
     return total
-
-
-def _base_integrand(
-    model: nn.Module, batch: SequenceBatch, integrand: str, base: SequenceStats | None, forcing: TeacherForcing
-) -> tuple[float, int]:
-    """hbar and M of E (teacher forcing once when ``base`` is not given)."""
-    if base is None:
-        base = base_statistics(model, batch, forcing.for_integrand(integrand))
-    if len(base) != len(batch):
-        raise ValueError(f"base statistics cover {len(base)} sequences but E has {len(batch)}; pass the base of this E")
-    return float(base.integrand(integrand).mean()), len(batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,51 +148,26 @@ class Attribution:
         return out
 
 
-def attribute(
-    model: nn.Module,
-    update: Update,
-    update_batch: SequenceBatch,
-    eval_batch: SequenceBatch,
-    forcing: TeacherForcing,
-    *,
-    integrand: str = "token_entropy",
-    base: SequenceStats | None = None,
-    check: bool = True,
-    microbatch_size: int | None = None,
-) -> Attribution:
+def attribute(inputs: AttributionInputs, *, check: bool = True, microbatch_size: int | None = None) -> Attribution:
     """a_i = <G_E, v_i> for every sequence of U: one backward over E, one JVP over U.
 
     Args:
-        model: the policy at theta.
-        update: the reconstructed step (``probe.update.reconstruct_update``).
-        update_batch: U, the batch the update was reconstructed from.
-        eval_batch: E, sampled from the policy at ``forcing.temperature``.
-        forcing: how E is teacher-forced (entropies follow ``integrand``).
-        integrand: ``token_entropy`` or ``logprob``.
-        base: E's statistics at theta if already computed (saves one forward over E).
+        inputs: the policy, the step, U, E, teacher forcing and integrand.
         check: also compute the first-order slope of ``update.grad`` by a JVP over E and report
             how far sum_i a_i is from it (they are equal up to float rounding).
         microbatch_size: sequences of U per JVP (None: all of U at once).
     """
-    forcing = forcing.for_integrand(integrand)
-    hbar, M = _base_integrand(model, eval_batch, integrand, base, forcing)
-    G = eval_gradient(model, eval_batch, list(update.scale), forcing, integrand=integrand, hbar=hbar, n_total=M)
-    a = per_sequence_inner_products(model, update, update_batch, G, microbatch_size=microbatch_size)  # [N]
+    model, update, U = inputs.model, inputs.update, inputs.U
+    G = eval_gradient(inputs)
+    a = per_sequence_inner_products(model, update, U, G, microbatch_size=microbatch_size)  # [N]
     total = float(a.sum())
     slope = gap = None
     if check:
-        derivs = sequence_derivatives(model, eval_batch, update.grad, forcing, order=1)
-        slope = first_order(derivs, integrand).slope
+        derivs = sequence_derivatives(model, inputs.E, update.grad, inputs.forcing, order=1)
+        slope = first_order(derivs, inputs.integrand).slope
         gap = abs(total - slope) / max(abs(slope), 1e-300)
-    return Attribution(
-        integrand=integrand,
-        n_update=len(update_batch),
-        n_eval=M,
-        total=total,
-        first_order_grad=slope,
-        relative_gap=gap,
-        attributions=a,
-    )
+    counts = dict(integrand=inputs.integrand, n_update=len(U), n_eval=inputs.M)
+    return Attribution(**counts, total=total, first_order_grad=slope, relative_gap=gap, attributions=a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,89 +175,62 @@ def attribute(
 
 
 def eval_update_matrix(
-    model: nn.Module,
-    update: Update,
-    update_batch: SequenceBatch,
-    eval_batch: SequenceBatch,
-    forcing: TeacherForcing,
-    *,
-    integrand: str = "token_entropy",
-    method: str = "auto",
-    base: SequenceStats | None = None,
-    microbatch_size: int | None = None,
-    direction_chunk_size: int = 8,
-    memory_budget: float = 2e9,
+    inputs: AttributionInputs, *, method: str = "auto", chunk_size: int = 8, memory_budget: float = 2e9
 ) -> Tensor:  # [M, N] float64
     """S[j, i] = <G_E,j, v_i>, first-order entropy change on E's term j from U's sequence i (per unit eta).
 
     Args:
+        inputs: the policy, the step, U, E, teacher forcing and integrand.
         method: ``reverse`` (M backward passes over single eval sequences, each with one JVP
             over U), ``forward`` (N materialised v_i, each with one JVP over E), or ``auto``
             (``per_sample`` when it fits ``memory_budget``, else ``reverse`` when M <= N, else
             ``forward``); ``per_sample``: per-sequence gradients and a matrix product. All are exact.
-        direction_chunk_size: update sequences per batched backward when materialising v_i
-            (and eval sequences per batched backward in ``per_sample``).
+        chunk_size: update sequences per batched backward when materialising v_i (and eval
+            sequences per batched backward in ``per_sample``).
         memory_budget: bytes ``auto`` may spend on per-sample gradients.
-        (other arguments as :func:`attribute`)
     """
     if method not in MATRIX_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(MATRIX_METHODS)}")
-    forcing = forcing.for_integrand(integrand)
-    hbar, M = _base_integrand(model, eval_batch, integrand, base, forcing)
-    N = len(update_batch)
+    model, update, U, M, N = inputs.model, inputs.update, inputs.U, inputs.M, len(inputs.U)
     if method == "auto":
         P = sum(update.scale[n].numel() for n in update.scale)
-        if (N + 2 * direction_chunk_size) * P * 8 <= memory_budget:
+        if (N + 2 * chunk_size) * P * 8 <= memory_budget:
             method = "per_sample"
         else:
             method = "reverse" if M <= N else "forward"
     if method == "per_sample":
-        return _matrix_from_per_sample_gradients(
-            model, update, update_batch, eval_batch, forcing, integrand, hbar, M, direction_chunk_size
-        )
+        return _matrix_from_per_sample_gradients(inputs, chunk_size)
     S = torch.zeros(M, N, dtype=torch.float64)
     if method == "reverse":
         for j in range(M):
-            G_j = eval_gradient(
-                model, eval_batch.select([j]), list(update.scale), forcing, integrand=integrand, hbar=hbar, n_total=M
-            )
-            S[j] = per_sequence_inner_products(model, update, update_batch, G_j, microbatch_size=microbatch_size)
+            S[j] = per_sequence_inner_products(model, update, U, eval_gradient(inputs, inputs.E.select([j])))
         return S
-    for i, v_i in per_sequence_directions(model, update, update_batch, chunk_size=direction_chunk_size):
-        derivs = sequence_derivatives(model, eval_batch, v_i, forcing, order=1)
-        S[:, i] = first_order(derivs, integrand).contributions.double()
+    for i, v_i in per_sequence_directions(model, update, U, chunk_size=chunk_size):
+        derivs = sequence_derivatives(model, inputs.E, v_i, inputs.forcing, order=1)
+        S[:, i] = first_order(derivs, inputs.integrand).contributions.double()
     return S
 
 
-def _matrix_from_per_sample_gradients(
-    model: nn.Module,
-    update: Update,
-    update_batch: SequenceBatch,
-    eval_batch: SequenceBatch,
-    forcing: TeacherForcing,
-    integrand: str,
-    hbar: float,
-    M: int,
-    eval_chunk: int,
-) -> Tensor:  # [M, N]
+def _matrix_from_per_sample_gradients(inputs: AttributionInputs, eval_chunk: int) -> Tensor:  # [M, N]
     """S = ((h - hbar) * (G_l V^T) + G_h V^T) / M with per-sequence gradients G_l, G_h of E and V of U."""
+    model, update, hbar, M = inputs.model, inputs.update, inputs.hbar, inputs.M
     names = list(update.scale)
     V = torch.stack(
         [  # [N, P] v_i flattened
             torch.cat([v_i[n].reshape(-1).double() for n in names])
-            for _, v_i in per_sequence_directions(model, update, update_batch, chunk_size=eval_chunk)
+            for _, v_i in per_sequence_directions(model, update, inputs.U, chunk_size=eval_chunk)
         ]
     )
     named = dict(model.named_parameters())
     leaves = {n: named[n].detach().clone().requires_grad_(True) for n in names}  # fresh leaves, never .grad
     device = V.device
     rows = []
-    for chunk in eval_batch.chunks(eval_chunk):
+    for chunk in inputs.E.chunks(eval_chunk):
         chunk = chunk.to(next(model.parameters()).device)
         with torch.enable_grad():
-            ts = teacher_force(model, chunk, leaves, forcing)
+            ts = teacher_force(model, chunk, leaves, inputs.forcing)
             l = ts.sequence_logprobs  # [c]
-            h = -l if integrand == "logprob" else ts.sequence_entropies  # [c]
+            h = -l if inputs.integrand == "logprob" else ts.sequence_entropies  # [c]
             c = l.shape[0]
             eye = torch.eye(c, dtype=l.dtype, device=l.device)
             grads = torch.autograd.grad(
@@ -314,47 +279,44 @@ class PerSequenceExact:
 
 
 def per_sequence_exact(
-    model: nn.Module,
-    update: Update,
-    update_batch: SequenceBatch,
-    eval_batch: SequenceBatch,
+    inputs: AttributionInputs,
     etas: Sequence[float],
-    forcing: TeacherForcing,
-    *,
     indices: Sequence[int],
+    *,
     mixed: bool = True,
     integrands: Sequence[str] = INTEGRANDS,
     config: SNISConfig | None = None,
     groups: Sequence[Any] | Tensor | None = None,
-    base: SequenceStats | None = None,
-    direction_chunk_size: int = 8,
+    chunk_size: int = 8,
 ) -> list[PerSequenceExact]:
-    """Measure Delta H along v_i (and the mixed form on top of the baseline b) for the chosen rows of U.
+    """Measure Delta H along v_i (and the mixed form on top of the baseline b) for the rows ``indices`` of U.
 
-    Each v_i is materialised once (``per_sequence_directions``) and swept over ``etas``;
-    E's base statistics and the baseline sweep are computed once and shared. The mixed
-    form's SE accounts for both estimates using the same samples (``snis_difference``).
+    Each v_i is materialised once (``per_sequence_directions``, ``chunk_size`` sequences per batched
+    backward) and swept over ``etas``; E's base statistics and the baseline sweep are computed once and
+    shared. The estimates are made for each of ``integrands`` (``inputs.integrand`` is not used). The
+    mixed form's SE accounts for both estimates using the same samples (``snis_difference``).
     """
     for name in integrands:
         check_integrand(name)
-    forcing = replace(forcing, with_entropy="token_entropy" in integrands)
-    if base is None:
-        base = base_statistics(model, eval_batch, forcing)
+    model, update, E = inputs.model, inputs.update, inputs.E
+    forcing = replace(inputs.forcing, with_entropy="token_entropy" in integrands)
+    base = (
+        inputs.base
+        if inputs.base is not None and (inputs.base.entropies is not None or not forcing.with_entropy)
+        else None
+    )
+    base = base_statistics(model, E, forcing) if base is None else base
 
     def estimates(swept: Sweep, part: str) -> dict[str, list[SNISResult]]:
         return {name: snis_estimates(swept, part, integrand=name, config=config, groups=groups) for name in integrands}
 
-    on_baseline = (
-        estimates(sweep(model, eval_batch, {"b": update.baseline}, etas, forcing, base=base), "b") if mixed else None
-    )
+    on_baseline = estimates(sweep(model, E, {"b": update.baseline}, etas, forcing, base=base), "b") if mixed else None
     out = []
-    for i, v_i in per_sequence_directions(
-        model, update, update_batch, indices=list(indices), chunk_size=direction_chunk_size
-    ):
+    for i, v_i in per_sequence_directions(model, update, inputs.U, indices=list(indices), chunk_size=chunk_size):
         directions: dict[str, Mapping[str, Tensor]] = {"v": v_i}
         if mixed:
             directions["b+v"] = {n: b + v_i[n].to(b) if n in v_i else b for n, b in update.baseline.items()}
-        swept = sweep(model, eval_batch, directions, etas, forcing, base=base)
+        swept = sweep(model, E, directions, etas, forcing, base=base)
         alone = estimates(swept, "v")
         both = None
         if mixed:

@@ -53,34 +53,24 @@ class SequenceBatch:
     def response_lengths(self) -> Tensor:  # [B] long
         return self.target_mask.sum(-1)
 
-    def to(self, device: torch.device | str) -> "SequenceBatch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return replace(
-            self,
-            input_ids=move(self.input_ids),
-            attention_mask=move(self.attention_mask),
-            response_mask=move(self.response_mask),
-            advantages=move(self.advantages),
-            old_logprobs=move(self.old_logprobs),
-            index=move(self.index),
-        )
+    TENSORS = ("input_ids", "attention_mask", "response_mask", "advantages", "old_logprobs", "index")
 
-    def select(self, rows: Sequence[int] | Tensor | slice) -> "SequenceBatch":
+    def map_tensors(self, fn: Any, group: list[Any] | None = None) -> SequenceBatch:
+        """A batch with ``fn`` applied to every tensor field (None stays None), and ``group`` if given."""
+        tensors = {name: None if (t := getattr(self, name)) is None else fn(t) for name in self.TENSORS}
+        return replace(self, **tensors, group=self.group if group is None else group)
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return self.map_tensors(lambda t: t.to(device))
+
+    def select(self, rows: Sequence[int] | Tensor | slice) -> SequenceBatch:
         """The sub-batch of the given rows (padding columns kept)."""
         if isinstance(rows, slice):
             idx = torch.arange(len(self))[rows]
         else:
             idx = torch.as_tensor(rows, dtype=torch.long)
-        pick = lambda t: None if t is None else t[idx.to(t.device)]  # noqa: E731
-        return SequenceBatch(
-            input_ids=pick(self.input_ids),
-            attention_mask=pick(self.attention_mask),
-            response_mask=pick(self.response_mask),
-            advantages=pick(self.advantages),
-            old_logprobs=pick(self.old_logprobs),
-            index=pick(self.index),
-            group=[self.group[i] for i in idx.tolist()] if self.group else [],
-        )
+        group = [self.group[i] for i in idx.tolist()] if self.group else []
+        return self.map_tensors(lambda t: t[idx.to(t.device)], group=group)
 
     def chunks(self, size: int | None) -> Iterator["SequenceBatch"]:
         """Consecutive sub-batches of at most ``size`` sequences (all of it when size is None)."""
@@ -112,10 +102,7 @@ class SequenceBatch:
 
 
 def collate(
-    records: Sequence[dict],
-    pad_token_id: int = 0,
-    padding_side: str = "right",
-    index: Sequence[int] | None = None,
+    records: Sequence[dict], pad_token_id: int = 0, padding_side: str = "right", index: Sequence[int] | None = None
 ) -> SequenceBatch:
     """Pad rollout records into a :class:`SequenceBatch`.
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probe.attribution import attribute, eval_update_matrix, per_sequence_exact
+from probe.attribution import AttributionInputs, attribute, eval_update_matrix, per_sequence_exact
 from probe.batch import SequenceBatch
 from probe.logprobs import TeacherForcing, teacher_force
 from probe.overrides import Direction, Sweep, iter_sweep
@@ -406,11 +406,13 @@ def complete_eval(
     if U is None and (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact):
         raise ValueError("the attribution, the eval x update matrix and the exact per-sequence path need U; pass it")
     device = next(policy.parameters()).device
-    forcing = plan.forcing(E.temperature)
     batch = E.batch.to(device)
-    U = None if U is None else U.to(device)
     base = _stats(rows, "logprobs", "entropies")
     ref_eta = plan.reference_eta
+    inputs = None
+    if U is not None:
+        forcing = plan.forcing(E.temperature)
+        inputs = AttributionInputs(policy, update, U.to(device), batch, forcing, integrand=plan.integrand, base=base)
     with torch.inference_mode(False):
         if (plan.attribution or plan.eval_update_matrix) and E.sampling is not None:
             result.warnings.append(
@@ -422,7 +424,7 @@ def complete_eval(
             # is the same estimator; else attribute() takes it
             swept_slope = result.parts["grad"].first_order if "grad" in result.parts else None
             slope = swept_slope if plan.snis.normalisation == "global" else None
-            att = attribute(policy, update, U, batch, forcing, integrand=plan.integrand, base=base, check=slope is None)
+            att = attribute(inputs, check=slope is None)
             slope = att.first_order_grad if slope is None else slope
             a = att.attributions.numpy()
             order = np.argsort(a)
@@ -437,7 +439,7 @@ def complete_eval(
                 top_negative=[int(i) for i in order[:5]],
             )
         if plan.eval_update_matrix and E.sampling is None:
-            S = eval_update_matrix(policy, update, U, batch, forcing, integrand=plan.integrand, base=base).numpy()
+            S = eval_update_matrix(inputs).numpy()
             result.arrays["eval_delta_matrix"] = ref_eta * S  # [M, N] at the reference eta
             result.eval_update_matrix = {
                 "reference_eta": ref_eta,
@@ -445,39 +447,32 @@ def complete_eval(
                 "shape": list(S.shape),
             }
         if plan.per_sequence_exact:
-            result.per_sequence_exact = _per_sequence_exact(policy, update, U, batch, forcing, base, result, plan)
+            result.per_sequence_exact = _per_sequence_exact(inputs, result, plan)
     if plan.per_token_views:
         result.arrays.update(
             {f"per_token/{k}": v for k, v in per_token_views(policy, update, batch, plan, E.temperature).items()}
         )
 
 
-def _per_sequence_exact(policy, update, U, batch, forcing, base, result: EvalResult, plan: Plan) -> list[dict]:
+def _per_sequence_exact(inputs: AttributionInputs, result: EvalResult, plan: Plan) -> list[dict]:
+    """The exact per-sequence path on the plan's rows of U, next to each row's first-order share eta a_i."""
+    config = SNISConfig(truncation=plan.snis.truncation)
+    mixed = "baseline" in inputs.update.parts()
     exact = per_sequence_exact(
-        policy,
-        update,
-        U,
-        batch,
-        plan.etas,
-        forcing,
-        indices=plan.per_sequence_exact,
-        mixed="baseline" in update.parts(),
-        integrands=[plan.integrand],
-        config=SNISConfig(truncation=plan.snis.truncation),
-        base=base,
+        inputs, plan.etas, plan.per_sequence_exact, mixed=mixed, integrands=[plan.integrand], config=config
     )
     a = result.arrays.get("attributions")
     out = []
     for item in exact:
-        alone, mixed = item.alone[plan.integrand], None if item.mixed is None else item.mixed[plan.integrand]
+        alone, mixed_results = item.alone[plan.integrand], None if item.mixed is None else item.mixed[plan.integrand]
         out.append(
             {
                 "index": item.index,
                 "attribution_first_order": None if a is None else [float(a[item.index]) * e for e in plan.etas],
                 "alone": [r.delta_entropy for r in alone],
                 "alone_se": [r.delta_entropy_se for r in alone],
-                "mixed": None if mixed is None else [r.delta_entropy for r in mixed],
-                "mixed_se": None if mixed is None else [r.delta_entropy_se for r in mixed],
+                "mixed": None if mixed_results is None else [r.delta_entropy for r in mixed_results],
+                "mixed_se": None if mixed_results is None else [r.delta_entropy_se for r in mixed_results],
             }
         )
     return out

@@ -76,16 +76,10 @@ class PolicySettings:
         return Path(self.path).expanduser()
 
     def load(self) -> tuple[torch.nn.Module, Any]:
-        """The policy (in eval mode) and its tokenizer, loaded with these settings (:func:`load_policy`)."""
-        return load_policy(
-            self.directory(),
-            dtype=self.dtype,
-            attn_implementation=self.attn_implementation,
-            adapter_path=self.adapter_path,
-            lora=self.lora,
-            trust_remote_code=self.trust_remote_code,
-            device=self.device,
-        )
+        """The policy (in eval mode; a float64 one with float64 RMSNorm) and its tokenizer, loaded with these
+        settings. Local directories only: hub ids are never fetched; every missing piece names the path and
+        the fix."""
+        return _load(self.directory(), self)
 
 
 HUB_HINT = (
@@ -173,37 +167,30 @@ def _tokenizer_dir(model_dir: Path, adapter_dir: Path | None) -> Path:
     )
 
 
-def load_policy(
-    path: str | Path,
-    *,
-    dtype: str | torch.dtype = "float32",
-    attn_implementation: str = "sdpa",
-    adapter_path: str | Path | None = None,
-    lora: LoraSettings | None = None,
-    trust_remote_code: bool = False,
-    device: str | torch.device = "cpu",
-) -> tuple[torch.nn.Module, Any]:
+def load_policy(path: str | Path, **settings: Any) -> tuple[torch.nn.Module, Any]:
     """Load a causal LM and its tokenizer from a local directory, optionally with a LoRA adapter.
 
     Args:
         path: local HF checkpoint directory (config.json, weights, tokenizer).
-        dtype: parameter dtype name or torch dtype.
-        attn_implementation: attention kernel (``sdpa``, ``eager``, ...).
-        adapter_path: saved PEFT adapter directory, loaded trainable with ``PeftModel.from_pretrained``.
-        lora: settings of a fresh LoRA adapter to wrap the model with (exclusive with ``adapter_path``).
-        trust_remote_code: allow code inside the checkpoint directory to run.
-        device: target device.
+        **settings: the other fields of :class:`PolicySettings` (``dtype``, ``attn_implementation``,
+            ``adapter_path``, ``lora``, ``trust_remote_code``, ``device``).
 
     Returns:
         ``(model, tokenizer)``; the model is in eval mode. A tokenizer without a pad token gets
         its EOS token as pad.
     """
+    return PolicySettings(path=str(path), **settings).load()
+
+
+def _load(directory: Path, s: PolicySettings) -> tuple[torch.nn.Module, Any]:
+    """:meth:`PolicySettings.load` (after ``toy`` is resolved to its directory)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    adapter_path, lora, trust_remote_code = s.adapter_path, s.lora, s.trust_remote_code
     if adapter_path is not None and lora is not None:
         raise ValueError("give either adapter_path (load a saved adapter) or lora (wrap in a fresh one), not both")
-    torch_dtype = resolve_dtype(dtype)
-    model_dir = check_checkpoint_dir(path)
+    torch_dtype = resolve_dtype(s.dtype)
+    model_dir = check_checkpoint_dir(directory)
     adapter_dir = check_adapter_dir(adapter_path) if adapter_path is not None else None
     refuse_remote_code(model_dir, trust_remote_code)
     tokenizer_dir = _tokenizer_dir(model_dir, adapter_dir)
@@ -224,7 +211,7 @@ def load_policy(
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir),
             dtype=torch_dtype,
-            attn_implementation=attn_implementation,
+            attn_implementation=s.attn_implementation,
             local_files_only=True,
             use_safetensors=has_safetensors,
             trust_remote_code=trust_remote_code,
@@ -273,18 +260,14 @@ def load_policy(
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, config)
-    model = model.to(device=device)  # dtypes stay as loaded: PEFT keeps LoRA weights of a bf16/fp16 base in float32
+    model = model.to(device=s.device)  # dtypes stay as loaded: PEFT keeps LoRA weights of a bf16/fp16 base in float32
     if torch_dtype == torch.float64:
         exact_float64_norms(model)
     model.eval()
     return model, tokenizer
 
 
-def toy_policy(
-    cfg: Any = None,
-    root: str | Path | None = None,
-    **load_kwargs: Any,
-) -> tuple[torch.nn.Module, Any]:
+def toy_policy(cfg: Any = None, root: str | Path | None = None, **load_kwargs: Any) -> tuple[torch.nn.Module, Any]:
     """The built-in toy world's policy and tokenizer: builds it once (cached), then :func:`load_policy`.
 
     Args:

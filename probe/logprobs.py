@@ -111,10 +111,7 @@ def token_logprobs_and_entropy(
 
 def _forward_logits(model: torch.nn.Module, batch: SequenceBatch) -> Tensor:
     out = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        position_ids=batch.position_ids,
-        use_cache=False,
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
     )
     return out.logits if hasattr(out, "logits") else out[0]
 

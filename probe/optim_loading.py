@@ -464,15 +464,7 @@ def _group_hyper(group: dict, gi: int, settings: OptimizerSettings, file: Path) 
         decoupled = bool(group.get("decoupled_weight_decay", True))
     else:
         decoupled = settings.kind == "adamw"
-    saved = AdamHyper(
-        lr=_as_float(group["lr"]),
-        beta1=_as_float(group["betas"][0]),
-        beta2=_as_float(group["betas"][1]),
-        eps=_as_float(group["eps"]),
-        weight_decay=_as_float(group["weight_decay"]),
-        amsgrad=bool(group.get("amsgrad", False)),
-        decoupled=decoupled,
-    )
+    saved = AdamHyper.from_param_group(group, decoupled)
     overrides = {k: getattr(settings, k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad")}
     return replace(saved, **{k: v for k, v in overrides.items() if v is not None})
 

@@ -122,16 +122,14 @@ def _last_logits_only(model: torch.nn.Module) -> dict:
 def _sample_rows(
     model: torch.nn.Module,
     rows: list[list[int]],
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float | None,
-    top_k: int | None,
+    sampling: SamplingSettings,
     eos: list[int],
     pad_id: int,
-    generator: torch.Generator,
+    generator: Any,
 ) -> tuple[list[list[int]], list[list[float]], list[list[float]], list[bool]]:
     """Sample one response per row with a KV cache. Returns ids, policy log-probs, sampling log-probs, truncated."""
+    max_new_tokens, temperature = sampling.max_new_tokens, float(sampling.temperature)
+    top_p, top_k = sampling.top_p, sampling.top_k
     device = next(model.parameters()).device
     R, P = len(rows), max(len(r) for r in rows)
     input_ids = torch.full((R, P), pad_id, dtype=torch.long, device=device)  # [R, P] left-padded
@@ -239,30 +237,15 @@ def sample_responses(
     if generator is None:
         device = next(model.parameters()).device
         generator = torch.Generator(device=device).manual_seed(int(sampling.seed or 0))
-    n_per_prompt, temperature, top_p, top_k = (
-        sampling.n_per_prompt,
-        sampling.temperature,
-        sampling.top_p,
-        sampling.top_k,
-    )
     batch_size, truncated_sampling = sampling.batch_size, sampling.truncated
 
-    rows = [(k, list(map(int, p))) for k, p in enumerate(prompts) for _ in range(n_per_prompt)]
+    rows = [(k, list(map(int, p))) for k, p in enumerate(prompts) for _ in range(sampling.n_per_prompt)]
     size = len(rows) if not batch_size or batch_size <= 0 else batch_size
     records: list[dict] = []
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size]
-        responses, policy_lps, sampling_lps, truncated = _sample_rows(
-            model,
-            [r for _, r in chunk],
-            max_new_tokens=sampling.max_new_tokens,
-            temperature=float(temperature),
-            top_p=top_p,
-            top_k=top_k,
-            eos=eos,
-            pad_id=pad_id,
-            generator=generator,
-        )
+        rows_ids = [r for _, r in chunk]
+        responses, policy_lps, sampling_lps, truncated = _sample_rows(model, rows_ids, sampling, eos, pad_id, generator)
         for (k, prompt), response, lp, slp, cut in zip(chunk, responses, policy_lps, sampling_lps, truncated):
             record = {
                 "prompt_ids": prompt,
@@ -270,9 +253,9 @@ def sample_responses(
                 "group": k if groups is None else groups[k],
                 "old_logprobs": lp,
                 "truncated": cut,
-                "temperature": float(temperature),
-                "top_p": top_p,
-                "top_k": top_k,
+                "temperature": float(sampling.temperature),
+                "top_p": sampling.top_p,
+                "top_k": sampling.top_k,
             }
             if truncated_sampling:
                 record["sampling_logprobs"] = slp
@@ -311,9 +294,7 @@ def group_advantages(
 
 
 def ids_reward_from_text(
-    reward_fn: Callable[..., float],
-    tokenizer: Any,
-    answers: Mapping[tuple[int, ...], Any] | None = None,
+    reward_fn: Callable[..., float], tokenizer: Any, answers: Mapping[tuple[int, ...], Any] | None = None
 ) -> Callable[[Sequence[int], Sequence[int]], float]:
     """Turn a text reward ``reward_fn(prompt, response[, answer])`` into one on token ids (decoded with
     special tokens kept). ``answers`` maps a prompt's ids to its reference answer (e.g. GSM8K's), passed

@@ -23,21 +23,14 @@ per prompt only. Per-token, each group's ratio R_g - r_g is averaged with the sa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
 from probe.overrides import Sweep
-from probe.statistics import (
-    INTEGRANDS,
-    SequenceStats,
-    check_integrand,
-    group_ids,
-    group_sum,
-    small_sample_correction,
-)
+from probe.statistics import INTEGRANDS, SequenceStats, check_integrand, group_ids, group_sum, small_sample_correction
 
 NORMALISATIONS = ("global", "per_prompt")
 
@@ -286,25 +279,14 @@ def snis_difference(a: SNISResult, b: SNISResult) -> SNISResult:
     influence = a.influence - b.influence
     influence_tok = a.influence_per_token - b.influence_per_token
     se_defined = math.isfinite(a.delta_entropy_se) and math.isfinite(b.delta_entropy_se)  # NaN: one sample per group
-    return SNISResult(
-        integrand=a.integrand,
-        eta=a.eta,
-        normalisation=a.normalisation,
-        n_samples=a.n_samples,
+    return replace(  # the weights' diagnostics, H^_a and the settings are a's
+        a,
         delta_entropy=a.entropy - b.entropy,
         delta_entropy_se=float(influence.pow(2).sum().sqrt()) if se_defined else math.nan,
-        entropy=a.entropy,
         base_entropy=b.entropy,
         delta_entropy_per_token=a.entropy_per_token - b.entropy_per_token,
         delta_entropy_per_token_se=float(influence_tok.pow(2).sum().sqrt()) if se_defined else math.nan,
-        entropy_per_token=a.entropy_per_token,
         base_entropy_per_token=b.entropy_per_token,
-        ess=a.ess,
-        ess_fraction=a.ess_fraction,
-        truncated_fraction=a.truncated_fraction,
-        max_log_weight=a.max_log_weight,
-        min_log_weight=a.min_log_weight,
-        weights=a.weights,
         contributions=a.contributions - b.contributions,
         contributions_per_token=a.contributions_per_token - b.contributions_per_token,
         influence=influence,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,10 +34,10 @@ from torch.func import grad, jvp, vmap
 from probe.batch import SequenceBatch
 from probe.jsonable import json_safe
 from probe.logprobs import TeacherForcing, teacher_force
-from probe.overrides import Direction, aligned_direction, base_parameters, base_statistics, shifted_parameters
+from probe.overrides import Direction, aligned_direction, base_parameters, shifted_parameters
 from probe.precision import math_attention
 from probe.snis import snis_point_estimate
-from probe.statistics import INTEGRANDS, SequenceStats, check_integrand, group_ids, group_sum, small_sample_correction
+from probe.statistics import SequenceStats, check_integrand, group_ids, group_sum, small_sample_correction
 
 
 def _silu_composite(input: Tensor, inplace: bool = False) -> Tensor:
@@ -286,10 +286,7 @@ class SecondOrder:
 
 
 def snis_derivatives(
-    derivs: SequenceDerivatives,
-    base: SequenceStats,
-    integrand: str,
-    groups: Sequence[Any] | Tensor | None = None,
+    derivs: SequenceDerivatives, base: SequenceStats, integrand: str, groups: Sequence[Any] | Tensor | None = None
 ) -> SecondOrder:
     """F(eta0), F'(eta0), F''(eta0) of the SNIS estimate by nested ``torch.func.jvp`` in eta.
 
@@ -338,50 +335,3 @@ def snis_derivatives(
         second_per_token=second_tok,
         linear_radius_per_token=_linear_radius(first_tok, second_tok),
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# one-call predictions
-
-
-def first_order_prediction(
-    model: nn.Module,
-    batch: SequenceBatch,
-    direction: Direction,
-    forcing: TeacherForcing,
-    *,
-    integrands: Sequence[str] = INTEGRANDS,
-    groups: Sequence[Any] | Tensor | None = None,
-) -> dict[str, FirstOrder]:
-    """First-order dDelta H/deta along ``direction`` for each integrand (one JVP over E)."""
-    for name in integrands:
-        check_integrand(name)
-    forcing = replace(forcing, with_entropy="token_entropy" in integrands)
-    derivs = sequence_derivatives(model, batch, direction, forcing, order=1)
-    return {name: first_order(derivs, name, groups) for name in integrands}
-
-
-def second_order_prediction(
-    model: nn.Module,
-    batch: SequenceBatch,
-    direction: Direction,
-    forcing: TeacherForcing,
-    *,
-    eta: float = 0.0,
-    order: int = 2,
-    base: SequenceStats | None = None,
-    integrands: Sequence[str] = INTEGRANDS,
-    groups: Sequence[Any] | Tensor | None = None,
-) -> dict[str, SecondOrder]:
-    """F, F', F'' of the SNIS estimate along ``direction`` at ``eta`` (a JVP of a JVP over E).
-
-    ``order=1`` uses a single JVP (F and F' exact, F'' NaN). ``base`` (E's statistics at
-    theta) is computed when needed and not given (eta != 0).
-    """
-    for name in integrands:
-        check_integrand(name)
-    forcing = replace(forcing, with_entropy="token_entropy" in integrands)
-    derivs = sequence_derivatives(model, batch, direction, forcing, order=order, eta=eta)
-    if base is None:
-        base = derivs.value if eta == 0 else base_statistics(model, batch, forcing)
-    return {name: snis_derivatives(derivs, base, name, groups) for name in integrands}

@@ -352,18 +352,8 @@ def _make_update(
         "grad": _global_norm(grad.values()),
         "clipped_gradient": _global_norm(clipped[n] for n in baseline),
     }
-    return Update(
-        full=full,
-        baseline=baseline,
-        grad=grad,
-        scale=scale,
-        lr=lr_ref,
-        group_lr=group_lr,
-        clip_coef=float(coef),
-        grad_norm=float(total_norm),
-        norms=norms,
-        **extra,
-    )
+    scalars = dict(lr=lr_ref, group_lr=group_lr, clip_coef=float(coef), grad_norm=float(total_norm), norms=norms)
+    return Update(full=full, baseline=baseline, grad=grad, scale=scale, **scalars, **extra)
 
 
 # --------------------------------------------------------------------------------------
@@ -476,21 +466,20 @@ def loss_gradients(
     params: Mapping[str, Tensor],
     loss: LossConfig,
     norm: Normalisers,
-    *,
-    microbatch_size: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
+    config: ReconstructionConfig,
     grad_scale: Tensor | None = None,
-    head_dtype: torch.dtype | None = torch.float64,
 ) -> tuple[dict[str, Tensor], float]:
     """Gradient of ``L = sum_i c_i`` w.r.t. ``params`` (unscaled, unclipped) and L's value.
 
-    Replicates a trainer's accumulation: per microbatch, backward of ``loss_mb`` (times ``grad_scale``)
-    summed like ``.grad``; then multiplied by the float32 inverse scale. ``.grad`` is not touched.
+    Replicates a trainer's accumulation: per microbatch of ``config.microbatch_size`` sequences, backward of
+    ``loss_mb`` (under ``config``'s autocast, times ``grad_scale``) summed like ``.grad``; then multiplied by
+    the float32 inverse scale. ``.grad`` is not touched.
     """
+    autocast_dtype, head_dtype = resolve_dtype(config.autocast_dtype), resolve_dtype(config.head_dtype)
     names, tensors = list(params), list(params.values())
     acc: list[Tensor | None] = [None] * len(tensors)
     total = 0.0
-    for mb in batch.chunks(microbatch_size):
+    for mb in batch.chunks(config.microbatch_size):
         with torch.enable_grad(), autocast(tensors[0].device, autocast_dtype):
             mb_loss = sequence_losses(model, mb, loss, norm, head_dtype=head_dtype).sum()  # []
         total += float(mb_loss.detach())
@@ -537,9 +526,7 @@ def reconstruct_update(
         The :class:`Update`, per unit of the reference lr ``Update.lr``.
     """
     loss = loss or LossConfig()
-    max_grad_norm, microbatch_size = config.max_grad_norm, config.microbatch_size
     grad_scale = grad_scaler if grad_scaler is not None else config.grad_scale
-    autocast_dtype, head_dtype, parts_dtype = config.autocast_dtype, config.head_dtype, config.parts_dtype
     _require_autograd()
     state = (
         optimizer if isinstance(optimizer, AdamState) else AdamState.from_optimizer(unwrap_optimizer(optimizer), model)
@@ -550,22 +537,10 @@ def reconstruct_update(
     _check_batch(batch, loss)
     _warn_if_stochastic(model)
     norm = normalisers(batch.target_mask, loss)
-    autocast_dtype = resolve_dtype(autocast_dtype)
-    head_dtype = resolve_dtype(head_dtype)
     scale_t = _grad_scale_tensor(grad_scale)
-    grads, loss_value = loss_gradients(
-        model,
-        batch,
-        params,
-        loss,
-        norm,
-        microbatch_size=microbatch_size,
-        autocast_dtype=autocast_dtype,
-        grad_scale=scale_t,
-        head_dtype=head_dtype,
-    )
+    grads, loss_value = loss_gradients(model, batch, params, loss, norm, config, scale_t)
     order = [n for n in state.hyper if n in grads]  # clip over the optimizer's parameters, in its order
-    total, coef = clip_coefficient([grads[n] for n in order], max_grad_norm)
+    total, coef = clip_coefficient([grads[n] for n in order], config.max_grad_norm)
     clipped = {n: grads[n] * coef.to(grads[n].device) for n in order}
     return _make_update(
         params,
@@ -573,16 +548,16 @@ def reconstruct_update(
         state,
         total,
         coef,
-        resolve_dtype(parts_dtype),
+        resolve_dtype(config.parts_dtype),
         n_sequences=norm.n_sequences,
         n_tokens=norm.n_tokens,
         loss=loss,
         normalisers=norm,
         loss_value=loss_value,
-        autocast_dtype=autocast_dtype,
+        autocast_dtype=resolve_dtype(config.autocast_dtype),
         grad_scale=None if scale_t is None else float(scale_t),
-        head_dtype=head_dtype,
-        max_grad_norm=max_grad_norm,
+        head_dtype=resolve_dtype(config.head_dtype),
+        max_grad_norm=config.max_grad_norm,
     )
 
 
@@ -638,18 +613,14 @@ def per_sequence_gradients(
 
 
 def per_sequence_directions(
-    model: nn.Module,
-    update: Update,
-    batch: SequenceBatch | Sequence[dict],
-    indices: Sequence[int] | None = None,
-    chunk_size: int = 8,
-    pad_token_id: int = 0,
+    model: nn.Module, update: Update, batch: SequenceBatch | Sequence[dict], **options: Any
 ) -> Iterator[tuple[int, dict[str, Tensor]]]:
-    """``(row, v_i)`` with ``v_i = scale * g_i``, sequence i's part of ``update.grad`` (per unit lr).
+    """``(row, v_i)`` with ``v_i = scale * g_i``, sequence i's part of ``update.grad`` (per unit lr); ``options``
+    (``indices``, ``chunk_size``, ``pad_token_id``) as :func:`per_sequence_gradients`.
 
     ``sum_i v_i`` over all of U equals ``update.grad`` (up to float summation order).
     """
-    for row, g_i in per_sequence_gradients(model, update, batch, indices, chunk_size, pad_token_id):
+    for row, g_i in per_sequence_gradients(model, update, batch, **options):
         yield row, {n: update.scale[n] * g.to(update.scale[n].dtype) for n, g in g_i.items()}
 
 

@@ -71,7 +71,7 @@ def enumerated_step():
     Session-wide and read-only: tests sample E from it with their own seeds and never change the model."""
     from enumeration import world_with_update
 
-    return world_with_update(lr=1e-2)
+    return world_with_update()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -34,6 +34,8 @@ VOCAB = 4
 CONTENT = (0, 1, 2)  # tokens a response may continue with
 MAX_RESPONSE = 4
 PROMPTS = ((1, 2), (2, 0, 1))
+LR = 1e-2  # the lr of the world's AdamW steps (world_with_update), so eta = LR is the real step
+FORCING = TeacherForcing(with_entropy=True, batch_size=None)  # E in one pass, with token entropies
 
 
 def tiny_model(seed: int = 0, init_scale: float = 0.4) -> LlamaForCausalLM:
@@ -222,7 +224,7 @@ def adamw_after_two_steps(
     return optimizer, world.update_batch(n_per_prompt, seed + 2), cfg
 
 
-def world_with_update(seed: int = 0, lr: float = 1e-2):
+def world_with_update(seed: int = 0, lr: float = LR):
     """A fresh world after two AdamW steps, the reconstructed third step (float64 parts) and its U."""
     from probe.update import reconstruct_update
 

@@ -7,17 +7,31 @@ module-level parameter lists import them from here.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from probe.logprobs import TeacherForcing
+from probe.overrides import base_statistics
 from probe.precision import exact_float64_norms
+from probe.statistics import INTEGRANDS
+from probe.taylor import FirstOrder, SecondOrder, first_order, sequence_derivatives, snis_derivatives
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_CONFIG = str(REPO / "configs" / "toy.yaml")
 GRPO_CONFIG = str(REPO / "configs" / "toy_grpo.yaml")
+
+
+def flags(settings: dict[str, Any], prefix: str = "--") -> list[str]:
+    """CLI arguments from ``{"trainer.max_steps": 3, "model.init_args.save_policy": False, ...}`` (booleans as
+    true/false, the rest as text), each key given ``prefix``."""
+    out = []
+    for key, value in settings.items():
+        out += [prefix + key, str(value).lower() if isinstance(value, bool) else str(value)]
+    return out
 
 
 def eval_batch_arg(n_prompts: int = 12, n_per_prompt: int = 4, offset: int = 1000, seed: int = 1) -> str:
@@ -117,3 +131,23 @@ def tiny_llama(
         model = LlamaForCausalLM(cfg)
     model = model.to(dtype).eval()
     return exact_float64_norms(model) if dtype == torch.float64 else model
+
+
+def first_order_prediction(
+    model, batch, direction, forcing: TeacherForcing, integrands=INTEGRANDS, groups=None
+) -> dict[str, FirstOrder]:
+    """``{integrand: FirstOrder}`` along ``direction`` (one JVP over ``batch``): sequence_derivatives + first_order."""
+    derivs = sequence_derivatives(model, batch, direction, replace(forcing, with_entropy=True), order=1)
+    return {name: first_order(derivs, name, groups) for name in integrands}
+
+
+def second_order_prediction(
+    model, batch, direction, forcing: TeacherForcing, eta=0.0, order=2, base=None, integrands=INTEGRANDS, groups=None
+) -> dict[str, SecondOrder]:
+    """``{integrand: SecondOrder}``: F, F', F'' of the SNIS estimate along ``direction`` at ``eta`` (a JVP of a JVP;
+    ``order=1``: one JVP, F'' NaN). ``base`` (statistics at theta) is computed when needed (eta != 0)."""
+    forcing = replace(forcing, with_entropy=True)
+    derivs = sequence_derivatives(model, batch, direction, forcing, order=order, eta=eta)
+    if base is None:
+        base = derivs.value if eta == 0 else base_statistics(model, batch, forcing)
+    return {name: snis_derivatives(derivs, base, name, groups) for name in integrands}

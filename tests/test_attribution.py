@@ -10,14 +10,13 @@ import json
 import pytest
 import torch
 
-from probe.attribution import attribute, eval_update_matrix, per_sequence_exact
-from probe.logprobs import TeacherForcing
-from probe.taylor import first_order, first_order_prediction, sequence_derivatives
+from probe.attribution import AttributionInputs, attribute, eval_update_matrix, per_sequence_exact
+from probe.statistics import INTEGRANDS
+from probe.taylor import first_order, sequence_derivatives
 from probe.update import per_sequence_directions
 
-LR = 1e-2
-INTEGRANDS = ("logprob", "token_entropy")
-FORCING = TeacherForcing(with_entropy=True, batch_size=None)  # E in one pass, with token entropies
+from enumeration import FORCING, LR
+from support import first_order_prediction
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +30,7 @@ def setup(enumerated_step):
 def test_attributions_sum_to_the_first_order_change_of_the_gradient_part(setup):
     world, update, U, E, _ = setup
     for name in INTEGRANDS:
-        result = attribute(world.model, update, U, E, FORCING, integrand=name)
+        result = attribute(AttributionInputs(world.model, update, U, E, FORCING, name))
         slope = first_order_prediction(world.model, E, update.grad, FORCING, integrands=[name])[name].slope
         assert result.attributions.shape == (len(U),)
         assert result.total == pytest.approx(slope, rel=1e-8)  # measured ~1e-15
@@ -42,7 +41,7 @@ def test_attributions_sum_to_the_first_order_change_of_the_gradient_part(setup):
 def test_each_attribution_equals_the_first_order_change_along_its_own_direction(setup):
     world, update, U, E, directions = setup
     for name in INTEGRANDS:
-        a = attribute(world.model, update, U, E, FORCING, integrand=name, check=False).attributions
+        a = attribute(AttributionInputs(world.model, update, U, E, FORCING, name), check=False).attributions
         explicit = torch.tensor(
             [
                 first_order_prediction(world.model, E, directions[i], FORCING, integrands=[name])[name].slope
@@ -61,23 +60,22 @@ def test_eval_update_matrix_is_the_same_by_every_route(setup):
     world, update, U, E, _ = setup
     E_few = E.select(range(6))  # M = 6 < N = 12
     for name in INTEGRANDS:
-        reverse = eval_update_matrix(world.model, update, U, E_few, FORCING, integrand=name, method="reverse")
-        forward = eval_update_matrix(world.model, update, U, E_few, FORCING, integrand=name, method="forward")
+        few = AttributionInputs(world.model, update, U, E_few, FORCING, name)
+        reverse = eval_update_matrix(few, method="reverse")
+        forward = eval_update_matrix(few, method="forward")
         assert reverse.shape == (6, len(U))
         scale = float(reverse.abs().max())
         torch.testing.assert_close(reverse, forward, rtol=0, atol=1e-10 * scale)
         # columns sum to the attributions on the same E, rows to each eval sequence's first-order term
-        a = attribute(world.model, update, U, E_few, FORCING, integrand=name, check=False).attributions
+        a = attribute(few, check=False).attributions
         torch.testing.assert_close(reverse.sum(0), a, rtol=0, atol=1e-10 * scale)
         derivs = sequence_derivatives(world.model, E_few, update.grad, FORCING, order=1)
         torch.testing.assert_close(reverse.sum(1), first_order(derivs, name).contributions, rtol=0, atol=1e-10 * scale)
-        auto = eval_update_matrix(world.model, update, U, E_few, FORCING, integrand=name)
+        auto = eval_update_matrix(few)
         torch.testing.assert_close(auto, reverse, rtol=0, atol=1e-10 * scale)
-        per_sample = eval_update_matrix(
-            world.model, update, U, E_few, FORCING, integrand=name, method="per_sample", direction_chunk_size=4
-        )
+        per_sample = eval_update_matrix(few, method="per_sample", chunk_size=4)
         torch.testing.assert_close(per_sample, reverse, rtol=0, atol=1e-10 * scale)
-        by_routes = eval_update_matrix(world.model, update, U, E_few, FORCING, integrand=name, memory_budget=0)
+        by_routes = eval_update_matrix(few, memory_budget=0)
         torch.testing.assert_close(by_routes, reverse, rtol=0, atol=1e-10 * scale)
 
 
@@ -85,8 +83,8 @@ def test_exact_per_sequence_changes_approach_eta_times_the_attribution(setup):
     world, update, U, E, _ = setup
     eta = 1e-8
     rows = [0, 7]
-    a = attribute(world.model, update, U, E, FORCING, integrand="token_entropy", check=False).attributions
-    for item in per_sequence_exact(world.model, update, U, E, [eta], FORCING, indices=rows):
+    a = attribute(AttributionInputs(world.model, update, U, E, FORCING), check=False).attributions
+    for item in per_sequence_exact(AttributionInputs(world.model, update, U, E, FORCING), [eta], rows):
         alone = item.alone["token_entropy"][0].delta_entropy / eta
         mixed = item.mixed["token_entropy"][0].delta_entropy / eta
         # O(eta) curvature terms: relative departures ~1e-7 at eta = 1e-8
@@ -97,7 +95,7 @@ def test_exact_per_sequence_changes_approach_eta_times_the_attribution(setup):
 def test_exact_per_sequence_changes_match_enumeration_at_the_real_step(setup):
     world, update, U, _, directions = setup
     E = world.sample(1000, seed=22)  # M = 2000
-    results = per_sequence_exact(world.model, update, U, E, [LR], FORCING, indices=[0, 7])
+    results = per_sequence_exact(AttributionInputs(world.model, update, U, E, FORCING), [LR], [0, 7])
     for item in results:
         v = directions[item.index]
         b_plus_v = {n: update.baseline[n] + v[n] for n in update.baseline}
@@ -112,13 +110,13 @@ def test_exact_per_sequence_changes_match_enumeration_at_the_real_step(setup):
 
 def test_attribution_serialises_and_rejects_unknown_matrix_methods(setup):
     world, update, U, E, _ = setup
-    result = attribute(world.model, update, U, E.select(range(20)), FORCING, integrand="logprob")
+    result = attribute(AttributionInputs(world.model, update, U, E.select(range(20)), FORCING, "logprob"))
     data = json.loads(json.dumps(result.to_dict(per_sequence=True)))
     assert len(data["attributions"]) == len(U) and data["n_eval"] == 20
     with pytest.raises(ValueError, match="method"):
-        eval_update_matrix(world.model, update, U, E, FORCING, method="sideways")
+        eval_update_matrix(AttributionInputs(world.model, update, U, E, FORCING), method="sideways")
     with pytest.raises(ValueError, match="integrand"):
-        attribute(world.model, update, U, E, FORCING, integrand="entropy")
+        AttributionInputs(world.model, update, U, E, FORCING, integrand="entropy")
 
 
 def test_attribution_accepts_an_eval_batch_made_under_inference_mode(setup):
@@ -128,6 +126,6 @@ def test_attribution_accepts_an_eval_batch_made_under_inference_mode(setup):
     with torch.inference_mode():
         E_inference = E_few.select(range(20))
     assert E_inference.input_ids.is_inference()
-    a = attribute(world.model, update, U, E_inference, FORCING, integrand="token_entropy", check=False).attributions
-    b = attribute(world.model, update, U, E_few, FORCING, integrand="token_entropy", check=False).attributions
+    a = attribute(AttributionInputs(world.model, update, U, E_inference, FORCING), check=False).attributions
+    b = attribute(AttributionInputs(world.model, update, U, E_few, FORCING), check=False).attributions
     assert torch.equal(a, b)

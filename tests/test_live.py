@@ -18,35 +18,30 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, fit_args
+from support import REPO, fit_args, flags
 
-QUIET = [
-    "--model.init_args.checkpoint_every_n_steps",
-    "-1",
-    "--trainer.enable_checkpointing",
-    "false",
-    "--model.init_args.save_policy",
-    "false",
-]
+NO_CHECKPOINTS = {"model.init_args.checkpoint_every_n_steps": -1, "trainer.enable_checkpointing": False}
+QUIET = flags({**NO_CHECKPOINTS, "model.init_args.save_policy": False})
 PROBE = "--trainer.callbacks.init_args."
+
+
+def eval_arg(n_prompts: int, n_per_prompt: int, seed: int = 0, **extra) -> str:
+    """The live probe's ``eval`` setting: ``n_prompts`` held-out toy prompts x ``n_per_prompt`` samples."""
+    sampling = f"{{n_per_prompt: {n_per_prompt}, max_new_tokens: 4, seed: {seed}}}"
+    more = "".join(f", {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in extra.items())
+    return f"{{source: {{prompts: toy, n_prompts: {n_prompts}, offset: 1000}}, sampling: {sampling}{more}}}"
+
+
+def probe(**settings) -> list[str]:
+    """CLI arguments of the LiveEntropyProbe callback of configs/toy_grpo.yaml."""
+    return flags(settings, prefix=PROBE)
+
+
 # A small run probed at every step: 4 prompts x G = 8 per step, two PPO inner epochs per rollout (step 1
 # reuses step 0's rollout with ratio != 1 and clipping), E = 8 prompts x 4 samples.
-SMALL = [
-    "--trainer.max_steps",
-    "3",
-    "--data.init_args.prompts_per_step",
-    "4",
-    "--model.init_args.optimizer.lr",
-    "1e-3",
-    "--model.init_args.rollout.inner_epochs",
-    "2",
-    "--model.init_args.loss.clip_ratio",
-    "0.05",
-    f"{PROBE}every_n_steps",
-    "1",
-    f"{PROBE}eval",
-    "{source: {prompts: toy, n_prompts: 8, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4, seed: 1}}",
-]
+STEPS = flags({"trainer.max_steps": 3, "data.init_args.prompts_per_step": 4, "model.init_args.optimizer.lr": 1e-3})
+PPO = flags({"model.init_args.rollout.inner_epochs": 2, "model.init_args.loss.clip_ratio": 0.05})
+SMALL = [*STEPS, *PPO, *probe(every_n_steps=1, eval=eval_arg(8, 4, seed=1))]
 
 
 def records(run: Path) -> list[dict]:
@@ -90,43 +85,39 @@ def test_the_modules_declared_losses_explain_its_real_gradient_also_in_ppo_inner
         assert len(per_sequence["values"]) == r["update"]["n_sequences"] == len(set(per_sequence["index"]))
 
 
-def test_a_module_that_declares_another_loss_than_it_trains_is_exposed_by_the_attribution_gap(tmp_path, toy_world_dir):
-    from dataclasses import replace
-
+def fit_module(module_class: type, root: Path, max_steps: int, **probe_settings) -> list[dict]:
+    """Fit a GRPOModule subclass on the toy world (lr 1e-3, 4 prompts a step, E = 32 prompts x 2) with the live
+    probe attached, through a plain Lightning Trainer; the probe's records."""
     import lightning.pytorch as pl
 
     from callbacks.live import LiveEntropyProbe, LiveEvalSettings
     from datamodules.prompts import PromptDataModule
-    from probe.grpo import AdamWSettings, FitRunSettings, GRPOModule
+    from probe.grpo import AdamWSettings, FitRunSettings
     from probe.sampling import SamplingSettings
+
+    run = FitRunSettings(root=str(root), name=module_class.__name__)
+    module = module_class(optimizer=AdamWSettings(lr=1e-3), run=run, checkpoint_every_n_steps=-1, save_policy=False)
+    E = LiveEvalSettings(sampling=SamplingSettings(n_per_prompt=2, max_new_tokens=4))
+    probe = LiveEntropyProbe(eval=E, second_order=False, realised=False, **probe_settings)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps, gradient_clip_val=1.0, callbacks=[probe], **quiet
+    )
+    trainer.fit(module, datamodule=PromptDataModule(prompts_per_step=4))
+    return probe.records
+
+
+def test_a_module_that_declares_another_loss_than_it_trains_is_exposed_by_the_attribution_gap(tmp_path, toy_world_dir):
+    from dataclasses import replace
+
+    from probe.grpo import GRPOModule
 
     class DeclaresAnotherTemperature(GRPOModule):  # trains log-probs at temperature 1, tells the probe 0.5
         def probed_step(self):
             step = super().probed_step()
             return replace(step, loss=replace(step.loss, temperature=0.5))
 
-    run = FitRunSettings(root=str(tmp_path), name="lies")
-    module = DeclaresAnotherTemperature(
-        optimizer=AdamWSettings(lr=1e-3), run=run, checkpoint_every_n_steps=-1, save_policy=False
-    )
-    probe = LiveEntropyProbe(
-        eval=LiveEvalSettings(sampling=SamplingSettings(n_per_prompt=2, max_new_tokens=4)),
-        second_order=False,
-        realised=False,
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=2,
-        gradient_clip_val=1.0,
-        logger=False,
-        callbacks=[probe],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, datamodule=PromptDataModule(prompts_per_step=4))
-    for r in probe.records:
+    for r in fit_module(DeclaresAnotherTemperature, tmp_path, max_steps=2):
         assert r["verification"]["ok"]  # the step itself is still reconstructed exactly, from the real gradients
         att = r["eval"]["attribution"]
         assert att["relative_difference"] > 1e-2, att  # but the per-sequence losses do not add up to it
@@ -184,24 +175,11 @@ def test_offline_and_live_results_use_the_same_field_names(float32_run, tmp_path
 
 
 def test_float64_steps_are_reconstructed_to_1e12_relative(tmp_path, fit):
-    E = "{source: {prompts: toy, n_prompts: 4, offset: 1000}, sampling: {n_per_prompt: 2, max_new_tokens: 4}}"
-    run = fit(
-        tmp_path,
-        "f64",
-        *SMALL[:2],
-        "--model.init_args.policy.dtype",
-        "float64",
-        f"{PROBE}every_n_steps",
-        "1",
-        "--data.init_args.prompts_per_step",
-        "4",
-        f"{PROBE}realised",
-        "false",
-        f"{PROBE}second_order",
-        "false",
-        f"{PROBE}eval",
-        E,
+    settings = probe(every_n_steps=1, realised=False, second_order=False, eval=eval_arg(4, 2))
+    steps = flags(
+        {"trainer.max_steps": 3, "data.init_args.prompts_per_step": 4, "model.init_args.policy.dtype": "float64"}
     )
+    run = fit(tmp_path, "f64", *steps, *settings)
     recs = records(run)
     assert len(recs) == 3
     for r in recs:
@@ -212,39 +190,15 @@ def test_float64_steps_are_reconstructed_to_1e12_relative(tmp_path, fit):
 
 
 def test_a_step_that_differs_from_the_reconstruction_is_reported_loudly(tmp_path, toy_world_dir):
-    import lightning.pytorch as pl
-
-    from callbacks.live import LiveEntropyProbe, LiveEvalSettings
-    from datamodules.prompts import PromptDataModule
-    from probe.grpo import AdamWSettings, FitRunSettings, GRPOModule
-    from probe.sampling import SamplingSettings
+    from probe.grpo import GRPOModule
 
     class FreezesItsHead(GRPOModule):  # changes a gradient after the callbacks' hook has read them
         def on_before_optimizer_step(self, optimizer):
             self.policy.lm_head.weight.grad.zero_()
 
-    run = FitRunSettings(root=str(tmp_path), name="wrong")
-    module = FreezesItsHead(optimizer=AdamWSettings(lr=1e-3), run=run, checkpoint_every_n_steps=-1, save_policy=False)
-    probe = LiveEntropyProbe(
-        eval=LiveEvalSettings(sampling=SamplingSettings(n_per_prompt=2, max_new_tokens=4)),
-        second_order=False,
-        attribution=False,
-        realised=False,
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=1,
-        gradient_clip_val=1.0,
-        logger=False,
-        callbacks=[probe],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
     with pytest.warns(UserWarning, match="rounding units away from the reconstructed step"):
-        trainer.fit(module, datamodule=PromptDataModule(prompts_per_step=4))
-    v = probe.records[0]["verification"]
+        records = fit_module(FreezesItsHead, tmp_path, max_steps=1, attribution=False)
+    v = records[0]["verification"]
     assert not v["ok"] and v["worst_parameter"] == "lm_head.weight" and v["max_units"] > 1e3
 
 
@@ -253,29 +207,10 @@ def test_the_predicted_change_at_eta_lr_agrees_with_the_realised_change_on_fresh
     # measured on E' = 128 x 64 fresh samples of the new policy. How much one step changes the entropy depends on
     # the sampled U (so on the CPU's rounding); over three steps at least one changes it measurably, which makes the
     # agreement a test (measured here: realised -0.036 +- 0.003 at one step, |z| <= 1.1 at all three)
-    E = (
-        "{source: {prompts: toy, n_prompts: 128, offset: 1000}, sampling: {n_per_prompt: 64, max_new_tokens: 4, "
-        "seed: 1},"
-        " realised_n_per_prompt: 64}"
-    )
-    run = fit(
-        tmp_path,
-        "pred",
-        "--trainer.max_steps",
-        "3",
-        "--model.init_args.optimizer.lr",
-        "5e-4",
-        f"{PROBE}every_n_steps",
-        "1",
-        f"{PROBE}second_order",
-        "false",
-        f"{PROBE}attribution",
-        "false",
-        f"{PROBE}eta_factors",
-        "[1.0]",
-        f"{PROBE}eval",
-        E,
-    )
+    E = eval_arg(128, 64, seed=1, realised_n_per_prompt=64)
+    settings = probe(every_n_steps=1, second_order=False, attribution=False, eta_factors="[1.0]", eval=E)
+    steps = flags({"trainer.max_steps": 3, "model.init_args.optimizer.lr": 5e-4})
+    run = fit(tmp_path, "pred", *steps, *settings)
     recs = records(run)
     assert len(recs) == 3
     real = [r["realised"] for r in recs]
@@ -288,26 +223,9 @@ def test_the_predicted_change_at_eta_lr_agrees_with_the_realised_change_on_fresh
 
 def test_a_held_evaluation_batch_is_reweighted_to_the_current_policy(tmp_path, fit):
     logger = "{class_path: lightning.pytorch.loggers.CSVLogger, init_args: {save_dir: %s, name: csv}}" % tmp_path
-    E = (
-        "{source: {prompts: toy, n_prompts: 8, offset: 1000}, sampling: {n_per_prompt: 4, max_new_tokens: 4},"
-        " refresh: false}"
-    )
-    run = fit(
-        tmp_path,
-        "held",
-        "--trainer.max_steps",
-        "2",
-        "--data.init_args.prompts_per_step",
-        "4",
-        f"{PROBE}second_order",
-        "false",
-        f"{PROBE}every_n_steps",
-        "1",
-        "--trainer.logger",
-        logger,
-        f"{PROBE}eval",
-        E,
-    )
+    settings = probe(every_n_steps=1, second_order=False, eval=eval_arg(8, 4, refresh=False))
+    steps = flags({"trainer.max_steps": 2, "data.init_args.prompts_per_step": 4, "trainer.logger": logger})
+    run = fit(tmp_path, "held", *steps, *settings)
     recs = records(run)
     assert [r["step"] for r in recs] == [0, 1]
     for r in recs:

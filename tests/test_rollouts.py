@@ -8,13 +8,7 @@ import statistics
 
 import pytest
 
-from datamodules.rollouts import (
-    RolloutRecords,
-    fill_advantages,
-    read_rollouts,
-    validate_rollouts,
-    write_rollouts,
-)
+from datamodules.rollouts import RolloutRecords, fill_advantages, read_rollouts, validate_rollouts, write_rollouts
 
 
 def make_records() -> list[dict]:

@@ -19,16 +19,9 @@ from support import tiny_llama
 
 EOS, PAD = 2, 0
 PROMPTS = [[1, 5, 14, 6, 15], [1, 7], [1, 4, 4, 4, 4, 4, 4, 14]]  # different lengths: left padding is exercised
-POLICY = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    bos_token_id=1,
-    eos_token_id=EOS,
-    pad_token_id=PAD,
-)  # tiny_llama's settings of the policy (16-token vocabulary)
+# tiny_llama's settings of the policy (16-token vocabulary)
+POLICY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+POLICY.update(bos_token_id=1, eos_token_id=EOS, pad_token_id=PAD)
 SAMPLING = SamplingSettings(n_per_prompt=4, max_new_tokens=6, temperature=0.7, seed=3)
 
 
@@ -186,16 +179,14 @@ def alternating_reward_after(dead_calls: int):
     return reward
 
 
+def two_groups_dead_at_first(policy, **options) -> list[dict]:
+    """U of PROMPTS[:2] x 4 whose first draw of group 0 gets equal rewards (then alternating ones)."""
+    sampling = SamplingSettings(n_per_prompt=4, max_new_tokens=4, seed=0)
+    return sample_update_batch(policy, PROMPTS[:2], sampling, reward_fn=alternating_reward_after(4), **options)
+
+
 def test_update_batch_resamples_a_dead_group_until_it_has_signal(policy):
-    records = sample_update_batch(
-        policy,
-        PROMPTS[:2],
-        SamplingSettings(n_per_prompt=4, max_new_tokens=4, seed=0),
-        reward_fn=alternating_reward_after(4),
-        eos_token_id=EOS,
-        pad_token_id=PAD,
-        max_resample_attempts=2,
-    )
+    records = two_groups_dead_at_first(policy, eos_token_id=EOS, pad_token_id=PAD, max_resample_attempts=2)
     assert [r["group"] for r in records] == [0, 0, 0, 0, 1, 1, 1, 1]
     assert [r["resample_attempt"] for r in records] == [1, 1, 1, 1, 0, 0, 0, 0]  # group 0 was drawn twice
     for k in (0, 1):
@@ -209,14 +200,7 @@ def test_update_batch_resamples_a_dead_group_until_it_has_signal(policy):
 
 def test_update_batch_takes_spare_prompts_for_dead_groups(policy):
     spare = [1, 9, 14, 9, 15]
-    records = sample_update_batch(
-        policy,
-        PROMPTS[:2],
-        SamplingSettings(n_per_prompt=4, max_new_tokens=4, seed=0),
-        reward_fn=alternating_reward_after(4),
-        eos_token_id=EOS,
-        spare_prompts=[spare],
-    )
+    records = two_groups_dead_at_first(policy, eos_token_id=EOS, spare_prompts=[spare])
     assert [r["prompt_ids"] for r in records[:4]] == [spare] * 4 and records[4]["prompt_ids"] == PROMPTS[1]
 
 

@@ -16,18 +16,15 @@ import pytest
 import torch
 
 from probe.batch import collate
-from probe.logprobs import TeacherForcing, teacher_force
+from probe.logprobs import teacher_force
 from probe.overrides import iter_sweep, sweep
 from probe.snis import SNISConfig, logprob_gap, snis_difference, snis_estimate, snis_sweep
-from probe.statistics import SequenceStats
+from probe.statistics import INTEGRANDS, SequenceStats
 
-from enumeration import EnumeratedWorld, tiny_model
+from enumeration import FORCING, LR, EnumeratedWorld, tiny_model
 
-LR = 1e-2
 ETAS = [1e-3, 3e-3, 1e-2, 3e-2]  # lr / 10 .. 3 lr; the real step is eta = lr
-INTEGRANDS = ("logprob", "token_entropy")
 N_PER_PROMPT = 2000  # M = 4000
-FORCING = TeacherForcing(with_entropy=True, batch_size=None)  # E in one pass, with token entropies
 
 
 @pytest.fixture(scope="module")

@@ -15,22 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from probe.logprobs import TeacherForcing
 from probe.overrides import sweep
 from probe.snis import SNISConfig, snis_estimate
-from probe.taylor import (
-    SecondOrder,
-    first_order,
-    first_order_prediction,
-    nested_forward_ad,
-    second_order_prediction,
-    sequence_derivatives,
-    snis_derivatives,
-)
+from probe.statistics import INTEGRANDS
+from probe.taylor import SecondOrder, first_order, nested_forward_ad, sequence_derivatives, snis_derivatives
 
-LR = 1e-2
-INTEGRANDS = ("logprob", "token_entropy")
-FORCING = TeacherForcing(with_entropy=True, batch_size=None)  # E in one pass, with token entropies
+from enumeration import FORCING, LR
+from support import first_order_prediction, second_order_prediction
 
 
 @pytest.fixture(scope="module")
