@@ -235,12 +235,6 @@ def batch_rows(
     return rows
 
 
-def concat_rows(blocks: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Rows of several batches as one table, sorted by sequence index (duplicates dropped)."""
-    table = {key: np.concatenate([b[key] for b in blocks], axis=-1) for key in blocks[0]}
-    return sort_rows(table)
-
-
 def sort_rows(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The rows sorted by sequence index, so results do not depend on how E was split; a sequence seen twice
     (a sampler that repeats sequences across ranks) is kept once."""

@@ -292,3 +292,43 @@ def test_two_ddp_processes_probe_the_steps_of_one(tmp_path, fit):
         assert close(b["eval"]["attribution"]["sum"], a["eval"]["attribution"]["sum"])
         assert b["attributions"]["values"] == pytest.approx(a["attributions"]["values"], rel=1e-9, abs=1e-12)
         assert close(b["realised"]["delta_h"], a["realised"]["delta_h"])
+
+
+def readme_module() -> type:
+    """The minimal training module of README.md ("A minimal training module"), executed as written."""
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### A minimal training module") :]
+    code = section[
+        section.index("```python") + len("```python") : section.index("```\n", section.index("```python") + 9)
+    ]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    return namespace["FixedBatchReinforce"]
+
+
+def test_the_readme_minimal_module_is_probed_exactly(tmp_path, toy_world_dir):
+    import lightning.pytorch as pl
+    import torch
+
+    from callbacks.live import LiveEntropyProbe, LiveEvalSettings
+    from probe.live_contract import LiveProbeTarget
+    from probe.loading import load_policy
+    from probe.sampling import SamplingSettings, sample_update_batch
+    from probe.toy import task
+
+    policy, tokenizer = load_policy(toy_world_dir)
+    sampling = SamplingSettings(n_per_prompt=4, max_new_tokens=4, seed=0)
+    records = sample_update_batch(
+        policy, task.make_prompts(4, seed=0), sampling, reward_fn=task.reward_ids, tokenizer=tokenizer
+    )
+    module = readme_module()(policy, tokenizer, records, lr=1e-3)
+    assert isinstance(module, LiveProbeTarget)
+    probe = LiveEntropyProbe(every_n_steps=1, eval=LiveEvalSettings(sampling=SamplingSettings(2, 4)), realised=False)
+    quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = pl.Trainer(max_steps=3, gradient_clip_val=1.0, callbacks=[probe], default_root_dir=tmp_path, **quiet)
+    trainer.fit(module, torch.utils.data.DataLoader(range(3)))
+    assert [r["step"] for r in probe.records] == [0, 1, 2]
+    for r in probe.records:
+        assert r["verification"]["ok"], r["verification"]  # the step the optimizer took is the one reconstructed
+        assert r["eval"]["attribution"]["relative_difference"] < 1e-3  # and its declared loss explains it
+    assert (tmp_path / "live_probe" / "records.jsonl").is_file()
