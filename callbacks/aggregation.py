@@ -92,8 +92,11 @@ class SNISAggregation(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         layout = run_state_of(trainer).require("plan").row_layout()
-        if sorted(outputs) != list(layout):
-            raise RuntimeError(f"predict_step returned columns {sorted(outputs)}, expected {list(layout)}")
+        got = {key: tuple(value.shape[:-1]) for key, value in sorted(outputs.items())}
+        if got != layout:
+            raise RuntimeError(
+                f"predict_step returned columns {got}, expected {layout} (shapes before the sequence axis)"
+            )
         self._metric(dataloader_idx, layout, pl_module.device).update(to_rows(outputs, layout).to(pl_module.device))
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -101,10 +104,12 @@ class SNISAggregation(pl.Callback):
         plan, inputs = state.require("plan"), state.require("inputs")
         state.timings["eval_passes_s"] = time.perf_counter() - self.start
         layout = plan.row_layout()
-        results = []
+        tables = []  # every gather first (a rank that ran no batch of E k still takes part), then rank 0's work
         for k in range(len(inputs.eval_records)):
-            metric = self._metric(k, layout, pl_module.device)  # a rank that ran no batch of E k still gathers
-            table = sort_rows(from_rows(metric.compute().cpu(), layout))
+            metric = self._metric(k, layout, pl_module.device)
+            tables.append(sort_rows(from_rows(metric.compute().cpu(), layout)))
+        results = []
+        for k, table in enumerate(tables):
             E = inputs.eval_batch(k)
             result = summarise_eval(table, plan, E)
             if trainer.global_rank == 0:

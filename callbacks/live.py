@@ -51,6 +51,7 @@ from probe.batch import SequenceBatch, collate
 from probe.engine import EvalBatch, Plan, probe_eval, realised_change
 from probe.jsonable import dumps, json_safe
 from probe.live_contract import LiveProbeTarget, OwnsRunDirectory, ProbedStep
+from probe.logprobs import TeacherForcing
 from probe.losses import normalisers as loss_normalisers
 from probe.overrides import base_statistics
 from probe.plots import plot_live
@@ -281,16 +282,11 @@ class LiveEntropyProbe(pl.Callback):
         return collate(records, pad_token_id=self._pad)
 
     def _statistics(self, policy: torch.nn.Module, E: SequenceBatch) -> SequenceStats:
-        forcing = self._plan(1.0, False).forcing(self.eval_settings.sampling.temperature)
-        return base_statistics(policy, E, forcing)
-
-    def _gather_update_batch(self, trainer: pl.Trainer, U: SequenceBatch | None) -> SequenceBatch | None:
-        """Every rank's U, concatenated on rank 0 (sorted by index); None elsewhere."""
-        gathered = self._gather_objects(trainer, None if U is None else U.to("cpu"))
-        if trainer.global_rank != 0:
-            return None
-        batches = [b for b in gathered if b is not None and len(b) > 0]
-        return SequenceBatch.concat(batches, self._pad) if batches else None
+        """E's statistics at the current theta, teacher-forced as the step's plan does."""
+        forcing = TeacherForcing(
+            temperature=self.eval_settings.sampling.temperature, batch_size=self.eval_settings.batch_size
+        )
+        return base_statistics(policy, E, forcing.for_integrand(self.integrand))
 
     @staticmethod
     def _gather_objects(trainer: pl.Trainer, obj: Any) -> list[Any]:
@@ -323,15 +319,25 @@ class LiveEntropyProbe(pl.Callback):
 
         policy = pl_module.policy
         probed: ProbedStep | None = pl_module.probed_step()
-        if probed is None:
-            log.warning("live probe: %s declares no probed step at step %d; not probed", type(pl_module).__name__, step)
-            return
-        U_all = self._gather_update_batch(trainer, probed.batch)
+        # one collective on every rank before anything can return or raise, so that all ranks decide alike
+        mine = (
+            None if probed is None else (None if probed.batch is None else probed.batch.to("cpu"), probed.normalisers)
+        )
+        everyone = self._gather_objects(trainer, mine)
         lap("gather")
+        if any(e is None for e in everyone):
+            name = type(pl_module).__name__
+            log.warning("live probe: %s declares no probed step at step %d on some rank; not probed", name, step)
+            return
+        if trainer.world_size > 1 and any(normalisers is None for _, normalisers in everyone):
+            raise ValueError(
+                "under DDP the module's ProbedStep must carry the normalisers of the global U (every rank's "
+                "sequences); see probe.grpo.GRPOModule"
+            )
+        batches = [b for b, _ in everyone if b is not None and len(b) > 0]
+        U_all = SequenceBatch.concat(batches, self._pad) if batches and trainer.global_rank == 0 else None
         norm = probed.normalisers
         if norm is None and U_all is not None:
-            if trainer.world_size > 1:
-                raise ValueError("under DDP the module's ProbedStep must carry the normalisers of the global U")
             norm = loss_normalisers(U_all.target_mask, probed.loss)
         autocast, scaler = self._precision(trainer)
         state = AdamState.from_optimizer(_unwrap(optimizer), policy)

@@ -35,7 +35,7 @@ class SweepProgress(pl.Callback):
         )
         state.progress = self.bar.update
 
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None

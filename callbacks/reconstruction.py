@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from probe.engine import check_etas_fit, make_plan, part_directions
 from probe.optim_loading import load_optimizer_state
-from probe.run_state import run_state_of
+from probe.run_state import on_rank_zero, run_state_of
 from probe.update import Update, reconstruct_update
 
 log = logging.getLogger("probe")
@@ -30,12 +30,14 @@ class UpdateReconstruction(pl.Callback):
         start = time.perf_counter()
         state = run_state_of(trainer)
         policy, inputs, settings = state.policy, state.require("inputs"), state.settings
-        update = None
-        if trainer.global_rank == 0:
+
+        def reconstruct() -> Update:
             optimizer_state = load_optimizer_state(settings.optimizer, policy)
             with torch.inference_mode(False), torch.enable_grad():
                 U = inputs.update_batch.to(pl_module.device)
-                update = reconstruct_update(policy, optimizer_state, U, settings.loss, settings.reconstruction)
+                return reconstruct_update(policy, optimizer_state, U, settings.loss, settings.reconstruction)
+
+        update = on_rank_zero(trainer, reconstruct)  # a bad optimizer file stops every rank, not rank 0 alone
         if trainer.world_size > 1:
             update = broadcast_update(update, trainer, device=pl_module.device)
         plan = make_plan(settings.probe, settings.precision, update.lr)

@@ -42,8 +42,10 @@ class WandbReport(pl.Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if stage != "predict" or not loggers or trainer.global_rank != 0:
+            return
         state = run_state_of(trainer)
-        if stage != "predict" or not loggers or trainer.global_rank != 0 or not state.finished:
+        if not state.finished:
             return
         plan, run_dir = state.require("plan"), state.require("run_dir").path
         values = update_metrics(state.require("update").summary())

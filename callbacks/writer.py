@@ -25,31 +25,6 @@ log = logging.getLogger("probe")
 class RunWriter(pl.Callback):
     """Write the run directory (rank 0) once the aggregation is done."""
 
-    def on_predict_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs,
-        batch,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        """Stop after the batch whose results were just saved when SIGTERM arrived (Lightning only records
-        the signal during predict, so without this a terminated run would go on to the end)."""
-        if trainer.received_sigterm:
-            from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-            run_dir = run_state_of(trainer).run_dir
-            where = run_dir.path if run_dir is not None else "the run directory"
-            log.warning(
-                "stopped by SIGTERM after batch %d of eval_%02d; finished batches are kept in %s/partial. "
-                "Fix: rerun the same command (same run.name) to resume",
-                batch_idx,
-                dataloader_idx,
-                where,
-            )
-            raise SIGTERMException(128 + 15)  # the exit status of a process ended by SIGTERM
-
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0:
             return
@@ -81,18 +56,18 @@ class RunWriter(pl.Callback):
                         part,
                         ", ".join(low),
                     )
-        state.timings["total_s"] = time.perf_counter() - state.started
+        timings = {**state.timings, "total_s": time.perf_counter() - state.started}
         summary = run_summary(
             plan,
             update,
             evals,
             config=state.settings.as_dict(),
-            timings=state.timings,
+            timings=timings,
             environment=environment(),
             world_size=trainer.world_size,
             policy=str(state.policy_dir),
         )
-        log.info("timings: %s", ", ".join(f"{k} {v:.2f}s" for k, v in state.timings.items()))
+        log.info("timings: %s", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
         run_dir.finish(summary)
         print(format_table(summary["evals"], plan.etas))
         print(f"run directory: {run_dir.path}")

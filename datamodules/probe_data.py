@@ -20,10 +20,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.rollouts import fill_advantages, read_rollouts, write_rollouts
-from probe.batch import SequenceBatch, collate
 from probe.prompts import PromptSource, load_prompts
 from probe.rewards import resolve_reward
-from probe.run_state import ProbeInputs, run_state_of
+from probe.run_state import ProbeInputs, indexed_collate, run_state_of
 from probe.sampling import SamplingSettings, ids_reward_from_text, pad_token_id, sample_responses, sample_update_batch
 
 log = logging.getLogger("probe")
@@ -82,10 +81,6 @@ class EvalBatchSettings:
                 "distribution than the policy's. Fix: remove top_p/top_k for E, or set allow_truncated_sampling=true "
                 "knowingly"
             )
-
-
-def _indexed_collate(records: list[dict], pad_token_id: int) -> SequenceBatch:
-    return collate(records, pad_token_id=pad_token_id, index=[r["index"] for r in records])
 
 
 class ProbeDataModule(pl.LightningDataModule):
@@ -228,7 +223,7 @@ class ProbeDataModule(pl.LightningDataModule):
                 batch_size=self.eval_batch_size,
                 shuffle=False,
                 num_workers=self.num_workers,
-                collate_fn=partial(_indexed_collate, pad_token_id=self.inputs.pad_token_id),
+                collate_fn=partial(indexed_collate, pad_token_id=self.inputs.pad_token_id),
             )
             for records in self.inputs.eval_records
         ]

@@ -6,7 +6,7 @@ order (files, see ``probe.optim_loading``), never by guessing; shapes are always
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -67,18 +67,6 @@ class AdamState:
     @property
     def names(self) -> list[str]:
         return list(self.hyper)
-
-    def with_overrides(self, **overrides: Any) -> "AdamState":
-        """A copy with hyperparameters (lr, beta1, beta2, eps, weight_decay, amsgrad, decoupled) replaced in every
-        group."""
-        overrides = {k: v for k, v in overrides.items() if v is not None}
-        unknown = set(overrides) - set(AdamHyper.__dataclass_fields__)
-        if unknown:
-            raise ValueError(
-                f"unknown optimizer hyperparameter(s) {sorted(unknown)}; allowed: "
-                f"{sorted(AdamHyper.__dataclass_fields__)}"
-            )
-        return replace(self, hyper={n: replace(h, **overrides) for n, h in self.hyper.items()})
 
     @classmethod
     def from_optimizer(cls, optimizer: torch.optim.Optimizer, model: nn.Module) -> "AdamState":

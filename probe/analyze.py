@@ -14,8 +14,8 @@ s * eta (``s = dDelta H/deta`` at eta = 0, by JVP). This module answers, per par
   to any prediction, and the ESS of the importance weights along the sweep.
 
 Every function here is pure numpy on plain lists/arrays, shared by the command line
-(:func:`main`) and ``studies/linearity.py``. The command reads ``summary.json`` (schema of
-``callbacks/writer.py``: ``plan.etas``, ``aggregate[part].delta_h/se/first_order/ess``...)
+(:func:`main`) and ``studies/linearity.py``. The command reads ``summary.json`` (docs/DESIGN.md sections 7
+and 9: ``plan.etas``, ``evals[k].parts[part].delta_h/se/first_order/ess``...)
 and writes ``analysis.json`` and ``plots/linearity.png`` beside it (derived files: rewritten
 on every call; the run's own results are never touched).
 """

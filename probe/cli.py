@@ -5,9 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from probe.live_contract import OwnsRunDirectory
+from probe.rundir import default_run_name
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -19,7 +21,7 @@ class SaveRunConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         """Called by Lightning on rank 0 only, after the DataModule's setup opened the run directory."""
-        run_dir = pl_module.run_directory() if hasattr(pl_module, "run_directory") else None
+        run_dir = pl_module.run_directory() if isinstance(pl_module, OwnsRunDirectory) else None
         if run_dir is not None:
             self.parser.save(
                 self.config, str(run_dir / self.config_filename), skip_none=False, overwrite=True, multifile=False
@@ -73,7 +75,7 @@ class ProbeCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         # One run name for every DDP process: children inherit the environment of the launcher.
-        os.environ.setdefault("PROBE_RUN_NAME", time.strftime("%Y%m%d-%H%M%S"))
+        os.environ["PROBE_RUN_NAME"] = default_run_name()
         cfg = self.config.get(self.subcommand, self.config)
         check_gpu_request(cfg.get("trainer") if hasattr(cfg, "get") else None)
         run = cfg.get("model", {}).get("init_args", {}).get("run") if hasattr(cfg, "get") else None

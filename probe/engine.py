@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -341,6 +341,11 @@ def summarise_eval(rows: dict[str, np.ndarray], plan: Plan, E: EvalBatch) -> Eva
     """
     base = _stats(rows, "logprobs", "entropies")
     M = len(base)
+    if not (np.array_equal(rows["index"], np.arange(M)) and E.batch.index.tolist() == list(range(M))):
+        raise ValueError(
+            f"the rows of {E.name} must be its sequences 0..{M - 1} in order, and E's index 0..{M - 1} in order "
+            "(prompt groups and statistics are matched by position). Fix: give E index = arange(M), pass all its rows"
+        )
     swept = Sweep(
         parts=list(plan.parts),
         etas=torch.tensor(plan.etas, dtype=torch.float64),
@@ -408,10 +413,10 @@ def complete_eval(
         forcing = plan.forcing(E.temperature)
         inputs = AttributionInputs(policy, update, U.to(device), batch, forcing, integrand=plan.integrand, base=base)
     with torch.inference_mode(False):
-        if (plan.attribution or plan.eval_update_matrix) and E.sampling is not None:
+        if (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact) and E.sampling is not None:
             result.warnings.append(
-                "attribution and the eval x update matrix assume E ~ pi_theta; E was sampled from another policy "
-                "(a held E), so they are not computed"
+                "the attribution, the eval x update matrix and the exact per-sequence path assume E ~ pi_theta; E was "
+                "sampled from another policy (a held E), so they are not computed"
             )
         elif plan.attribution:
             # the grad part's slope from the sweep is the check on sum_i a_i (no second JVP over E) where it
@@ -440,7 +445,7 @@ def complete_eval(
                 "sum": float(ref_eta * S.sum()),
                 "shape": list(S.shape),
             }
-        if plan.per_sequence_exact:
+        if plan.per_sequence_exact and E.sampling is None:
             result.per_sequence_exact = _per_sequence_exact(inputs, result, plan)
     if plan.per_token_views:
         result.arrays.update(
@@ -451,10 +456,7 @@ def complete_eval(
 def _per_sequence_exact(inputs: AttributionInputs, result: EvalResult, plan: Plan) -> list[dict]:
     """The exact per-sequence path on the plan's rows of U, next to each row's first-order share eta a_i."""
     config = SNISConfig(truncation=plan.snis.truncation)
-    mixed = "baseline" in inputs.update.parts()
-    exact = per_sequence_exact(
-        inputs, plan.etas, plan.per_sequence_exact, mixed=mixed, integrands=[plan.integrand], config=config
-    )
+    exact = per_sequence_exact(inputs, plan.etas, plan.per_sequence_exact, integrands=[plan.integrand], config=config)
     a = result.arrays.get("attributions")
     out = []
     for item in exact:
@@ -479,9 +481,7 @@ def per_token_views(
 
     Flat over response tokens, sequence j's tokens at ``offsets[j]:offsets[j+1]``.
     """
-    forcing = TeacherForcing(
-        temperature=temperature, with_entropy=True, head_dtype=plan.head_dtype, token_chunk=plan.token_chunk
-    )
+    forcing = replace(plan.forcing(temperature), with_entropy=True)
     theta = dict(policy.named_parameters())
     shifted = {
         n: torch.add(theta[n].detach(), d.to(theta[n]), alpha=plan.reference_eta) for n, d in update.full.items()

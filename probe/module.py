@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
@@ -21,7 +22,7 @@ from probe.engine import batch_rows
 from probe.loading import PolicySettings
 from probe.losses import LossConfig
 from probe.optim_loading import OptimizerSettings
-from probe.run_state import PredictRunState, PredictSettings
+from probe.run_state import PredictRunState, PredictSettings, on_rank_zero
 from probe.rundir import RunDirectory, default_run_name, run_path
 from probe.settings import PrecisionSettings, ProbeSettings, RunSettings
 from probe.update import ReconstructionConfig
@@ -82,21 +83,49 @@ class ProbeModule(pl.LightningModule):
 
     def open_run_dir(self, trainer: pl.Trainer) -> RunDirectory:
         """Open the run directory once, on rank 0 (create, resume, or refuse a finished one); all ranks agree on
-        the path. Called on every rank at the same point (it holds a broadcast and a barrier)."""
+        the path. Called on every rank at the same point (it holds collectives)."""
         if self.run_state.run_dir is None:
             run = self.run_state.settings.run
             name = trainer.strategy.broadcast(default_run_name(run.name), src=0)
-            run_dir = None
-            if trainer.global_rank == 0:
+
+            def open_on_rank_zero() -> RunDirectory:
                 run_dir = RunDirectory.open(run.root, name, overwrite=run.overwrite)
                 log.info("%s run directory %s", "resuming" if run_dir.resuming else "writing", run_dir.path)
-            trainer.strategy.barrier("probe-run-dir")
+                return run_dir
+
+            run_dir = on_rank_zero(trainer, open_on_rank_zero)
             self.run_state.run_dir = run_dir or RunDirectory(run_path(run.root, name))
         return self.run_state.run_dir
+
+    def on_predict_start(self) -> None:
+        """Tie the per-batch cache to this run's plan, update and evaluation batches (after the callbacks made
+        them): a resume of another setup is refused instead of mixing rows."""
+        state = self.run_state
+        plan, update, inputs = state.require("plan"), state.require("update"), state.require("inputs")
+        fingerprint = {f"plan.{k}": v for k, v in plan.describe().items()}
+        fingerprint.update({f"update.{k}": v for k, v in update.summary().items()})
+        fingerprint.update(rows=plan.row_layout(), evals=[len(r) for r in inputs.eval_records], tau=inputs.temperatures)
+        on_rank_zero(self.trainer, lambda: state.require("run_dir").claim_partial(fingerprint))
 
     def run_directory(self) -> Path:
         """The run's folder (opened by the DataModule's setup); the CLI saves ``config.yaml`` there."""
         return self.run_state.require("run_dir").path
+
+    def on_predict_batch_end(self, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        """Stop after the batch whose rows were just saved when SIGTERM arrived (Lightning only records the signal
+        during predict, so without this a terminated run would go on to the end)."""
+        if self.trainer.received_sigterm:
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            where = self.run_state.require("run_dir").path
+            log.warning(
+                "stopped by SIGTERM after batch %d of eval_%02d; finished batches are kept in %s/partial. "
+                "Fix: rerun the same command (same run.name) to resume",
+                batch_idx,
+                dataloader_idx,
+                where,
+            )
+            raise SIGTERMException(128 + 15)  # the exit status of a process ended by SIGTERM
 
     def predict_step(self, batch: SequenceBatch, batch_idx: int, dataloader_idx: int = 0) -> dict[str, np.ndarray]:
         """Per-sequence rows of one batch of E (``[B]`` and ``[K, J, B]`` float64 arrays), cached for resuming."""

@@ -15,6 +15,7 @@ inputs             datamodules.ProbeDataModule             setup
 update, plan,      callbacks.UpdateReconstruction          on_predict_start
 directions
 result             callbacks.SNISAggregation               on_predict_epoch_end
+progress           callbacks.SweepProgress (optional)      first predict batch
 =================  ======================================  ====================================
 
 Observers (``RunWriter``, ``WandbReport``, ``SweepProgress``) only read it, at ``on_predict_end``
@@ -51,6 +52,11 @@ PROVIDERS = {
 }
 
 
+def indexed_collate(records: list[dict], pad_token_id: int) -> SequenceBatch:
+    """Records that carry their position (``index``) as one padded batch."""
+    return collate(records, pad_token_id=pad_token_id, index=[r["index"] for r in records])
+
+
 @dataclass
 class ProbeInputs:
     """The update batch U and the evaluation batches E of a run, as read from the run's rollout files."""
@@ -63,13 +69,10 @@ class ProbeInputs:
     @property
     def update_batch(self) -> SequenceBatch:
         """U as one padded batch (index = position in U)."""
-        return collate(
-            self.update_records, pad_token_id=self.pad_token_id, index=[r["index"] for r in self.update_records]
-        )
+        return indexed_collate(self.update_records, self.pad_token_id)
 
     def eval_batch(self, k: int) -> EvalBatch:
-        records = self.eval_records[k]
-        batch = collate(records, pad_token_id=self.pad_token_id, index=[r["index"] for r in records])
+        batch = indexed_collate(self.eval_records[k], self.pad_token_id)
         return EvalBatch(name=f"eval_{k:02d}", batch=batch, temperature=self.temperatures[k])
 
 
@@ -123,6 +126,24 @@ class PredictRunState:
         """Report ``n`` teacher-forcing passes done (to the progress bar, if one is attached)."""
         if self.progress is not None:
             self.progress(n)
+
+
+def on_rank_zero(trainer: Any, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 only; its value there (None elsewhere). Under several processes a failure on rank 0 is
+    broadcast and raised on every rank, so that no rank waits for ever in a later collective."""
+    value, failure = None, None
+    if trainer.global_rank == 0:
+        try:
+            value = fn()
+        except Exception as e:  # re-raised below, on every rank
+            failure = e
+    if trainer.world_size > 1:
+        message = trainer.strategy.broadcast(None if failure is None else f"{type(failure).__name__}: {failure}", src=0)
+        if message is not None and failure is None:
+            raise RuntimeError(f"rank 0 stopped the run: {message}")
+    if failure is not None:
+        raise failure
+    return value
 
 
 def run_state_of(trainer: Any) -> PredictRunState:

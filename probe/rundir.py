@@ -134,9 +134,18 @@ class RunDirectory:
         return run
 
     def _check_owned(self, kind: str) -> None:
-        """Refuse a folder probe did not make for this kind of run (empty folders are adopted)."""
+        """Refuse a folder probe did not make for this kind of run (empty folders are adopted), and one that holds
+        a symbolic link anywhere (a link inside a run folder could lead a write, or a deletion, outside the root)."""
         if not self.path.is_dir():
             raise FileExistsError(f"{self.path} exists and is not a folder. Fix: choose another run.name")
+        for folder, dirs, files in os.walk(self.path):  # os.walk does not follow links
+            links = [name for name in dirs + files if os.path.islink(os.path.join(folder, name))]
+            if links:
+                raise FileExistsError(
+                    f"{self.path} holds a symbolic link ({os.path.join(folder, links[0])}); probe never writes into or "
+                    "deletes a run folder with links, which could lead outside run.root. Fix: remove the link or "
+                    "choose another run.name"
+                )
         marker = self.path / RUN_MARKER
         if not marker.is_file():
             if any(self.path.iterdir()):
@@ -177,10 +186,28 @@ class RunDirectory:
     def eval_dir(self, k: int) -> Path:
         return self.path if k == 0 else self.path / f"eval_{k:02d}"
 
-    def write_summary(self, summary: dict, status: str = "running") -> None:
-        write_json(self.path / "summary.json", {"schema_version": SCHEMA_VERSION, **summary, "status": status})
-
     # ---- per-batch cache for resuming -------------------------------------------------------
+    def claim_partial(self, fingerprint: dict[str, Any]) -> None:
+        """Tie the per-batch cache to what its rows depend on: the first call writes ``partial/fingerprint.json``;
+        a later run (a resume) with another fingerprint is refused, naming what changed, so that a resume never
+        mixes the rows of two runs."""
+        path = self.path / "partial" / "fingerprint.json"
+        mine = json.loads(dumps(fingerprint))
+        if path.is_file():
+            try:
+                theirs = json.loads(path.read_text())
+            except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+                theirs = None
+            if theirs != mine:
+                changed = sorted(k for k in set(mine) | set(theirs or {}) if (theirs or {}).get(k) != mine.get(k))
+                raise ValueError(
+                    f"{self.path} holds the unfinished results of another run (it differs in: {', '.join(changed)}); "
+                    "a resume never mixes two runs. Fix: rerun with the settings and inputs of that run, choose "
+                    f"another run.name, or delete {path.parent} to start this run afresh there"
+                )
+            return
+        _atomic_write_bytes(path, dumps(mine, indent=2).encode())
+
     @staticmethod
     def batch_key(indices: list[int]) -> str:
         return hashlib.sha1(",".join(map(str, indices)).encode()).hexdigest()[:16]

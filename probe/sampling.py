@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
@@ -45,11 +46,11 @@ class SamplingSettings:
     batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        if not (self.temperature > 0):
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(
                 f"sampling temperature must be > 0, got {self.temperature}: greedy decoding has no sampling "
-                "distribution "
-                "to take old_logprobs or importance weights from; use a small positive temperature instead"
+                "distribution to take old_logprobs or importance weights from (and an infinite one no policy); "
+                "use a small positive temperature instead"
             )
         if self.n_per_prompt < 1 or self.max_new_tokens < 1:
             raise ValueError(

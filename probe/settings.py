@@ -90,6 +90,11 @@ class ProbeSettings:
                 f"{self.eta_min_factor}, eta_max_factor={self.eta_max_factor}. Fix: set probe.n_etas >= 1 and "
                 "0 < eta_min_factor <= eta_max_factor < inf, or give probe.etas explicitly"
             )
+        if self.eval_batch_size < 1 or self.token_chunk < 1:
+            raise ValueError(
+                f"probe.eval_batch_size ({self.eval_batch_size}) and probe.token_chunk ({self.token_chunk}) must be "
+                ">= 1: they are sequences per forward pass and response tokens per head chunk"
+            )
         if self.truncation < 0 or not math.isfinite(self.truncation):
             raise ValueError(f"probe.truncation must be >= 0 (0 disables), got {self.truncation}")
 

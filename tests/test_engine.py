@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,21 @@ def test_the_run_state_refuses_a_field_nobody_provided_yet():
     state = PredictRunState(settings=None, policy=None, tokenizer=None, policy_dir=Path("."))
     with pytest.raises(RuntimeError, match="no 'result' yet: it is provided by callbacks.SNISAggregation"):
         state.require("result")
+
+
+def test_an_evaluation_batch_out_of_index_order_is_refused(float64_run, toy_world_dir):
+    run, summary = float64_run
+    policy, tokenizer = load_policy(toy_world_dir, dtype="float64")
+    update = Update.load(run / "update.safetensors")
+    records = list(read_rollouts(run / "rollouts" / "eval_00.jsonl"))
+    batch = collate(records, pad_token_id=tokenizer.pad_token_id, index=list(range(len(records)))[::-1])
+    config = summary["config"]
+    plan = make_plan(ProbeSettings(**config["probe"]), PrecisionSettings(**config["precision"]), update.lr)
+    with pytest.raises(ValueError, match=r"must be its sequences 0\.\.\d+ in order"):
+        probe_eval(policy, update, None, EvalBatch("eval_00", batch, 1.0), replace(plan, attribution=False))
+
+
+@pytest.mark.parametrize("setting", [{"eval_batch_size": 0}, {"token_chunk": 0}, {"token_chunk": -4}])
+def test_a_batch_or_chunk_size_below_one_is_refused_where_it_is_read(setting):
+    with pytest.raises(ValueError, match=r"must be >= 1"):
+        ProbeSettings(**setting)

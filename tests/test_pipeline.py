@@ -245,3 +245,26 @@ def test_an_update_batch_whose_advantages_are_all_zero_is_refused(finished_run, 
     with pytest.raises(ValueError, match="every advantage of the update batch .* is zero"):
         run_predict(tmp_path, "zero", "--data.init_args.update.path", str(zero))
     assert not (tmp_path / "zero" / "summary.json").exists()
+
+
+def test_a_resume_with_other_settings_is_refused_not_merged(tmp_path, monkeypatch, run_predict):
+    import probe.module
+
+    real = probe.module.batch_rows
+    calls = {"n": 0}
+
+    def crash_on_second_batch(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(probe.module, "batch_rows", crash_on_second_batch)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_predict(tmp_path, "changed")
+    monkeypatch.setattr(probe.module, "batch_rows", real)
+    # the same run name with other etas: its cached batch belongs to another plan
+    with pytest.raises(ValueError, match=r"holds the unfinished results of another run \(it differs in: plan.etas"):
+        run_predict(tmp_path, "changed", "--model.init_args.probe.etas", "[0.0001, 0.001]")
+    assert not (tmp_path / "changed" / "summary.json").exists()
+    assert run_predict(tmp_path, "changed")["status"] == "complete"  # the original settings still resume

@@ -245,3 +245,9 @@ def test_update_batch_is_deterministic_under_a_seed(policy):
     first = sample_update_batch(policy, PROMPTS, sampling, **kw)
     second = sample_update_batch(policy, PROMPTS, sampling, **kw)
     assert first == second and all(math.isfinite(r["advantage"]) for r in first)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("inf"), float("nan")])
+def test_a_temperature_that_is_not_a_positive_number_is_refused(temperature):
+    with pytest.raises(ValueError, match=r"temperature must be > 0"):
+        SamplingSettings(temperature=temperature)

@@ -325,3 +325,17 @@ def test_a_fit_run_name_outside_the_root_is_refused(tmp_path, toy_world_dir):
 
     with pytest.raises(ValueError, match="is not a single folder name"):
         GRPOModule(run=FitRunSettings(root=str(tmp_path), name="../x"))
+
+
+def test_a_run_folder_that_holds_a_link_is_neither_written_nor_deleted(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("kept")
+    root = tmp_path / "root"
+    run = RunDirectory.open(str(root), "a")
+    (run.path / "rollouts").symlink_to(outside)  # a link planted in a finished-looking run folder
+    run.finish({})
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="holds a symbolic link"):
+            RunDirectory.open(str(root), "a", overwrite=overwrite)
+    assert (outside / "keep.txt").read_text() == "kept" and (run.path / "rollouts").is_symlink()
