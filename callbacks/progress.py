@@ -36,6 +36,12 @@ class SweepProgress(pl.Callback):
         state.progress = self.bar.update
 
     def on_predict_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close(trainer)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close(trainer)
+
+    def _close(self, trainer: pl.Trainer) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None

@@ -8,6 +8,7 @@ run resumes to the same numbers, and every config in configs/ parses.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -118,29 +119,35 @@ def test_a_finished_run_is_never_overwritten(finished_run, run_predict):
     assert (run / "summary.json").read_text() == before
 
 
-def test_an_interrupted_run_resumes_to_the_same_numbers(finished_run, tmp_path, monkeypatch, run_predict):
+@contextlib.contextmanager
+def crash_at_the_second_batch(monkeypatch):
+    """While active, the predict step raises at the second batch of E (after the first was cached)."""
     import probe.module
 
-    _, uninterrupted = finished_run
-    real = probe.module.batch_rows
-    calls = {"n": 0}
+    real, calls = probe.module.batch_rows, []
 
     def crash_on_second_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
+        calls.append(1)
+        if len(calls) == 2:
             raise RuntimeError("simulated crash")
         return real(*args, **kwargs)
 
     monkeypatch.setattr(probe.module, "batch_rows", crash_on_second_batch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(probe.module, "batch_rows", real)
+
+
+def test_an_interrupted_run_resumes_to_the_same_numbers(finished_run, tmp_path, monkeypatch, run_predict):
+    _, uninterrupted = finished_run
+    with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
         run_predict(tmp_path, "resumed")
     partial = list((tmp_path / "resumed" / "partial").rglob("*.npz"))
     assert len(partial) == 1, "the batch finished before the crash was written"
     summary = tmp_path / "resumed" / "summary.json"
     assert not summary.exists() or json.loads(summary.read_text()).get("status") != "complete"
 
-    monkeypatch.setattr(probe.module, "batch_rows", real)
-    calls["n"] = 0
     resumed = run_predict(tmp_path, "resumed")
     for part, res in uninterrupted["aggregate"].items():
         np.testing.assert_array_equal(resumed["aggregate"][part]["delta_h"], res["delta_h"])
@@ -248,21 +255,8 @@ def test_an_update_batch_whose_advantages_are_all_zero_is_refused(finished_run, 
 
 
 def test_a_resume_with_other_settings_is_refused_not_merged(tmp_path, monkeypatch, run_predict):
-    import probe.module
-
-    real = probe.module.batch_rows
-    calls = {"n": 0}
-
-    def crash_on_second_batch(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(probe.module, "batch_rows", crash_on_second_batch)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
         run_predict(tmp_path, "changed")
-    monkeypatch.setattr(probe.module, "batch_rows", real)
     # the same run name with other etas: its cached batch belongs to another plan
     with pytest.raises(ValueError, match=r"holds the unfinished results of another run \(it differs in: plan.etas"):
         run_predict(tmp_path, "changed", "--model.init_args.probe.etas", "[0.0001, 0.001]")
