@@ -256,19 +256,30 @@ def bench_p1(pol: Policy, update, base, repeats: int, K: int = 2, J: int = 4) ->
         },
         repeats,
     )
+    ratios = {
+        "ratio_logprob": r["sweep_logprob"]["ratio"],
+        "ratio_no_override": r["teacher_force_no_override"]["ratio"],
+    }
+    per_point = r["sweep_token_entropy"]["median_s"] / (K * J)
     return {
         "K": K,
         "J": J,
         "parts": parts,
+        **compared(r, "sweep_token_entropy", "plain", repeats),
+        **ratios,
+        "per_point_s": per_point,
+    }
+
+
+def compared(r: dict, ours: str, ref: str, repeats: int) -> dict:
+    """The fields every timed comparison reports: its rounds, the medians of ``ours`` and ``ref`` and their ratios."""
+    return {
         "repeats": repeats,
         "times": r,
-        "ours_s": r["sweep_token_entropy"]["median_s"],
-        "ref_s": r["plain"]["median_s"],
-        "ratio": r["sweep_token_entropy"]["ratio"],
-        "ratio_logprob": r["sweep_logprob"]["ratio"],
-        "ratio_no_override": r["teacher_force_no_override"]["ratio"],
-        "ratio_of_minima": r["sweep_token_entropy"]["ratio_of_minima"],
-        "per_point_s": r["sweep_token_entropy"]["median_s"] / (K * J),
+        "ours_s": r[ours]["median_s"],
+        "ref_s": r[ref]["median_s"],
+        "ratio": r[ours]["ratio"],
+        "ratio_of_minima": r[ours]["ratio_of_minima"],
     }
 
 
@@ -319,20 +330,9 @@ def bench_p2(pol: Policy, E: SequenceBatch, Ns: list[int], repeats: int, repeats
         t_attr, t_point = r["attribute"]["median_s"], r["sweep_point"]["median_s"]
         exact_forwards = N * J_exact * t_point
         exact_calibrated = exact_forwards * calibration["factor"]
-        row = {
-            "N": N,
-            "repeats": reps,
-            "times": r,
-            "ours_s": t_attr,
-            "ref_s": r["fwd_bwd_U_E"]["median_s"],
-            "ratio": r["attribute"]["ratio"],
-            "ratio_of_minima": r["attribute"]["ratio_of_minima"],
-            "exact_forward_count_s": exact_forwards,
-            "exact_calibrated_s": exact_calibrated,
-            "speedup_forward_count": N
-            * J_exact
-            / statistics.median([a / p for a, p in zip(r["attribute"]["all_s"], r["sweep_point"]["all_s"])]),
-        }
+        point_ratio = statistics.median([a / p for a, p in zip(r["attribute"]["all_s"], r["sweep_point"]["all_s"])])
+        row = {"N": N, **compared(r, "attribute", "fwd_bwd_U_E", reps), "exact_forward_count_s": exact_forwards}
+        row.update(exact_calibrated_s=exact_calibrated, speedup_forward_count=N * J_exact / point_ratio)
         row["speedup_calibrated"] = row["speedup_forward_count"] * calibration["factor"]
         rows.append(row)
         print(
@@ -554,8 +554,7 @@ def bench_memory(sizes: list[str]) -> list[dict]:
         r = rows[-1]
         print(
             f"  memory {name}: {r['params'] / 1e6:.2f}M params, teacher forcing +{r['teacher_force_nograd_mib']:.0f} "
-            "MiB, "
-            f"sweep point +{r['sweep_point_mib']:.0f} MiB, fwd+bwd +{r['forward_backward_mib']:.0f} MiB",
+            f"MiB, sweep point +{r['sweep_point_mib']:.0f} MiB, fwd+bwd +{r['forward_backward_mib']:.0f} MiB",
             flush=True,
         )
     return rows
@@ -635,17 +634,15 @@ def table(result: dict) -> str:
                 rows.append(
                     f"| P2 all-N attributions, N = {row['N']}, M = {p2['M']} | {name} | {row['ours_s']:.3f} s | "
                     f"fwd+bwd over U and E {row['ref_s']:.3f} s | {row['ratio']:.2f}x "
-                    f"({row['ratio_of_minima']:.2f}x) | "
-                    f"{t} | {ok} |"
+                    f"({row['ratio_of_minima']:.2f}x) | {t} | {ok} |"
                 )
             for row in p2["rows"]:
                 t, ok = _met("P2_speedup", row["speedup_calibrated"])
                 rows.append(
                     f"| P2 speed-up vs exact per-sequence (N x J = {row['N']} x {p2['J']}), M = {p2['M']}, estimated | "
                     f"{name} | {row['ours_s']:.3f} s | {row['exact_calibrated_s']:.1f} s (N x J sweep points x "
-                    f"{p2['exact_calibration']['factor']:.2f}; N x J points alone: "
-                    f"{row['exact_forward_count_s']:.1f} s) | "
-                    f"{row['speedup_calibrated']:.0f}x ({row['speedup_forward_count']:.0f}x) | {t} | {ok} |"
+                    f"{p2['exact_calibration']['factor']:.2f}; N x J points alone: {row['exact_forward_count_s']:.1f} "
+                    f"s) | {row['speedup_calibrated']:.0f}x ({row['speedup_forward_count']:.0f}x) | {t} | {ok} |"
                 )
         if "P3" in r:
             p = r["P3"]
@@ -681,11 +678,9 @@ def table(result: dict) -> str:
                 rows.append(f"| {m['name']} | failed: {m['error']} | | | | | |")
                 continue
             rows.append(
-                f"| {m['name']} (E {m['E'][0]} x {m['E'][1]}) | {m['params'] / 1e6:.2f}M | {m['weights_mib']:.0f} "
-                "MiB | "
-                f"{m['logits_mib']:.1f} MiB | +{m['teacher_force_nograd_mib']:.0f} MiB | +{m['sweep_point_mib']:.0f} "
-                "MiB | "
-                f"+{m['forward_backward_mib']:.0f} MiB |"
+                f"| {m['name']} (E {m['E'][0]} x {m['E'][1]}) | {m['params'] / 1e6:.2f}M | {m['weights_mib']:.0f} MiB "
+                f"| {m['logits_mib']:.1f} MiB | +{m['teacher_force_nograd_mib']:.0f} MiB | +{m['sweep_point_mib']:.0f} "
+                f"MiB | +{m['forward_backward_mib']:.0f} MiB |"
             )
     return "\n".join(rows)
 
@@ -794,8 +789,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print()
     print(
         f"{result['date']}, {result['machine']['cpu']} ({result['machine']['cores']} cores; torch threads: toy "
-        f"{args.threads_toy}, "
-        f"Llama {args.threads}), "
+        f"{args.threads_toy}, Llama {args.threads}), "
         f"torch {result['machine']['torch']}, commit {result['machine']['commit']}, load average before "
         f"{load_before[0]:.2f} / after {result['load_after'][0]:.2f}, {result['wall_s'] / 60:.1f} min"
     )

@@ -124,8 +124,7 @@ def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
     if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
         raise TypeError(
             "LiveEntropyProbe reconstructs torch.optim.Adam/AdamW steps, the run uses "
-            f"{type(inner or optimizer).__name__}; "
-            "train with AdamW (or detach the callback)"
+            f"{type(inner or optimizer).__name__}; train with AdamW (or detach the callback)"
         )
     return inner
 
@@ -186,9 +185,8 @@ class LiveEntropyProbe(pl.Callback):
         if not isinstance(pl_module, LiveProbeTarget):
             raise TypeError(
                 f"{type(pl_module).__name__} does not implement probe.live_contract.LiveProbeTarget (policy, "
-                "tokenizer, "
-                "probed_step()): LiveEntropyProbe reads the step's update batch and loss from it. Fix: implement it "
-                "(README.md shows a minimal module) or train with probe.grpo.GRPOModule"
+                "tokenizer, probed_step()): LiveEntropyProbe reads the step's update batch and loss from it. Fix: "
+                "implement it (README.md shows a minimal module) or train with probe.grpo.GRPOModule"
             )
         if not pl_module.automatic_optimization:
             raise ValueError(
@@ -197,8 +195,7 @@ class LiveEntropyProbe(pl.Callback):
         if trainer.accumulate_grad_batches != 1:
             raise ValueError(
                 f"accumulate_grad_batches={trainer.accumulate_grad_batches}: the probe needs the whole U of a step "
-                "in one "
-                "training_step; set it to 1 (put the whole batch in each step)"
+                "in one training_step; set it to 1 (put the whole batch in each step)"
             )
         if trainer.gradient_clip_val and trainer.gradient_clip_algorithm not in (None, "norm"):
             raise ValueError("gradient_clip_algorithm='value' is not reconstructed; use the default 'norm'")
@@ -445,11 +442,10 @@ class LiveEntropyProbe(pl.Callback):
         if worst > 1.0:
             message = (
                 f"live probe: at step {step} the parameters moved {worst:.3g} rounding units away from the "
-                "reconstructed "
-                f"step (worst: {check['worst_parameter']}, |error| {check['max_abs_error']:.3g}); the optimizer step "
-                "is not "
-                "the AdamW step of the module's loss: check the module's probed_step() (batch, loss, normalisers), "
-                "gradient clipping, and that nothing else changes parameters or gradients between backward and step"
+                f"reconstructed step (worst: {check['worst_parameter']}, |error| {check['max_abs_error']:.3g}); the "
+                "optimizer step is not the AdamW step of the module's loss: check the module's probed_step() (batch, "
+                "loss, normalisers), gradient clipping, and that nothing else changes parameters or gradients between "
+                "backward and step"
             )
             log.warning(message)
             warnings.warn(message, stacklevel=2)

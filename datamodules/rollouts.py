@@ -67,8 +67,7 @@ def _format_of(path: Path) -> str:
         return "parquet"
     raise ValueError(
         f"{path}: cannot tell the rollout file format from the suffix {suffix!r}. "
-        f"Fix: name the file *.jsonl (one JSON object a line; also {', '.join(JSONL_SUFFIXES[1:])}) "
-        f"or *.parquet"
+        f"Fix: name the file *.jsonl (one JSON object a line; also {', '.join(JSONL_SUFFIXES[1:])}) or *.parquet"
     )
 
 
@@ -177,9 +176,8 @@ def _check_record(record: Any, where: str, vocab_size: int | None, allow_empty_r
             )
         if not math.isfinite(value):
             raise ValueError(
-                f"{where}: {name!r} is {value} (not finite). Fix: find why the trainer produced it "
-                f"(e.g. a zero-variance group divided by its std without eps) and store a finite {name}, "
-                "or drop the record"
+                f"{where}: {name!r} is {value} (not finite). Fix: find why the trainer produced it (e.g. a "
+                f"zero-variance group divided by its std without eps) and store a finite {name}, or drop the record"
             )
     for name in ("prompt", "response"):
         value = record.get(name)
@@ -199,9 +197,8 @@ def _check_record(record: Any, where: str, vocab_size: int | None, allow_empty_r
             )
         if len(old_logprobs) != len(response_ids):
             raise ValueError(
-                f"{where}: 'old_logprobs' has {len(old_logprobs)} entries but 'response_ids' has "
-                f"{len(response_ids)} tokens. Fix: store exactly one log-prob per response token "
-                "(no entries for prompt tokens or padding)"
+                f"{where}: 'old_logprobs' has {len(old_logprobs)} entries but 'response_ids' has {len(response_ids)} "
+                "tokens. Fix: store exactly one log-prob per response token (no entries for prompt tokens or padding)"
             )
         # a finite sum means every term is finite (nan / inf propagate); only then skip the scan
         finite_sum = math.isfinite(sum(old_logprobs))

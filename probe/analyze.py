@@ -384,9 +384,8 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(
             f"{run_dir} has no summary.json, so it is not a probe run directory (or the run has not written its "
-            "results yet); "
-            "pass a directory written by `python -m probe predict` (e.g. runs/<name>), or finish the run by "
-            "rerunning it with the same run.name"
+            "results yet); pass a directory written by `python -m probe predict` (e.g. runs/<name>), or finish the "
+            "run by rerunning it with the same run.name"
         )
     try:
         return json.loads(path.read_text())

@@ -42,9 +42,8 @@ def check_gpu_request(trainer_cfg) -> None:
     if available == 0:
         raise ValueError(
             f"--trainer.accelerator {accelerator} asks for a GPU but torch sees none on this machine (torch "
-            f"{torch.__version__}, "
-            f"CUDA build: {torch.version.cuda or 'none'}). Fix: run on CPU with --trainer.accelerator cpu (or auto), "
-            "or on a machine with a CUDA GPU and a CUDA build of torch"
+            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Fix: run on CPU with "
+            "--trainer.accelerator cpu (or auto), or on a machine with a CUDA GPU and a CUDA build of torch"
         )
     devices = trainer_cfg.get("devices", "auto")
     text = str(devices).strip("[]() ")

@@ -298,17 +298,19 @@ def _part_result(
         first=_stats(rows, "d_logprobs", "d_entropies", k),
         second=_stats(rows, "d2_logprobs", "d2_entropies", k) if "d2_logprobs" in rows else None,
     )
+    # F, F', F'' of the estimate (against the policy E was sampled from), when the curvature or a held E needs them
+    so = None
+    if derivs.second is not None or E.sampling is not None:
+        so = snis_derivatives(derivs, base if E.sampling is None else E.sampling, plan.integrand, groups)
     if E.sampling is None:
         fo = first_order(derivs, plan.integrand, groups)
         slope, slope_se, slope_tok, slope_tok_se = fo.slope, fo.slope_se, fo.slope_per_token, fo.slope_per_token_se
     else:  # held E: the derivative of the estimate against the sampling policy; its SE is not derived
-        taylor = snis_derivatives(derivs, E.sampling, plan.integrand, groups)
-        slope, slope_se, slope_tok, slope_tok_se = taylor.first, math.nan, taylor.first_per_token, math.nan
+        slope, slope_se, slope_tok, slope_tok_se = so.first, math.nan, so.first_per_token, math.nan
     part.first_order, part.first_order_se = slope, slope_se
     part.first_order_per_token, part.first_order_per_token_se = slope_tok, slope_tok_se
     part.predicted_first = [slope * e for e in etas]
     if derivs.second is not None:
-        so = snis_derivatives(derivs, base if E.sampling is None else E.sampling, plan.integrand, groups)
         part.second_order, part.second_order_per_token = so.second, so.second_per_token
         part.linear_radius, part.linear_radius_per_token = so.linear_radius, so.linear_radius_per_token
         part.predicted_second = [slope * e + 0.5 * so.second * e * e for e in etas]

@@ -128,11 +128,10 @@ def refuse_remote_code(directory: Path, trust_remote_code: bool) -> None:
             ) from None
         if isinstance(config, dict) and config.get("auto_map") and not trust_remote_code:
             raise ValueError(
-                f"{file} has an auto_map ({config['auto_map']}): the checkpoint ships its own Python code, which "
-                "probe does not "
-                "run unless told to. Fix: if you trust the code in that directory, set policy.trust_remote_code=true "
-                "(--model.init_args.policy.trust_remote_code true); otherwise use a checkpoint of a built-in "
-                "architecture"
+                f"{file} has an auto_map ({config['auto_map']}): the checkpoint ships its own Python code, which probe "
+                "does not run unless told to. Fix: if you trust the code in that directory, set "
+                "policy.trust_remote_code=true (--model.init_args.policy.trust_remote_code true); otherwise use a "
+                "checkpoint of a built-in architecture"
             )
 
 
@@ -224,17 +223,14 @@ def _load(directory: Path, s: PolicySettings) -> tuple[torch.nn.Module, Any]:
             detail = text.split("\n")[0].split(". ")[0] if text else ""
             raise ValueError(
                 f"the weights in {model_dir} were refused for safety: a pickled weight file holds objects other than "
-                "tensors "
-                f"(which could run code when loaded) or is not a torch file ({detail or type(e).__name__}); weights "
-                "are only "
-                "loaded with weights_only=True. Fix: if you trust the checkpoint, convert it to safetensors "
-                "(model.save_pretrained(dir, safe_serialization=True)); if it is corrupt, copy it again"
+                f"tensors (which could run code when loaded) or is not a torch file ({detail or type(e).__name__}); "
+                "weights are only loaded with weights_only=True. Fix: if you trust the checkpoint, convert it to "
+                "safetensors (model.save_pretrained(dir, safe_serialization=True)); if it is corrupt, copy it again"
             ) from e
         raise ValueError(
             f"could not load the model in {model_dir} ({type(e).__name__}: {e}); its config.json or weight files are "
-            "corrupt "
-            "or incomplete (e.g. an interrupted copy or download). Fix: copy the checkpoint again or re-save it with "
-            "model.save_pretrained(dir)"
+            "corrupt or incomplete (e.g. an interrupted copy or download). Fix: copy the checkpoint again or re-save "
+            "it with model.save_pretrained(dir)"
         ) from e
     if adapter_dir is not None:
         from peft import PeftModel
@@ -244,10 +240,8 @@ def _load(directory: Path, s: PolicySettings) -> tuple[torch.nn.Module, Any]:
         except Exception as e:
             raise ValueError(
                 f"could not load the PEFT adapter in {adapter_dir} ({type(e).__name__}: {e}); its files are corrupt "
-                "or were "
-                "saved for another base model. Fix: copy the adapter again or re-save it with "
-                "peft_model.save_pretrained(dir), "
-                "and check that policy.path is the base model it was trained on"
+                "or were saved for another base model. Fix: copy the adapter again or re-save it with "
+                "peft_model.save_pretrained(dir), and check that policy.path is the base model it was trained on"
             ) from e
     elif lora is not None:
         from peft import LoraConfig, get_peft_model

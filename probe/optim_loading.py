@@ -178,8 +178,7 @@ def load_optimizer_state(
         tried = "\n  ".join(problems)
         raise ValueError(
             f"optimizer state in {file} ({fmt}, {len(ids)} parameters in groups of {group_sizes}) does not fit the "
-            "model "
-            f"({len(params)} parameters, {sum(p.requires_grad for p in params.values())} trainable):\n  {tried}\n"
+            f"model ({len(params)} parameters, {sum(p.requires_grad for p in params.values())} trainable):\n  {tried}\n"
             f"Fix: {FIX_ORDER}."
         )
     chosen, names = fitting[0]
@@ -208,11 +207,9 @@ def load_optimizer_state(
             entry = state.get(pid, {})
             if not entry and any_steps:
                 raise ValueError(
-                    f"{file}: parameter {name!r} (id {pid}, group {gi}) has no optimizer state while others have "
-                    "taken steps. "
-                    "Fix: if it is not trained, set requires_grad=False on it (e.g. load the same LoRA/freezing "
-                    "setup); "
-                    f"otherwise {FIX_ORDER}."
+                    f"{file}: parameter {name!r} (id {pid}, group {gi}) has no optimizer state while others have taken "
+                    "steps. Fix: if it is not trained, set requires_grad=False on it (e.g. load the same "
+                    f"LoRA/freezing setup); otherwise {FIX_ORDER}."
                 )
             states[name] = _param_state(entry, name, pid, group_hyper, file)
             hyper[name], group_of[name] = group_hyper, gi
@@ -263,8 +260,7 @@ def _load_weights_only(file: Path) -> Any:
         raise ValueError(
             f"{file} was refused for safety: it is not a weights-only file (it pickles objects other than tensors and "
             "plain containers, which could run code when loaded, or it is not a torch file at all), and probe only "
-            "loads "
-            f"with weights_only=True. Fix: if you trust the file, re-save just the optimizer state, e.g. "
+            "loads with weights_only=True. Fix: if you trust the file, re-save just the optimizer state, e.g. "
             f"torch.save(torch.load(path, weights_only=False)['optimizer_states'][0], 'optimizer.pt') for a Lightning "
             f"checkpoint, or torch.save(optimizer.state_dict(), 'optimizer.pt') from the training script; if it is "
             f"corrupt, copy it again. (torch said: {detail})"
@@ -280,9 +276,8 @@ def _load_weights_only(file: Path) -> Any:
     ) as e:  # truncated/garbage files
         raise ValueError(
             f"could not read {file} with torch.load ({type(e).__name__}: {e}): the file is corrupt, truncated or not "
-            "written "
-            "by torch.save. Fix: copy it again, or save the state with torch.save(optimizer.state_dict(), path); "
-            f"expected {EXPECTED_FILES}"
+            "written by torch.save. Fix: copy it again, or save the state with torch.save(optimizer.state_dict(), "
+            f"path); expected {EXPECTED_FILES}"
         ) from e
 
 
@@ -417,8 +412,7 @@ def _match_names(names: list[str], model: nn.Module, n_ids: int) -> list[str]:
     unknown = [n for n in names if n not in known]
     raise ValueError(
         f"optimizer.param_order names {unknown[:3]} (and {max(0, len(unknown) - 3)} more) are not parameters of the "
-        "model, "
-        f"even after stripping or adding one common prefix; model names look like {model_names[:2]}"
+        f"model, even after stripping or adding one common prefix; model names look like {model_names[:2]}"
     )
 
 

@@ -153,7 +153,6 @@ def run_state_of(trainer: Any) -> PredictRunState:
     if not isinstance(state, PredictRunState):
         raise TypeError(
             f"{type(module).__name__} is not a probe predict module (it has no PredictRunState): the probe's "
-            "DataModule "
-            "and callbacks run with probe.ProbeModule"
+            "DataModule and callbacks run with probe.ProbeModule"
         )
     return state

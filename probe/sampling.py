@@ -397,13 +397,12 @@ def sample_update_batch(
             break
         if attempt >= max_resample_attempts:
             raise ValueError(
-                f"{len(dead)} of {len(by_group)} prompt groups still have all advantages |A| <= {zero_tol:g} "
-                f"(every response got the same reward) after {attempt} resampling attempts "
+                f"{len(dead)} of {len(by_group)} prompt groups still have all advantages |A| <= {zero_tol:g} (every "
+                f"response got the same reward) after {attempt} resampling attempts "
                 f"(max_resample_attempts={max_resample_attempts}, n_per_prompt={n_per_prompt}, "
-                f"temperature={sampling.temperature}). "
-                "Fix: raise max_resample_attempts or n_per_prompt, raise the temperature, give spare prompts, "
-                "use prompts of middling difficulty for this policy, or set filter_zero_advantage_prompts=False to "
-                "keep them."
+                f"temperature={sampling.temperature}). Fix: raise max_resample_attempts or n_per_prompt, raise the "
+                "temperature, give spare prompts, use prompts of middling difficulty for this policy, or set "
+                "filter_zero_advantage_prompts=False to keep them."
             )
         attempt += 1
         new_prompts = [next(spares, None) or list(by_group[k][0]["prompt_ids"]) for k in dead]

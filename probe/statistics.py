@@ -44,7 +44,7 @@ class SequenceStats:
         if name == "logprob":
             return -self.logprobs
         if self.entropies is None:
-            raise ValueError("token entropies were not computed: teacher-force E with with_entropy=True")
+            raise ValueError("no token entropies: teacher-force E with TeacherForcing(with_entropy=True)")
         return self.entropies
 
     @staticmethod

@@ -61,7 +61,7 @@ class ReconstructionConfig:
             as a mixed-precision trainer does; None: the model's own dtype.
         grad_scale: loss scale of a ``GradScaler`` (fp16): the backward is of ``loss * scale``
             and gradients are multiplied by the float32 inverse scale before clipping.
-        head_dtype: precision of the final log-softmax (``teacher_force``'s ``head_dtype``).
+        head_dtype: precision of the final log-softmax (``TeacherForcing.head_dtype`` of the loss's pass).
         parts_dtype: dtype of the stored parts; default float32, or float64 for float64 parameters.
     """
 

@@ -148,10 +148,9 @@ def per_eta_table(part: dict, lr: float) -> str:
         f = lambda x, s=".3e": "-" if x is None else format(x, s)  # noqa: E731
         lines.append(
             f"| {eta / lr:.3g} | {f(part['delta_h'][j])} +- {f(part['se'][j], '.1e')} | "
-            f"{f(part['predicted_first'][j])} | "
-            f"{f(part['predicted_second'][j])} | {f(part['relative_gap'][j], '.3f')} | "
-            f"{f(part['gap_in_se'][j], '.2f')} | "
-            f"{f(part['ess_fraction'][j], '.3f')} | {'yes' if part['agrees'][j] else 'no'} |"
+            f"{f(part['predicted_first'][j])} | {f(part['predicted_second'][j])} | {f(part['relative_gap'][j], '.3f')} "
+            f"| {f(part['gap_in_se'][j], '.2f')} | {f(part['ess_fraction'][j], '.3f')} | "
+            f"{'yes' if part['agrees'][j] else 'no'} |"
         )
     return "\n".join(lines)
 
@@ -164,12 +163,10 @@ def write(result: dict, out_dir: Path) -> None:
     md = [
         "# Linearity of Delta H(eta) on the toy world",
         "",
-        f"`python studies/linearity.py` (commit {env['commit']}, {env['date']}, torch {env['torch']}, "
-        f"{env['threads']} CPU thread(s), "
-        f"{result['timings_s']['total']:.0f} s). Policy: toy world `{s['world']}` in {s['dtype']}; U: "
-        f"{s['n_update']} sequences "
-        f"(mean reward {s['update_mean_reward']:.2f}, {s['loss']}, clip coefficient {s['clip_coef']:.3f}); "
-        f"E: {s['n_eval']} sequences ({s['eval_tokens']} response tokens); lr = {lr:g}; "
+        f"`python studies/linearity.py` (commit {env['commit']}, {env['date']}, torch {env['torch']}, {env['threads']} "
+        f"CPU thread(s), {result['timings_s']['total']:.0f} s). Policy: toy world `{s['world']}` in {s['dtype']}; U: "
+        f"{s['n_update']} sequences (mean reward {s['update_mean_reward']:.2f}, {s['loss']}, clip coefficient "
+        f"{s['clip_coef']:.3f}); E: {s['n_eval']} sequences ({s['eval_tokens']} response tokens); lr = {lr:g}; "
         f"{len(s['etas'])} etas from {s['eta_over_lr'][0]:g} x lr to {s['eta_over_lr'][-1]:g} x lr.",
         "",
         "Linear regime: the etas (from the smallest up) where |SNIS Delta H - first order| <= 3 SE and <= 10% of the "

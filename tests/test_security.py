@@ -219,9 +219,8 @@ def test_a_crafted_pickled_policy_weight_file_is_refused(world_copy, tmp_path):
 def ship_custom_code(world: Path, marker: Path, config_file: str) -> None:
     """Point ``auto_map`` of ``config_file`` at a module that would create ``marker`` when imported."""
     (world / "custom_model.py").write_text(
-        f"open({str(marker)!r}, 'w').write('code ran')\n"
-        "from transformers import LlamaConfig as CustomConfig, LlamaForCausalLM as CustomModel\n"
-        "from transformers import PreTrainedTokenizerFast as CustomTokenizer\n"
+        f"open({str(marker)!r}, 'w').write('code ran')\nfrom transformers import LlamaConfig as CustomConfig, "
+        "LlamaForCausalLM as CustomModel\nfrom transformers import PreTrainedTokenizerFast as CustomTokenizer\n"
     )
     config = json.loads((world / config_file).read_text())
     config["auto_map"] = (
