@@ -113,11 +113,14 @@ class SNISAggregation(pl.Callback):
             E = inputs.eval_batch(k)
             result = summarise_eval(table, plan, E)
             if trainer.global_rank == 0:
+                swept = len(result.warnings)
                 for warning in result.warnings:
                     if "non-finite" in warning:  # (ESS warnings: see RunWriter)
                         log.warning("%s/%s", result.name, warning)
-                start = time.perf_counter()
-                complete_eval(state.policy, state.require("update"), inputs.update_batch, E, result, table, plan)
-                state.timings[f"attribution_{result.name}_s"] = time.perf_counter() - start
+                complete_eval(
+                    state.policy, state.require("update"), inputs.update_batch, E, result, table, plan, state.timings
+                )
+                for warning in result.warnings[swept:]:  # the attribution's: a held E, a check that failed
+                    log.warning("%s: %s", result.name, warning)
             results.append(result)
         state.result = results

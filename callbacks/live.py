@@ -81,7 +81,8 @@ class LiveEvalSettings:
             is skipped.
         realised_n_per_prompt: responses per prompt of the fresh samples that measure the realised change
             (default: ``sampling.n_per_prompt``).
-        batch_size: sequences per teacher-forcing pass.
+        forward_batch_size: sequences of E teacher-forced per forward pass (memory; results do not depend on it
+            beyond float rounding).
     """
 
     path: str = ""
@@ -91,7 +92,7 @@ class LiveEvalSettings:
     )
     refresh: bool = True
     realised_n_per_prompt: int | None = None
-    batch_size: int = 256
+    forward_batch_size: int = 256
 
     def __post_init__(self) -> None:
         if self.sampling.truncated:
@@ -233,11 +234,18 @@ class LiveEntropyProbe(pl.Callback):
         policy = pl_module.policy
         with _eval_mode(policy):
             if self.eval_settings.path:
-                from datamodules.rollouts import read_rollouts
+                from datamodules.rollouts import check_eval_sampling, read_rollouts
 
                 vocab = int(policy.get_input_embeddings().weight.shape[0])
-                records = list(read_rollouts(self.eval_settings.path, vocab_size=vocab))
-                E = collate(records, pad_token_id=self._pad)
+                records = read_rollouts(
+                    self.eval_settings.path, vocab_size=vocab, eos_token_ids=self._eos, pad_token_id=self._pad
+                )
+                check_eval_sampling(  # E must say how it was sampled: from the full distribution at tau
+                    records,
+                    temperature=self.eval_settings.sampling.temperature,
+                    setting="eval.sampling.temperature of the live probe",
+                )
+                E = collate(list(records), pad_token_id=self._pad)
             else:
                 n = self.eval_settings.sampling.n_per_prompt
                 E = self._sample(policy, n, derived_seed("live", self.eval_settings.sampling.seed, -1, "eval"))
@@ -262,7 +270,7 @@ class LiveEntropyProbe(pl.Callback):
             attribution=with_attribution,
             eval_update_matrix=False,
             head_dtype=torch.float64,
-            batch_size=self.eval_settings.batch_size,
+            batch_size=self.eval_settings.forward_batch_size,
         )
 
     def _sample(self, policy: torch.nn.Module, n_per_prompt: int, seed: int) -> SequenceBatch:
@@ -281,7 +289,7 @@ class LiveEntropyProbe(pl.Callback):
     def _statistics(self, policy: torch.nn.Module, E: SequenceBatch) -> SequenceStats:
         """E's statistics at the current theta, teacher-forced as the step's plan does."""
         forcing = TeacherForcing(
-            temperature=self.eval_settings.sampling.temperature, batch_size=self.eval_settings.batch_size
+            temperature=self.eval_settings.sampling.temperature, batch_size=self.eval_settings.forward_batch_size
         )
         return base_statistics(policy, E, forcing.for_integrand(self.integrand))
 

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from probe.engine import check_etas_fit, make_plan, part_directions
-from probe.optim_loading import load_optimizer_state
+from probe.optim_loading import load_optimizer_state, zero_lr_message
 from probe.run_state import on_rank_zero, run_state_of
 from probe.update import Update, reconstruct_update
 
@@ -33,6 +33,16 @@ class UpdateReconstruction(pl.Callback):
 
         def reconstruct() -> Update:
             optimizer_state = load_optimizer_state(settings.optimizer, policy)
+            state.choices.update(optimizer_state.choices)
+            chosen = optimizer_state.choices
+            log.info(
+                "optimizer state: %s (summary.json 'choices' says where each came from)",
+                ", ".join(f"{key.removeprefix('optimizer.')} {c['value']}" for key, c in chosen.items()),
+            )
+            for key, choice in chosen.items():
+                log.debug("%s: %s (%s)", key, choice["value"], choice.get("source", ""))
+            if not settings.probe.etas and all(h.lr == 0 for h in optimizer_state.hyper.values()):
+                raise ValueError(zero_lr_message(optimizer_state))
             with torch.inference_mode(False), torch.enable_grad():
                 U = inputs.update_batch.to(pl_module.device)
                 return reconstruct_update(policy, optimizer_state, U, settings.loss, settings.reconstruction)

@@ -4,11 +4,20 @@ Logs the metrics of every evaluation batch (:func:`probe.results.metrics`: the k
 one table of the update sequences (text, reward, advantage, attribution), the plots and the run directory
 as an artifact. It observes the run once it is over (``teardown``, after every writer), so its place among
 the callbacks does not matter. With no ``WandbLogger`` attached (or ``WANDB_MODE=disabled``) it does nothing.
+
+A run that fails leaves no offline W&B run behind: Lightning starts the W&B run at the start of setup, so a run
+that stops with an error (bad input found at setup, a crash, Ctrl+C, SIGTERM) would leave an
+``offline-run-*`` folder that ``wandb sync`` would upload as if it were a result. :class:`DiscardFailedOfflineRun`
+(which the CLI attaches to every run) and ``WandbReport`` finish that W&B run and delete its folder, and only
+that: an offline run this process started, whose folder lies under the logger's ``save_dir``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -34,11 +43,71 @@ def update_table(state: PredictRunState) -> tuple[list[str], list[list[Any]]]:
     return columns, rows
 
 
+def offline_run_dir(logger: WandbLogger) -> Path | None:
+    """The folder of the offline W&B run ``logger`` started in this process (``<save_dir>/wandb/offline-run-*``), or
+    None: no run started yet (this never starts one), an online or disabled run, or a folder outside ``save_dir``."""
+    run = getattr(logger, "_experiment", None)  # Lightning's lazily created run; `logger.experiment` would start one
+    if run is None:
+        return None
+    try:
+        if run.offline is not True or run.disabled is not False:
+            return None
+        folder = Path(run.sync_dir).resolve()
+    except Exception:  # not a wandb Run (a test double, a run object of another wandb version)
+        return None
+    save_dir = Path(logger.save_dir or ".").resolve()
+    if not folder.name.startswith("offline-run-") or not folder.is_relative_to(save_dir) or folder == save_dir:
+        return None
+    return folder
+
+
+def discard_offline_run(logger: WandbLogger) -> Path | None:
+    """Finish the offline W&B run of ``logger`` (exit code 1) and delete its folder, with the links in its parent
+    folder (``latest-run``, ``debug.log``, ``debug-internal.log``) that point into it; returns the deleted folder.
+    Does nothing (None) unless :func:`offline_run_dir` names a folder."""
+    folder = offline_run_dir(logger)
+    if folder is None:
+        return None
+    logger.experiment.finish(exit_code=1)  # W&B stops writing into the folder
+    if not folder.is_dir():
+        return None
+    for link in folder.parent.iterdir():
+        if link.is_symlink() and Path(os.path.realpath(link)).is_relative_to(folder):
+            link.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+    log.debug("deleted the offline W&B run of the failed run: %s", folder)
+    return folder
+
+
+def discard_failed_offline_runs(trainer: pl.Trainer) -> None:
+    """:func:`discard_offline_run` for every ``WandbLogger`` of ``trainer`` (rank 0; a second call does nothing)."""
+    if trainer.global_rank != 0:
+        return
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            try:
+                discard_offline_run(lg)
+            except Exception as e:  # never hide the run's own error behind a cleanup error
+                log.warning("could not delete the offline W&B run of the failed run: %s", e)
+
+
+class DiscardFailedOfflineRun(pl.Callback):
+    """When the run fails (``on_exception``), delete the offline W&B run it started (see the module docstring).
+    A finished run keeps its W&B run. The CLI attaches it to every ``fit`` and ``predict``."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        discard_failed_offline_runs(trainer)
+
+
 class WandbReport(pl.Callback):
-    """Send a finished probe run to every ``WandbLogger`` of the Trainer (rank 0 only)."""
+    """Send a finished probe run to every ``WandbLogger`` of the Trainer (rank 0 only); a failed run's offline
+    W&B run is deleted (as :class:`DiscardFailedOfflineRun` does, for a predict run made without the CLI)."""
 
     def __init__(self, log_artifact: bool = True):
         self.log_artifact = log_artifact
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        discard_failed_offline_runs(trainer)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
@@ -63,4 +132,4 @@ class WandbReport(pl.Callback):
                 artifact = wandb.Artifact(name=f"probe-{run_dir.name}", type="probe-run")
                 artifact.add_dir(str(run_dir))
                 lg.experiment.log_artifact(artifact)
-        log.info("logged %d metrics to W&B (%s)", len(values), ", ".join(str(lg.save_dir) for lg in loggers))
+        log.debug("logged %d metrics to W&B (%s)", len(values), ", ".join(str(lg.save_dir) for lg in loggers))

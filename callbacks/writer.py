@@ -66,8 +66,9 @@ class RunWriter(pl.Callback):
             environment=environment(),
             world_size=trainer.world_size,
             policy=str(state.policy_dir),
+            choices=state.choices,
         )
-        log.info("timings: %s", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+        log.debug("timings: %s", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
         run_dir.finish(summary)
         print(format_table(summary["evals"], plan.etas))
         print(f"run directory: {run_dir.path}")

@@ -10,7 +10,7 @@ the written files. What it reads goes to the run state (``inputs``, :mod:`probe.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -19,11 +19,18 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.rollouts import fill_advantages, read_rollouts, write_rollouts
+from datamodules.rollouts import check_advantages, check_eval_sampling, fill_advantages, read_rollouts, write_rollouts
 from probe.prompts import PromptSource, load_prompts
 from probe.rewards import resolve_reward
 from probe.run_state import ProbeInputs, indexed_collate, run_state_of
-from probe.sampling import SamplingSettings, ids_reward_from_text, pad_token_id, sample_responses, sample_update_batch
+from probe.rundir import file_digest
+from probe.sampling import (
+    SamplingSettings,
+    ids_reward_from_text,
+    sample_responses,
+    sample_update_batch,
+    special_token_ids,
+)
 
 log = logging.getLogger("probe")
 
@@ -36,7 +43,10 @@ class UpdateBatchSettings:
         path: a rollout file (JSONL or Parquet, docs/DESIGN.md section 9) to read U from; empty: sample it.
         source: prompts to sample from (when ``path`` is empty).
         sampling: sampling settings (G = ``n_per_prompt`` responses per prompt).
-        reward: ``toy``, ``gsm8k`` or ``package.module:function`` (reward(prompt, response[, answer])).
+        reward: ``toy``, ``gsm8k`` or ``package.module:function``
+            (``reward(prompt, response[, answer][, finished]) -> float``, README "Reward functions").
+        skip_special_tokens: decode prompt and response for the reward without special tokens (``<eos>``,
+            ``<pad>``, ...), as TRL and verl do; false: keep them in the text.
         normalize_std: divide group advantages by the group's reward std (GRPO); off: Dr. GRPO.
         filter_zero_advantage_prompts: resample prompt groups whose advantages are all zero.
         max_resample_attempts: resampling attempts before a clear error.
@@ -47,6 +57,7 @@ class UpdateBatchSettings:
     source: PromptSource = field(default_factory=PromptSource)
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(n_per_prompt=8, max_new_tokens=4))
     reward: str = "toy"
+    skip_special_tokens: bool = True
     normalize_std: bool = True
     filter_zero_advantage_prompts: bool = True
     max_resample_attempts: int = 5
@@ -58,7 +69,8 @@ class EvalBatchSettings:
     """One evaluation batch E (sequences from the policy whose entropy is probed).
 
     Args:
-        path: a rollout file to read E from; empty: sample it from the policy.
+        path: a rollout file to read E from (its records say how they were sampled: ``temperature`` equal to
+            ``sampling.temperature``, ``top_p`` 1.0, ``top_k`` 0 or null); empty: sample it from the policy.
         source: prompts to sample from (when ``path`` is empty).
         sampling: sampling settings; ``temperature`` is the tau whose entropy is measured.
         allow_truncated_sampling: accept top-p/top-k sampling for E. The entropy measured is then
@@ -117,7 +129,9 @@ class ProbeDataModule(pl.LightningDataModule):
             policy,
             prompts,
             s.sampling,
-            reward_fn=ids_reward_from_text(resolve_reward(s.reward), tokenizer, answers),
+            reward_fn=ids_reward_from_text(
+                resolve_reward(s.reward), tokenizer, answers, skip_special_tokens=s.skip_special_tokens
+            ),
             tokenizer=tokenizer,
             normalize_std=s.normalize_std,
             filter_zero_advantage_prompts=s.filter_zero_advantage_prompts,
@@ -130,20 +144,31 @@ class ProbeDataModule(pl.LightningDataModule):
         prompts, _ = load_prompts(settings.source, tokenizer)
         return sample_responses(policy, prompts, settings.sampling, tokenizer=tokenizer)
 
-    def _materialise(self, target: Path, settings: Any, make: Callable[[], list[dict]], vocab_size: int) -> None:
+    def _materialise(self, target: Path, settings: Any, make: Callable[[], list[dict]], read: Callable) -> None:
         """Write the batch's rollout file into the run directory unless a previous run already did."""
         if target.exists():
-            log.info("reusing %s (resumed run)", target)
+            log.debug("reusing %s (resumed run)", target)
             return
         if settings.path:
-            records = read_rollouts(settings.path, vocab_size=vocab_size)
+            records = read(settings.path)
+            if isinstance(settings, UpdateBatchSettings):  # the copy holds the advantages the run uses
+                records = self._with_advantages(records, settings)
             if isinstance(settings, EvalBatchSettings):  # refuse before copying: name the user's file, keep no bad copy
                 self._check_eval(records, Path(settings.path), settings)
-            log.info("read %d sequences from %s", len(records), settings.path)
+            log.debug("read %d sequences from %s", len(records), settings.path)
         else:
             records = make()
             self._log_sampled(target.stem, records)
         write_rollouts(list(records), target)
+
+    @staticmethod
+    def _with_advantages(records: list[dict], settings: UpdateBatchSettings) -> list[dict]:
+        """U's advantages: given in every record, or computed from ``reward`` for all of them (logged);
+        records of which only some carry one are refused."""
+        check_advantages(records)
+        if records[0].get("advantage") is None:
+            return fill_advantages(records, normalize_std=settings.normalize_std)
+        return records
 
     @staticmethod
     def _log_sampled(name: str, records: list[dict]) -> None:
@@ -154,7 +179,21 @@ class ProbeDataModule(pl.LightningDataModule):
             retries = sorted({int(r.get("resample_attempt", 0)) for r in records})
             mean_reward = sum(float(r["reward"]) for r in records) / n
             msg += f", mean reward {mean_reward:.3f}, resample attempts used: {max(retries)}"
-        log.info(msg)
+        log.debug(msg)
+
+    def inputs_fingerprint(self, policy: dict[str, Any]) -> dict[str, Any]:
+        """What the run's rollout copies are made from: the policy's settings, U's and each E's settings, and the
+        content of every input file they name (sha256)."""
+
+        def files(batch: UpdateBatchSettings | EvalBatchSettings) -> dict[str, str]:
+            named = {"path": batch.path, "source.prompts": batch.source.prompts if not batch.path else ""}
+            return {key: file_digest(value) for key, value in named.items() if value and Path(value).is_file()}
+
+        return {
+            "policy": policy,
+            "update": {**asdict(self.update_settings), "files": files(self.update_settings)},
+            "evals": [{**asdict(s), "files": files(s)} for s in self.eval_settings],
+        }
 
     def setup(self, stage: str) -> None:
         trainer = self.trainer
@@ -162,25 +201,27 @@ class ProbeDataModule(pl.LightningDataModule):
         run_dir = trainer.lightning_module.open_run_dir(trainer)
         policy, tokenizer = state.policy, state.tokenizer
         vocab_size = int(policy.get_input_embeddings().weight.shape[0])
-        pad = pad_token_id(tokenizer)
+        pad, eos = special_token_ids(tokenizer)
+        # token ids checked against the vocabulary; padding after a response's EOS stripped, other tokens refused
+        read = partial(read_rollouts, vocab_size=vocab_size, eos_token_ids=eos, pad_token_id=pad)
         rollouts = run_dir.path / "rollouts"
         if trainer.global_rank == 0:
+            fingerprint = state.settings.resume_fingerprint()
+            run_dir.claim("inputs", self.inputs_fingerprint(fingerprint.pop("policy")), stale=("rollouts",))
+            run_dir.claim("settings", fingerprint, stale=("update.safetensors",))
             policy.to(trainer.strategy.root_device)
             self._materialise(
-                rollouts / "update.jsonl",
-                self.update_settings,
-                lambda: self._sample_update(policy, tokenizer),
-                vocab_size,
+                rollouts / "update.jsonl", self.update_settings, lambda: self._sample_update(policy, tokenizer), read
             )
             for k, settings in enumerate(self.eval_settings):
                 self._materialise(
                     rollouts / f"eval_{k:02d}.jsonl",
                     settings,
                     partial(self._sample_eval, settings, policy, tokenizer),
-                    vocab_size,
+                    read,
                 )
         trainer.strategy.barrier("probe-rollouts")
-        update = list(read_rollouts(rollouts / "update.jsonl", vocab_size=vocab_size))
+        update = read(rollouts / "update.jsonl")
         if any(r.get("advantage") is None for r in update):
             update = fill_advantages(update, normalize_std=self.update_settings.normalize_std)
         if all(abs(float(r["advantage"])) <= self.update_settings.zero_tol for r in update):
@@ -192,7 +233,7 @@ class ProbeDataModule(pl.LightningDataModule):
             )
         eval_records = []
         for k, settings in enumerate(self.eval_settings):
-            records = read_rollouts(rollouts / f"eval_{k:02d}.jsonl", vocab_size=vocab_size)
+            records = read(rollouts / f"eval_{k:02d}.jsonl")
             self._check_eval(records, rollouts / f"eval_{k:02d}.jsonl", settings)
             eval_records.append([dict(r, index=i) for i, r in enumerate(records)])
         self.inputs = state.inputs = ProbeInputs(
@@ -202,15 +243,16 @@ class ProbeDataModule(pl.LightningDataModule):
             pad_token_id=pad,
         )
 
-    @staticmethod
-    def _check_eval(records: list[dict], path: Path, settings: EvalBatchSettings) -> None:
-        truncated = [r for r in records if (r.get("top_p") not in (None, 1.0)) or (r.get("top_k") not in (None, 0))]
-        if truncated and not settings.allow_truncated_sampling:
-            raise ValueError(
-                f"{path}: {len(truncated)} evaluation sequences were sampled with top-p/top-k truncation; the entropy "
-                "would be of another distribution. Fix: sample E without top_p/top_k, or set "
-                "allow_truncated_sampling=true knowingly"
-            )
+    def _check_eval(self, records: list[dict], path: Path, settings: EvalBatchSettings) -> None:
+        """E must say how it was sampled: the full distribution at the probe's tau (datamodules.rollouts)."""
+        k = next(k for k, s in enumerate(self.eval_settings) if s is settings)
+        check_eval_sampling(
+            records,
+            temperature=float(settings.sampling.temperature),
+            allow_truncated_sampling=settings.allow_truncated_sampling,
+            setting=f"data.init_args.evals[{k}].sampling.temperature",
+            source=str(path),
+        )
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         if self.inputs is None:

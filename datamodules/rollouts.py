@@ -7,7 +7,13 @@ A rollout file holds one sequence per record, as JSON lines (``.jsonl``, ``.json
 * ``group`` (int or str): the prompt this response answers; responses to one prompt share it,
 * optional ``advantage`` and ``reward`` (finite numbers), ``old_logprobs`` (list[float],
   one log-probability per response token), ``prompt`` and ``response`` (text),
+* sampling fields ``temperature``, ``top_p``, ``top_k`` (how the response was sampled; an
+  evaluation batch E needs them, :func:`check_eval_sampling`),
 * any other field, kept untouched as metadata (e.g. ``answer`` for the GSM8K reward).
+
+A response ends at its first EOS (EOS included): given the EOS and pad ids, :func:`read_rollouts`
+strips padding after it (with a warning) and refuses other tokens there. Advantages are given
+for every record or for none (then computed from ``reward``, :func:`fill_advantages`, and logged).
 
 Every error names the file, the line (JSONL, counted from 1 as editors do) or row
 (Parquet, counted from 0 as pyarrow does), the problem and the fix. Writing is atomic
@@ -17,6 +23,7 @@ Every error names the file, the line (JSONL, counted from 1 as editors do) or ro
 from __future__ import annotations
 
 import json
+import logging
 import math
 import numbers
 import os
@@ -29,13 +36,21 @@ PARQUET_SUFFIXES = (".parquet", ".pq")
 REQUIRED_FIELDS = ("prompt_ids", "response_ids", "group")
 # A log-probability is <= 0; allow this much rounding above 0 before calling it a sign error.
 LOGPROB_POSITIVE_TOLERANCE = 1e-3
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+PER_TOKEN_FIELDS = ("old_logprobs", "sampling_logprobs")  # one value per response token
+
+log = logging.getLogger("probe")
 
 __all__ = [
     "JSONL_SUFFIXES",
     "PARQUET_SUFFIXES",
     "REQUIRED_FIELDS",
+    "SAMPLING_FIELDS",
     "RolloutRecords",
+    "check_advantages",
+    "check_eval_sampling",
     "read_rollouts",
+    "strip_after_eos",
     "validate_rollouts",
     "write_rollouts",
     "fill_advantages",
@@ -78,6 +93,21 @@ def _where(records: Sequence[dict], i: int, source: str | None) -> str:
     if locations is not None and len(locations) == len(records):
         return f"{source}, {locations[i]}"
     return f"{source if source is not None else 'rollout records'}, record {i}"
+
+
+def _name(records: Sequence[dict], source: str | None = None) -> str:
+    """The file the records came from, else 'rollout records'."""
+    source = source if source is not None else getattr(records, "source", None)
+    return source if source is not None else "rollout records"
+
+
+def _several(records: Sequence[dict], indices: Sequence[int], limit: int = 5) -> str:
+    """'line 2, line 5 (and 3 more)' (or 'record 1, ...' for plain lists)."""
+    locations = getattr(records, "locations", None)
+    if locations is None or len(locations) != len(records):
+        locations = [f"record {i}" for i in range(len(records))]
+    shown = ", ".join(locations[i] for i in indices[:limit])
+    return shown + (f" (and {len(indices) - limit} more)" if len(indices) > limit else "")
 
 
 # --------------------------------------------------------------------------- validation
@@ -301,7 +331,12 @@ def _read_parquet(path: Path) -> RolloutRecords:
 
 
 def read_rollouts(
-    path: str | os.PathLike, *, vocab_size: int | None = None, allow_empty_responses: bool = False
+    path: str | os.PathLike,
+    *,
+    vocab_size: int | None = None,
+    allow_empty_responses: bool = False,
+    eos_token_ids: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> RolloutRecords:
     """Read and validate a rollout file (JSON lines or Parquet, chosen by the suffix).
 
@@ -310,6 +345,9 @@ def read_rollouts(
             or ``*.parquet`` / ``*.pq``.
         vocab_size: when given, token ids must lie in ``[0, vocab_size)``.
         allow_empty_responses: accept records with an empty ``response_ids``.
+        eos_token_ids: the tokenizer's EOS id(s): when given, responses that go on after their first EOS
+            are stripped (padding / EOS only, with a warning) or refused (:func:`strip_after_eos`).
+        pad_token_id: the pad id that may follow an EOS (with ``eos_token_ids``).
 
     Returns:
         The records, in file order, as dicts with every field of the file (extra fields kept).
@@ -327,7 +365,166 @@ def read_rollouts(
             "Fix: check that the writer finished and that this is the right path"
         )
     validate_rollouts(records, vocab_size=vocab_size, allow_empty_responses=allow_empty_responses)
+    if eos_token_ids is not None:
+        records = strip_after_eos(records, eos_token_ids, pad_token_id)
     return records
+
+
+# --------------------------------------------------------------------------- what follows EOS
+
+
+def _first_eos(ids: list, eos: set[int]) -> int | None:
+    """Position of the first EOS in ``ids`` (list.index runs in C: files hold millions of tokens)."""
+    found = [ids.index(e) for e in eos if e in ids]
+    return min(found) if found else None
+
+
+def strip_after_eos(
+    records: Sequence[dict], eos_token_ids: int | Sequence[int], pad_token_id: int | None = None
+) -> RolloutRecords:
+    """Responses cut after their first EOS: trailing padding is stripped, anything else refused.
+
+    A response whose tokens after the first EOS are all padding or EOS (``pad_token_id`` may equal the
+    EOS id) loses them, with its per-token fields (``old_logprobs``, ``sampling_logprobs``), and a
+    WARNING names the file, how many records and tokens were stripped and the fix. A response with
+    another token after its first EOS is refused with a ``ValueError`` naming the record and position:
+    probe scores every token of ``response_ids`` as one response of the policy.
+
+    Returns:
+        The records (new dicts where stripped), with the source and locations of ``records``.
+    """
+    eos = {int(eos_token_ids)} if isinstance(eos_token_ids, numbers.Integral) else set(map(int, eos_token_ids))
+    filler = eos | ({int(pad_token_id)} if pad_token_id is not None else set())
+    out, n_records, n_tokens, seen = [], 0, 0, set()
+    for i, record in enumerate(records):
+        ids = _as_list(record["response_ids"])
+        first = _first_eos(ids, eos)
+        if first is None or first == len(ids) - 1:
+            out.append(record)
+            continue
+        tail = ids[first + 1 :]
+        if not set(tail) <= filler:
+            k = next(k for k, t in enumerate(tail) if t not in filler)
+            raise ValueError(
+                f"{_where(records, i, None)}: 'response_ids' goes on after its first EOS (id {ids[first]} at position "
+                f"{first}, counted from 0): token {tail[k]} at position {first + 1 + k} is neither EOS nor padding "
+                f"(pad id {pad_token_id}). probe scores every token of response_ids as one response of the policy. "
+                "Fix: cut each response after its first EOS (EOS included), as the policy generated it"
+            )
+        record = dict(record, response_ids=ids[: first + 1])
+        for name in PER_TOKEN_FIELDS:
+            values = _as_list(record.get(name)) if record.get(name) is not None else None
+            if values is not None and len(values) == len(ids):
+                record[name] = values[: first + 1]
+        out.append(record)
+        n_records, n_tokens = n_records + 1, n_tokens + len(tail)
+        seen.update(tail)
+    if n_records:
+        log.warning(
+            "%s: %d of %d responses go on after their first EOS with padding/EOS only (%d tokens, ids %s); stripped "
+            "them (with their old_logprobs, if any) so they are not scored as response tokens. Fix: write each "
+            "response cut after its first EOS, without padding",
+            _name(records),
+            n_records,
+            len(records),
+            n_tokens,
+            ", ".join(map(str, sorted(seen))),
+        )
+    return RolloutRecords(out, source=getattr(records, "source", None), locations=getattr(records, "locations", None))
+
+
+# --------------------------------------------------------------------------- how E was sampled
+
+
+def _top_p_off(value: Any) -> bool:
+    return value is None or value == 1.0
+
+
+def _top_k_off(value: Any) -> bool:
+    return value is None or value in (0, -1)  # 0: HF and TRL; -1: vLLM and verl
+
+
+def _sampling_of(record: dict) -> tuple:
+    """``(temperature, top_p, top_k)`` with "off" values (top_p 1.0, top_k 0 / -1, absent) as None."""
+    top_p, top_k = record.get("top_p"), record.get("top_k")
+    return (record.get("temperature"), None if _top_p_off(top_p) else top_p, None if _top_k_off(top_k) else top_k)
+
+
+def _describe(sampling: tuple) -> str:
+    return ", ".join(f"{name}={value}" for name, value in zip(SAMPLING_FIELDS, sampling))
+
+
+def check_eval_sampling(
+    records: Sequence[dict],
+    *,
+    temperature: float,
+    allow_truncated_sampling: bool = False,
+    setting: str = "sampling.temperature of the evaluation batch",
+    source: str | None = None,
+) -> None:
+    """Refuse an evaluation batch E that was not sampled from the full distribution at the probe's temperature.
+
+    The SNIS estimate weighs E's responses by the policy at temperature tau against the distribution
+    they were sampled from, so that must be the same. Each record must say how it was sampled
+    (``temperature``, ``top_p``, ``top_k``; top_p 1.0 and top_k 0 / -1 / null mean off), all records
+    alike, without top-p/top-k truncation (unless ``allow_truncated_sampling``), and at ``temperature``.
+
+    Args:
+        records: the records of E.
+        temperature: tau, the temperature the probe measures the entropy at.
+        allow_truncated_sampling: accept top-p/top-k truncated sampling knowingly.
+        setting: how messages name the setting that holds tau (``data.init_args.evals[0].sampling.temperature``).
+        source: name used in messages; default: the file the records were read from.
+    """
+    name = _name(records, source)
+    with_fields = [i for i, r in enumerate(records) if any(k in r for k in SAMPLING_FIELDS)]
+    if not with_fields:
+        raise ValueError(
+            f"{name}: no record says how this evaluation batch was sampled (none has 'temperature', 'top_p' or "
+            f"'top_k'). The SNIS estimate needs E sampled from the full distribution at the probe temperature "
+            f"(tau = {temperature:g}); HF generate() samples with top_k=50 unless told otherwise, which cuts the "
+            "distribution. Fix: check how the responses were sampled, then add "
+            f'"temperature": {temperature:g}, "top_p": 1.0, "top_k": 0 (or null) to every record; if they were '
+            "sampled with top-k/top-p, resample E without it (e.g. generate(..., top_k=0, top_p=1.0))"
+        )
+    if len(with_fields) < len(records):
+        without = sorted(set(range(len(records))) - set(with_fields))
+        raise ValueError(
+            f"{name}: {len(without)} of {len(records)} records say nothing about how they were sampled "
+            f"({_several(records, without)}) while the others give 'temperature'/'top_p'/'top_k'. Fix: give every "
+            "record the sampling fields it was sampled with, or drop the records whose sampling is unknown"
+        )
+    for i, record in enumerate(records):
+        value = record.get("temperature")
+        if value is not None and (not _is_real(value) or not value > 0):
+            raise ValueError(
+                f"{_where(records, i, source)}: 'temperature' must be a number > 0, got {value!r}. "
+                "Fix: store the temperature the response was sampled at"
+            )
+    first = _sampling_of(records[0])
+    other = next((i for i, r in enumerate(records) if _sampling_of(r) != first), None)
+    if other is not None:
+        raise ValueError(
+            f"{name}: the records disagree on how E was sampled: {_several(records, [0])} has {_describe(first)}, "
+            f"{_several(records, [other])} has {_describe(_sampling_of(records[other]))}. "
+            "One evaluation batch is a sample of one distribution. Fix: split the file into one evaluation batch "
+            "per sampling setting, or resample E with one setting"
+        )
+    truncated = [r for r in records if _sampling_of(r)[1:] != (None, None)]
+    if truncated and not allow_truncated_sampling:
+        raise ValueError(
+            f"{name}: {len(truncated)} evaluation sequences were sampled with top-p/top-k truncation; the entropy "
+            "would be of another distribution. Fix: sample E without top_p/top_k, or set "
+            "allow_truncated_sampling=true knowingly"
+        )
+    sampled_at = first[0]
+    if sampled_at is not None and not math.isclose(float(sampled_at), float(temperature), rel_tol=1e-9):
+        raise ValueError(
+            f"{name}: the records say E was sampled at temperature {sampled_at:g}, but the probe measures the "
+            f"entropy at tau = {temperature:g} ({setting}): the importance weights would compare two different "
+            f"distributions. Fix: to probe the entropy at tau = {sampled_at:g}, set {setting} to {sampled_at:g}; "
+            f"to probe it at tau = {temperature:g}, sample E at temperature {temperature:g}"
+        )
 
 
 # --------------------------------------------------------------------------- writing
@@ -434,13 +631,36 @@ def write_rollouts(records: Sequence[dict], path: str | os.PathLike, *, allow_em
 # --------------------------------------------------------------------------- advantages
 
 
+def check_advantages(records: Sequence[dict], source: str | None = None) -> None:
+    """Refuse records of which some carry an ``advantage`` and others do not (two scales in one batch)."""
+    missing = [i for i, record in enumerate(records) if record.get("advantage") is None]
+    if missing and len(missing) < len(records):
+        raise ValueError(
+            f"{_name(records, source)}: {len(records) - len(missing)} of {len(records)} records carry an "
+            f"'advantage', the other {len(missing)} do not ({_several(records, missing)}); computing the missing "
+            "ones from 'reward' would mix two scales in one update batch. Fix: store the advantage for every "
+            "record, or leave it out of every record to have probe compute all of them from 'reward' (GRPO group "
+            "normalisation)"
+        )
+
+
+def _normalisation(normalize_std: bool, eps: float) -> str:
+    if normalize_std:
+        return (
+            f"A = (r - group mean) / (group std + {eps:g}), unbiased (n-1) std as verl and TRL, 0 for a group of "
+            "one (normalize_std=true)"
+        )
+    return "A = r - group mean (Dr. GRPO, normalize_std=false)"
+
+
 def fill_advantages(
     records: Sequence[dict], *, normalize_std: bool = True, eps: float = 1e-6, overwrite: bool = False
 ) -> RolloutRecords:
-    """Records with group-relative advantages computed from their rewards (GRPO).
+    """Records with group-relative advantages computed from their rewards (GRPO), logged as a WARNING.
 
-    Uses :func:`probe.sampling.group_advantages` over all records (groups by ``group``).
-    Records that already carry an ``advantage`` keep it unless ``overwrite``.
+    Uses :func:`probe.sampling.group_advantages` over all records (groups by ``group``). Either
+    no record carries an ``advantage`` (all are computed), or ``overwrite`` replaces every one;
+    records of which only some carry one are refused (:func:`check_advantages`).
 
     Args:
         records: rollout records; every record needs a finite ``reward``.
@@ -454,6 +674,8 @@ def fill_advantages(
     """
     from probe.sampling import group_advantages
 
+    if not overwrite:
+        check_advantages(records)
     missing = [i for i, record in enumerate(records) if record.get("reward") is None]
     if missing:
         raise ValueError(
@@ -467,17 +689,21 @@ def fill_advantages(
                 f"{_where(records, i, None)}: 'reward' must be a finite number, got {reward!r}. "
                 "Fix: store a finite reward for every record"
             )
+    groups = [record["group"] for record in records]
     advantages = group_advantages(
-        [float(record["reward"]) for record in records],
-        [record["group"] for record in records],
-        normalize_std=normalize_std,
-        eps=eps,
+        [float(record["reward"]) for record in records], groups, normalize_std=normalize_std, eps=eps
     )
     advantages = advantages.tolist() if hasattr(advantages, "tolist") else list(advantages)
-    out = []
-    for record, advantage in zip(records, advantages):
-        record = dict(record)
-        if overwrite or record.get("advantage") is None:
-            record["advantage"] = float(advantage)
-        out.append(record)
+    had = sum(record.get("advantage") is not None for record in records)
+    log.warning(
+        "%s: %s the 'advantage' of all %d records from 'reward', by GRPO group normalisation over %d groups: %s. "
+        "Fix, if the trainer used other advantages (another normalisation, a KL or length term, a batch-wide "
+        "baseline): store them as 'advantage' in every record",
+        _name(records),
+        "replaced" if had else "no record has an 'advantage': computed",
+        len(records),
+        len(set(groups)),
+        _normalisation(normalize_std, eps),
+    )
+    out = [dict(record, advantage=float(advantage)) for record, advantage in zip(records, advantages)]
     return RolloutRecords(out, source=getattr(records, "source", None), locations=getattr(records, "locations", None))

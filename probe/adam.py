@@ -63,6 +63,9 @@ class AdamState:
     state: dict[str, ParamAdamState]
     group_of: dict[str, int] = field(default_factory=dict)
     source: str = "live optimizer"
+    # what was read or chosen automatically, with where it came from (``summary.json["choices"]``):
+    # key -> {"value": ..., "source": "..."}; see probe.optim_loading.load_optimizer_state
+    choices: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def names(self) -> list[str]:

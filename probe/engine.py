@@ -35,6 +35,7 @@ from probe.snis import SNISConfig, SNISResult, snis_estimate, snis_estimates
 from probe.statistics import SequenceStats, mean_and_se, ratio_and_se
 from probe.taylor import SequenceDerivatives, first_order, sequence_derivatives, snis_derivatives
 from probe.update import Update
+from probe.verification import attribution_check
 
 Tick = Callable[[float], None]  # progress: called with the number of teacher-forcing passes just done
 
@@ -133,7 +134,7 @@ def make_plan(settings: ProbeSettings, precision: PrecisionSettings, lr: float) 
         per_token_views=settings.per_token_views,
         head_dtype=torch.float64 if precision.float64_head else None,
         token_chunk=settings.token_chunk,
-        batch_size=settings.eval_batch_size,
+        batch_size=settings.forward_batch_size,
     )
 
 
@@ -398,10 +399,21 @@ def complete_eval(
     result: EvalResult,
     rows: dict[str, np.ndarray],
     plan: Plan,
+    timings: dict[str, float] | None = None,
 ) -> None:
     """Add to ``result`` what needs all of E in one process: the attribution a_i (one backward over E, one JVP
     over U), the eval x update matrix, the exact per-sequence path and per-token views, as the plan asks.
-    ``U`` (the update batch) is needed for all but the per-token views."""
+    ``U`` (the update batch) is needed for all but the per-token views. ``timings`` (if given) gets the seconds
+    of each, as ``attribution_<E>_s``, ``eval_update_matrix_<E>_s``, ``per_sequence_exact_<E>_s`` and
+    ``per_token_views_<E>_s``."""
+    clock = [time.perf_counter()]
+
+    def timed(stage: str) -> None:
+        now = time.perf_counter()
+        if timings is not None:
+            timings[f"{stage}_{E.name}_s"] = now - clock[0]
+        clock[0] = now
+
     if not (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact or plan.per_token_views):
         return
     if U is None and (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact):
@@ -430,15 +442,26 @@ def complete_eval(
             a = att.attributions.numpy()
             order = np.argsort(a)
             result.arrays["attributions"] = a
+            abs_sum = float(np.abs(a).sum())
             result.attribution = AttributionSummary(
                 sum=att.total,
-                abs_sum=float(np.abs(a).sum()),
+                abs_sum=abs_sum,
                 grad_first_order=slope,
                 relative_difference=abs(att.total - slope) / max(abs(slope), 1e-300),
+                **attribution_check(att.total, slope, abs_sum, next(policy.parameters()).dtype),
                 reference_eta=ref_eta,
                 top_positive=[int(i) for i in order[::-1][:5]],
                 top_negative=[int(i) for i in order[:5]],
             )
+            if not result.attribution.ok:
+                result.warnings.append(
+                    f"the attributions do not add up: sum_i a_i = {att.total:.6g} but the grad part's first-order "
+                    f"slope is {slope:.6g}, a difference of {result.attribution.scaled_difference:.2g} of "
+                    f"sum_i |a_i| (tolerance {result.attribution.tolerance:.0e} for this dtype). The loss may not be a "
+                    "sum of per-sequence terms, or the update was computed on other sequences than U; see "
+                    "docs/DESIGN.md section 4"
+                )
+            timed("attribution")
         if plan.eval_update_matrix and E.sampling is None:
             S = eval_update_matrix(inputs).numpy()
             result.arrays["eval_delta_matrix"] = ref_eta * S  # [M, N] at the reference eta
@@ -447,12 +470,15 @@ def complete_eval(
                 "sum": float(ref_eta * S.sum()),
                 "shape": list(S.shape),
             }
+            timed("eval_update_matrix")
         if plan.per_sequence_exact and E.sampling is None:
             result.per_sequence_exact = _per_sequence_exact(inputs, result, plan)
+            timed("per_sequence_exact")
     if plan.per_token_views:
         result.arrays.update(
             {f"per_token/{k}": v for k, v in per_token_views(policy, update, batch, plan, E.temperature).items()}
         )
+        timed("per_token_views")
 
 
 def _per_sequence_exact(inputs: AttributionInputs, result: EvalResult, plan: Plan) -> list[dict]:
@@ -523,11 +549,9 @@ def probe_eval(
     clock = time.perf_counter()
     rows = sort_rows(batch_rows(policy, E.batch, part_directions(update, plan.parts), plan, E.temperature, tick))
     result = summarise_eval(rows, plan, E)
-    middle = time.perf_counter()
-    complete_eval(policy, update, U, E, result, rows, plan)
     if timings is not None:
-        timings["eval_passes_s"] = middle - clock
-        timings[f"attribution_{E.name}_s"] = time.perf_counter() - middle
+        timings["eval_passes_s"] = time.perf_counter() - clock
+    complete_eval(policy, update, U, E, result, rows, plan, timings)
     return result, _stats(rows, "logprobs", "entropies")
 
 
@@ -545,8 +569,10 @@ def run_summary(
     environment: dict[str, str],
     world_size: int,
     policy: str,
+    choices: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``summary.json`` (docs/DESIGN.md section 9): plan, config, update, one entry per evaluation batch."""
+    """``summary.json`` (docs/DESIGN.md section 9): plan, config, the automatic choices (``choices``: key ->
+    value and where it came from), update, one entry per evaluation batch."""
     return {
         "plan": {
             **plan.describe(),
@@ -556,6 +582,7 @@ def run_summary(
             "policy": policy,
         },
         "config": config,
+        "choices": choices or {},
         "update": update.summary(),
         "aggregate": evals[0].to_dict()["parts"],
         "evals": [ev.to_dict() for ev in evals],

@@ -75,7 +75,10 @@ class RolloutSettings:
         n_per_prompt: responses per prompt (the GRPO group size G, >= 2).
         max_new_tokens: longest response.
         temperature: sampling temperature (set ``loss.temperature`` to the same value, as verl does).
-        reward: ``toy``, ``gsm8k`` or ``package.module:function`` (``reward(prompt, response[, answer])``).
+        reward: ``toy``, ``gsm8k`` or ``package.module:function``
+            (``reward(prompt, response[, answer][, finished]) -> float``, README "Reward functions").
+        skip_special_tokens: decode prompt and response for the reward without special tokens (``<eos>``,
+            ``<pad>``, ...), as TRL and verl do; false: keep them in the text.
         normalize_std: divide group advantages by the group's reward std (GRPO); off: Dr. GRPO.
         zero_advantage: what to do with a group whose advantages are all zero: ``resample`` it (up to
             ``max_resample_attempts`` times, then drop it), ``drop`` it, or ``keep`` it (it adds
@@ -90,6 +93,7 @@ class RolloutSettings:
     max_new_tokens: int = 4
     temperature: float = 1.0
     reward: str = "toy"
+    skip_special_tokens: bool = True
     normalize_std: bool = True
     zero_advantage: str = "resample"
     max_resample_attempts: int = 3
@@ -192,7 +196,8 @@ def sample_rollout(
         n_per_prompt=G, max_new_tokens=settings.max_new_tokens, temperature=settings.temperature
     )
 
-    score = ids_reward_from_text(reward_fn, tokenizer, {tuple(p): a for p, a in zip(prompts, answers) if a is not None})
+    answer_of = {tuple(p): a for p, a in zip(prompts, answers) if a is not None}
+    score = ids_reward_from_text(reward_fn, tokenizer, answer_of, skip_special_tokens=settings.skip_special_tokens)
 
     records: list[dict] = []
     rewards: list[float] = []

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from probe.precision import exact_float64_norms, resolve_dtype
+from probe.precision import DTYPES, exact_float64_norms, resolve_dtype
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -50,8 +50,10 @@ class PolicySettings:
     Args:
         path: local directory of an HF checkpoint (``config.json``, weights, tokenizer). Hub ids are not
             fetched: download the model first and pass its directory.
-        dtype: parameter dtype: ``float32``, ``bfloat16``, ``float16`` or ``float64`` (float64 also makes
-            RMSNorm compute in float64, see ``probe.precision``).
+        dtype: parameter dtype: ``auto`` (the dtype the checkpoint was saved in: ``config.json``'s ``dtype`` /
+            ``torch_dtype``, else its weights'), ``float32``, ``bfloat16``, ``float16`` or ``float64`` (float64
+            also makes RMSNorm compute in float64, see ``probe.precision``). Probe the policy in the dtype it
+            was trained in: a float32 policy loaded in bfloat16 gives wrong small-eta numbers.
         attn_implementation: ``sdpa`` (default), ``eager`` or another one transformers knows.
         adapter_path: local directory of a saved PEFT adapter to load on top (trainable).
         lora: wrap the policy in a fresh LoRA adapter with these settings (instead of ``adapter_path``).
@@ -60,7 +62,7 @@ class PolicySettings:
     """
 
     path: str
-    dtype: str = "float32"
+    dtype: str = "auto"
     attn_implementation: str = "sdpa"
     adapter_path: str | None = None
     lora: LoraSettings | None = None
@@ -80,6 +82,55 @@ class PolicySettings:
         settings. Local directories only: hub ids are never fetched; every missing piece names the path and
         the fix."""
         return _load(self.directory(), self)
+
+    def resolved_dtype(self) -> tuple[torch.dtype, str]:
+        """The dtype the policy is loaded in and why (``dtype: auto`` reads the checkpoint, see
+        :func:`checkpoint_dtype`)."""
+        if str(self.dtype).lower() != "auto":
+            return resolve_dtype(self.dtype), "set by policy.dtype"
+        dtype, source = checkpoint_dtype(check_checkpoint_dir(self.directory()))
+        return dtype, f"auto: {source}"
+
+
+def checkpoint_dtype(directory: Path) -> tuple[torch.dtype, str]:
+    """The dtype a checkpoint was saved in, and where that was read: ``config.json``'s ``dtype`` (transformers 5)
+    or ``torch_dtype``; else the first floating tensor of its first safetensors file (the header only); else
+    float32 (what ``torch`` makes by default), said so."""
+    import json
+
+    config = json.loads((directory / "config.json").read_text())
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key)
+        if isinstance(value, str) and value.lower().removeprefix("torch.") in DTYPES:
+            return resolve_dtype(value), f"config.json {key} = {value}"
+    header = _safetensors_header(directory)
+    names = {"F32": "float32", "F64": "float64", "BF16": "bfloat16", "F16": "float16"}
+    for name, entry in sorted(header.items()):
+        if isinstance(entry, dict) and entry.get("dtype") in names:
+            return resolve_dtype(names[entry["dtype"]]), f"weights saved as {names[entry['dtype']]} ({name})"
+    return torch.float32, "config.json names no dtype and no safetensors header says one; float32 assumed"
+
+
+def _safetensors_header(directory: Path) -> dict[str, Any]:
+    """The JSON header of the checkpoint's (first) safetensors file, or ``{}``; never reads the tensors."""
+    import json
+    import struct
+
+    index = directory / "model.safetensors.index.json"
+    file = directory / "model.safetensors"
+    if not file.is_file() and index.is_file():
+        shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+        file = directory / shards[0] if shards else file
+    if not file.is_file():
+        return {}
+    with open(file, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        if size > 100_000_000:  # a corrupt header; loading reports it with its own message
+            return {}
+        try:
+            return json.loads(f.read(size))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return {}
 
 
 HUB_HINT = (
@@ -188,8 +239,8 @@ def _load(directory: Path, s: PolicySettings) -> tuple[torch.nn.Module, Any]:
     adapter_path, lora, trust_remote_code = s.adapter_path, s.lora, s.trust_remote_code
     if adapter_path is not None and lora is not None:
         raise ValueError("give either adapter_path (load a saved adapter) or lora (wrap in a fresh one), not both")
-    torch_dtype = resolve_dtype(s.dtype)
     model_dir = check_checkpoint_dir(directory)
+    torch_dtype = resolve_dtype(s.dtype) if str(s.dtype).lower() != "auto" else checkpoint_dtype(model_dir)[0]
     adapter_dir = check_adapter_dir(adapter_path) if adapter_path is not None else None
     refuse_remote_code(model_dir, trust_remote_code)
     tokenizer_dir = _tokenizer_dir(model_dir, adapter_dir)

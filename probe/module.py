@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from probe.engine import batch_rows
 from probe.loading import PolicySettings
 from probe.losses import LossConfig
 from probe.optim_loading import OptimizerSettings
+from probe.precision import dtype_name
 from probe.run_state import PredictRunState, PredictSettings, on_rank_zero
 from probe.rundir import RunDirectory, default_run_name, run_path
 from probe.settings import PrecisionSettings, ProbeSettings, RunSettings
@@ -59,9 +61,12 @@ class ProbeModule(pl.LightningModule):
         if run.num_threads > 0:
             torch.set_num_threads(run.num_threads)
         precision.apply()
+        dtype, dtype_source = policy.resolved_dtype()
+        policy = replace(policy, dtype=dtype_name(dtype))  # `auto` resolved once: loaded, recorded, fingerprinted
         policy_model, tokenizer = policy.load()  # in eval mode; a float64 policy gets float64 RMSNorm
         self.policy = policy_model  # a submodule, so the Trainer moves it to the device
         policy_dir = policy.directory()
+        log.info("policy.dtype: %s (%s)", dtype_name(dtype), dtype_source)
         settings = PredictSettings(
             policy=policy,
             optimizer=optimizer or OptimizerSettings(path=str(policy_dir)),  # default: the policy's optimizer.pt
@@ -72,7 +77,11 @@ class ProbeModule(pl.LightningModule):
             run=run,
         )
         self.run_state = PredictRunState(
-            settings=settings, policy=policy_model, tokenizer=tokenizer, policy_dir=policy_dir
+            settings=settings,
+            policy=policy_model,
+            tokenizer=tokenizer,
+            policy_dir=policy_dir,
+            choices={"policy.dtype": {"value": dtype_name(dtype), "source": dtype_source}},
         )
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -105,7 +114,7 @@ class ProbeModule(pl.LightningModule):
         fingerprint = {f"plan.{k}": v for k, v in plan.describe().items()}
         fingerprint.update({f"update.{k}": v for k, v in update.summary().items()})
         fingerprint.update(rows=plan.row_layout(), evals=[len(r) for r in inputs.eval_records], tau=inputs.temperatures)
-        on_rank_zero(self.trainer, lambda: state.require("run_dir").claim_partial(fingerprint))
+        on_rank_zero(self.trainer, lambda: state.require("run_dir").claim("plan", fingerprint))
 
     def run_directory(self) -> Path:
         """The run's folder (opened by the DataModule's setup); the CLI saves ``config.yaml`` there."""

@@ -215,6 +215,25 @@ def load_optimizer_state(
             hyper[name], group_of[name] = group_hyper, gi
     if frozen:
         notes.append(f"{frozen} listed parameter(s) with requires_grad=False left out")
+    choices = {
+        "optimizer.format": {"value": fmt, "file": str(file), "source": _format_source(settings, file, saved)},
+        "optimizer.param_order": {
+            "value": chosen.label,
+            "source": "set by optimizer.param_order"
+            if settings.param_order != "auto"
+            else f"auto: the first of {[o.label for o in candidates]} whose length, group sizes and shapes fit",
+            "also_fits": list(dict.fromkeys(others)),
+        },
+        "optimizer.kind": _kind_choice(settings, groups),
+        "optimizer.lr": {
+            "value": sorted({h.lr for h in hyper.values()}),
+            "source": "set by optimizer.lr"
+            if settings.lr is not None
+            else "saved in each param group (the lr the scheduler set for the next step)",
+        },
+        "optimizer.step": {"value": sorted({s.step for s in states.values()}), "source": "saved per-parameter state"},
+        **({"optimizer.schedule": schedule} if (schedule := _schedule_record(file, fmt, saved, groups)) else {}),
+    }
     source = (
         f"{file} ({fmt}"
         + (f", optimizer {settings.optimizer_index}" if fmt == "lightning" else "")
@@ -222,7 +241,95 @@ def load_optimizer_state(
         + "; ".join(notes)
         + ")"
     )
-    return AdamState(hyper=hyper, state=states, group_of=group_of, source=source)
+    return AdamState(hyper=hyper, state=states, group_of=group_of, source=source, choices=choices)
+
+
+def _format_source(settings: OptimizerSettings, file: Path, saved: Any) -> str:
+    """Why the file was read as its format (``summary.json["choices"]``)."""
+    if settings.format != "auto":
+        return "set by optimizer.format"
+    if Path(settings.path).is_dir():
+        return f"auto: a directory holding {HF_OPTIMIZER_FILE} (an HF Trainer checkpoint)"
+    if file.name == HF_OPTIMIZER_FILE and (file.parent / "trainer_state.json").is_file():
+        return f"auto: {HF_OPTIMIZER_FILE} beside trainer_state.json (an HF Trainer checkpoint)"
+    if isinstance(saved, dict) and "optimizer_states" in saved:
+        return "auto: the file holds optimizer_states (a Lightning checkpoint)"
+    return "auto: the file is an optimizer state_dict (torch.save(optimizer.state_dict()))"
+
+
+def _kind_choice(settings: OptimizerSettings, groups: list[dict]) -> dict[str, Any]:
+    """Adam or AdamW, and why (the same rule as :func:`_group_hyper`)."""
+    if settings.kind != "auto":
+        return {"value": settings.kind, "source": "set by optimizer.kind"}
+    flags = [g.get("decoupled_weight_decay") for g in groups]
+    kinds = sorted({"adamw" if f is None or bool(f) else "adam" for f in flags})
+    if all(f is None for f in flags):
+        source = "auto: no decoupled_weight_decay flag saved, AdamW assumed (set optimizer.kind: adam for L2 decay)"
+    else:
+        source = "auto: the saved decoupled_weight_decay flag of each param group"
+    return {"value": kinds[0] if len(kinds) == 1 else kinds, "source": source}
+
+
+def _schedule_record(file: Path, fmt: str, saved: Any, groups: list[dict]) -> dict[str, Any] | None:
+    """What the checkpoint tells about the learning-rate schedule (``value``) and where it was read (``source``):
+    each group's ``initial_lr`` (set by torch's schedulers), the scheduler's last lr (Lightning), and the last
+    nonzero lr logged in ``trainer_state.json`` (HF Trainer). None when it tells nothing."""
+    record: dict[str, Any] = {}
+    initial = sorted({_as_float(g["initial_lr"]) for g in groups if "initial_lr" in g})
+    if initial:
+        record["initial_lr"] = initial
+    if fmt == "lightning" and isinstance(saved, dict):
+        for scheduler in saved.get("lr_schedulers") or []:
+            if isinstance(scheduler, dict) and scheduler.get("_last_lr") is not None:
+                record["scheduler_last_lr"] = [float(x) for x in scheduler["_last_lr"]]
+                break
+    trainer_state = file.parent / "trainer_state.json"
+    if fmt == "hf_trainer" and trainer_state.is_file():
+        import json
+
+        try:
+            history = json.loads(trainer_state.read_text()).get("log_history", [])
+        except (json.JSONDecodeError, OSError, AttributeError):
+            history = []
+        logged = [h for h in history if isinstance(h, dict) and isinstance(h.get("learning_rate"), (int, float))]
+        nonzero = [h for h in logged if h["learning_rate"] > 0]
+        if nonzero:
+            record["last_nonzero_logged_lr"] = float(nonzero[-1]["learning_rate"])
+            record["last_nonzero_logged_step"] = nonzero[-1].get("step")
+    if not record:
+        return None
+    sources = {
+        "initial_lr": "each param group's initial_lr (set by torch's lr schedulers)",
+        "scheduler_last_lr": "the Lightning checkpoint's lr_schedulers",
+        "last_nonzero_logged_lr": f"the log_history of {trainer_state}",
+    }
+    return {"value": record, "source": "; ".join(text for key, text in sources.items() if key in record)}
+
+
+def zero_lr_message(state: AdamState) -> str:
+    """Why the saved lr is 0 and what eta to probe instead: the schedule has ended (or not started)."""
+    schedule = state.choices.get("optimizer.schedule", {}).get("value", {})
+    candidates = [
+        ("the last nonzero lr logged in trainer_state.json", schedule.get("last_nonzero_logged_lr")),
+        ("the schedule's initial lr", max(schedule.get("initial_lr", [0.0]) or [0.0])),
+    ]
+    hints = [f"{what} was {value:.3g}" for what, value in candidates if value]
+    suggestion = next((value for _, value in candidates if value), None)
+    why = (
+        "this checkpoint's learning-rate schedule has reached 0 (the last step of a decayed schedule, or the first "
+        "of a warmup from 0)"
+    )
+    fix = (
+        f"set probe.etas to the step sizes to probe, e.g. probe.etas: [{suggestion:.3g}]; "
+        if suggestion
+        else "set probe.etas to the step sizes to probe (e.g. the peak lr of the run); "
+    )
+    known = f" ({'; '.join(hints)})" if hints else ""
+    return (
+        f"the optimizer's saved lr is 0 in every param group ({state.source}): {why}, so the real step is zero and "
+        f"there is no lr to centre the eta sweep on{known}. Fix: {fix}the update's directions are per unit lr and "
+        "do not depend on it"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,10 +42,13 @@ def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
                 )
         if "attribution" in ev:
             a = ev["attribution"]
+            verdict = "ok" if a["ok"] else "NOT OK"
             lines.append(
-                f"  attribution: sum_i a_i = {a['sum']:.6e} vs first order of grad {a['grad_first_order']:.6e}"
-                f" (rel. diff {a['relative_difference']:.1e}); top +: {a['top_positive']}, top -: {a['top_negative']}"
+                f"  attribution: sum_i a_i = {a['sum']:.6e} vs first order of grad {a['grad_first_order']:.6e}: "
+                f"{verdict} (difference {number(a['scaled_difference'], 0, '.1e')} of sum_i |a_i| = "
+                f"{a['abs_sum']:.4e}, tolerance {a['tolerance']:.0e})"
             )
+            lines.append(f"  attribution: top +: {a['top_positive']}, top -: {a['top_negative']}")
     return "\n".join(lines)
 
 

@@ -66,7 +66,10 @@ class AttributionSummary:
     sum: float  # sum_i a_i (nats per unit eta)
     abs_sum: float  # sum_i |a_i|: the scale the check is read against (the sum itself may cancel)
     grad_first_order: float  # the gradient part's first-order slope by a JVP over E
-    relative_difference: float  # |sum - grad_first_order| / |grad_first_order|
+    relative_difference: float  # |sum - grad_first_order| / |grad_first_order| (cancels when the sum does)
+    scaled_difference: float  # |sum - grad_first_order| / max(abs_sum, |grad_first_order|): the check
+    tolerance: float  # what scaled_difference is read against (by the policy's dtype, probe.verification)
+    ok: bool  # scaled_difference <= tolerance
     reference_eta: float
     top_positive: list[int]  # rows of U with the largest a_i
     top_negative: list[int]
@@ -158,6 +161,7 @@ def metrics(result: EvalResult, etas: list[float], lr: float) -> dict[str, float
     if result.attribution is not None:
         out[f"{name}/attribution/sum"] = result.attribution.sum
         out[f"{name}/attribution/relative_difference"] = result.attribution.relative_difference
+        out[f"{name}/attribution/scaled_difference"] = result.attribution.scaled_difference
     return {k: float(v) for k, v in out.items() if v is not None and math.isfinite(float(v))}
 
 

@@ -1,11 +1,16 @@
 """Reward functions: the built-in ones and any callable given by import path.
 
-Every reward is called as ``reward(prompt, response, answer=None) -> float`` on text:
+Every reward is called as ``reward(prompt, response, answer=None, finished=None) -> float`` on text:
 
-* ``prompt``: the prompt text; ``response``: the decoded response;
+* ``prompt``: the prompt text; ``response``: the decoded response. Update batches decode both with
+  ``skip_special_tokens=True`` by default (as TRL and verl do), so ``<eos>``, ``<pad>`` ... are not
+  in the text (the ``skip_special_tokens`` setting next to ``reward`` keeps them);
 * ``answer``: the reference answer of the prompt, when its record has one (the ``answer``
   metadata field of a prompt / rollout record). It is passed only to functions that take an
-  ``answer`` parameter (or ``**kwargs``); a function ``f(prompt, response)`` works as is.
+  ``answer`` parameter (or ``**kwargs``); a function ``f(prompt, response)`` works as is;
+* ``finished``: True when the response ended with an EOS token, False when it was cut at
+  ``max_new_tokens``. Passed, when known, only to functions that take a ``finished`` parameter
+  (or ``**kwargs``).
 
 :func:`resolve_reward` turns a spec into such a callable:
 
@@ -135,16 +140,20 @@ def load_callable(path: str) -> Callable:
     return target
 
 
-def _takes_answer(fn: Callable) -> bool:
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    """``fn`` has a parameter ``name`` or ``**kwargs``."""
     try:
         parameters = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):  # some builtins have no signature
         return False
-    return any(p.name == "answer" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 class RewardFunction:
-    """A reward callable ``(prompt, response, answer=None) -> float`` whose results are checked.
+    """A reward callable ``(prompt, response, answer=None, finished=None) -> float`` whose results are checked.
+
+    ``answer`` and ``finished`` reach the function only when it takes them (by name or ``**kwargs``);
+    ``finished`` only when it is known (not None).
 
     Args:
         name: how errors name the function (the spec, e.g. ``"toy"`` or ``"my_rewards:score"``).
@@ -155,7 +164,7 @@ class RewardFunction:
         self.name = name
         self._target = target
         self._fn: Callable | None = None if isinstance(target, str) else target
-        self._takes_answer: bool | None = None
+        self._keywords: tuple[bool, bool] | None = None  # takes (answer, finished)
 
     @property
     def fn(self) -> Callable:
@@ -164,11 +173,15 @@ class RewardFunction:
             self._fn = load_callable(self._target)
         return self._fn
 
-    def __call__(self, prompt: str, response: str, answer: Any = None) -> float:
+    def __call__(self, prompt: str, response: str, answer: Any = None, finished: bool | None = None) -> float:
         fn = self.fn
-        if self._takes_answer is None:
-            self._takes_answer = _takes_answer(fn)
-        value = fn(prompt, response, answer=answer) if self._takes_answer else fn(prompt, response)
+        if self._keywords is None:
+            self._keywords = (_takes_keyword(fn, "answer"), _takes_keyword(fn, "finished"))
+        takes_answer, takes_finished = self._keywords
+        keywords: dict[str, Any] = {"answer": answer} if takes_answer else {}
+        if takes_finished and finished is not None:
+            keywords["finished"] = bool(finished)
+        value = fn(prompt, response, **keywords)
         if isinstance(value, (str, bytes)) or value is None:
             raise TypeError(
                 f"reward function {self.name!r} returned {value!r} ({type(value).__name__}) for response "
@@ -199,7 +212,7 @@ def resolve_reward(spec: str | Callable) -> RewardFunction:
         spec: ``"toy"``, ``"gsm8k"``, ``"package.module:function"``, or a callable.
 
     Returns:
-        A :class:`RewardFunction`: call it as ``reward(prompt, response, answer=None) -> float``.
+        A :class:`RewardFunction`: call it as ``reward(prompt, response, answer=None, finished=None) -> float``.
     """
     if isinstance(spec, RewardFunction):
         return spec

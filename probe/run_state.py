@@ -91,6 +91,33 @@ class PredictSettings:
     def as_dict(self) -> dict[str, Any]:
         return {f.name: asdict(getattr(self, f.name)) for f in fields(self)}
 
+    def resume_fingerprint(self) -> dict[str, Any]:
+        """The settings a run's cached rows depend on: all but :data:`NOT_IN_RESUME_FINGERPRINT`."""
+        out = self.as_dict()
+        for key in NOT_IN_RESUME_FINGERPRINT:
+            section, name = key.split(".")
+            out[section].pop(name, None)
+        return out
+
+
+# Settings a resume may change: where and how loudly the run writes, memory and speed knobs (the cached rows
+# do not depend on them beyond float rounding), and what is computed from all rows at the end of the run.
+NOT_IN_RESUME_FINGERPRINT = (
+    "run.root",
+    "run.name",
+    "run.overwrite",
+    "run.log_level",
+    "run.num_threads",
+    "probe.forward_batch_size",
+    "probe.token_chunk",
+    "probe.save_update",
+    "probe.attribution",
+    "probe.eval_update_matrix",
+    "probe.per_sequence_exact",
+    "probe.per_token_views",
+    "reconstruction.microbatch_size",
+)
+
 
 @dataclass
 class PredictRunState:
@@ -107,6 +134,9 @@ class PredictRunState:
     directions: dict[str, Direction] | None = None  # part -> direction per unit lr, on the policy's device
     result: list[EvalResult] | None = None  # one per evaluation batch (complete on rank 0)
     timings: dict[str, float] = field(default_factory=dict)
+    # every automatic choice, with its source (``summary.json["choices"]``): ProbeModule (policy.dtype),
+    # callbacks.UpdateReconstruction (the optimizer file's format, parameter order, kind, lr), on rank 0
+    choices: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     progress: Callable[[float], None] | None = None  # set by callbacks.SweepProgress: passes done
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ import numpy as np
 from probe.jsonable import dumps
 
 SCHEMA_VERSION = 1
+
+log = logging.getLogger("probe")
 
 
 class RunDirectoryExists(FileExistsError):
@@ -187,26 +191,46 @@ class RunDirectory:
         return self.path if k == 0 else self.path / f"eval_{k:02d}"
 
     # ---- per-batch cache for resuming -------------------------------------------------------
-    def claim_partial(self, fingerprint: dict[str, Any]) -> None:
-        """Tie the per-batch cache to what its rows depend on: the first call writes ``partial/fingerprint.json``;
-        a later run (a resume) with another fingerprint is refused, naming what changed, so that a resume never
-        mixes the rows of two runs."""
-        path = self.path / "partial" / "fingerprint.json"
+    def has_results(self) -> bool:
+        """Whether an unfinished run has computed anything a resume would reuse (a batch of E in ``partial/``)."""
+        partial = self.path / "partial"
+        return partial.is_dir() and any(partial.rglob("batch_*.npz"))
+
+    def claim(self, section: str, fingerprint: dict[str, Any], stale: tuple[str, ...] = ()) -> None:
+        """Tie the run's unfinished results to what they depend on (``partial/<section>.json``), so that a resume
+        never mixes two runs.
+
+        The first call writes the fingerprint. A later run (a resume) with another fingerprint is refused, naming
+        every key that changed, when the folder holds computed results; when it holds none (a run that stopped
+        before its first batch of E, e.g. on a setting error), the run starts afresh with the new settings: the
+        old fingerprint and the ``stale`` paths of the run folder (e.g. ``rollouts``, copies made from the old
+        inputs) are removed and the change is logged.
+        """
+        path = self.path / "partial" / f"{section}.json"
         mine = json.loads(dumps(fingerprint))
-        if path.is_file():
-            try:
-                theirs = json.loads(path.read_text())
-            except (json.JSONDecodeError, OSError, UnicodeDecodeError):
-                theirs = None
-            if theirs != mine:
-                changed = sorted(k for k in set(mine) | set(theirs or {}) if (theirs or {}).get(k) != mine.get(k))
+        theirs = _read_json(path) if path.is_file() else None
+        if path.is_file() and theirs != mine:
+            changed = changed_keys(theirs if isinstance(theirs, dict) else {}, mine)
+            if self.has_results():
                 raise ValueError(
                     f"{self.path} holds the unfinished results of another run (it differs in: {', '.join(changed)}); "
                     "a resume never mixes two runs. Fix: rerun with the settings and inputs of that run, choose "
-                    f"another run.name, or delete {path.parent} to start this run afresh there"
+                    f"another run.name, or delete {self.path / 'partial'} to start this run afresh there"
                 )
-            return
-        _atomic_write_bytes(path, dumps(mine, indent=2).encode())
+            log.warning(
+                "%s: restarting an unfinished run that computed nothing yet, with new settings or inputs (changed: %s)",
+                self.path,
+                ", ".join(changed),
+            )
+            path.unlink()
+            for name in stale:
+                target = self.path / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
+        if not path.is_file():
+            _atomic_write_bytes(path, dumps(mine, indent=2).encode())
 
     @staticmethod
     def batch_key(indices: list[int]) -> str:
@@ -216,15 +240,64 @@ class RunDirectory:
         return self.path / "partial" / f"eval_{eval_k:02d}" / f"batch_{self.batch_key(indices)}.npz"
 
     def load_partial(self, eval_k: int, indices: list[int]) -> dict[str, np.ndarray] | None:
+        """The cached rows of one batch of E, or None when absent or unreadable (a truncated or empty file, e.g.
+        after a power loss: it is logged, removed and the batch recomputed)."""
         path = self.partial_path(eval_k, indices)
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            log.warning("%s is unreadable (%s: %s); recomputing that batch", path, type(e).__name__, e)
+            path.unlink(missing_ok=True)
+            return None
 
     def save_partial(self, eval_k: int, indices: list[int], arrays: dict[str, np.ndarray]) -> None:
+        """Cache one batch's rows: written to a temporary file, flushed to disk, then renamed into place."""
         path = self.partial_path(eval_k, indices)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return None
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts (``probe.etas``, ``evals.0.sampling.seed``)."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key), new.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(changed_keys(a, b, name + "."))
+        elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b) and any(isinstance(x, dict) for x in a):
+            for i, (x, y) in enumerate(zip(a, b)):
+                if x != y:
+                    out.extend(
+                        changed_keys(x, y, f"{name}.{i}.")
+                        if isinstance(x, dict) and isinstance(y, dict)
+                        else [f"{name}.{i}"]
+                    )
+        elif a != b:
+            out.append(name)
+    return out
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """``sha256:<hex>`` of a file's content (read in 1 MiB blocks), the identity of an input file in a resume
+    fingerprint: a file edited in place under the same name is a different input."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"

@@ -22,6 +22,8 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from probe.rewards import resolve_reward
+
 
 @dataclass
 class SamplingSettings:
@@ -294,20 +296,107 @@ def group_advantages(
     return centred / (std[group_index] + eps)
 
 
+class TextReward:
+    """A text reward on token ids: ``reward(prompt_ids, response_ids) -> float`` (made by :func:`ids_reward_from_text`).
+
+    The one place where token ids become the text a reward function sees (:meth:`seen`).
+    """
+
+    def __init__(
+        self,
+        reward_fn: Callable[..., float],
+        tokenizer: Any,
+        answers: Mapping[tuple[int, ...], Any] | None = None,
+        *,
+        skip_special_tokens: bool = True,
+        eos_token_id: int | Sequence[int] | None = None,
+    ):
+        self.reward_fn = resolve_reward(reward_fn)
+        self.tokenizer, self.answers, self.skip_special_tokens = tokenizer, answers, bool(skip_special_tokens)
+        if eos_token_id is None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+        self.eos_ids: set[int] | None = None
+        if eos_token_id is not None:
+            self.eos_ids = {int(eos_token_id)} if isinstance(eos_token_id, int) else set(map(int, eos_token_id))
+
+    def seen(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> dict[str, Any]:
+        """What the reward function is given for this sequence: ``prompt``, ``response`` (text), ``answer``
+        and ``finished`` (the response holds an EOS id: it ended rather than being cut at ``max_new_tokens``;
+        None when the tokenizer names no EOS)."""
+        decode = self.tokenizer.decode
+        finished = None if self.eos_ids is None else any(int(t) in self.eos_ids for t in response_ids)
+        return {
+            "prompt": decode(list(prompt_ids), skip_special_tokens=self.skip_special_tokens),
+            "response": decode(list(response_ids), skip_special_tokens=self.skip_special_tokens),
+            "answer": None if self.answers is None else self.answers.get(tuple(prompt_ids)),
+            "finished": finished,
+        }
+
+    def __call__(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> float:
+        seen = self.seen(prompt_ids, response_ids)
+        return self.reward_fn(seen["prompt"], seen["response"], answer=seen["answer"], finished=seen["finished"])
+
+    def __repr__(self) -> str:
+        return f"TextReward({self.reward_fn.name!r}, skip_special_tokens={self.skip_special_tokens})"
+
+
 def ids_reward_from_text(
-    reward_fn: Callable[..., float], tokenizer: Any, answers: Mapping[tuple[int, ...], Any] | None = None
-) -> Callable[[Sequence[int], Sequence[int]], float]:
-    """Turn a text reward ``reward_fn(prompt, response[, answer])`` into one on token ids (decoded with
-    special tokens kept). ``answers`` maps a prompt's ids to its reference answer (e.g. GSM8K's), passed
-    as the third argument when the prompt has one."""
+    reward_fn: Callable[..., float],
+    tokenizer: Any,
+    answers: Mapping[tuple[int, ...], Any] | None = None,
+    *,
+    skip_special_tokens: bool = True,
+    eos_token_id: int | Sequence[int] | None = None,
+) -> TextReward:
+    """Turn a text reward ``reward_fn(prompt, response[, answer][, finished])`` into one on token ids.
 
-    def reward_on_ids(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> float:
-        prompt = tokenizer.decode(list(prompt_ids), skip_special_tokens=False)
-        response = tokenizer.decode(list(response_ids), skip_special_tokens=False)
-        answer = None if answers is None else answers.get(tuple(prompt_ids))
-        return float(reward_fn(prompt, response, answer) if answer is not None else reward_fn(prompt, response))
+    Args:
+        reward_fn: a reward callable or spec (:func:`probe.rewards.resolve_reward`).
+        tokenizer: decodes prompt and response ids.
+        answers: maps a prompt's ids to its reference answer (e.g. GSM8K's), passed as ``answer``.
+        skip_special_tokens: decode without special tokens (``<eos>``, ``<pad>``, ...), as TRL and verl do;
+            False keeps them in the text.
+        eos_token_id: EOS id(s) that make a response ``finished`` (default: the tokenizer's).
+    """
+    return TextReward(reward_fn, tokenizer, answers, skip_special_tokens=skip_special_tokens, eos_token_id=eos_token_id)
 
-    return reward_on_ids
+
+def _clip(text: str, n: int = 160) -> str:
+    return text if len(text) <= n else text[: n // 2] + " ... " + text[-n // 2 :]
+
+
+def _example_seen_by_reward(record: dict, reward_fn: Callable) -> str:
+    """One record as the reward function saw it: text for a :class:`TextReward`, else the token ids."""
+    finished = not record.get("truncated", False)
+    if isinstance(reward_fn, TextReward):
+        seen = reward_fn.seen(record["prompt_ids"], record["response_ids"])
+        shown = f"prompt {_clip(seen['prompt'])!r}, response {_clip(seen['response'])!r}"
+        shown += f" (decoded with skip_special_tokens={reward_fn.skip_special_tokens})"
+        if seen["answer"] is not None:
+            shown += f", answer {_clip(str(seen['answer']))!r}"
+        finished = finished if seen["finished"] is None else seen["finished"]
+    else:
+        shown = f"prompt_ids {list(record['prompt_ids'])}, response_ids {list(record['response_ids'])}"
+    return f"{shown}, finished={finished}, reward {record['reward']:g}"
+
+
+def _all_dead_at_first_message(first_draw: list[list[dict]], reward_fn: Callable, still_dead: str) -> str:
+    """The error when no group of the first draw told its responses apart (``still_dead``: what resampling left)."""
+    rewards = sorted({r["reward"] for g in first_draw for r in g})
+    values = f"every reward was {rewards[0]:g}" if len(rewards) == 1 else "rewards seen: "
+    if len(rewards) > 1:
+        values += ", ".join(f"{v:g}" for v in rewards[:6]) + (", ..." if len(rewards) > 6 else "")
+    example = next((r for g in first_draw for r in g if not r.get("truncated", False)), first_draw[0][0])
+    return (
+        f"every one of the {len(first_draw)} prompt groups got equal rewards within the group on the first sampling "
+        f"attempt ({values}), and {still_dead}: there is no policy-gradient signal. A reward function that scores "
+        "every response alike is the usual cause. One example, as the reward function saw it: "
+        f"{_example_seen_by_reward(example, reward_fn)}. Fix: check the reward function on this example (call it "
+        "yourself on that prompt and response); if the text lacks what it looks for (special tokens such as '<eos>' "
+        "are skipped by default: set skip_special_tokens=false next to the reward, or read its `finished` keyword), "
+        "fix the decoding; sample more responses per prompt (n_per_prompt) or at a higher temperature; or set "
+        "filter_zero_advantage_prompts=False to keep them."
+    )
 
 
 def sample_update_batch(
@@ -334,13 +423,15 @@ def sample_update_batch(
     the same reward) contributes nothing to the update; with ``filter_zero_advantage_prompts``
     such groups are sampled again, up to ``max_resample_attempts`` times, each time with
     the next of ``spare_prompts`` if any are left (else the same prompt). Groups still dead
-    after that raise a ValueError.
+    after that raise a ValueError; when no group of the first draw told its responses apart,
+    the error says so and shows one response as the reward function saw it.
 
     Args:
         model: the policy.
         prompts: prompt token ids, one list per group.
         sampling: how responses are sampled (G = ``n_per_prompt`` >= 2; see :func:`sample_responses`).
-        reward_fn: ``reward_fn(prompt_ids, response_ids) -> float`` (see :func:`ids_reward_from_text`).
+        reward_fn: ``reward_fn(prompt_ids, response_ids) -> float`` (see :func:`ids_reward_from_text`; a
+            :class:`TextReward` lets the error below show an example as text).
         tokenizer, eos_token_id, pad_token_id, generator, groups: as :func:`sample_responses`.
         normalize_std: divide advantages by the group's std (GRPO); off: mean-centred only (Dr. GRPO).
         eps: added to the std.
@@ -389,6 +480,7 @@ def sample_update_batch(
         return all(abs(r["advantage"]) <= zero_tol for r in group_records)
 
     by_group = draw([list(p) for p in prompts], labels, attempt=0)
+    first_draw = list(by_group)
     spares = iter([list(p) for p in spare_prompts])
     attempt = 0
     while filter_zero_advantage_prompts:
@@ -396,13 +488,17 @@ def sample_update_batch(
         if not dead:
             break
         if attempt >= max_resample_attempts:
-            raise ValueError(
+            still_dead = (
                 f"{len(dead)} of {len(by_group)} prompt groups still have all advantages |A| <= {zero_tol:g} (every "
-                f"response got the same reward) after {attempt} resampling attempts "
-                f"(max_resample_attempts={max_resample_attempts}, n_per_prompt={n_per_prompt}, "
-                f"temperature={sampling.temperature}). Fix: raise max_resample_attempts or n_per_prompt, raise the "
-                "temperature, give spare prompts, use prompts of middling difficulty for this policy, or set "
-                "filter_zero_advantage_prompts=False to keep them."
+                f"response got the same reward) after {attempt} resampling attempts (max_resample_attempts="
+                f"{max_resample_attempts}, n_per_prompt={n_per_prompt}, temperature={sampling.temperature})"
+            )
+            if all(is_dead(g) for g in first_draw):
+                raise ValueError(_all_dead_at_first_message(first_draw, reward_fn, still_dead))
+            raise ValueError(
+                f"{still_dead}. Fix: raise max_resample_attempts or n_per_prompt, raise the temperature, give spare "
+                "prompts, use prompts of middling difficulty for this policy, or set filter_zero_advantage_prompts="
+                "False to keep them."
             )
         attempt += 1
         new_prompts = [next(spares, None) or list(by_group[k][0]["prompt_ids"]) for k in dead]

@@ -19,8 +19,9 @@ class ProbeSettings:
     """What to measure and predict on the evaluation batch E.
 
     Args:
-        parts: update parts to probe exactly: ``full``, ``baseline``, ``grad`` and the
-            additivity check ``baseline_plus_grad`` (baseline + grad measured as one direction).
+        parts: update parts to probe exactly: ``full`` (the whole step), ``baseline`` (momentum and weight decay)
+            and ``grad`` (this batch's gradient). ``baseline_plus_grad`` is a numerical check only: it is the
+            direction of ``full`` rebuilt as the sum of the two parts, so its curve lies on ``full``'s.
         etas: step sizes (learning rates) of the sweep, theta(eta) = theta + eta * part.
             Empty: a geometric grid of ``n_etas`` values from ``eta_min_factor`` to
             ``eta_max_factor`` times the optimizer's lr (eta = lr is the real step).
@@ -36,18 +37,22 @@ class ProbeSettings:
         first_order: predict Delta H to first order by JVP (exact derivative of the estimator).
         second_order: add the second-order term (JVP of JVP) and the linear radius.
         attribution: attribute the first-order Delta H of the gradient part to each update sequence.
-        eval_update_matrix: also compute the M x N eval x update matrix (cost grows with min(M, N)).
+        eval_update_matrix: also compute the M x N eval x update matrix (min(M, N) extra backward or JVP passes:
+            on a large vocabulary it can cost more than the rest of the run; timed as
+            ``eval_update_matrix_<eval>_s``).
         per_sequence_exact: indices of update sequences whose own direction v_i is probed
             exactly (slow path, to check attributions); the mixed form
             H(theta + eta b + eta v_i) - H(theta + eta b) is reported beside it.
         per_token_views: save per-token log-probs and entropies of E at theta and at theta + reference_eta * full
             (``per_token/*.npy``, flat over response tokens; sequence j at ``offsets[j]:offsets[j+1]``).
-        eval_batch_size: sequences of E teacher-forced per forward pass.
-        token_chunk: response tokens per chunk of the float64 log-softmax head.
+        forward_batch_size: sequences of E teacher-forced per forward pass (memory; the results do not depend on
+            it beyond float rounding). Not ``data.eval_batch_size``, the sequences per predict batch (the unit
+            of resuming and of DDP sharding).
+        token_chunk: response tokens per chunk of the float64 log-softmax head (memory; exact).
         save_update: write the reconstructed step to ``update.safetensors``.
     """
 
-    parts: list[str] = field(default_factory=lambda: ["full", "baseline", "grad", "baseline_plus_grad"])
+    parts: list[str] = field(default_factory=lambda: ["full", "baseline", "grad"])
     etas: list[float] = field(default_factory=list)
     n_etas: int = 5
     eta_min_factor: float = 0.1
@@ -59,10 +64,10 @@ class ProbeSettings:
     first_order: bool = True
     second_order: bool = True
     attribution: bool = True
-    eval_update_matrix: bool = True
+    eval_update_matrix: bool = False
     per_sequence_exact: list[int] = field(default_factory=list)
     per_token_views: bool = False
-    eval_batch_size: int = 32
+    forward_batch_size: int = 32
     token_chunk: int = 4096
     save_update: bool = True
 
@@ -90,10 +95,10 @@ class ProbeSettings:
                 f"{self.eta_min_factor}, eta_max_factor={self.eta_max_factor}. Fix: set probe.n_etas >= 1 and "
                 "0 < eta_min_factor <= eta_max_factor < inf, or give probe.etas explicitly"
             )
-        if self.eval_batch_size < 1 or self.token_chunk < 1:
+        if self.forward_batch_size < 1 or self.token_chunk < 1:
             raise ValueError(
-                f"probe.eval_batch_size ({self.eval_batch_size}) and probe.token_chunk ({self.token_chunk}) must be "
-                ">= 1: they are sequences per forward pass and response tokens per head chunk"
+                f"probe.forward_batch_size ({self.forward_batch_size}) and probe.token_chunk ({self.token_chunk}) "
+                "must be >= 1: they are sequences per forward pass and response tokens per head chunk"
             )
         if self.truncation < 0 or not math.isfinite(self.truncation):
             raise ValueError(f"probe.truncation must be >= 0 (0 disables), got {self.truncation}")
@@ -148,7 +153,9 @@ class RunSettings:
         name: run directory name under ``root``; empty: ``<timestamp>``. Giving the name of an
             unfinished run resumes it; a finished run is never overwritten.
         overwrite: replace a finished run directory of the same name (deletes it first).
-        log_level: ``standard`` (resampling retries, norms, ESS, timings) or ``detailed`` (debugging).
+        log_level: ``standard`` (one line per stage, warnings and the table; Lightning's and W&B's boilerplate
+            silenced) or ``detailed`` (also resampling retries, timings, where each automatic choice came from,
+            and nothing silenced).
         num_threads: CPU threads for torch (0: torch's default). Tiny models run fastest on 1 thread.
     """
 

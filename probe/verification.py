@@ -1,7 +1,10 @@
-"""Did the optimizer take the step we reconstructed? The live probe's check after each probed step.
+"""The probe's checks of its own results, each with a verdict and the tolerance it was read against.
 
-Compares the parameters' real change ``p_new - p_old`` with ``lr * full`` element by element, in units
-of the parameters' own rounding (docs/DESIGN.md section 2). No Lightning here.
+* :func:`verify_step`: did the optimizer take the step we reconstructed? The live probe's check after
+  each probed step compares the parameters' real change ``p_new - p_old`` with ``lr * full`` element
+  by element, in units of the parameters' own rounding (docs/DESIGN.md section 2).
+* :func:`attribution_check`: do the attributions add up to the gradient part's first-order slope?
+  (docs/DESIGN.md section 4). No Lightning here.
 """
 
 from __future__ import annotations
@@ -66,3 +69,27 @@ def verify_step(policy: torch.nn.Module, update: Update, before: dict[str, Tenso
         "ok": max_units <= 1.0,
         "n_parameters": len(update.full),
     }
+
+
+# Agreement expected between two float routes to the same derivative, by the policy's dtype. Rounding gives
+# differences near the unit roundoff u times the conditioning: measured ~1e-7 of the scale on the toy world
+# and ~1e-4 on a real float32 checkpoint, so float32 gets 1e-3; float64 (u = 1.1e-16) 1e-8; half precision
+# (bfloat16 u = 3.9e-3) 5e-2. A defect (a sequence left out of one side, a wrong normaliser) gives
+# differences of the order of one sequence's share, 1/N of the scale: caught for any N below 1/tolerance.
+ATTRIBUTION_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}
+
+
+def attribution_check(total: float, slope: float, abs_sum: float, dtype: torch.dtype) -> dict[str, Any]:
+    """Compare ``sum_i a_i`` with the gradient part's slope against a scale that cannot cancel.
+
+    ``sum_i a_i`` may nearly cancel (0.49 against ``sum_i |a_i|`` = 166 on a real checkpoint), so the
+    difference is read against ``max(sum_i |a_i|, |slope|)``, and compared with the tolerance of the policy's
+    ``dtype`` (:data:`ATTRIBUTION_TOLERANCE`).
+
+    Returns ``scaled_difference``, ``tolerance`` and ``ok``.
+    """
+    scale = max(abs(abs_sum), abs(slope))
+    difference = abs(total - slope)
+    scaled = 0.0 if difference == 0 else difference / scale if scale > 0 else math.inf
+    tolerance = ATTRIBUTION_TOLERANCE.get(dtype, ATTRIBUTION_TOLERANCE[torch.float32])
+    return {"scaled_difference": scaled, "tolerance": tolerance, "ok": bool(scaled <= tolerance)}

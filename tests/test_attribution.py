@@ -129,3 +129,19 @@ def test_attribution_accepts_an_eval_batch_made_under_inference_mode(setup):
     a = attribute(AttributionInputs(world.model, update, U, E_inference, FORCING), check=False).attributions
     b = attribute(AttributionInputs(world.model, update, U, E_few, FORCING), check=False).attributions
     assert torch.equal(a, b)
+
+
+def test_the_attribution_check_reads_the_difference_against_a_scale_that_cannot_cancel():
+    from probe.verification import attribution_check
+
+    # a real checkpoint: sum_i a_i = 0.49 nearly cancels against sum_i |a_i| = 166; the two routes differ by
+    # 0.0186, 3.8e-2 of the sum but 1.1e-4 of the scale: float32 rounding, not a defect
+    check = attribution_check(total=0.49, slope=0.49 + 0.0186, abs_sum=166.0, dtype=torch.float32)
+    assert check == {"scaled_difference": pytest.approx(0.0186 / 166.0), "tolerance": 1e-3, "ok": True}
+    # one of N equal shares missing on one side is a defect: caught for N = 64 in float64 and float32; half
+    # precision's rounding allows 5e-2, so there the check catches one share of fewer than 20
+    for dtype, n in ((torch.float64, 64), (torch.float32, 64), (torch.bfloat16, 16), (torch.bfloat16, 64)):
+        share = 166.0 / n
+        check = attribution_check(total=166.0 - share, slope=166.0, abs_sum=166.0 - share, dtype=dtype)
+        assert check["ok"] == (dtype == torch.bfloat16 and n == 64), (dtype, n, check)
+    assert attribution_check(0.0, 0.0, 0.0, torch.float64) == {"scaled_difference": 0.0, "tolerance": 1e-8, "ok": True}

@@ -10,6 +10,7 @@ config the parser refuses); a few run ``python -m probe`` as a subprocess and ch
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -48,7 +49,9 @@ def _record(group: int, response: list[int], advantage: float | None = None, **e
 
 
 UPDATE = [_record(0, [12, 2], 1.0), _record(0, [13, 2], -1.0), _record(1, [11, 2], 0.5), _record(1, [12, 2], -0.5)]
+FULL_DISTRIBUTION = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # how E must be sampled (at the probe's tau = 1)
 EVAL = [_record(0, [12, 2]), _record(0, [13, 2]), _record(1, [11, 2]), _record(1, [12, 2])]
+EVAL = [dict(r, **FULL_DISTRIBUTION) for r in EVAL]
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +115,13 @@ def files(tmp_path_factory, toy_world_dir: Path, tiny_llama) -> dict[str, str]:
     jsonl("update_infinite_advantage", [UPDATE[0], _record(0, [13, 2], float("inf"))])
     jsonl("update_truncated", text="".join(json.dumps(r) + "\n" for r in UPDATE) + json.dumps(UPDATE[0])[:25])
     jsonl("eval_top_p", [dict(r, top_p=0.9) for r in EVAL])
+    jsonl("eval_unknown_sampling", [{k: v for k, v in r.items() if k not in FULL_DISTRIBUTION} for r in EVAL])
+    jsonl("eval_other_temperature", [dict(r, temperature=0.5) for r in EVAL])
+    jsonl("eval_mixed_sampling", [EVAL[0], dict(EVAL[1], top_k=50), *EVAL[2:]])  # one record from generate()'s top_k
+    rewards_only = [_record(r["group"], r["response_ids"], reward=float(r["advantage"] > 0)) for r in UPDATE]
+    jsonl("update_padded_rewards_only", [dict(r, response_ids=r["response_ids"] + [0, 0]) for r in rewards_only])
+    jsonl("update_token_after_eos", [UPDATE[0], _record(0, [13, 2, 0, 9], -1.0), *UPDATE[2:]])
+    jsonl("update_some_advantages", [*UPDATE[:2], _record(1, [11, 2], reward=1.0), _record(1, [12, 2], reward=0.0)])
 
     (root / "misspelt.yaml").write_text("model:\n  init_args:\n    probe:\n      n_eta: 3\n")
     out["misspelt_yaml"] = str(root / "misspelt.yaml")
@@ -249,6 +259,44 @@ REFUSED = [
         r"eval_top_p.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation.*Fix:",
         id="eval-file-top-p",
     ),
+    pytest.param(
+        [*U_OK, E, "[{{path: {eval_unknown_sampling}}}]"],
+        ValueError,
+        r"eval_unknown_sampling.jsonl: no record says how this evaluation batch was sampled.*HF generate\(\) "
+        r'samples with top_k=50.*Fix: check how the responses were sampled, then add "temperature": 1, "top_p": 1.0, '
+        r'"top_k": 0',
+        id="eval-file-without-sampling-fields",
+    ),
+    pytest.param(
+        [*U_OK, E, "[{{path: {eval_other_temperature}}}]"],
+        ValueError,
+        r"eval_other_temperature.jsonl: the records say E was sampled at temperature 0.5, but the probe measures the "
+        r"entropy at tau = 1 \(data.init_args.evals\[0\].sampling.temperature\).*Fix: to probe the entropy at "
+        r"tau = 0.5, set data.init_args.evals\[0\].sampling.temperature to 0.5",
+        id="eval-file-other-temperature",
+    ),
+    pytest.param(
+        [*U_OK, E, "[{{path: {eval_mixed_sampling}}}]"],
+        ValueError,
+        r"eval_mixed_sampling.jsonl: the records disagree on how E was sampled: line 1 has temperature=1.0, "
+        r"top_p=None, top_k=None, line 2 has temperature=1.0, top_p=None, top_k=50.*Fix: split the file",
+        id="eval-file-mixed-sampling",
+    ),
+    pytest.param(
+        [U, "{update_token_after_eos}"],
+        ValueError,
+        r"update_token_after_eos.jsonl, line 2: 'response_ids' goes on after its first EOS \(id 2 at position 1, "
+        r"counted from 0\): token 9 at position 3 is neither EOS nor padding.*Fix: cut each response after its first "
+        r"EOS",
+        id="response-goes-on-after-eos",
+    ),
+    pytest.param(
+        [U, "{update_some_advantages}"],
+        ValueError,
+        r"update_some_advantages.jsonl: 2 of 4 records carry an 'advantage', the other 2 do not \(line 3, line 4\).*"
+        r"Fix: store the advantage for every record",
+        id="advantage-on-some-records",
+    ),
     # sampling
     pytest.param(
         [
@@ -258,8 +306,10 @@ REFUSED = [
             "1",
         ],
         ValueError,
-        r"3 of 3 prompt groups still have all advantages .* after 1 resampling attempts.*Fix: raise "
-        r"max_resample_attempts",
+        r"every one of the 3 prompt groups got equal rewards within the group on the first sampling attempt \(every "
+        r"reward was 1\), and 3 of 3 prompt groups still have all advantages .* after 1 resampling attempts.*One "
+        r"example, as the reward function saw it: prompt '.+ = ?', response '\d*' \(decoded with "
+        r"skip_special_tokens=True\), finished=True, reward 1\. Fix: check the reward function on this example",
         id="all-zero-advantages-after-resampling",
     ),
     pytest.param(
@@ -374,6 +424,34 @@ def test_an_empty_eta_list_means_the_default_grid():
     grid = ProbeSettings(etas=[], n_etas=5).eta_grid(3e-4)
     assert len(grid) == 5 and 3e-4 in grid and grid == sorted(grid)
     assert grid[0] == pytest.approx(3e-5) and grid[-1] == pytest.approx(3e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# accepted with a warning
+
+
+def test_padding_after_eos_is_stripped_and_missing_advantages_computed_with_warnings(files, tmp_path, caplog):
+    update = files["update_padded_rewards_only"]  # responses padded with id 0 after EOS, rewards but no advantages
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        main(probe_args(tmp_path, "run", U, update, E, f"[{{path: {files['eval_ok']}}}]"))
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.getMessage().startswith(update)
+    ]
+    assert warnings == [
+        f"{update}: 4 of 4 responses go on after their first EOS with padding/EOS only (8 tokens, ids 0); stripped "
+        "them (with their old_logprobs, if any) so they are not scored as response tokens. Fix: write each response "
+        "cut after its first EOS, without padding",
+        f"{update}: no record has an 'advantage': computed the 'advantage' of all 4 records from 'reward', by GRPO "
+        "group normalisation over 2 groups: A = (r - group mean) / (group std + 1e-06), unbiased (n-1) std as verl "
+        "and TRL, 0 for a group of one (normalize_std=true). Fix, if the trainer used other advantages (another "
+        "normalisation, a KL or length term, a batch-wide baseline): store them as 'advantage' in every record",
+    ]
+    copied = [json.loads(line) for line in (tmp_path / "run" / "rollouts" / "update.jsonl").read_text().splitlines()]
+    # the run used (and keeps) the responses cut after their EOS, with the advantages it computed: rewards 1, 0 in
+    # each group of two, so (1 - 0.5) / (std 0.7071 + 1e-6) and its negative
+    assert [r["response_ids"] for r in copied] == [r["response_ids"] for r in UPDATE]
+    assert [r["advantage"] for r in copied] == pytest.approx([0.70710578, -0.70710578] * 2, abs=1e-8)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "complete"
 
 
 # ---------------------------------------------------------------------------------------------

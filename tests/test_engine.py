@@ -52,7 +52,7 @@ def test_the_engine_called_directly_gives_the_numbers_of_the_predict_run(float64
     E = EvalBatch(name="eval_00", batch=collate(records, pad_token_id=pad), temperature=1.0)
     plan = make_plan(ProbeSettings(**config["probe"]), PrecisionSettings(**config["precision"]), update.lr)
 
-    result, _ = probe_eval(policy, update, U, E, plan)  # one process, E in chunks of probe.eval_batch_size
+    result, _ = probe_eval(policy, update, U, E, plan)  # one process, E in chunks of probe.forward_batch_size
 
     got, want = result.to_dict(), summary["evals"][0]
     assert got.keys() == want.keys()
@@ -127,7 +127,7 @@ def test_an_evaluation_batch_out_of_index_order_is_refused(float64_run, toy_worl
         probe_eval(policy, update, None, EvalBatch("eval_00", batch, 1.0), replace(plan, attribution=False))
 
 
-@pytest.mark.parametrize("setting", [{"eval_batch_size": 0}, {"token_chunk": 0}, {"token_chunk": -4}])
+@pytest.mark.parametrize("setting", [{"forward_batch_size": 0}, {"token_chunk": 0}, {"token_chunk": -4}])
 def test_a_batch_or_chunk_size_below_one_is_refused_where_it_is_read(setting):
     with pytest.raises(ValueError, match=r"must be >= 1"):
         ProbeSettings(**setting)

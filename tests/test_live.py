@@ -332,3 +332,13 @@ def test_the_readme_minimal_module_is_probed_exactly(tmp_path, toy_world_dir):
         assert r["verification"]["ok"], r["verification"]  # the step the optimizer took is the one reconstructed
         assert r["eval"]["attribution"]["relative_difference"] < 1e-3  # and its declared loss explains it
     assert (tmp_path / "live_probe" / "records.jsonl").is_file()
+
+
+def test_a_held_evaluation_batch_from_a_file_must_say_how_it_was_sampled(tmp_path, fit):
+    # "<bos> 3 + 4 =" -> "7 <eos>" in the toy vocabulary, written without temperature / top_p / top_k
+    record = {"prompt_ids": [1, 7, 14, 8, 15], "response_ids": [11, 2], "group": 0}
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps(dict(record, group=g)) + "\n" for g in range(4)))
+    settings = probe(every_n_steps=1, eval=f"{{path: {held}, refresh: false}}")
+    with pytest.raises(ValueError, match=r"held.jsonl: no record says how this evaluation batch was sampled"):
+        fit(tmp_path, "held_file", *flags({"trainer.max_steps": 1, "data.init_args.prompts_per_step": 2}), *settings)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from probe.adam import AdamState
-from probe.optim_loading import OptimizerSettings, hf_trainer_decay_names, load_optimizer_state
+from probe.optim_loading import OptimizerSettings, hf_trainer_decay_names, load_optimizer_state, zero_lr_message
 
 import support
 
@@ -390,3 +390,47 @@ def test_unknown_names_and_bad_settings_are_errors(saved_full_adamw):
         load_optimizer_state(file, model, param_order="trainable_only")
     with pytest.raises(ValueError, match="optimizer.kind='sgd'"):
         OptimizerSettings(path=str(file), kind="sgd")
+
+
+def test_every_automatic_choice_is_recorded_with_its_source(hf_trainer_run):
+    _, model, checkpoint = hf_trainer_run
+    choices = load_optimizer_state(checkpoint, model).choices
+    assert choices["optimizer.format"] == {
+        "value": "hf_trainer",
+        "file": str(checkpoint / "optimizer.pt"),
+        "source": "auto: a directory holding optimizer.pt (an HF Trainer checkpoint)",
+    }
+    order = choices["optimizer.param_order"]
+    assert order["value"] == "hf_trainer" and order["source"].startswith("auto: the first of ['hf_trainer'")
+    assert choices["optimizer.kind"]["value"] == "adamw" and choices["optimizer.kind"]["source"].startswith("auto: ")
+    assert choices["optimizer.lr"] == {
+        "value": [pytest.approx(5e-4)],
+        "source": "saved in each param group (the lr the scheduler set for the next step)",
+    }
+    assert choices["optimizer.step"]["value"] == [2]
+    assert choices["optimizer.schedule"]["value"]["initial_lr"] == [pytest.approx(1e-3)]  # the Trainer's LambdaLR
+
+    chosen = load_optimizer_state(checkpoint, model, param_order="hf_trainer", kind="adamw", lr=1e-4).choices
+    assert chosen["optimizer.param_order"]["source"] == "set by optimizer.param_order"
+    assert chosen["optimizer.kind"] == {"value": "adamw", "source": "set by optimizer.kind"}
+    assert chosen["optimizer.lr"] == {"value": [1e-4], "source": "set by optimizer.lr"}
+
+
+def test_a_schedule_that_decayed_to_zero_is_named_with_the_last_nonzero_lr(hf_trainer_run, tmp_path):
+    import json
+    import shutil
+
+    _, model, checkpoint = hf_trainer_run
+    ended = tmp_path / "checkpoint-10"
+    shutil.copytree(checkpoint, ended)
+    saved = torch.load(ended / "optimizer.pt", weights_only=True)
+    for group in saved["param_groups"]:
+        group["lr"] = 0.0  # the last step of a linear decay
+    torch.save(saved, ended / "optimizer.pt")
+    history = [{"step": 8, "learning_rate": 6e-6}, {"step": 9, "learning_rate": 3e-6}, {"step": 10, "learning_rate": 0}]
+    (ended / "trainer_state.json").write_text(json.dumps({"log_history": history}))
+
+    message = zero_lr_message(load_optimizer_state(ended, model))
+    assert "learning-rate schedule has reached 0" in message
+    assert "the last nonzero lr logged in trainer_state.json was 3e-06" in message
+    assert "Fix: set probe.etas to the step sizes to probe, e.g. probe.etas: [3e-06]" in message

@@ -10,21 +10,26 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from support import REPO
+
+# the parts of the small run the tests compare with: the default three and the additivity check
+WITH_ADDITIVITY_CHECK = ("--model.init_args.probe.parts", "[full, baseline, grad, baseline_plus_grad]")
 
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, run_predict) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("runs")
-    return root / "small", run_predict(root, "small")
+    return root / "small", run_predict(root, "small", *WITH_ADDITIVITY_CHECK)
 
 
 def test_run_directory_holds_the_design_layout(finished_run):
@@ -79,6 +84,7 @@ def test_attributions_sum_to_the_first_order_of_the_gradient_part(finished_run):
     assert a.sum() == pytest.approx(att["sum"], rel=1e-12)
     # float32 policy: one JVP over E vs one backward over E + one JVP over U agree to ~1e-6
     assert att["relative_difference"] < 1e-4
+    assert att["ok"] and att["scaled_difference"] <= att["tolerance"] == 1e-3  # float32's tolerance
     assert att["grad_first_order"] == pytest.approx(summary["aggregate"]["grad"]["first_order"], rel=1e-4)
 
 
@@ -142,13 +148,13 @@ def crash_at_the_second_batch(monkeypatch):
 def test_an_interrupted_run_resumes_to_the_same_numbers(finished_run, tmp_path, monkeypatch, run_predict):
     _, uninterrupted = finished_run
     with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
-        run_predict(tmp_path, "resumed")
+        run_predict(tmp_path, "resumed", *WITH_ADDITIVITY_CHECK)
     partial = list((tmp_path / "resumed" / "partial").rglob("*.npz"))
     assert len(partial) == 1, "the batch finished before the crash was written"
     summary = tmp_path / "resumed" / "summary.json"
     assert not summary.exists() or json.loads(summary.read_text()).get("status") != "complete"
 
-    resumed = run_predict(tmp_path, "resumed")
+    resumed = run_predict(tmp_path, "resumed", *WITH_ADDITIVITY_CHECK)
     for part, res in uninterrupted["aggregate"].items():
         np.testing.assert_array_equal(resumed["aggregate"][part]["delta_h"], res["delta_h"])
         np.testing.assert_array_equal(resumed["aggregate"][part]["se"], res["se"])
@@ -167,6 +173,10 @@ def test_every_config_parses(config):
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_rollout_files_and_two_eval_batches_share_one_update(finished_run, tmp_path, run_predict):
@@ -258,7 +268,68 @@ def test_a_resume_with_other_settings_is_refused_not_merged(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
         run_predict(tmp_path, "changed")
     # the same run name with other etas: its cached batch belongs to another plan
-    with pytest.raises(ValueError, match=r"holds the unfinished results of another run \(it differs in: plan.etas"):
+    with pytest.raises(ValueError, match=r"holds the unfinished results of another run \(it differs in: probe.etas\)"):
         run_predict(tmp_path, "changed", "--model.init_args.probe.etas", "[0.0001, 0.001]")
     assert not (tmp_path / "changed" / "summary.json").exists()
     assert run_predict(tmp_path, "changed")["status"] == "complete"  # the original settings still resume
+
+
+def test_a_resume_with_an_input_file_edited_in_place_is_refused_naming_it(
+    finished_run, tmp_path, monkeypatch, run_predict
+):
+    run, _ = finished_run
+    update = write_jsonl(tmp_path / "u.jsonl", read_jsonl(run / "rollouts" / "update.jsonl"))
+    with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
+        run_predict(tmp_path, "edited", "--data.init_args.update.path", str(update))
+    records = read_jsonl(update)
+    write_jsonl(update, [dict(r, advantage=-r["advantage"]) for r in records])  # same name, other content
+    with pytest.raises(ValueError, match=r"another run \(it differs in: update.files.path\)"):
+        run_predict(tmp_path, "edited", "--data.init_args.update.path", str(update))
+
+
+def test_fixing_the_update_file_and_rerunning_the_same_name_uses_the_fixed_file(finished_run, tmp_path, run_predict):
+    """The documented recipe after a refused input: nothing was computed, so the rerun starts afresh from the fixed
+    file instead of the run folder's stale copy."""
+    run, _ = finished_run
+    good = read_jsonl(run / "rollouts" / "update.jsonl")
+    update = write_jsonl(tmp_path / "u.jsonl", [dict(r, advantage=0.0) for r in good])
+    with pytest.raises(ValueError, match="every advantage of the update batch .* is zero"):
+        run_predict(tmp_path, "fixed", "--data.init_args.update.path", str(update))
+    write_jsonl(update, good)
+    summary = run_predict(tmp_path, "fixed", "--data.init_args.update.path", str(update))
+    assert summary["status"] == "complete"
+    assert [r["advantage"] for r in read_jsonl(tmp_path / "fixed" / "rollouts" / "update.jsonl")] == [
+        r["advantage"] for r in good
+    ]
+
+
+def test_a_schedule_that_ended_is_named_and_the_rerun_with_etas_restarts_the_run(
+    toy_world_dir, tmp_path, run_predict, caplog
+):
+    saved = torch.load(toy_world_dir / "optimizer.pt", weights_only=True)
+    for group in saved["param_groups"]:
+        group["initial_lr"], group["lr"] = group["lr"], 0.0  # what a scheduler leaves at the end of a decay
+    ended = tmp_path / "ended.pt"
+    torch.save(saved, ended)
+    optimizer = ["--model.init_args.optimizer.path", str(ended)]
+    with pytest.raises(ValueError, match=r"schedule has reached 0 .* Fix: set probe.etas .* e.g. probe.etas: \["):
+        run_predict(tmp_path, "ended", *optimizer)
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        summary = run_predict(tmp_path, "ended", *optimizer, "--model.init_args.probe.etas", "[0.001, 0.01]")
+    assert summary["status"] == "complete" and summary["plan"]["etas"] == [0.001, 0.01]
+    assert "restarting an unfinished run that computed nothing yet" in caplog.text and "probe.etas" in caplog.text
+    assert summary["choices"]["optimizer.lr"]["value"] == [0.0]
+    assert summary["choices"]["optimizer.schedule"]["value"]["initial_lr"] == [saved["param_groups"][0]["initial_lr"]]
+
+
+def test_an_unreadable_cached_batch_is_recomputed(finished_run, tmp_path, monkeypatch, run_predict, caplog):
+    _, uninterrupted = finished_run
+    with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
+        run_predict(tmp_path, "truncated", *WITH_ADDITIVITY_CHECK)
+    (cached,) = (tmp_path / "truncated" / "partial").rglob("batch_*.npz")
+    cached.write_bytes(cached.read_bytes()[:100])  # a power loss mid-write on a file system without ordering
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        resumed = run_predict(tmp_path, "truncated", *WITH_ADDITIVITY_CHECK)
+    assert "is unreadable" in caplog.text and "recomputing that batch" in caplog.text
+    for part, res in uninterrupted["aggregate"].items():
+        np.testing.assert_array_equal(resumed["aggregate"][part]["delta_h"], res["delta_h"])

@@ -28,6 +28,12 @@ def reward_module(tmp_path, monkeypatch):
             def takes_kwargs(prompt, response, **kwargs):
                 return float(kwargs.get("answer") == "yes")
 
+            def uses_finished(prompt, response, finished=False):
+                return 1.0 if finished else 0.0
+
+            def echoes_keywords(prompt, response, **kwargs):
+                return float(10 * ("answer" in kwargs) + kwargs.get("finished", 0))
+
             def nan_reward(prompt, response):
                 return math.nan
 
@@ -116,6 +122,8 @@ def test_toy_reward_is_the_toy_task_reward_imported_at_call_time():
         assert reward(prompt, response) == toy_reward(prompt, response)
     assert reward("3 + 4 =", "7 <eos>") == 1.0 and reward("3 + 4 =", "7") == 0.0
     assert reward("3 + 4 =", "7 <eos>", answer="ignored") == 1.0  # answer is not passed to f(prompt, response)
+    # decoded without special tokens (the default), the end of the answer comes as finished=True
+    assert reward("3 + 4 =", "7", finished=True) == 1.0 and reward("3 + 4 =", "7", finished=False) == 0.0
 
 
 def test_unknown_name_lists_the_choices():
@@ -137,6 +145,15 @@ def test_answer_is_passed_to_functions_that_take_it(reward_module):
     assert resolve_reward(f"{reward_module}:uses_answer")("p", "42", answer="42") == 1.0
     assert resolve_reward(f"{reward_module}:uses_answer")("p", "42", answer="41") == 0.0
     assert resolve_reward(f"{reward_module}:takes_kwargs")("p", "r", answer="yes") == 1.0
+
+
+def test_finished_is_passed_when_known_to_functions_that_take_it(reward_module):
+    uses_finished = resolve_reward(f"{reward_module}:uses_finished")
+    assert uses_finished("p", "r", finished=True) == 1.0 and uses_finished("p", "r", finished=False) == 0.0
+    assert uses_finished("p", "r") == 0.0  # not known: the function's own default
+    echoes = resolve_reward(f"{reward_module}:echoes_keywords")  # **kwargs: answer always, finished when known
+    assert echoes("p", "r") == 10.0 and echoes("p", "r", finished=True) == 11.0
+    assert resolve_reward(f"{reward_module}:length_reward")("p", "abcde", answer="a", finished=True) == 0.5
 
 
 def test_a_callable_is_wrapped_and_checked():

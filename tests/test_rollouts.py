@@ -4,11 +4,22 @@ input."""
 from __future__ import annotations
 
 import json
+import logging
 import statistics
 
 import pytest
 
-from datamodules.rollouts import RolloutRecords, fill_advantages, read_rollouts, validate_rollouts, write_rollouts
+from datamodules.rollouts import (
+    RolloutRecords,
+    check_eval_sampling,
+    fill_advantages,
+    read_rollouts,
+    strip_after_eos,
+    validate_rollouts,
+    write_rollouts,
+)
+
+EOS, PAD = 2, 0
 
 
 def make_records() -> list[dict]:
@@ -330,27 +341,51 @@ def test_validate_rollouts_on_plain_lists_names_the_record_index():
 # --------------------------------------------------------------------------- advantages
 
 
-def test_fill_advantages_uses_group_means_and_keeps_given_advantages():
-    sampling = pytest.importorskip("probe.sampling")
-    assert hasattr(sampling, "group_advantages")
-    records = [
+def reward_records() -> list[dict]:
+    return [
         {"prompt_ids": [1], "response_ids": [2], "group": "a", "reward": 1.0},
         {"prompt_ids": [1], "response_ids": [3], "group": "a", "reward": 0.0},
         {"prompt_ids": [1], "response_ids": [4], "group": "a", "reward": 0.5},
-        {"prompt_ids": [5], "response_ids": [6], "group": 1, "reward": 2.0, "advantage": 9.0},
+        {"prompt_ids": [5], "response_ids": [6], "group": 1, "reward": 2.0},
         {"prompt_ids": [5], "response_ids": [7], "group": 1, "reward": 4.0},
     ]
-    filled = fill_advantages(records, normalize_std=False)
+
+
+def test_fill_advantages_uses_group_means_and_says_what_it_computed(caplog):
+    pytest.importorskip("probe.sampling")
+    records = reward_records()
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        filled = fill_advantages(records, normalize_std=False)
     # truth by hand: reward minus its group's mean (group "a": mean 0.5; group 1: mean 3.0)
-    assert [r["advantage"] for r in filled] == pytest.approx([0.5, -0.5, 0.0, 9.0, 1.0], abs=1e-12)
+    assert [r["advantage"] for r in filled] == pytest.approx([0.5, -0.5, 0.0, -1.0, 1.0], abs=1e-12)
     assert "advantage" not in records[0]  # input untouched
-    overwritten = fill_advantages(records, normalize_std=False, overwrite=True)
-    assert overwritten[3]["advantage"] == pytest.approx(-1.0, abs=1e-12)
-    normalised = fill_advantages(records, normalize_std=True, eps=0.0, overwrite=True)
+    said = caplog.records[-1].getMessage()
+    assert caplog.records[-1].levelname == "WARNING"
+    assert "no record has an 'advantage': computed the 'advantage' of all 5 records from 'reward'" in said
+    assert "over 2 groups: A = r - group mean (Dr. GRPO, normalize_std=false)" in said
+    assert "Fix, if the trainer used other advantages" in said and "store them as 'advantage'" in said
+    normalised = fill_advantages(records, normalize_std=True, eps=0.0)
     # truth: centred reward over the group's sample standard deviation (n-1, as verl and TRL)
     std_a, std_1 = statistics.stdev([1.0, 0.0, 0.5]), statistics.stdev([2.0, 4.0])
     expected = [0.5 / std_a, -0.5 / std_a, 0.0, -1.0 / std_1, 1.0 / std_1]
     assert [r["advantage"] for r in normalised] == pytest.approx(expected, abs=1e-12)
+    assert "A = (r - group mean) / (group std + 0), unbiased (n-1) std" in caplog.records[-1].getMessage()
+
+
+def test_advantages_given_for_some_records_only_are_refused_unless_all_are_overwritten(tmp_path):
+    pytest.importorskip("probe.sampling")
+    records = reward_records()
+    records[3]["advantage"] = 9.0
+    path = write_rollouts(records, tmp_path / "u.jsonl")
+    two_scales = (
+        r"u\.jsonl: 1 of 5 records carry an 'advantage', the other 4 do not \(line 1, line 2, line 3, line 5\); "
+        r"computing the missing ones from 'reward' would mix two scales.*Fix: store the advantage for every record, "
+        r"or leave it out of every record"
+    )
+    with pytest.raises(ValueError, match=two_scales):
+        fill_advantages(read_rollouts(path))
+    overwritten = fill_advantages(records, normalize_std=False, overwrite=True)
+    assert [r["advantage"] for r in overwritten] == pytest.approx([0.5, -0.5, 0.0, -1.0, 1.0], abs=1e-12)
 
 
 def test_fill_advantages_needs_a_reward_for_every_record(tmp_path):
@@ -359,3 +394,110 @@ def test_fill_advantages_needs_a_reward_for_every_record(tmp_path):
     write_lines(path, [good_line(reward=1.0), good_line()])
     with pytest.raises(ValueError, match=r"u\.jsonl, line 2: no 'reward' to compute the advantage from.*Fix:"):
         fill_advantages(read_rollouts(path))
+
+
+# --------------------------------------------------------------------------- what follows a response's EOS
+
+
+def test_padding_after_eos_is_stripped_with_its_logprobs_and_a_warning(tmp_path, caplog):
+    path = tmp_path / "u.jsonl"
+    lines = [
+        good_line(response_ids=[3, EOS], old_logprobs=[-0.5, -0.1]),
+        good_line(response_ids=[3, EOS, PAD, PAD], old_logprobs=[-0.5, -0.1, -9.0, -9.0]),
+        good_line(response_ids=[4, EOS, EOS, PAD, EOS], old_logprobs=[-0.2, -0.3, -9.0, -9.0, -9.0]),
+    ]
+    write_lines(path, lines)
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        records = read_rollouts(path, eos_token_ids=EOS, pad_token_id=PAD)
+    assert [r["response_ids"] for r in records] == [[3, EOS], [3, EOS], [4, EOS]]
+    assert [r["old_logprobs"] for r in records] == [[-0.5, -0.1], [-0.5, -0.1], [-0.2, -0.3]]  # one per kept token
+    said = caplog.records[-1].getMessage()
+    assert said.startswith(f"{path}: 2 of 3 responses go on after their first EOS with padding/EOS only (5 tokens, ids")
+    assert "Fix: write each response cut after its first EOS, without padding" in said
+    assert read_rollouts(path)[1]["response_ids"] == [3, EOS, PAD, PAD]  # no EOS given: read as written
+
+
+def test_padding_with_the_eos_id_itself_is_stripped():
+    records = [{"prompt_ids": [1], "response_ids": [3, EOS, EOS, EOS], "group": 0}]
+    assert strip_after_eos(records, [EOS], pad_token_id=EOS)[0]["response_ids"] == [3, EOS]  # pad == EOS
+
+
+def test_a_real_token_after_eos_is_refused_with_the_record_and_position(tmp_path):
+    path = tmp_path / "u.jsonl"
+    write_lines(path, [good_line(), good_line(response_ids=[3, EOS, PAD, 7, PAD])])
+    goes_on = (
+        r"u\.jsonl, line 2: 'response_ids' goes on after its first EOS \(id 2 at position 1, counted from 0\): "
+        r"token 7 at position 3 is neither EOS nor padding \(pad id 0\).*Fix: cut each response after its first "
+        r"EOS \(EOS included\)"
+    )
+    with pytest.raises(ValueError, match=goes_on):
+        read_rollouts(path, eos_token_ids=[EOS], pad_token_id=PAD)
+
+
+# --------------------------------------------------------------------------- how an evaluation batch was sampled
+
+
+def eval_records(**sampling) -> RolloutRecords:
+    records = [{"prompt_ids": [1], "response_ids": [3, EOS], "group": k // 2, **sampling} for k in range(4)]
+    return RolloutRecords(records, source="e.jsonl", locations=[f"line {k + 1}" for k in range(4)])
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        {"temperature": 1.0, "top_p": 1.0, "top_k": 0},
+        {"temperature": 1.0, "top_p": None, "top_k": None},  # as probe samples E
+        {"temperature": 1, "top_k": -1},  # vLLM / verl: -1 is off
+        {"temperature": 1.0},  # a Parquet file of probe's records: null top_p / top_k read back absent
+    ],
+)
+def test_an_evaluation_batch_sampled_from_the_full_distribution_at_tau_is_accepted(sampling):
+    check_eval_sampling(eval_records(**sampling), temperature=1.0)
+
+
+def test_an_evaluation_batch_that_does_not_say_how_it_was_sampled_is_refused():
+    unknown = (
+        r"e\.jsonl: no record says how this evaluation batch was sampled \(none has 'temperature', 'top_p' or "
+        r"'top_k'\)\. The SNIS estimate needs E sampled from the full distribution at the probe temperature "
+        r"\(tau = 0\.7\); HF generate\(\) samples with top_k=50 unless told otherwise.*Fix: check how the responses "
+        r'were sampled, then add "temperature": 0\.7, "top_p": 1\.0, "top_k": 0 \(or null\) to every record'
+    )
+    with pytest.raises(ValueError, match=unknown):
+        check_eval_sampling(eval_records(), temperature=0.7)
+
+
+def test_an_evaluation_batch_sampled_at_another_temperature_is_refused_naming_both_and_the_key():
+    other = (
+        r"e\.jsonl: the records say E was sampled at temperature 0\.5, but the probe measures the entropy at "
+        r"tau = 1 \(data\.init_args\.evals\[0\]\.sampling\.temperature\).*Fix: to probe the entropy at tau = 0\.5, "
+        r"set data\.init_args\.evals\[0\]\.sampling\.temperature to 0\.5; to probe it at tau = 1, sample E at "
+        r"temperature 1"
+    )
+    records = eval_records(temperature=0.5, top_p=1.0, top_k=0)
+    with pytest.raises(ValueError, match=other):
+        check_eval_sampling(records, temperature=1.0, setting="data.init_args.evals[0].sampling.temperature")
+    check_eval_sampling(records, temperature=0.5)
+
+
+def test_records_of_one_evaluation_batch_sampled_differently_are_refused():
+    mixed = eval_records(temperature=1.0)
+    del mixed[1]["temperature"], mixed[3]["temperature"]
+    partly = r"e\.jsonl: 2 of 4 records say nothing about how they were sampled \(line 2, line 4\).*Fix: give every"
+    with pytest.raises(ValueError, match=partly):
+        check_eval_sampling(mixed, temperature=1.0)
+    differ = eval_records(temperature=1.0, top_p=1.0)
+    differ[2]["top_p"] = 0.95
+    disagree = (
+        r"e\.jsonl: the records disagree on how E was sampled: line 1 has temperature=1\.0, top_p=None, "
+        r"top_k=None, line 3 has temperature=1\.0, top_p=0\.95, top_k=None.*Fix: split the file"
+    )
+    with pytest.raises(ValueError, match=disagree):
+        check_eval_sampling(differ, temperature=1.0, allow_truncated_sampling=True)
+
+
+def test_top_p_or_top_k_sampling_of_an_evaluation_batch_is_refused_unless_allowed():
+    records = eval_records(temperature=1.0, top_k=50)  # HF generate()'s default
+    truncated = r"e\.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation.*allow_truncated_sampling"
+    with pytest.raises(ValueError, match=truncated):
+        check_eval_sampling(records, temperature=1.0)
+    check_eval_sampling(records, temperature=1.0, allow_truncated_sampling=True)

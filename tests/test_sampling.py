@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from dataclasses import replace
@@ -13,7 +14,15 @@ from transformers import LlamaForCausalLM
 
 from probe.batch import collate
 from probe.logprobs import TeacherForcing, teacher_force
-from probe.sampling import SamplingSettings, group_advantages, sample_responses, sample_update_batch, truncate_logits
+from probe.sampling import (
+    SamplingSettings,
+    group_advantages,
+    ids_reward_from_text,
+    sample_responses,
+    sample_update_batch,
+    truncate_logits,
+)
+from probe.toy.tokenizer import build_tokenizer
 
 from support import tiny_llama
 
@@ -205,19 +214,95 @@ def test_update_batch_takes_spare_prompts_for_dead_groups(policy):
 
 
 def test_update_batch_gives_up_after_the_attempt_limit_with_the_numbers_and_the_fix(policy):
+    calls = itertools.count()  # group 0's rewards alternate 0, 1, 0, 1; the other two groups always get 1.0
+    live_first = lambda p, r: float(next(calls) % 2) if list(p) == PROMPTS[0] else 1.0  # noqa: E731
     with pytest.raises(ValueError) as info:
         sample_update_batch(
             policy,
             PROMPTS,
-            SamplingSettings(n_per_prompt=3, max_new_tokens=3, seed=0),
+            SamplingSettings(n_per_prompt=4, max_new_tokens=3, seed=0),
+            reward_fn=live_first,
+            eos_token_id=EOS,
+            max_resample_attempts=2,
+            zero_tol=1e-7,
+        )
+    message = str(info.value)
+    assert message.startswith("2 of 3 prompt groups still have all advantages |A| <= 1e-07")
+    assert "after 2 resampling attempts" in message and "max_resample_attempts=2" in message
+    assert "Fix: raise max_resample_attempts" in message and "first sampling attempt" not in message
+
+
+def test_equal_rewards_in_every_group_of_the_first_draw_are_reported_with_an_example(policy):
+    sampling = SamplingSettings(n_per_prompt=3, max_new_tokens=3, seed=0)
+    with pytest.raises(ValueError) as info:
+        sample_update_batch(
+            policy,
+            PROMPTS,
+            sampling,
             reward_fn=lambda p, r: 1.0,
             eos_token_id=EOS,
             max_resample_attempts=2,
             zero_tol=1e-7,
         )
     message = str(info.value)
-    assert "3 of 3 prompt groups" in message and "after 2 resampling attempts" in message
-    assert "|A| <= 1e-07" in message and "max_resample_attempts=2" in message and "Fix:" in message
+    first = "every one of the 3 prompt groups got equal rewards within the group on the first sampling attempt"
+    assert message.startswith(first + " (every reward was 1), and 3 of 3 prompt groups still have all advantages")
+    assert "|A| <= 1e-07" in message and "after 2 resampling attempts (max_resample_attempts=2" in message
+    # a reward on token ids saw token ids: the example (the first response of the first draw that ended) shows them
+    first_draw = sample_responses(policy, PROMPTS, sampling, eos_token_id=EOS)
+    example = next(r for r in first_draw if not r["truncated"])
+    shown = f"prompt_ids {example['prompt_ids']}, response_ids {example['response_ids']}, finished=True, reward 1"
+    assert f"One example, as the reward function saw it: {shown}." in message
+    assert "Fix: check the reward function on this example" in message
+
+
+def test_the_example_is_the_text_the_reward_function_saw(policy):
+    tokenizer = build_tokenizer()  # the toy vocabulary: 0 <pad>, 1 <bos>, 2 <eos>, as this policy's ids
+    looks_for_eos = lambda prompt, response: float("<eos>" in response)  # noqa: E731 (a common bug)
+    sampling = SamplingSettings(n_per_prompt=4, max_new_tokens=4, seed=0)
+    with pytest.raises(ValueError) as info:
+        sample_update_batch(
+            policy,
+            PROMPTS,
+            sampling,
+            reward_fn=ids_reward_from_text(looks_for_eos, tokenizer),
+            tokenizer=tokenizer,
+            max_resample_attempts=1,
+        )
+    message = str(info.value)
+    # the example is the first response of the first draw that ended with EOS, decoded as the reward saw it
+    example = next(r for r in sample_responses(policy, PROMPTS, sampling, tokenizer=tokenizer) if not r["truncated"])
+    prompt = tokenizer.decode(example["prompt_ids"], skip_special_tokens=True)
+    response = tokenizer.decode(example["response_ids"], skip_special_tokens=True)
+    assert "<eos>" not in response and "<bos>" not in prompt
+    shown = f"prompt {prompt!r}, response {response!r} (decoded with skip_special_tokens=True), finished=True, reward 0"
+    assert f"One example, as the reward function saw it: {shown}." in message
+    assert "(every reward was 0)" in message
+    fixes = ["check the reward function on this example", "set skip_special_tokens=false", "`finished` keyword"]
+    fixes += ["more responses per prompt (n_per_prompt)", "higher temperature"]
+    assert all(fix in message for fix in fixes), message
+    # the fix it names works: with special tokens kept the same reward tells ended responses from cut ones
+    kept = ids_reward_from_text(looks_for_eos, tokenizer, skip_special_tokens=False)
+    records = sample_update_batch(policy, PROMPTS, sampling, reward_fn=kept, tokenizer=tokenizer)
+    assert {r["reward"] for r in records} == {0.0, 1.0}
+
+
+def test_a_text_reward_sees_text_without_special_tokens_and_whether_the_response_ended():
+    tokenizer = build_tokenizer()
+    seen = []
+
+    def reward(prompt, response, finished=None):
+        seen.append((prompt, response, finished))
+        return 0.5
+
+    prompt = [1, 8, 14, 8, 15]  # <bos> 4 + 4 =
+    score = ids_reward_from_text(reward, tokenizer)
+    assert score(prompt, [12, 2]) == 0.5 and score(prompt, [12, 12]) == 0.5
+    assert seen == [("4 + 4 =", "8", True), ("4 + 4 =", "8 8", False)]  # ended with EOS / cut at max_new_tokens
+    ids_reward_from_text(reward, tokenizer, skip_special_tokens=False)(prompt, [12, 2])
+    assert seen[-1] == ("<bos> 4 + 4 =", "8 <eos>", True)
+    with_answer = ids_reward_from_text(lambda p, r, answer=None: float(r == answer), tokenizer, {tuple(prompt): "8"})
+    assert with_answer(prompt, [12, 2]) == 1.0 and with_answer([1, 4, 14, 4, 15], [12, 2]) == 0.0
 
 
 def test_update_batch_keeps_dead_groups_when_filtering_is_off(policy):

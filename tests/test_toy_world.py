@@ -61,6 +61,28 @@ def test_id_and_text_rewards_agree_on_every_response_up_to_three_tokens():
     assert task.reward_ids(prompt, task.answer_ids(6, 7)) == 1.0
 
 
+def test_text_reward_decoded_without_special_tokens_learns_the_end_from_finished():
+    tokenizer = build_tokenizer()
+    prompt = task.prompt_ids_of(6, 7)
+    answers = [[a] for a in range(16)] + [[a, b] for a in range(16) for b in range(16)]
+    answers += [[5, 7, task.EOS_ID], [5, 7, 4], [5, 7, task.EOS_ID, task.PAD_ID]]
+    for response in answers:  # as probe calls it by default: special tokens skipped, finished = holds an EOS
+        text = tokenizer.decode(response, skip_special_tokens=True)
+        finished = task.EOS_ID in response
+        assert task.reward(tokenizer.decode(prompt, skip_special_tokens=True), text, finished) == task.reward_ids(
+            prompt, response
+        ), response
+    assert tokenizer.decode([5, 7, task.EOS_ID], skip_special_tokens=True) == "1 3"
+    assert task.reward("6 + 7 =", "1 3", finished=True) == 1.0
+    assert task.reward("6 + 7 =", "1 3", finished=False) == 0.0  # cut at max_new_tokens
+    assert task.reward("6 + 7 =", "1 3") == 0.0  # finished not given: no <eos> in the text, no end
+    # what skipping special tokens hides: a <pad> inside the answer (0.5% of the toy policy's samples hold a
+    # special token, a few in 10^4 also the right digits) vanishes from the text, while reward_ids sees it
+    inner_pad = [5, task.PAD_ID, 7, task.EOS_ID]
+    assert task.reward_ids(prompt, inner_pad) == 0.0
+    assert task.reward("6 + 7 =", tokenizer.decode(inner_pad, skip_special_tokens=True), finished=True) == 1.0
+
+
 # --------------------------------------------------------------------------- tokenizer
 
 

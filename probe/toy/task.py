@@ -5,14 +5,15 @@ digits of ``a + b`` one token each, then ``<eos>`` (``3 + 9 =`` -> ``1 2 <eos>``
 vocabulary is fixed (16 words, :data:`VOCAB`), so token ids are the same in every toy
 world and :func:`reward_ids` needs no tokenizer.
 
-Two reward functions, both returning 1.0 for a correct answer followed by ``<eos>`` and
+Two reward functions, both returning 1.0 for a correct answer that ended (``<eos>``) and
 0.0 otherwise:
 
 * :func:`reward_ids` ``(prompt_ids, response_ids)`` on token ids;
-* :func:`reward` ``(prompt: str, response: str)`` on text, usable as a reward callable
-  given by import path, ``probe.toy.task:reward``. Decode responses with
-  ``skip_special_tokens=False`` so that ``<eos>`` stays visible: a response without
-  ``<eos>`` (cut at ``max_new_tokens``) earns 0.
+* :func:`reward` ``(prompt: str, response: str, finished=None)`` on text, the reward ``toy``
+  (``probe.toy.task:reward`` by import path). It knows the answer ended from ``finished=True``
+  (responses decoded with ``skip_special_tokens=True``, the default, show no ``<eos>``) or from
+  an ``<eos>`` word in the text (decoded with special tokens kept); a response cut at
+  ``max_new_tokens`` earns 0.
 """
 
 from __future__ import annotations
@@ -100,11 +101,13 @@ def parse_prompt(words: Sequence[str]) -> tuple[int, int]:
     return int(content[0]), int(content[2])
 
 
-def _is_correct(a: int, b: int, response_words: Sequence[str]) -> bool:
-    if "<eos>" not in response_words:
-        return False  # no end of answer: cut at max_new_tokens, or decoded without special tokens
-    before_eos = list(response_words[: list(response_words).index("<eos>")])
-    return before_eos == answer_words(a, b)
+def _is_correct(a: int, b: int, response_words: Sequence[str], finished: bool | None = None) -> bool:
+    """The words before the first ``<eos>`` are the sum's digits; without an ``<eos>`` word the response must be
+    ``finished`` (it ended with EOS, decoded without special tokens) and be exactly those digits."""
+    words = list(response_words)
+    if "<eos>" in words:
+        return words[: words.index("<eos>")] == answer_words(a, b)
+    return bool(finished) and words == answer_words(a, b)
 
 
 def reward_ids(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> float:
@@ -115,17 +118,20 @@ def reward_ids(prompt_ids: Sequence[int], response_ids: Sequence[int]) -> float:
     return float(_is_correct(a, b, [to_word(i) for i in response_ids]))
 
 
-def reward(prompt: str, response: str) -> float:
-    """Text-level reward, the callable ``probe.toy.task:reward``.
+def reward(prompt: str, response: str, finished: bool | None = None) -> float:
+    """Text-level reward, the reward ``toy`` (``probe.toy.task:reward``).
 
     Args:
         prompt: the prompt text, ``"3 + 4 ="`` (a leading ``<bos>`` is allowed).
-        response: the decoded response, decoded with ``skip_special_tokens=False``
-            (``"7 <eos>"``); everything after the first ``<eos>`` (e.g. padding) is ignored.
+        response: the decoded response: ``"7"`` (special tokens skipped, the default) or ``"7 <eos>"``
+            (kept); everything after the first ``<eos>`` (e.g. padding) is ignored.
+        finished: True when the response ended with EOS (given by probe to reward functions that take it);
+            None or False: only an ``<eos>`` word in the text marks the end.
 
     Returns:
-        1.0 when the words before the first ``<eos>`` are exactly the digits of the sum, else 0.0
-        (also 0.0 when there is no ``<eos>``).
+        1.0 when the answer is exactly the digits of the sum and it ended (an ``<eos>`` word right after the
+        digits, or ``finished`` with no ``<eos>`` in the text), else 0.0 (a response cut at ``max_new_tokens``
+        earns 0.0).
     """
     a, b = parse_prompt(split_words(prompt))
-    return float(_is_correct(a, b, split_words(response)))
+    return float(_is_correct(a, b, split_words(response), finished))
