@@ -200,7 +200,7 @@ class LiveEntropyProbe(pl.Callback):
             )
         if trainer.gradient_clip_val and trainer.gradient_clip_algorithm not in (None, "norm"):
             raise ValueError("gradient_clip_algorithm='value' is not reconstructed; use the default 'norm'")
-        self._pad, self._eos = special_token_ids(pl_module.tokenizer, getattr(pl_module.policy, "config", None))
+        self._pad, self._eos = special_token_ids(pl_module.tokenizer, model=pl_module.policy)  # + generation_config
         if not self.eval_settings.path:
             prompts, _ = load_prompts(self.eval_settings.source, pl_module.tokenizer)
             self._prompts = [list(map(int, p)) for p in prompts]
@@ -243,7 +243,8 @@ class LiveEntropyProbe(pl.Callback):
                 check_eval_sampling(  # E must say how it was sampled: from the full distribution at tau
                     records,
                     temperature=self.eval_settings.sampling.temperature,
-                    setting="eval.sampling.temperature of the live probe",
+                    setting="the LiveEntropyProbe callback's init_args.eval.sampling.temperature",
+                    allow_setting=None,  # the callback has no allow_truncated_sampling: the fix is to resample E
                 )
                 E = collate(list(records), pad_token_id=self._pad)
             else:

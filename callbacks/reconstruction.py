@@ -41,7 +41,8 @@ class UpdateReconstruction(pl.Callback):
             )
             for key, choice in chosen.items():
                 log.debug("%s: %s (%s)", key, choice["value"], choice.get("source", ""))
-            if not settings.probe.etas and all(h.lr == 0 for h in optimizer_state.hyper.values()):
+            lr_zero = all(h.lr == 0 for h in optimizer_state.hyper.values())
+            if lr_zero and not (settings.probe.etas and settings.probe.reference_eta):
                 raise ValueError(zero_lr_message(optimizer_state))
             with torch.inference_mode(False), torch.enable_grad():
                 U = inputs.update_batch.to(pl_module.device)
@@ -70,8 +71,19 @@ class UpdateReconstruction(pl.Callback):
             update.n_sequences,
             update.n_tokens,
         )
+        # tie the per-batch cache to this plan and update before anything is written: a resume of another setup
+        # is refused instead of mixing rows (docs/DESIGN.md section 10)
+        run_dir = state.require("run_dir")
+        on_rank_zero(trainer, lambda: run_dir.claim("plan", state.plan_fingerprint(), key_name=plan_key))
         if trainer.global_rank == 0 and settings.probe.save_update:
-            update.save(state.require("run_dir").path / "update.safetensors")
+            update.save(run_dir.path / "update.safetensors")
+
+
+def plan_key(key: str) -> str:
+    """A key of ``partial/plan.json`` as a message names it."""
+    if key.startswith("update."):
+        return f"the reconstructed update's {key.removeprefix('update.')} (the policy or optimizer state changed?)"
+    return f"the plan's {key.removeprefix('plan.')}"
 
 
 TENSOR_PARTS = ("full", "baseline", "grad", "scale")

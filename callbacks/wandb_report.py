@@ -5,11 +5,18 @@ one table of the update sequences (text, reward, advantage, attribution), the pl
 as an artifact. It observes the run once it is over (``teardown``, after every writer), so its place among
 the callbacks does not matter. With no ``WandbLogger`` attached (or ``WANDB_MODE=disabled``) it does nothing.
 
-A run that fails leaves no offline W&B run behind: Lightning starts the W&B run at the start of setup, so a run
-that stops with an error (bad input found at setup, a crash, Ctrl+C, SIGTERM) would leave an
-``offline-run-*`` folder that ``wandb sync`` would upload as if it were a result. :class:`DiscardFailedOfflineRun`
-(which the CLI attaches to every run) and ``WandbReport`` finish that W&B run and delete its folder, and only
-that: an offline run this process started, whose folder lies under the logger's ``save_dir``.
+The CLI's W&B handling lives here too: :func:`prepare_wandb_loggers` before the W&B run starts (its folder, no
+deprecated ``anonymous`` argument at log_level standard) and :func:`report_offline_runs` after a finished run (finish
+the offline run, one line naming its folder and the ``wandb sync`` command).
+
+A failed run leaves no offline W&B run behind when nothing worth keeping was logged: Lightning starts the W&B run at
+the start of setup, so a run that stops with an error (bad input found at setup, a crash, Ctrl+C, SIGTERM) would
+leave an ``offline-run-*`` folder that ``wandb sync`` would upload as if it were a result. A predict run logs only
+at its end, so its failed run is always deleted; a fit is deleted only if it failed before its first optimizer step
+(``trainer.global_step == 0``). A fit that failed later (out of memory, Ctrl+C, SIGTERM preemption hours in) keeps
+its training curves: its W&B run is finished as failed and kept, and one line says where.
+:class:`DiscardFailedOfflineRun` (which the CLI attaches to every run) and ``WandbReport`` do this, and delete only
+an offline run this process started, whose folder lies under the logger's ``save_dir``.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 
 from probe.results import metrics, update_metrics
 from probe.run_state import PredictRunState, run_state_of
@@ -79,21 +87,81 @@ def discard_offline_run(logger: WandbLogger) -> Path | None:
     return folder
 
 
+def _shown(folder: Path) -> str:
+    """``folder`` relative to the working directory when it lies under it (as a user would type it), else whole."""
+    return os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)
+
+
+def keep_failed_offline_run(logger: WandbLogger, steps: int) -> Path | None:
+    """Finish the offline W&B run of ``logger`` as failed (exit code 1), keep its folder and say in one line where it
+    is (``steps``: the optimizer steps it logged); returns the folder. Does nothing (None) unless
+    :func:`offline_run_dir` names a folder."""
+    folder = offline_run_dir(logger)
+    if folder is None:
+        return None
+    logger.experiment.finish(exit_code=1)  # else W&B's exit hook prints its footer whatever the settings
+    shown = _shown(folder)
+    log.info(
+        "W&B: kept the offline run of the failed fit in %s (optimizer steps logged: %d); upload it with "
+        "`wandb sync %s`",
+        shown,
+        steps,
+        shown,
+    )
+    return folder
+
+
 def discard_failed_offline_runs(trainer: pl.Trainer) -> None:
-    """:func:`discard_offline_run` for every ``WandbLogger`` of ``trainer`` (rank 0; a second call does nothing)."""
+    """For every ``WandbLogger`` of the failed run of ``trainer`` (rank 0; a second call does nothing): a fit that
+    made at least one optimizer step keeps its offline run (:func:`keep_failed_offline_run`), any other run has it
+    deleted (:func:`discard_offline_run`); see the module docstring."""
     if trainer.global_rank != 0:
         return
+    keep = trainer.state.fn == TrainerFn.FITTING and trainer.global_step > 0
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):
             try:
-                discard_offline_run(lg)
+                if keep:
+                    keep_failed_offline_run(lg, trainer.global_step)
+                else:
+                    discard_offline_run(lg)
             except Exception as e:  # never hide the run's own error behind a cleanup error
-                log.warning("could not delete the offline W&B run of the failed run: %s", e)
+                log.warning("could not %s the offline W&B run of the failed run: %s", "finish" if keep else "delete", e)
+
+
+def prepare_wandb_loggers(loggers: list[Any], quiet: bool) -> bool:
+    """Before the W&B run starts (Lightning starts it at setup), for each ``WandbLogger`` in ``loggers``: make its
+    folder (W&B warns "git root ... does not exist" when it is missing) and, when ``quiet`` (log_level standard),
+    drop the deprecated ``anonymous`` argument that Lightning always passes (W&B warns that it has no effect).
+    Returns whether the W&B run will be offline (``WANDB_MODE`` offline, or a logger made with ``offline=True``)."""
+    wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    for lg in wandb_loggers:
+        if lg.save_dir:
+            os.makedirs(lg.save_dir, exist_ok=True)
+        init = getattr(lg, "_wandb_init", None)
+        if quiet and isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+            del init["anonymous"]
+    # Lightning 2.6's WandbLogger keeps `offline` only as the private `_offline` (no public equivalent)
+    return os.environ.get("WANDB_MODE") in ("offline", "dryrun") or any(
+        getattr(lg, "_offline", False) for lg in wandb_loggers
+    )
+
+
+def report_offline_runs(loggers: list[Any]) -> None:
+    """Finish each offline W&B run of a finished run (else W&B's exit hook prints its footer whatever the
+    settings) and say in one line where it is and the command that uploads it."""
+    for lg in loggers:
+        folder = offline_run_dir(lg) if isinstance(lg, WandbLogger) else None
+        if folder is not None:
+            lg.experiment.finish()
+            shown = _shown(folder)
+            log.info("W&B: offline run in %s; upload it with `wandb sync %s`", shown, shown)
 
 
 class DiscardFailedOfflineRun(pl.Callback):
-    """When the run fails (``on_exception``), delete the offline W&B run it started (see the module docstring).
-    A finished run keeps its W&B run. The CLI attaches it to every ``fit`` and ``predict``."""
+    """When the run fails (``on_exception``), delete the offline W&B run it started unless it is a fit that made an
+    optimizer step, whose run is kept (see the module docstring). A finished run keeps its W&B run. The CLI attaches
+    it to every ``fit`` and ``predict``."""
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         discard_failed_offline_runs(trainer)
@@ -101,7 +169,8 @@ class DiscardFailedOfflineRun(pl.Callback):
 
 class WandbReport(pl.Callback):
     """Send a finished probe run to every ``WandbLogger`` of the Trainer (rank 0 only); a failed run's offline
-    W&B run is deleted (as :class:`DiscardFailedOfflineRun` does, for a predict run made without the CLI)."""
+    W&B run is deleted (as :class:`DiscardFailedOfflineRun` does, for a predict run made without the CLI; a fit
+    that made an optimizer step keeps it)."""
 
     def __init__(self, log_artifact: bool = True):
         self.log_artifact = log_artifact

@@ -10,6 +10,7 @@ the written files. What it reads goes to the run state (``inputs``, :mod:`probe.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader
 from datamodules.rollouts import check_advantages, check_eval_sampling, fill_advantages, read_rollouts, write_rollouts
 from probe.prompts import PromptSource, load_prompts
 from probe.rewards import resolve_reward
-from probe.run_state import ProbeInputs, indexed_collate, run_state_of
+from probe.run_state import ProbeInputs, indexed_collate, on_rank_zero, run_state_of, settings_key
 from probe.rundir import file_digest
 from probe.sampling import (
     SamplingSettings,
@@ -130,7 +131,11 @@ class ProbeDataModule(pl.LightningDataModule):
             prompts,
             s.sampling,
             reward_fn=ids_reward_from_text(
-                resolve_reward(s.reward), tokenizer, answers, skip_special_tokens=s.skip_special_tokens
+                resolve_reward(s.reward),
+                tokenizer,
+                answers,
+                skip_special_tokens=s.skip_special_tokens,
+                eos_token_id=special_token_ids(tokenizer, model=policy)[1],  # `finished` by every EOS sampling stops at
             ),
             tokenizer=tokenizer,
             normalize_std=s.normalize_std,
@@ -182,17 +187,22 @@ class ProbeDataModule(pl.LightningDataModule):
         log.debug(msg)
 
     def inputs_fingerprint(self, policy: dict[str, Any]) -> dict[str, Any]:
-        """What the run's rollout copies are made from: the policy's settings, U's and each E's settings, and the
-        content of every input file they name (sha256)."""
+        """What the run's rollout copies are made from: the policy's settings (but where it runs), U's and each
+        E's settings (but the truncation check's switch), and the content of every input file they name (sha256)."""
 
         def files(batch: UpdateBatchSettings | EvalBatchSettings) -> dict[str, str]:
             named = {"path": batch.path, "source.prompts": batch.source.prompts if not batch.path else ""}
             return {key: file_digest(value) for key, value in named.items() if value and Path(value).is_file()}
 
+        def evaluation(settings: EvalBatchSettings) -> dict[str, Any]:
+            out = {**asdict(settings), "files": files(settings)}
+            out.pop("allow_truncated_sampling")  # a check's switch: what it lets through is refused or not
+            return out
+
         return {
-            "policy": policy,
+            "policy": {k: v for k, v in policy.items() if k != "device"},
             "update": {**asdict(self.update_settings), "files": files(self.update_settings)},
-            "evals": [{**asdict(s), "files": files(s)} for s in self.eval_settings],
+            "evals": [evaluation(s) for s in self.eval_settings],
         }
 
     def setup(self, stage: str) -> None:
@@ -201,14 +211,16 @@ class ProbeDataModule(pl.LightningDataModule):
         run_dir = trainer.lightning_module.open_run_dir(trainer)
         policy, tokenizer = state.policy, state.tokenizer
         vocab_size = int(policy.get_input_embeddings().weight.shape[0])
-        pad, eos = special_token_ids(tokenizer)
+        pad, eos = special_token_ids(tokenizer, model=policy)  # every EOS id: tokenizer, config, generation_config
         # token ids checked against the vocabulary; padding after a response's EOS stripped, other tokens refused
         read = partial(read_rollouts, vocab_size=vocab_size, eos_token_ids=eos, pad_token_id=pad)
         rollouts = run_dir.path / "rollouts"
-        if trainer.global_rank == 0:
+
+        def materialise() -> None:  # rank 0; a refusal here stops every rank (on_rank_zero), not rank 0 alone
             fingerprint = state.settings.resume_fingerprint()
-            run_dir.claim("inputs", self.inputs_fingerprint(fingerprint.pop("policy")), stale=("rollouts",))
-            run_dir.claim("settings", fingerprint, stale=("update.safetensors",))
+            inputs = self.inputs_fingerprint(fingerprint.pop("policy"))
+            run_dir.claim("inputs", inputs, stale=("rollouts",), key_name=inputs_key)
+            run_dir.claim("settings", fingerprint, stale=("update.safetensors",), key_name=settings_key)
             policy.to(trainer.strategy.root_device)
             self._materialise(
                 rollouts / "update.jsonl", self.update_settings, lambda: self._sample_update(policy, tokenizer), read
@@ -220,6 +232,8 @@ class ProbeDataModule(pl.LightningDataModule):
                     partial(self._sample_eval, settings, policy, tokenizer),
                     read,
                 )
+
+        on_rank_zero(trainer, materialise)
         trainer.strategy.barrier("probe-rollouts")
         update = read(rollouts / "update.jsonl")
         if any(r.get("advantage") is None for r in update):
@@ -270,3 +284,14 @@ class ProbeDataModule(pl.LightningDataModule):
             for records in self.inputs.eval_records
         ]
         return loaders[0] if len(loaders) == 1 else loaders
+
+
+def inputs_key(key: str) -> str:
+    """A key of ``partial/inputs.json`` as the config spells it: ``data.init_args.evals[0].path (file content)``."""
+    key = re.sub(r"^evals\.(\d+)\.", r"evals[\1].", key)
+    if key.startswith("policy."):
+        return f"model.init_args.{key}"
+    section, _, rest = key.partition(".")
+    if rest.startswith("files."):
+        return f"data.init_args.{section}.{rest.removeprefix('files.')} (the file's content)"
+    return f"data.init_args.{key}"

@@ -450,8 +450,18 @@ def _sampling_of(record: dict) -> tuple:
     return (record.get("temperature"), None if _top_p_off(top_p) else top_p, None if _top_k_off(top_k) else top_k)
 
 
-def _describe(sampling: tuple) -> str:
-    return ", ".join(f"{name}={value}" for name, value in zip(SAMPLING_FIELDS, sampling))
+def _raw_value(value: Any) -> str:
+    """A sampling field's value as the file gives it (null for None)."""
+    if value is None:
+        return "null"
+    return repr(value) if isinstance(value, (str, bool)) else str(value)
+
+
+def _describe(record: dict) -> str:
+    """The record's sampling fields as written in it: ``temperature=1.0, top_p=1.0, no top_k``."""
+    return ", ".join(
+        f"{name}={_raw_value(record[name])}" if name in record else f"no {name}" for name in SAMPLING_FIELDS
+    )
 
 
 def check_eval_sampling(
@@ -460,23 +470,31 @@ def check_eval_sampling(
     temperature: float,
     allow_truncated_sampling: bool = False,
     setting: str = "sampling.temperature of the evaluation batch",
+    allow_setting: str | None = "allow_truncated_sampling",
     source: str | None = None,
 ) -> None:
     """Refuse an evaluation batch E that was not sampled from the full distribution at the probe's temperature.
 
     The SNIS estimate weighs E's responses by the policy at temperature tau against the distribution
-    they were sampled from, so that must be the same. Each record must say how it was sampled
-    (``temperature``, ``top_p``, ``top_k``; top_p 1.0 and top_k 0 / -1 / null mean off), all records
-    alike, without top-p/top-k truncation (unless ``allow_truncated_sampling``), and at ``temperature``.
+    they were sampled from, so that must be the same. Every record must give the ``temperature`` it was
+    sampled at (a number > 0, not null), all records alike, at ``temperature``, without top-p/top-k
+    truncation (unless ``allow_truncated_sampling``). ``top_p`` and ``top_k`` may be absent (Parquet reads
+    a null cell back as absent): absent, null, top_p 1.0 and top_k 0 / -1 mean off.
 
     Args:
         records: the records of E.
         temperature: tau, the temperature the probe measures the entropy at.
         allow_truncated_sampling: accept top-p/top-k truncated sampling knowingly.
         setting: how messages name the setting that holds tau (``data.init_args.evals[0].sampling.temperature``).
+        allow_setting: how messages name the setting that accepts truncated sampling; by default the
+            ``allow_truncated_sampling`` next to ``setting``'s ``sampling`` (``data.init_args.evals[0].sampling.
+            temperature`` -> ``data.init_args.evals[0].allow_truncated_sampling``); None where there is no such
+            setting: the fix then says to resample E without top_p/top_k.
         source: name used in messages; default: the file the records were read from.
     """
     name = _name(records, source)
+    if allow_setting == "allow_truncated_sampling" and setting.endswith(".sampling.temperature"):
+        allow_setting = setting.removesuffix("sampling.temperature") + allow_setting  # evals[k]: next to sampling
     with_fields = [i for i, r in enumerate(records) if any(k in r for k in SAMPLING_FIELDS)]
     if not with_fields:
         raise ValueError(
@@ -494,9 +512,26 @@ def check_eval_sampling(
             f"({_several(records, without)}) while the others give 'temperature'/'top_p'/'top_k'. Fix: give every "
             "record the sampling fields it was sampled with, or drop the records whose sampling is unknown"
         )
+    no_temperature = [i for i, r in enumerate(records) if r.get("temperature") is None]
+    if len(no_temperature) == len(records):
+        raise ValueError(
+            f"{name}: no record gives the temperature this evaluation batch was sampled at ('temperature' is absent "
+            f"or null in every record; {_several(records, [0])} has {_describe(records[0])}). top_p/top_k alone do "
+            f"not say it, and the importance weights compare E's sampling distribution with the policy at "
+            f"tau = {temperature:g} ({setting}). Fix: add the temperature the responses were sampled at to every "
+            f'record (e.g. "temperature": {temperature:g} if they were sampled at tau = {temperature:g}); if it is '
+            f"unknown, resample E at temperature {temperature:g} without top_p/top_k"
+        )
+    if no_temperature:
+        raise ValueError(
+            f"{name}: {len(no_temperature)} of {len(records)} records give no 'temperature' (absent or null: "
+            f"{_several(records, no_temperature)}) while the others do. One evaluation batch is a sample of one "
+            "distribution at one known temperature. Fix: give every record the temperature it was sampled at, or "
+            "drop the records whose temperature is unknown"
+        )
     for i, record in enumerate(records):
-        value = record.get("temperature")
-        if value is not None and (not _is_real(value) or not value > 0):
+        value = record["temperature"]
+        if not _is_real(value) or not value > 0:
             raise ValueError(
                 f"{_where(records, i, source)}: 'temperature' must be a number > 0, got {value!r}. "
                 "Fix: store the temperature the response was sampled at"
@@ -505,20 +540,24 @@ def check_eval_sampling(
     other = next((i for i, r in enumerate(records) if _sampling_of(r) != first), None)
     if other is not None:
         raise ValueError(
-            f"{name}: the records disagree on how E was sampled: {_several(records, [0])} has {_describe(first)}, "
-            f"{_several(records, [other])} has {_describe(_sampling_of(records[other]))}. "
-            "One evaluation batch is a sample of one distribution. Fix: split the file into one evaluation batch "
-            "per sampling setting, or resample E with one setting"
+            f"{name}: the records disagree on how E was sampled: {_several(records, [0])} has "
+            f"{_describe(records[0])}, {_several(records, [other])} has {_describe(records[other])} (top_p 1.0 "
+            "and top_k 0 / -1 / null / absent mean off). One evaluation batch is a sample of one distribution. "
+            "Fix: split the file into one evaluation batch per sampling setting, or resample E with one setting"
         )
     truncated = [r for r in records if _sampling_of(r)[1:] != (None, None)]
     if truncated and not allow_truncated_sampling:
+        fix = (
+            f"sample E without top_p/top_k, or set {allow_setting}=true knowingly"
+            if allow_setting is not None
+            else "resample E without top_p/top_k (no setting accepts truncated sampling here)"
+        )
         raise ValueError(
             f"{name}: {len(truncated)} evaluation sequences were sampled with top-p/top-k truncation; the entropy "
-            "would be of another distribution. Fix: sample E without top_p/top_k, or set "
-            "allow_truncated_sampling=true knowingly"
+            f"would be of another distribution. Fix: {fix}"
         )
     sampled_at = first[0]
-    if sampled_at is not None and not math.isclose(float(sampled_at), float(temperature), rel_tol=1e-9):
+    if not math.isclose(float(sampled_at), float(temperature), rel_tol=1e-9):
         raise ValueError(
             f"{name}: the records say E was sampled at temperature {sampled_at:g}, but the probe measures the "
             f"entropy at tau = {temperature:g} ({setting}): the importance weights would compare two different "

@@ -2,105 +2,23 @@
 
 The console (section "What a run prints" of the README): at ``run.log_level: standard`` a run prints one line per
 stage, its warnings and the result table; progress is a bar on a terminal and a line per 10% otherwise
-(:mod:`callbacks.progress`). What libraries print on every run without it being a problem (Lightning's device and
-seed lines and tips, W&B's offline-mode banner, version-mismatch deprecations) is silenced here, in
-:func:`configure_console` and :meth:`ProbeCLI.quiet_wandb`, and nowhere else; ``run.log_level: detailed`` silences
-nothing. Warnings about real problems are left alone.
+(:mod:`callbacks.progress`). What libraries print on every run without it being a problem is silenced by
+:mod:`probe.console` (the list, and why) and :func:`callbacks.wandb_report.prepare_wandb_loggers`, which
+:class:`ProbeCLI` calls; ``run.log_level: detailed`` silences nothing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import sys
-import warnings
-from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
+from probe.console import configure_console, quiet_wandb_environment
 from probe.live_contract import OwnsRunDirectory
 from probe.rundir import default_run_name
-
-log = logging.getLogger("probe")
-
-# Lightning's per-run chatter at INFO level: {logger name: regexes matched at the start of the message}. None of it
-# is a problem: device availability (the run's accelerator is in config.yaml), tips to install Lightning's cloud
-# products, the seed (in config.yaml), the CUDA_VISIBLE_DEVICES of each rank, the TF32 advice (which would change
-# the numbers this tool checks), the normal end of a fit, the DDP start-up banner, and GRPOModule's own checkpoint
-# callback replacing the Trainer's default one.
-LIGHTNING_BOILERPLATE: dict[str, tuple[str, ...]] = {
-    "lightning.pytorch.utilities.rank_zero": (
-        r"(GPU|TPU|HPU) available:",
-        "\N{ELECTRIC LIGHT BULB} Tip:",
-        r"You are using a CUDA device",
-        r"`Trainer.fit` stopped: `max_(steps|epochs)=",
-        r"-+\ndistributed_backend=",
-        r"The following callbacks returned in `LightningModule.configure_callbacks` will override existing "
-        r"callbacks passed to Trainer: ModelCheckpoint$",
-    ),
-    "lightning.fabric.utilities.seed": (r"(\[rank: \d+\] )?Seed set to",),
-    "lightning.pytorch.accelerators.cuda": (r"LOCAL_RANK: \d+ - CUDA_VISIBLE_DEVICES",),
-    "lightning.fabric.utilities.distributed": (r"Initializing distributed:",),
-}
-LIGHTNING_BOILERPLATE["lightning.fabric.utilities.rank_zero"] = LIGHTNING_BOILERPLATE[
-    "lightning.pytorch.utilities.rank_zero"
-]  # Fabric's rank_zero_info logs here until lightning.pytorch is imported
-
-# Python warnings every run raises that are no problem of the run: (regex at the start of the message, category).
-BOILERPLATE_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
-    # torch 2.13 deprecates the LeafSpec that Lightning 2.6's own pytree helper still builds
-    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
-    # fit's prompt stream (datamodules.prompts) loads with num_workers=0, where the warning does not apply
-    (r"Your `IterableDataset` has `__len__` defined", UserWarning),
-    # GRPOModule keeps the policy in eval mode on purpose (no dropout; probe.grpo's docstring)
-    (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning),
-)
-
-# W&B settings (environment variables) of an offline run at log_level standard: no banner, no "sync this run"
-# footer, no info lines; its warnings and errors still show. The CLI prints one line naming the run folder and the
-# `wandb sync` command instead. A variable the user set is kept.
-WANDB_QUIET = {"WANDB_QUIET": "true", "WANDB_SHOW_INFO": "false"}
-
-
-class _DropBoilerplate(logging.Filter):
-    def __init__(self, patterns: tuple[str, ...]) -> None:
-        super().__init__()
-        self.pattern = re.compile("|".join(f"(?:{p})" for p in patterns))
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.pattern.match(record.getMessage()) is None
-
-
-_FILTERS = {name: _DropBoilerplate(patterns) for name, patterns in LIGHTNING_BOILERPLATE.items()}
-_WANDB_SET: set[str] = set()  # the W&B variables this process set (so that a detailed run can unset them)
-
-
-def configure_console(quiet: bool) -> None:
-    """Silence (``quiet``) or restore the per-run boilerplate of Lightning, Python warnings, transformers' progress
-    bars (these only off a terminal) and the INFO lines of DDP ranks other than 0. Idempotent; a later call with
-    ``quiet=False`` undoes an earlier one."""
-    from callbacks.progress import console_is_terminal
-
-    for name, drop in _FILTERS.items():
-        (logging.getLogger(name).addFilter if quiet else logging.getLogger(name).removeFilter)(drop)
-    for message, category in BOILERPLATE_WARNINGS:
-        if quiet:
-            warnings.filterwarnings("ignore", message=message, category=category)
-        else:
-            warnings.filters[:] = [
-                f for f in warnings.filters if not (f[0] == "ignore" and f[1] is not None and f[1].pattern == message)
-            ]
-    # The other DDP ranks would repeat rank 0's stage lines: they keep their warnings only.
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
-
-    other_rank = getattr(rank_zero_only, "rank", 0) != 0
-    logging.getLogger("probe").setLevel(logging.WARNING if quiet and other_rank else logging.NOTSET)
-    if quiet and not console_is_terminal():
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars, written as lines
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -164,6 +82,14 @@ class ProbeCLI(LightningCLI):
     def _add_subcommands(self, parser, **kwargs: Any) -> None:
         """LightningCLI's, with probe's help line for each subcommand (not the Trainer method's docstring), and
         ``analyze``: dispatched by :func:`main` before LightningCLI parses, listed here so that ``--help`` names it."""
+        # Written against Lightning 2.6.6's LightningCLI._add_subcommands, whose private contract it relies on: the
+        # subcommand parsers go in `self._subcommand_parsers` (read by `_parser()` when the Trainer, the config
+        # callback and the optimizers are set up), `_prepare_subcommand_parser(klass, subcommand, **kwargs)` builds
+        # one and records the Trainer method's arguments (`--ckpt_path`, ...) for `_run_subcommand`, and
+        # `self.trainer_class` is a class (Lightning's `class_from_function` for a builder function is dropped:
+        # ProbeCLI always uses Trainer). If a Lightning upgrade renames or re-signs any of these, `--help` fails
+        # (TypeError), a subcommand loses its method options, or every run fails in `_parser()` (AttributeError or
+        # KeyError); tests/test_console.py's help test checks all three.
         self._subcommand_parsers = {}
         subcommands = parser.add_subcommands()
         for name, help_text in SUBCOMMAND_HELP.items():
@@ -218,8 +144,9 @@ class ProbeCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any):
         """The Trainer, plus :class:`callbacks.wandb_report.DiscardFailedOfflineRun` (a failed run leaves no offline
-        W&B run) and, off a terminal, :class:`callbacks.progress.StepProgress` as the progress bar of a fit (unless
-        the progress bar is off or the config names one)."""
+        W&B run, unless it is a fit that made an optimizer step) and, off a terminal,
+        :class:`callbacks.progress.StepProgress` as the progress bar of a fit (unless the progress bar is off or the
+        config names one)."""
         from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
         from callbacks.progress import StepProgress, console_is_terminal
@@ -238,27 +165,11 @@ class ProbeCLI(LightningCLI):
         self.quiet_wandb(self.log_level() != "detailed")
 
     def quiet_wandb(self, quiet: bool) -> None:
-        """Before the W&B run starts (Lightning starts it at setup): make its folder (W&B warns "git root ... does
-        not exist" when it is missing) and, for an offline run at log_level standard, drop the banner and footer
-        (:data:`WANDB_QUIET`) and the deprecated ``anonymous`` argument that Lightning always passes (W&B warns that
-        it has no effect)."""
-        from lightning.pytorch.loggers import WandbLogger
+        """Before the W&B run starts: :func:`callbacks.wandb_report.prepare_wandb_loggers`, then, for an offline run
+        at log_level standard, W&B's quiet settings (:func:`probe.console.quiet_wandb_environment`)."""
+        from callbacks.wandb_report import prepare_wandb_loggers
 
-        loggers = [lg for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
-        for lg in loggers:
-            if lg.save_dir:
-                os.makedirs(lg.save_dir, exist_ok=True)
-            init = getattr(lg, "_wandb_init", None)
-            if quiet and isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
-                del init["anonymous"]
-        offline = os.environ.get("WANDB_MODE") in ("offline", "dryrun") or any(lg._offline for lg in loggers)
-        for name, value in WANDB_QUIET.items():
-            if quiet and offline and name not in os.environ:
-                os.environ[name] = value
-                _WANDB_SET.add(name)
-            elif not quiet and name in _WANDB_SET:
-                os.environ.pop(name, None)
-                _WANDB_SET.discard(name)
+        quiet_wandb_environment(quiet, offline=prepare_wandb_loggers(self.trainer.loggers, quiet))
 
     def after_predict(self) -> None:
         self.report_wandb()
@@ -267,18 +178,10 @@ class ProbeCLI(LightningCLI):
         self.report_wandb()
 
     def report_wandb(self) -> None:
-        """Finish each offline W&B run of a finished run (else W&B's exit hook prints its footer whatever the
-        settings) and say in one line where it is and the command that uploads it."""
-        from lightning.pytorch.loggers import WandbLogger
+        """:func:`callbacks.wandb_report.report_offline_runs`: finish each offline W&B run, one line naming it."""
+        from callbacks.wandb_report import report_offline_runs
 
-        from callbacks.wandb_report import offline_run_dir
-
-        for lg in self.trainer.loggers:
-            folder = offline_run_dir(lg) if isinstance(lg, WandbLogger) else None
-            if folder is not None:
-                lg.experiment.finish()
-                shown = os.path.relpath(folder) if folder.is_relative_to(Path.cwd()) else str(folder)
-                log.info("W&B: offline run in %s; upload it with `wandb sync %s`", shown, shown)
+        report_offline_runs(self.trainer.loggers)
 
 
 SUBCOMMAND_HELP = {  # the order of `python -m probe --help`

@@ -459,7 +459,7 @@ def complete_eval(
                     f"slope is {slope:.6g}, a difference of {result.attribution.scaled_difference:.2g} of "
                     f"sum_i |a_i| (tolerance {result.attribution.tolerance:.0e} for this dtype). The loss may not be a "
                     "sum of per-sequence terms, or the update was computed on other sequences than U; see "
-                    "docs/DESIGN.md section 4"
+                    "docs/DESIGN.md section 5"
                 )
             timed("attribution")
         if plan.eval_update_matrix and E.sampling is None:

@@ -53,9 +53,17 @@ from probe.live_contract import ProbedStep
 from probe.loading import PolicySettings
 from probe.logprobs import teacher_force
 from probe.losses import LossConfig, Normalisers, per_sequence_loss
+from probe.precision import dtype_name
 from probe.rewards import resolve_reward
 from probe.rundir import RunDirectory, check_run_name, default_run_name, run_path
-from probe.sampling import SamplingSettings, derived_seed, ids_reward_from_text, pad_token_id, sample_update_batch
+from probe.sampling import (
+    SamplingSettings,
+    derived_seed,
+    ids_reward_from_text,
+    pad_token_id,
+    sample_update_batch,
+    special_token_ids,
+)
 
 log = logging.getLogger("probe")
 
@@ -132,20 +140,28 @@ class AdamWSettings:
 
 @dataclass
 class FitRunSettings:
-    """Where a fit run writes, and its seed.
+    """Where a fit run writes, its seed, and how much it prints.
 
     Args:
         root: folder holding run directories.
         name: run directory name under ``root``; empty: ``$PROBE_RUN_NAME`` (set by the CLI, shared
             by DDP ranks) or a timestamp.
         seed: seed of the rollouts (each prompt group's generator derives from it).
+        log_level: ``standard`` (one line per stage, warnings and the table; Lightning's and W&B's boilerplate
+            silenced) or ``detailed`` (also resampling retries, timings, where each automatic choice came from,
+            and nothing silenced).
         num_threads: CPU threads for torch (0: torch's default). Tiny models run fastest on 1 thread.
     """
 
     root: str = "runs"
     name: str = ""
     seed: int = 0
+    log_level: str = "standard"
     num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.log_level not in ("standard", "detailed"):
+            raise ValueError(f"run.log_level must be 'standard' or 'detailed', got {self.log_level!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -197,7 +213,10 @@ def sample_rollout(
     )
 
     answer_of = {tuple(p): a for p, a in zip(prompts, answers) if a is not None}
-    score = ids_reward_from_text(reward_fn, tokenizer, answer_of, skip_special_tokens=settings.skip_special_tokens)
+    eos = special_token_ids(tokenizer, model=policy)[1]  # every EOS id sampling stops at: `finished` agrees with it
+    score = ids_reward_from_text(
+        reward_fn, tokenizer, answer_of, skip_special_tokens=settings.skip_special_tokens, eos_token_id=eos
+    )
 
     records: list[dict] = []
     rewards: list[float] = []
@@ -268,7 +287,7 @@ class GRPOModule(pl.LightningModule):
             rollout: sampling, reward, advantages, dead groups, inner epochs.
             optimizer: AdamW hyperparameters (clipping: the Trainer's ``gradient_clip_val``).
             run: run directory ``<root>/<name>`` (empty name: the CLI's timestamp), seed of the rollouts,
-                CPU threads.
+                CPU threads, console log level.
             checkpoint_every_n_steps: add a ``ModelCheckpoint`` writing ``<run>/checkpoints/`` every n steps
                 and ``last.ckpt`` at the end (0: only ``last.ckpt`` at the end; -1: add none, use the
                 Trainer's own checkpoint callbacks).
@@ -281,6 +300,15 @@ class GRPOModule(pl.LightningModule):
         if run.num_threads > 0:
             torch.set_num_threads(run.num_threads)
         self.policy_dir = policy.directory()
+        dtype, dtype_source = policy.resolved_dtype()
+        if dtype in (torch.bfloat16, torch.float16):
+            log.warning(
+                "training the policy's %s weights themselves (policy.dtype %s, %s): AdamW updates smaller than the "
+                "weights' rounding are lost. Fix: set policy.dtype: float32 to train float32 weights",
+                dtype_name(dtype),
+                policy.dtype,
+                dtype_source,
+            )
         self.policy, self.tokenizer = policy.load()
         self.reward_fn = resolve_reward(rollout.reward)
         if loss.temperature != rollout.temperature:

@@ -93,22 +93,40 @@ class PolicySettings:
 
 
 def checkpoint_dtype(directory: Path) -> tuple[torch.dtype, str]:
-    """The dtype a checkpoint was saved in, and where that was read: ``config.json``'s ``dtype`` (transformers 5)
-    or ``torch_dtype``; else the first floating tensor of its first safetensors file (the header only); else
-    float32 (what ``torch`` makes by default), said so."""
+    """The dtype a checkpoint was saved in, and where that was read: the first floating tensor of its (first)
+    safetensors file (the header only: what the weights are); else ``config.json``'s ``dtype`` (transformers 5)
+    or ``torch_dtype``; else float32 (what ``torch`` makes by default), said so. Where the config names another
+    dtype than the weights hold (a config copied from another checkpoint), the weights win and the source says
+    both."""
     import json
 
     config = json.loads((directory / "config.json").read_text())
-    for key in ("dtype", "torch_dtype"):
-        value = config.get(key)
-        if isinstance(value, str) and value.lower().removeprefix("torch.") in DTYPES:
-            return resolve_dtype(value), f"config.json {key} = {value}"
-    header = _safetensors_header(directory)
+    named = next(
+        (
+            (key, value)
+            for key in ("dtype", "torch_dtype")
+            if isinstance(value := config.get(key), str) and value.lower().removeprefix("torch.") in DTYPES
+        ),
+        None,
+    )
     names = {"F32": "float32", "F64": "float64", "BF16": "bfloat16", "F16": "float16"}
-    for name, entry in sorted(header.items()):
-        if isinstance(entry, dict) and entry.get("dtype") in names:
-            return resolve_dtype(names[entry["dtype"]]), f"weights saved as {names[entry['dtype']]} ({name})"
-    return torch.float32, "config.json names no dtype and no safetensors header says one; float32 assumed"
+    header = _safetensors_header(directory)
+    stored = next(
+        (
+            names[entry["dtype"]]
+            for _, entry in sorted(header.items())
+            if isinstance(entry, dict) and entry.get("dtype") in names
+        ),
+        None,
+    )
+    if stored is not None:
+        source = f"weights saved as {stored}"
+        if named is not None and resolve_dtype(named[1]) != resolve_dtype(stored):
+            source += f"; config.json says {named[0]} = {named[1]}, but the weights are what was trained"
+        return resolve_dtype(stored), source
+    if named is not None:
+        return resolve_dtype(named[1]), f"config.json {named[0]} = {named[1]}"
+    return torch.float32, "neither the weights' header nor config.json names a dtype; float32 assumed"
 
 
 def _safetensors_header(directory: Path) -> dict[str, Any]:

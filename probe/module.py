@@ -106,16 +106,6 @@ class ProbeModule(pl.LightningModule):
             self.run_state.run_dir = run_dir or RunDirectory(run_path(run.root, name))
         return self.run_state.run_dir
 
-    def on_predict_start(self) -> None:
-        """Tie the per-batch cache to this run's plan, update and evaluation batches (after the callbacks made
-        them): a resume of another setup is refused instead of mixing rows."""
-        state = self.run_state
-        plan, update, inputs = state.require("plan"), state.require("update"), state.require("inputs")
-        fingerprint = {f"plan.{k}": v for k, v in plan.describe().items()}
-        fingerprint.update({f"update.{k}": v for k, v in update.summary().items()})
-        fingerprint.update(rows=plan.row_layout(), evals=[len(r) for r in inputs.eval_records], tau=inputs.temperatures)
-        on_rank_zero(self.trainer, lambda: state.require("run_dir").claim("plan", fingerprint))
-
     def run_directory(self) -> Path:
         """The run's folder (opened by the DataModule's setup); the CLI saves ``config.yaml`` there."""
         return self.run_state.require("run_dir").path

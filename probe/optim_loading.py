@@ -43,6 +43,8 @@ Hyperparameters come from each saved group (its ``lr`` is the one the scheduler 
 
 from __future__ import annotations
 
+import logging
+import math
 import pickle
 import re
 import zipfile
@@ -59,6 +61,7 @@ FORMATS = ("auto", "torch", "lightning", "hf_trainer")
 PARAM_ORDERS = ("auto", "model", "trainable", "hf_trainer")
 KINDS = ("auto", "adamw", "adam")
 HF_OPTIMIZER_FILE = "optimizer.pt"
+log = logging.getLogger("probe")
 EXPECTED_FILES = (
     "a torch.save(optimizer.state_dict()) file, a Lightning .ckpt, "
     f"or an HF Trainer checkpoint directory (checkpoint-N/) containing {HF_OPTIMIZER_FILE}"
@@ -164,6 +167,8 @@ def load_optimizer_state(
             "state_dict"
         )
 
+    identify_adam(groups, state, file)
+
     params = dict(model.named_parameters())
     candidates = _candidate_orders(settings.param_order, fmt, model, len(ids))
     fitting: list[tuple[_Order, list[str]]] = []
@@ -215,6 +220,17 @@ def load_optimizer_state(
             hyper[name], group_of[name] = group_hyper, gi
     if frozen:
         notes.append(f"{frozen} listed parameter(s) with requires_grad=False left out")
+    moments = moments_record(states)
+    if moments and moments.get("second_moments_underflowed", 0) > 0:
+        log.warning(
+            "%s: the moments are saved in %s and %.1f%% of the second moments are 0 where the first moment is not "
+            "(they underflowed): the step divides by sqrt(v) + eps there, so those entries move by m / eps. The "
+            "reconstruction takes the step the optimizer takes with these moments; know that it is not the step of "
+            "exact moments",
+            file,
+            moments["dtype"],
+            100 * moments["second_moments_underflowed"],
+        )
     choices = {
         "optimizer.format": {"value": fmt, "file": str(file), "source": _format_source(settings, file, saved)},
         "optimizer.param_order": {
@@ -231,7 +247,8 @@ def load_optimizer_state(
             if settings.lr is not None
             else "saved in each param group (the lr the scheduler set for the next step)",
         },
-        "optimizer.step": {"value": sorted({s.step for s in states.values()}), "source": "saved per-parameter state"},
+        "optimizer.step": _step_choice(sorted({s.step for s in states.values()}), file, fmt, saved),
+        **({"optimizer.moments": {"value": moments, "source": "the saved exp_avg_sq"}} if moments else {}),
         **({"optimizer.schedule": schedule} if (schedule := _schedule_record(file, fmt, saved, groups)) else {}),
     }
     source = (
@@ -242,6 +259,38 @@ def load_optimizer_state(
         + ")"
     )
     return AdamState(hyper=hyper, state=states, group_of=group_of, source=source, choices=choices)
+
+
+def _step_choice(steps: list[int], file: Path, fmt: str, saved: Any) -> dict[str, Any]:
+    """The saved step count, cross-checked with the step the checkpoint says it was written at (HF Trainer:
+    ``trainer_state.json`` ``global_step``; Lightning: ``global_step``); a disagreement is logged (the moments may
+    be of another run, or the optimizer was re-created mid-training)."""
+    record: dict[str, Any] = {"value": steps, "source": "saved per-parameter state"}
+    checkpoint_step = None
+    if fmt == "lightning" and isinstance(saved, dict) and isinstance(saved.get("global_step"), int):
+        checkpoint_step, where = saved["global_step"], f"{file} global_step"
+    trainer_state = file.parent / "trainer_state.json"
+    if fmt == "hf_trainer" and trainer_state.is_file():
+        import json
+
+        try:
+            value = json.loads(trainer_state.read_text()).get("global_step")
+        except (json.JSONDecodeError, OSError, AttributeError):
+            value = None
+        if isinstance(value, int):
+            checkpoint_step, where = value, f"{trainer_state} global_step"
+    if checkpoint_step is not None:
+        record["checkpoint_step"] = checkpoint_step
+        if steps and max(steps) != checkpoint_step:
+            log.warning(
+                "%s: the optimizer state has taken %s step(s) but %s says %d: the moments may be of another run "
+                "(or the optimizer was re-created during training); the reconstruction uses the saved steps",
+                file,
+                max(steps),
+                where,
+                checkpoint_step,
+            )
+    return record
 
 
 def _format_source(settings: OptimizerSettings, file: Path, saved: Any) -> str:
@@ -319,10 +368,14 @@ def zero_lr_message(state: AdamState) -> str:
         "this checkpoint's learning-rate schedule has reached 0 (the last step of a decayed schedule, or the first "
         "of a warmup from 0)"
     )
-    fix = (
-        f"set probe.etas to the step sizes to probe, e.g. probe.etas: [{suggestion:.3g}]; "
+    example = (
+        f"e.g. probe.etas: [{suggestion:.3g}] and probe.reference_eta: {suggestion:.3g}"
         if suggestion
-        else "set probe.etas to the step sizes to probe (e.g. the peak lr of the run); "
+        else "e.g. around the peak lr of the run"
+    )
+    fix = (
+        "set probe.etas to the step sizes to probe and probe.reference_eta to the one the attribution, the eval x "
+        f"update matrix and the per-token views use ({example}); "
     )
     known = f" ({'; '.join(hints)})" if hints else ""
     return (
@@ -545,6 +598,118 @@ def _check_order(
 
 
 # ---------------------------------------------------------------------------------------------
+# what optimizer wrote the state
+# ---------------------------------------------------------------------------------------------
+
+ADAM_STATE_KEYS = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+# state keys and param-group keys that name another optimizer (torch's own, bitsandbytes, transformers)
+OTHER_STATE_KEYS = {
+    "mu_product": "NAdam",
+    "exp_inf": "Adamax",
+    "row_var": "Adafactor",
+    "col_var": "Adafactor",
+    "exp_avg_sq_row": "Adafactor (transformers)",
+    "exp_avg_sq_col": "Adafactor (transformers)",
+    "momentum_buffer": "SGD with momentum",
+    "sum": "Adagrad",
+    "square_avg": "RMSprop",
+    "state1": "a bitsandbytes 8-bit optimizer (quantised moments)",
+    "state2": "a bitsandbytes 8-bit optimizer (quantised moments)",
+    "qmap1": "a bitsandbytes 8-bit optimizer (quantised moments)",
+}
+OTHER_GROUP_KEYS = {"momentum_decay": "NAdam", "beta2_decay": "Adafactor", "lr_decay": "Adagrad", "nesterov": "SGD"}
+
+
+def identify_adam(groups: list[dict], state: dict, file: Path) -> None:
+    """Refuse a state that another optimizer wrote, naming it: probe reconstructs ``torch.optim.Adam`` and
+    ``AdamW`` only. Told apart by the per-parameter state keys (NAdam's ``mu_product``, Adamax's ``exp_inf``,
+    ...) and the param-group keys (RAdam's groups are Adam's without ``amsgrad``; transformers' old ``AdamW``
+    without bias correction has ``correct_bias: False``)."""
+    found: dict[str, str] = {}
+    for entry in state.values():
+        for key in entry:
+            if key not in ADAM_STATE_KEYS:
+                found.setdefault(OTHER_STATE_KEYS.get(key, "an optimizer other than Adam/AdamW"), f"state key {key!r}")
+    for group in groups:
+        for key in group:
+            if key in OTHER_GROUP_KEYS:
+                found.setdefault(OTHER_GROUP_KEYS[key], f"param-group key {key!r}")
+        if "betas" in group and "decoupled_weight_decay" in group and "amsgrad" not in group:
+            found.setdefault("RAdam", "param groups with decoupled_weight_decay but no amsgrad (torch.optim.RAdam)")
+        if group.get("correct_bias") is False:
+            found.setdefault("AdamW without bias correction", "param-group key 'correct_bias' = False")
+    if found:
+        name, evidence = next(iter(found.items()))
+        raise ValueError(
+            f"{file} holds the state of {name} ({evidence}), not of Adam or AdamW: probe reconstructs the steps of "
+            "torch.optim.Adam and torch.optim.AdamW only, and reading another optimizer's moments as Adam's would "
+            "give a wrong step. Fix: probe a run trained with AdamW (HF Trainer: optim='adamw_torch'), or point "
+            "optimizer.path at that run's optimizer state"
+        )
+
+
+def check_hyper(h: AdamHyper, where: str, overridden: bool = False) -> None:
+    """Refuse hyperparameters ``torch.optim.AdamW`` refuses, and ``eps <= 0`` (torch accepts 0, but a parameter
+    whose second moment is 0 then divides 0 by 0)."""
+    problems = []
+    if not (math.isfinite(h.lr) and h.lr >= 0):
+        problems.append(f"lr = {h.lr} (must be finite and >= 0)")
+    if not 0.0 <= h.beta1 < 1.0:
+        problems.append(f"beta1 = {h.beta1} (must be in [0, 1))")
+    if not 0.0 <= h.beta2 < 1.0:
+        problems.append(f"beta2 = {h.beta2} (must be in [0, 1))")
+    if not (math.isfinite(h.eps) and h.eps > 0):
+        problems.append(f"eps = {h.eps} (must be finite and > 0)")
+    if not (math.isfinite(h.weight_decay) and h.weight_decay >= 0):
+        problems.append(f"weight_decay = {h.weight_decay} (must be finite and >= 0)")
+    if problems:
+        fix = (
+            "correct the override (optimizer.lr, beta1, beta2, eps, weight_decay)"
+            if overridden
+            else "check that optimizer.path is the state of the run you mean (these values are saved in it), or "
+            "override them with optimizer.lr, beta1, beta2, eps or weight_decay"
+        )
+        raise ValueError(
+            f"{where}: {'; '.join(problems)}, which torch.optim.AdamW would not take a step with. Fix: {fix}"
+        )
+
+
+def check_moments(entry: dict, name: str, pid: Any, file: Path) -> None:
+    """Refuse moments no Adam step can have made: non-finite entries, or negative second moments."""
+    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+        t = entry.get(key)
+        if not isinstance(t, Tensor):
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        negative = int((t < 0).sum()) if key != "exp_avg" else 0
+        if bad or negative:
+            what = ", ".join(text for n, text in ((bad, f"{bad} non-finite"), (negative, f"{negative} negative")) if n)
+            raise ValueError(
+                f"{file}: the saved {key} of parameter {name!r} (id {pid}) has {what} value(s) among its {t.numel()} "
+                "entries; "
+                "Adam's moments are finite and its second moments >= 0, so this state is corrupt or the training "
+                "had already diverged. Fix: probe an earlier checkpoint, from before the loss or gradients became "
+                "non-finite"
+            )
+
+
+def moments_record(states: dict[str, ParamAdamState]) -> dict[str, Any] | None:
+    """The moments' dtype and, for half-precision moments, the fraction of second moments that underflowed to 0
+    where the first moment is not 0 (a gradient was seen, so v > 0 in exact arithmetic)."""
+    seen = [s for s in states.values() if s.exp_avg is not None and s.exp_avg_sq is not None]
+    if not seen:
+        return None
+    dtypes = sorted({str(s.exp_avg_sq.dtype).removeprefix("torch.") for s in seen})
+    record: dict[str, Any] = {"dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
+    half = [s for s in seen if s.exp_avg_sq.dtype in (torch.float16, torch.bfloat16)]
+    if half:
+        moved = sum(int((s.exp_avg != 0).sum()) for s in half)
+        lost = sum(int(((s.exp_avg_sq == 0) & (s.exp_avg != 0)).sum()) for s in half)
+        record["second_moments_underflowed"] = lost / moved if moved else 0.0
+    return record
+
+
+# ---------------------------------------------------------------------------------------------
 # hyperparameters and per-parameter state
 # ---------------------------------------------------------------------------------------------
 
@@ -567,7 +732,11 @@ def _group_hyper(group: dict, gi: int, settings: OptimizerSettings, file: Path) 
         decoupled = settings.kind == "adamw"
     saved = AdamHyper.from_param_group(group, decoupled)
     overrides = {k: getattr(settings, k) for k in ("lr", "beta1", "beta2", "eps", "weight_decay", "amsgrad")}
-    return replace(saved, **{k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    hyper = replace(saved, **given)
+    where = f"{file}: param group {gi}" + (f" (with the overrides {given})" if given else "")
+    check_hyper(hyper, where, overridden=bool(given))
+    return hyper
 
 
 def _step_of(entry: dict) -> int:
@@ -576,6 +745,14 @@ def _step_of(entry: dict) -> int:
 
 
 def _param_state(entry: dict, name: str, pid: Any, hyper: AdamHyper, file: Path) -> ParamAdamState:
+    if "step" not in entry and any(isinstance(entry.get(k), Tensor) for k in ("exp_avg", "exp_avg_sq")):
+        raise ValueError(
+            f"{file}: the state of parameter {name!r} (id {pid}) holds moments but no 'step'; Adam's bias correction "
+            "depends on the step count, and reading it as step 0 would be wrong. Fix: save the optimizer with "
+            "optimizer.state_dict() (torch writes 'step' for every parameter), or add the step count to each "
+            "parameter's state"
+        )
+    check_moments(entry, name, pid, file)
     step = _step_of(entry)
     if step > 0:
         needed = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if hyper.amsgrad else [])

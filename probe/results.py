@@ -67,12 +67,13 @@ class AttributionSummary:
     abs_sum: float  # sum_i |a_i|: the scale the check is read against (the sum itself may cancel)
     grad_first_order: float  # the gradient part's first-order slope by a JVP over E
     relative_difference: float  # |sum - grad_first_order| / |grad_first_order| (cancels when the sum does)
-    scaled_difference: float  # |sum - grad_first_order| / max(abs_sum, |grad_first_order|): the check
-    tolerance: float  # what scaled_difference is read against (by the policy's dtype, probe.verification)
-    ok: bool  # scaled_difference <= tolerance
     reference_eta: float
     top_positive: list[int]  # rows of U with the largest a_i
     top_negative: list[int]
+    # the check (probe.verification.attribution_check; None in summaries written before it existed):
+    scaled_difference: float | None = None  # |sum - grad_first_order| / max(abs_sum, |grad_first_order|)
+    tolerance: float | None = None  # what scaled_difference is read against (by the policy's dtype)
+    ok: bool | None = None  # scaled_difference <= tolerance
 
 
 @dataclass

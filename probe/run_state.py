@@ -115,8 +115,12 @@ NOT_IN_RESUME_FINGERPRINT = (
     "probe.eval_update_matrix",
     "probe.per_sequence_exact",
     "probe.per_token_views",
-    "reconstruction.microbatch_size",
 )
+
+
+def settings_key(key: str) -> str:
+    """A key of :meth:`PredictSettings.resume_fingerprint` as the config spells it (``model.init_args.probe.etas``)."""
+    return f"model.init_args.{key}"
 
 
 @dataclass
@@ -139,6 +143,16 @@ class PredictRunState:
     choices: dict[str, dict[str, Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
     progress: Callable[[float], None] | None = None  # set by callbacks.SweepProgress: passes done
+
+    def plan_fingerprint(self) -> dict[str, Any]:
+        """What the cached rows of E depend on beyond the settings and inputs (``partial/plan.json``): the resolved
+        plan, the reconstructed update's scalars (a policy or optimizer file changed in place changes its norms),
+        E's sizes and tau."""
+        plan, update, inputs = self.require("plan"), self.require("update"), self.require("inputs")
+        fingerprint = {f"plan.{k}": v for k, v in plan.describe().items()}
+        fingerprint.update({f"update.{k}": v for k, v in update.summary().items()})
+        fingerprint.update(rows=plan.row_layout(), evals=[len(r) for r in inputs.eval_records], tau=inputs.temperatures)
+        return fingerprint
 
     def require(self, name: str) -> Any:
         """The field ``name``, or an error naming the stage that provides it."""

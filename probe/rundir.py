@@ -17,7 +17,7 @@ import shutil
 import time
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -115,19 +115,19 @@ class RunDirectory:
         """Create ``<root>/<name>`` (a ``kind`` run), resume it, or refuse it.
 
         A folder that exists is used only if probe made it for the same kind of run (it holds the
-        ``.probe-run`` marker) or it is empty. ``overwrite`` deletes a finished run first, and only a
-        folder with the marker: nothing else is ever deleted.
+        ``.probe-run`` marker) or it is empty. ``overwrite`` deletes such a run first (finished, or an
+        unfinished one's results): nothing else is ever deleted.
         """
         run = cls(run_path(root, default_run_name(name)))
         if run.path.exists():
             run._check_owned(kind)
-            if run.is_finished():
-                if not overwrite:
-                    raise RunDirectoryExists(
-                        f"run directory {run.path} already holds a finished run (summary.json status 'complete'); "
-                        "it is never overwritten silently: choose another --run.name, or pass --run.overwrite=true to "
-                        "replace it"
-                    )
+            if run.is_finished() and not overwrite:
+                raise RunDirectoryExists(
+                    f"run directory {run.path} already holds a finished run (summary.json status 'complete'); "
+                    "it is never overwritten silently: choose another --run.name, or pass --run.overwrite=true to "
+                    "replace it"
+                )
+            if overwrite:  # a run folder probe made (checked above): finished, or unfinished results discarded
                 shutil.rmtree(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         marker = run.path / RUN_MARKER
@@ -196,41 +196,56 @@ class RunDirectory:
         partial = self.path / "partial"
         return partial.is_dir() and any(partial.rglob("batch_*.npz"))
 
-    def claim(self, section: str, fingerprint: dict[str, Any], stale: tuple[str, ...] = ()) -> None:
+    def claim(
+        self,
+        section: str,
+        fingerprint: dict[str, Any],
+        stale: tuple[str, ...] = (),
+        key_name: Callable[[str], str] = str,
+    ) -> None:
         """Tie the run's unfinished results to what they depend on (``partial/<section>.json``), so that a resume
         never mixes two runs.
 
         The first call writes the fingerprint. A later run (a resume) with another fingerprint is refused, naming
-        every key that changed, when the folder holds computed results; when it holds none (a run that stopped
-        before its first batch of E, e.g. on a setting error), the run starts afresh with the new settings: the
-        old fingerprint and the ``stale`` paths of the run folder (e.g. ``rollouts``, copies made from the old
-        inputs) are removed and the change is logged.
+        every key that changed (as ``key_name`` spells it), when the folder holds computed results; when it holds
+        none (a run that stopped before its first batch of E, e.g. on a setting error), the run starts afresh with
+        the new settings: the old fingerprint and the ``stale`` paths of the run folder (e.g. ``rollouts``, copies
+        made from the old inputs) are removed and the change is logged. ``stale`` paths without a fingerprint
+        (someone deleted ``partial/``) are of unknown origin and removed the same way.
         """
         path = self.path / "partial" / f"{section}.json"
         mine = json.loads(dumps(fingerprint))
         theirs = _read_json(path) if path.is_file() else None
-        if path.is_file() and theirs != mine:
-            changed = changed_keys(theirs if isinstance(theirs, dict) else {}, mine)
-            if self.has_results():
-                raise ValueError(
-                    f"{self.path} holds the unfinished results of another run (it differs in: {', '.join(changed)}); "
-                    "a resume never mixes two runs. Fix: rerun with the settings and inputs of that run, choose "
-                    f"another run.name, or delete {self.path / 'partial'} to start this run afresh there"
-                )
-            log.warning(
-                "%s: restarting an unfinished run that computed nothing yet, with new settings or inputs (changed: %s)",
-                self.path,
-                ", ".join(changed),
+        if theirs == mine:
+            return
+        leftovers = [name for name in stale if (self.path / name).exists() or (self.path / name).is_symlink()]
+        if theirs is None and not leftovers and not self.has_results():
+            _atomic_write_bytes(path, dumps(mine, indent=2).encode())  # a new run
+            return
+        if isinstance(theirs, dict):
+            changed = [key_name(k) for k in changed_keys(theirs, mine)]
+        else:
+            changed = [
+                f"unknown: {path} is missing or unreadable, so what made {', '.join(leftovers) or 'them'} is not known"
+            ]
+        if self.has_results():
+            raise ValueError(
+                f"{self.path} holds the unfinished results of another run (it differs in: {', '.join(changed)}); "
+                "a resume never mixes two runs. Fix: rerun with the settings and inputs of that run, choose another "
+                "run.name, or pass run.overwrite=true to discard its unfinished results and start afresh"
             )
-            path.unlink()
-            for name in stale:
-                target = self.path / name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
-        if not path.is_file():
-            _atomic_write_bytes(path, dumps(mine, indent=2).encode())
+        log.warning(
+            "%s: restarting an unfinished run that computed nothing yet, with new settings or inputs (changed: %s)",
+            self.path,
+            ", ".join(changed),
+        )
+        for name in leftovers:
+            target = self.path / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        _atomic_write_bytes(path, dumps(mine, indent=2).encode())
 
     @staticmethod
     def batch_key(indices: list[int]) -> str:

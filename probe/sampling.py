@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
@@ -78,17 +79,44 @@ def derived_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def special_token_ids(tokenizer: Any = None, config: Any = None) -> tuple[int, list[int]]:
-    """``(pad, eos)``: the pad id and the EOS id(s) of a tokenizer, else of the model config.
+def _ids(value: Any) -> list[int]:
+    """An EOS id or list of ids (None: none) as a list of ints."""
+    if value is None:
+        return []
+    return [int(value)] if isinstance(value, numbers.Integral) else [int(v) for v in value]
 
-    The pad id falls back to the first EOS id (as RL trainers pad finished rows with EOS).
+
+def special_token_ids(
+    tokenizer: Any = None, config: Any = None, *, model: Any = None, generation_config: Any = None
+) -> tuple[int, list[int]]:
+    """``(pad, eos)``: the pad id and every EOS id of a tokenizer and a model.
+
+    The EOS ids are the union, in this order and without repeats, of the tokenizer's, the model config's and
+    the generation config's ``eos_token_id`` (an int or a list: Llama-3 ends with ``<|eot_id|>`` or
+    ``<|end_of_text|>``, Qwen with ``<|im_end|>`` or ``<|endoftext|>``), as HF ``generate`` stops at any of
+    them. The pad id is the tokenizer's, else the config's, else the first EOS id (as RL trainers pad
+    finished rows with EOS).
+
+    Args:
+        tokenizer: its ``eos_token_id`` comes first, its ``pad_token_id`` is the pad id.
+        config: the model config (default: ``model.config``).
+        model: an HF (or PEFT-wrapped) model: its ``config`` and ``generation_config``.
+        generation_config: the model's generation config (default: ``model.generation_config``).
     """
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(config, "eos_token_id", None)
-    if eos is None:
-        raise ValueError("no EOS token id: the tokenizer and the model config name none; set tokenizer.eos_token_id")
-    eos_ids = [int(eos)] if isinstance(eos, int) else [int(e) for e in eos]
+    if config is None:
+        config = getattr(model, "config", None)
+    if generation_config is None:
+        generation_config = getattr(model, "generation_config", None)
+    eos_ids: list[int] = []
+    for source in (tokenizer, config, generation_config):
+        for e in _ids(getattr(source, "eos_token_id", None)):
+            if e not in eos_ids:
+                eos_ids.append(e)
+    if not eos_ids:
+        raise ValueError(
+            "no EOS token id: the tokenizer, the model config and its generation config name none; "
+            "set tokenizer.eos_token_id"
+        )
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = getattr(config, "pad_token_id", None)
@@ -214,7 +242,8 @@ def sample_responses(
             ``softmax(logits / tau)``), top-p/top-k (the truncated behaviour log-probs then go to
             ``sampling_logprobs``), seed and batch size. Responses cut at ``max_new_tokens`` without EOS get
             ``truncated=True``.
-        tokenizer: where to read the EOS / pad ids from when they are not given (:func:`special_token_ids`).
+        tokenizer: where to read the EOS / pad ids from when they are not given, with the model's config and
+            generation config (:func:`special_token_ids`: every EOS id of the three).
         eos_token_id: end-of-sequence id (or ids); responses are cut after the first one, EOS included.
         pad_token_id: filler for finished rows (default: the tokenizer's pad, else EOS).
         generator: a ``torch.Generator`` on the model's device, advanced in place (default: a fresh one
@@ -231,7 +260,7 @@ def sample_responses(
         if len(p) == 0:
             raise ValueError(f"prompt {k} is empty: every prompt needs at least one token (e.g. BOS)")
     if eos_token_id is None:
-        pad_default, eos = special_token_ids(tokenizer)
+        pad_default, eos = special_token_ids(tokenizer, model=model)
     else:
         eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
         pad_default = getattr(tokenizer, "pad_token_id", None)

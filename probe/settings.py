@@ -100,6 +100,11 @@ class ProbeSettings:
                 f"probe.forward_batch_size ({self.forward_batch_size}) and probe.token_chunk ({self.token_chunk}) "
                 "must be >= 1: they are sequences per forward pass and response tokens per head chunk"
             )
+        if self.reference_eta is not None and not (math.isfinite(self.reference_eta) and self.reference_eta > 0):
+            raise ValueError(
+                f"probe.reference_eta must be a finite step size > 0, got {self.reference_eta}; leave it null to use "
+                "the optimizer's lr (the real step)"
+            )
         if self.truncation < 0 or not math.isfinite(self.truncation):
             raise ValueError(f"probe.truncation must be >= 0 (0 disables), got {self.truncation}")
 
@@ -152,7 +157,9 @@ class RunSettings:
         root: folder holding run directories.
         name: run directory name under ``root``; empty: ``<timestamp>``. Giving the name of an
             unfinished run resumes it; a finished run is never overwritten.
-        overwrite: replace a finished run directory of the same name (deletes it first).
+        overwrite: replace the run directory of the same name (deletes it first): a finished run, or the results
+            of an unfinished one that a resume with other settings or inputs would mix in. Only a folder probe
+            made (its ``.probe-run`` marker) is ever deleted.
         log_level: ``standard`` (one line per stage, warnings and the table; Lightning's and W&B's boilerplate
             silenced) or ``detailed`` (also resampling retries, timings, where each automatic choice came from,
             and nothing silenced).

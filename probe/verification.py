@@ -4,7 +4,7 @@
   each probed step compares the parameters' real change ``p_new - p_old`` with ``lr * full`` element
   by element, in units of the parameters' own rounding (docs/DESIGN.md section 2).
 * :func:`attribution_check`: do the attributions add up to the gradient part's first-order slope?
-  (docs/DESIGN.md section 4). No Lightning here.
+  (docs/DESIGN.md section 5). No Lightning here.
 """
 
 from __future__ import annotations
@@ -72,8 +72,8 @@ def verify_step(policy: torch.nn.Module, update: Update, before: dict[str, Tenso
 
 
 # Agreement expected between two float routes to the same derivative, by the policy's dtype. Rounding gives
-# differences near the unit roundoff u times the conditioning: measured ~1e-7 of the scale on the toy world
-# and ~1e-4 on a real float32 checkpoint, so float32 gets 1e-3; float64 (u = 1.1e-16) 1e-8; half precision
+# differences near the unit roundoff u times the conditioning: measured 1.5e-8 to 1.1e-6 of the scale on the toy
+# world and ~1e-4 on a real float32 checkpoint, so float32 gets 1e-3; float64 (u = 1.1e-16) 1e-8; half precision
 # (bfloat16 u = 3.9e-3) 5e-2. A defect (a sequence left out of one side, a wrong normaliser) gives
 # differences of the order of one sequence's share, 1/N of the scale: caught for any N below 1/tolerance.
 ATTRIBUTION_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3, torch.bfloat16: 5e-2, torch.float16: 5e-2}

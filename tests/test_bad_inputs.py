@@ -117,6 +117,7 @@ def files(tmp_path_factory, toy_world_dir: Path, tiny_llama) -> dict[str, str]:
     jsonl("eval_top_p", [dict(r, top_p=0.9) for r in EVAL])
     jsonl("eval_unknown_sampling", [{k: v for k, v in r.items() if k not in FULL_DISTRIBUTION} for r in EVAL])
     jsonl("eval_other_temperature", [dict(r, temperature=0.5) for r in EVAL])
+    jsonl("eval_without_temperature", [dict(r, temperature=None) for r in EVAL])  # top_p 1.0, top_k 0 only
     jsonl("eval_mixed_sampling", [EVAL[0], dict(EVAL[1], top_k=50), *EVAL[2:]])  # one record from generate()'s top_k
     rewards_only = [_record(r["group"], r["response_ids"], reward=float(r["advantage"] > 0)) for r in UPDATE]
     jsonl("update_padded_rewards_only", [dict(r, response_ids=r["response_ids"] + [0, 0]) for r in rewards_only])
@@ -256,7 +257,8 @@ REFUSED = [
     pytest.param(
         [*U_OK, E, "[{{path: {eval_top_p}}}]"],
         ValueError,
-        r"eval_top_p.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation.*Fix:",
+        r"eval_top_p.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation.*Fix: sample E without "
+        r"top_p/top_k, or set data.init_args.evals\[0\].allow_truncated_sampling=true knowingly",
         id="eval-file-top-p",
     ),
     pytest.param(
@@ -266,6 +268,15 @@ REFUSED = [
         r'samples with top_k=50.*Fix: check how the responses were sampled, then add "temperature": 1, "top_p": 1.0, '
         r'"top_k": 0',
         id="eval-file-without-sampling-fields",
+    ),
+    pytest.param(
+        [*U_OK, E, "[{{path: {eval_without_temperature}}}]"],
+        ValueError,
+        r"eval_without_temperature.jsonl: no record gives the temperature this evaluation batch was sampled at "
+        r"\('temperature' is absent or null in every record; line 1 has temperature=null, top_p=1.0, top_k=0\).*"
+        r"\(data.init_args.evals\[0\].sampling.temperature\). Fix: add the temperature the responses were sampled at "
+        r"to every record",
+        id="eval-file-without-temperature",
     ),
     pytest.param(
         [*U_OK, E, "[{{path: {eval_other_temperature}}}]"],
@@ -279,7 +290,8 @@ REFUSED = [
         [*U_OK, E, "[{{path: {eval_mixed_sampling}}}]"],
         ValueError,
         r"eval_mixed_sampling.jsonl: the records disagree on how E was sampled: line 1 has temperature=1.0, "
-        r"top_p=None, top_k=None, line 2 has temperature=1.0, top_p=None, top_k=50.*Fix: split the file",
+        r"top_p=1.0, top_k=0, line 2 has temperature=1.0, top_p=1.0, top_k=50 \(top_p 1.0 and top_k 0 / -1 / null "
+        r"/ absent mean off\).*Fix: split the file",
         id="eval-file-mixed-sampling",
     ),
     pytest.param(
@@ -308,8 +320,8 @@ REFUSED = [
         ValueError,
         r"every one of the 3 prompt groups got equal rewards within the group on the first sampling attempt \(every "
         r"reward was 1\), and 3 of 3 prompt groups still have all advantages .* after 1 resampling attempts.*One "
-        r"example, as the reward function saw it: prompt '.+ = ?', response '\d*' \(decoded with "
-        r"skip_special_tokens=True\), finished=True, reward 1\. Fix: check the reward function on this example",
+        r"example, as the reward function saw it: prompt '.+ = ?', response '[^']*' \(decoded with "
+        r"skip_special_tokens=True\), finished=(True|False), reward 1\. Fix: check the reward function on this example",
         id="all-zero-advantages-after-resampling",
     ),
     pytest.param(

@@ -1,6 +1,7 @@
 """What a run prints: a short console off a terminal (one line per stage, at most ten progress lines, the table
-last, no library boilerplate), the W&B offline run kept for a finished run and deleted for a failed one, and a
-``--help`` that lists the subcommands that do something."""
+last, no library boilerplate; ``run.log_level: detailed`` silences nothing, for predict and fit), the W&B offline
+run kept for a finished run and for a fit that failed after an optimizer step, deleted for any other failed run,
+and a ``--help`` that lists the subcommands that do something."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from callbacks.progress import CoarseProgress
 from probe.cli import main
 from probe.report import format_table
 
-from support import predict_args, read_summary
+from support import fit_args, predict_args, read_summary
 
 # Lines a run must not print at log_level standard (Lightning's and W&B's per-run boilerplate).
 BOILERPLATE = (
@@ -104,16 +105,93 @@ def test_a_failed_run_leaves_no_offline_wandb_run(tmp_path, monkeypatch, toy_wor
 
 
 def test_help_lists_predict_fit_and_analyze_only(capsys):
+    """Also what ProbeCLI._add_subcommands takes from Lightning's internals (see its comment): each subcommand
+    parser keeps the Trainer method's own options, and Lightning still finds the parsers in `_subcommand_parsers`."""
+    import inspect
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from probe.cli import SUBCOMMAND_HELP
+
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "{predict,fit,analyze}" in out
     assert "validate" not in out and not any(line.split()[:1] == ["test"] for line in out.splitlines())
+    assert " ".join(SUBCOMMAND_HELP["fit"].split()) in " ".join(out.split()), "probe's help line, not Lightning's"
+    for name in ("predict", "fit"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        assert "--ckpt_path" in out and "--model" in out and "--trainer" in out, out[:2000]
+    assert "self._subcommand_parsers[" in inspect.getsource(LightningCLI._parser), "Lightning reads another name"
     with pytest.raises(SystemExit) as exit_info:
         main(["analyze", "--help"])
     assert exit_info.value.code == 0
     assert "run_dir" in capsys.readouterr().out
+
+
+def test_a_fit_that_failed_after_an_optimizer_step_keeps_its_offline_wandb_run(
+    tmp_path, monkeypatch, caplog, toy_world_dir
+):
+    """Its training curves are worth keeping (an OOM, Ctrl+C or preemption hours in): the run is kept and named."""
+    from probe.grpo import GRPOModule
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name, value in (("WANDB_QUIET", "true"), ("WANDB_SHOW_INFO", "false")):
+        monkeypatch.setenv(name, value)  # restored after the test, as the CLI would set them
+    monkeypatch.delenv("PROBE_RUN_NAME", raising=False)  # restored after the test
+    real_step = GRPOModule.training_step
+
+    def fail_at_the_second_step(self, batch, batch_idx):
+        if self.trainer.global_step >= 1:
+            raise RuntimeError("injected failure after an optimizer step")
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(GRPOModule, "training_step", fail_at_the_second_step)
+    save_dir = tmp_path / "wb"
+    small = ["--trainer.callbacks", "[]", "--trainer.max_steps", "3", "--data.init_args.prompts_per_step", "2"]
+    no_files = ["--model.init_args.save_policy", "false", "--model.init_args.checkpoint_every_n_steps", "0"]
+    args = fit_args(tmp_path, "failed", *small, *no_files, "--trainer.logger", wandb_logger(save_dir))
+    with caplog.at_level(logging.INFO):  # the root's level: the CLI resets probe's own (probe.console)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            main(args)
+    (run,) = offline_runs(save_dir)
+    assert list(run.rglob("*.wandb")), "the offline run holds its event log for `wandb sync`"
+    kept = [r.getMessage() for r in caplog.records if "kept the offline run of the failed fit" in r.getMessage()]
+    assert len(kept) == 1 and "(optimizer steps logged: 1)" in kept[0] and run.name in kept[0], kept
+
+
+def test_fit_at_log_level_detailed_silences_nothing(tmp_path, monkeypatch, toy_world_dir):
+    """fit reads run.log_level as predict does: Lightning's seed line shows at detailed only (each fit stops at
+    its missing policy, after the seed was set)."""
+    from probe.console import configure_console
+
+    monkeypatch.delenv("PROBE_RUN_NAME", raising=False)  # restored after the test
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
+    seed_logger.addHandler(handler)
+    level = seed_logger.level
+    seed_logger.setLevel(logging.INFO)
+    missing = ["--model.init_args.policy.path", str(tmp_path / "no_policy")]
+
+    def seed_lines(log_level: str) -> list[str]:
+        seen.clear()
+        with pytest.raises(Exception, match="no_policy"):
+            main(fit_args(tmp_path, log_level, *missing, "--model.init_args.run.log_level", log_level))
+        return [line for line in seen if "Seed set to" in line]
+
+    try:
+        assert seed_lines("standard") == []
+        assert seed_lines("detailed") == ["Seed set to 0"]
+    finally:
+        configure_console(quiet=True)  # what every standard CLI run sets
+        seed_logger.removeHandler(handler)
+        seed_logger.setLevel(level)
 
 
 def test_coarse_progress_logs_one_line_per_tenth(caplog):
@@ -126,13 +204,13 @@ def test_coarse_progress_logs_one_line_per_tenth(caplog):
     assert lines[-1].startswith("probing: 100% (96/96 passes, ")
 
 
-def test_lightning_boilerplate_is_dropped_and_detailed_brings_it_back():
+def test_lightning_boilerplate_is_dropped_and_detailed_brings_it_back(monkeypatch):
     """The messages a GPU run logs (no GPU needed: they are sent through the loggers Lightning sends them through)."""
     import warnings
 
     from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-    from probe.cli import configure_console
+    from probe.console import configure_console
 
     seen: list[str] = []
     handler = logging.Handler()
@@ -155,12 +233,18 @@ def test_lightning_boilerplate_is_dropped_and_detailed_brings_it_back():
             warnings.warn("something else is deprecated", FutureWarning, stacklevel=1)
         return seen + [str(w.message) for w in caught]
 
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setattr("callbacks.progress.console_is_terminal", lambda: False)
     try:
+        hf_logging.enable_progress_bar()
         assert run(quiet=True) == [
             "Restoring states from the checkpoint path at last.ckpt",
             "something else is deprecated",
         ]
+        assert not hf_logging.is_progress_bar_enabled(), "transformers' bars are off off a terminal"
         assert len(run(quiet=False)) == 6  # run.log_level detailed: nothing silenced
+        assert hf_logging.is_progress_bar_enabled(), "and back on"
     finally:
         configure_console(quiet=True)  # what every standard CLI run sets
         for name in names:

@@ -131,3 +131,10 @@ def test_an_evaluation_batch_out_of_index_order_is_refused(float64_run, toy_worl
 def test_a_batch_or_chunk_size_below_one_is_refused_where_it_is_read(setting):
     with pytest.raises(ValueError, match=r"must be >= 1"):
         ProbeSettings(**setting)
+
+
+@pytest.mark.parametrize("reference_eta", [0.0, -1e-4, float("inf"), float("nan")])
+def test_a_reference_eta_that_is_not_a_positive_step_size_is_refused(reference_eta):
+    # 0 was silently replaced by lr, a negative one flipped the sign of the eval x update matrix
+    with pytest.raises(ValueError, match=r"probe.reference_eta must be a finite step size > 0, got .*leave it null"):
+        ProbeSettings(reference_eta=reference_eta)

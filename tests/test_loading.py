@@ -151,3 +151,36 @@ def test_toy_policy_loads_the_cached_toy_world(toy_world_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(toy_world_dir, copy)
     assert load_policy(copy)[1].eos_token_id == tokenizer.eos_token_id == task.EOS_ID
+
+
+def test_dtype_auto_loads_the_dtype_the_weights_were_saved_in(qwen_dir, tmp_path):
+    import json
+
+    directory, model = qwen_dir
+    assert PolicySettings(path=str(directory)).resolved_dtype() == (torch.float32, "auto: weights saved as float32")
+    assert next(PolicySettings(path=str(directory)).load()[0].parameters()).dtype == torch.float32
+
+    # a config.json copied from a bfloat16 base onto float32 weights: the weights are what was trained
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    dtype, source = PolicySettings(path=str(directory)).resolved_dtype()
+    assert (
+        dtype == torch.float32 and "config.json says dtype = bfloat16, but the weights are what was trained" in source
+    )
+
+    # bfloat16 weights saved as such are loaded as such (the run trained them in bfloat16)
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    save_tokenizer(tmp_path / "bf16")
+    assert PolicySettings(path=str(tmp_path / "bf16")).resolved_dtype()[0] == torch.bfloat16
+
+    # pickled weights have no header to read: the config says it
+    model.to(torch.float32).save_pretrained(tmp_path / "bin")
+    save_tokenizer(tmp_path / "bin")
+    (tmp_path / "bin" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    assert PolicySettings(path=str(tmp_path / "bin")).resolved_dtype()[1].startswith("auto: config.json dtype = ")
+    # an explicit dtype is taken as it is
+    assert PolicySettings(path=str(directory), dtype="float64").resolved_dtype() == (
+        torch.float64,
+        "set by policy.dtype",
+    )

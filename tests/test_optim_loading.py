@@ -433,4 +433,132 @@ def test_a_schedule_that_decayed_to_zero_is_named_with_the_last_nonzero_lr(hf_tr
     message = zero_lr_message(load_optimizer_state(ended, model))
     assert "learning-rate schedule has reached 0" in message
     assert "the last nonzero lr logged in trainer_state.json was 3e-06" in message
-    assert "Fix: set probe.etas to the step sizes to probe, e.g. probe.etas: [3e-06]" in message
+    assert "Fix: set probe.etas to the step sizes to probe and probe.reference_eta" in message
+    assert "(e.g. probe.etas: [3e-06] and probe.reference_eta: 3e-06)" in message
+
+
+# ---- the state is Adam's, with hyperparameters and moments an Adam step can have (issue 13 section 4)
+
+OTHER_OPTIMIZERS = {
+    "RAdam": lambda p: torch.optim.RAdam(p, lr=1e-3),
+    "NAdam": lambda p: torch.optim.NAdam(p, lr=1e-3),
+    "Adamax": lambda p: torch.optim.Adamax(p, lr=1e-3),
+    "Adafactor": lambda p: torch.optim.Adafactor(p, lr=1e-3),
+    "SGD": lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9),
+    "Adagrad": lambda p: torch.optim.Adagrad(p, lr=1e-3),
+    "RMSprop": lambda p: torch.optim.RMSprop(p, lr=1e-3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_OPTIMIZERS))
+def test_the_state_of_another_optimizer_is_refused_by_its_name(name, tmp_path):
+    model = tiny_llama()
+    optimizer = OTHER_OPTIMIZERS[name](model.parameters())
+    train_two_steps(model, optimizer)
+    file = tmp_path / "optimizer.pt"
+    torch.save(optimizer.state_dict(), file)
+    with pytest.raises(ValueError, match=rf"holds the state of {name}\b.*not of Adam or AdamW.*Fix: probe a run"):
+        load_optimizer_state(file, model)
+
+
+def saved_adamw(tmp_path, edit=None) -> tuple[nn.Module, Path]:
+    """A tiny Llama after two AdamW steps and its saved state, ``edit(state_dict)`` applied before saving."""
+    model = tiny_llama()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    train_two_steps(model, optimizer)
+    saved = optimizer.state_dict()
+    if edit is not None:
+        edit(saved)
+    file = tmp_path / "optimizer.pt"
+    torch.save(saved, file)
+    return model, file
+
+
+def test_a_state_without_step_counts_is_refused_not_read_as_step_zero(tmp_path):
+    model, file = saved_adamw(tmp_path, lambda sd: sd["state"][3].pop("step"))
+    with pytest.raises(ValueError, match=r"holds moments but no 'step'; Adam's bias correction depends on"):
+        load_optimizer_state(file, model)
+
+
+@pytest.mark.parametrize(
+    "key, value, problem",
+    [
+        ("betas", (1.0, 0.999), r"beta1 = 1.0 \(must be in \[0, 1\)\)"),
+        ("betas", (-0.1, 0.999), r"beta1 = -0.1"),
+        ("betas", (0.9, 1.5), r"beta2 = 1.5"),
+        ("eps", 0.0, r"eps = 0.0 \(must be finite and > 0\)"),
+        ("weight_decay", -0.01, r"weight_decay = -0.01 \(must be finite and >= 0\)"),
+        ("lr", float("nan"), r"lr = nan"),
+    ],
+)
+def test_hyperparameters_adamw_refuses_are_refused(tmp_path, key, value, problem):
+    model, file = saved_adamw(tmp_path, lambda sd: sd["param_groups"][0].update({key: value}))
+    with pytest.raises(ValueError, match=rf"param group 0: {problem}.*torch.optim.AdamW would not take a step"):
+        load_optimizer_state(file, model)
+
+
+def test_an_override_adamw_refuses_is_refused_naming_it(tmp_path):
+    model, file = saved_adamw(tmp_path)
+    with pytest.raises(ValueError, match=r"param group 0 \(with the overrides \{'beta1': 1.0\}\): beta1 = 1.0"):
+        load_optimizer_state(file, model, beta1=1.0)
+
+
+@pytest.mark.parametrize(
+    "key, value, what",
+    [
+        ("exp_avg", float("nan"), "1 non-finite"),
+        ("exp_avg_sq", float("inf"), "1 non-finite"),
+        ("exp_avg_sq", -1.0, "1 negative"),
+    ],
+)
+def test_moments_no_adam_step_can_make_are_refused(tmp_path, key, value, what):
+    def corrupt(sd):
+        sd["state"][2][key].view(-1)[0] = value
+
+    model, file = saved_adamw(tmp_path, corrupt)
+    with pytest.raises(
+        ValueError, match=rf"the saved {key} of parameter .* has {what} value\(s\) among its \d+ entries.*Fix: probe"
+    ):
+        load_optimizer_state(file, model)
+
+
+def test_half_precision_moments_are_recorded_and_their_underflow_reported(tmp_path, caplog):
+    import logging
+
+    def to_half(sd):
+        for entry in sd["state"].values():
+            entry["exp_avg"], entry["exp_avg_sq"] = entry["exp_avg"].half(), entry["exp_avg_sq"].half()
+
+    model, file = saved_adamw(tmp_path, to_half)
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        choices = load_optimizer_state(file, model).choices
+    moments = choices["optimizer.moments"]["value"]
+    # squared gradients of ~1e-4 are below float16's smallest subnormal (6e-8): v underflows where m does not
+    assert moments["dtype"] == "float16" and 0 < moments["second_moments_underflowed"] <= 1
+    assert "of the second moments are 0 where the first moment is not (they underflowed)" in caplog.text
+    assert load_optimizer_state(saved_adamw(tmp_path)[1], model).choices["optimizer.moments"]["value"] == {
+        "dtype": "float32"
+    }
+
+
+def test_a_step_count_that_disagrees_with_the_checkpoint_is_reported(hf_trainer_run, tmp_path, caplog):
+    import json
+    import logging
+    import shutil
+
+    _, model, checkpoint = hf_trainer_run
+    copy = tmp_path / "checkpoint-7"
+    shutil.copytree(checkpoint, copy)
+    state = json.loads((copy / "trainer_state.json").read_text())
+    assert load_optimizer_state(copy, model).choices["optimizer.step"] == {
+        "value": [2],
+        "source": "saved per-parameter state",
+        "checkpoint_step": state["global_step"],
+    }
+    (copy / "trainer_state.json").write_text(json.dumps({**state, "global_step": 7}))
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        load_optimizer_state(copy, model)
+    assert (
+        "has taken 2 step(s) but" in caplog.text
+        and "global_step says 7: the moments may be of another run" in caplog.text
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -268,7 +269,7 @@ def test_a_resume_with_other_settings_is_refused_not_merged(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
         run_predict(tmp_path, "changed")
     # the same run name with other etas: its cached batch belongs to another plan
-    with pytest.raises(ValueError, match=r"holds the unfinished results of another run \(it differs in: probe.etas\)"):
+    with pytest.raises(ValueError, match=r"another run \(it differs in: model.init_args.probe.etas\)"):
         run_predict(tmp_path, "changed", "--model.init_args.probe.etas", "[0.0001, 0.001]")
     assert not (tmp_path / "changed" / "summary.json").exists()
     assert run_predict(tmp_path, "changed")["status"] == "complete"  # the original settings still resume
@@ -283,8 +284,29 @@ def test_a_resume_with_an_input_file_edited_in_place_is_refused_naming_it(
         run_predict(tmp_path, "edited", "--data.init_args.update.path", str(update))
     records = read_jsonl(update)
     write_jsonl(update, [dict(r, advantage=-r["advantage"]) for r in records])  # same name, other content
-    with pytest.raises(ValueError, match=r"another run \(it differs in: update.files.path\)"):
+    changed = r"another run \(it differs in: data.init_args.update.path \(the file's content\)\)"
+    with pytest.raises(ValueError, match=changed):
         run_predict(tmp_path, "edited", "--data.init_args.update.path", str(update))
+    # the fix the message names: run.overwrite discards the unfinished results, and the edited file is used
+    overwrite = ("--model.init_args.run.overwrite", "true")
+    summary = run_predict(tmp_path, "edited", "--data.init_args.update.path", str(update), *overwrite)
+    used = read_jsonl(tmp_path / "edited" / "rollouts" / "update.jsonl")
+    assert summary["status"] == "complete" and [r["advantage"] for r in used] == [-r["advantage"] for r in records]
+
+
+def test_copies_of_unknown_origin_are_not_reused_when_the_fingerprints_were_deleted(
+    finished_run, tmp_path, monkeypatch, run_predict
+):
+    run, _ = finished_run
+    records = read_jsonl(run / "rollouts" / "update.jsonl")
+    update = write_jsonl(tmp_path / "u.jsonl", records)
+    with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
+        run_predict(tmp_path, "deleted", "--data.init_args.update.path", str(update))
+    write_jsonl(update, [dict(r, advantage=-r["advantage"]) for r in records])
+    shutil.rmtree(tmp_path / "deleted" / "partial")  # results and fingerprints gone; rollouts/ left behind
+    run_predict(tmp_path, "deleted", "--data.init_args.update.path", str(update))
+    used = read_jsonl(tmp_path / "deleted" / "rollouts" / "update.jsonl")
+    assert [r["advantage"] for r in used] == [-r["advantage"] for r in records]
 
 
 def test_fixing_the_update_file_and_rerunning_the_same_name_uses_the_fixed_file(finished_run, tmp_path, run_predict):
@@ -312,11 +334,16 @@ def test_a_schedule_that_ended_is_named_and_the_rerun_with_etas_restarts_the_run
     ended = tmp_path / "ended.pt"
     torch.save(saved, ended)
     optimizer = ["--model.init_args.optimizer.path", str(ended)]
-    with pytest.raises(ValueError, match=r"schedule has reached 0 .* Fix: set probe.etas .* e.g. probe.etas: \["):
+    fix = r"schedule has reached 0 .* Fix: set probe.etas .* and probe.reference_eta .* \(e.g. probe.etas: \["
+    with pytest.raises(ValueError, match=fix):
         run_predict(tmp_path, "ended", *optimizer)
+    with pytest.raises(ValueError, match=fix):  # etas alone would leave the attribution's eta at lr = 0
+        run_predict(tmp_path, "ended", *optimizer, "--model.init_args.probe.etas", "[0.001, 0.01]")
     with caplog.at_level(logging.WARNING, logger="probe"):
-        summary = run_predict(tmp_path, "ended", *optimizer, "--model.init_args.probe.etas", "[0.001, 0.01]")
+        etas = ("--model.init_args.probe.etas", "[0.001, 0.01]", "--model.init_args.probe.reference_eta", "0.001")
+        summary = run_predict(tmp_path, "ended", *optimizer, *etas)
     assert summary["status"] == "complete" and summary["plan"]["etas"] == [0.001, 0.01]
+    assert summary["plan"]["reference_eta"] == 0.001
     assert "restarting an unfinished run that computed nothing yet" in caplog.text and "probe.etas" in caplog.text
     assert summary["choices"]["optimizer.lr"]["value"] == [0.0]
     assert summary["choices"]["optimizer.schedule"]["value"]["initial_lr"] == [saved["param_groups"][0]["initial_lr"]]
@@ -333,3 +360,15 @@ def test_an_unreadable_cached_batch_is_recomputed(finished_run, tmp_path, monkey
     assert "is unreadable" in caplog.text and "recomputing that batch" in caplog.text
     for part, res in uninterrupted["aggregate"].items():
         np.testing.assert_array_equal(resumed["aggregate"][part]["delta_h"], res["delta_h"])
+
+
+def test_a_summary_written_before_the_attribution_verdict_still_reads_and_prints(finished_run):
+    from probe.report import format_table
+    from probe.results import EvalResult
+
+    _, summary = finished_run
+    old = json.loads(json.dumps(summary["evals"][0]))
+    for key in ("scaled_difference", "tolerance", "ok"):
+        del old["attribution"][key]
+    assert EvalResult.from_dict(old).attribution.ok is None
+    assert "no verdict recorded" in format_table([old], summary["plan"]["etas"])

@@ -486,18 +486,98 @@ def test_records_of_one_evaluation_batch_sampled_differently_are_refused():
     with pytest.raises(ValueError, match=partly):
         check_eval_sampling(mixed, temperature=1.0)
     differ = eval_records(temperature=1.0, top_p=1.0)
-    differ[2]["top_p"] = 0.95
-    disagree = (
-        r"e\.jsonl: the records disagree on how E was sampled: line 1 has temperature=1\.0, top_p=None, "
-        r"top_k=None, line 3 has temperature=1\.0, top_p=0\.95, top_k=None.*Fix: split the file"
+    differ[2]["top_p"], differ[2]["top_k"] = 0.95, None
+    disagree = (  # the values as the file gives them, not as normalised ("off") for the comparison
+        r"e\.jsonl: the records disagree on how E was sampled: line 1 has temperature=1\.0, top_p=1\.0, no top_k, "
+        r"line 3 has temperature=1\.0, top_p=0\.95, top_k=null \(top_p 1\.0 and top_k 0 / -1 / null / absent mean "
+        r"off\)\. One evaluation batch is a sample of one distribution\. Fix: split the file"
     )
     with pytest.raises(ValueError, match=disagree):
         check_eval_sampling(differ, temperature=1.0, allow_truncated_sampling=True)
+    some_without_temperature = eval_records(temperature=0.7, top_p=1.0)
+    some_without_temperature[1]["temperature"] = None
+    del some_without_temperature[3]["temperature"]
+    no_temperature = (
+        r"e\.jsonl: 2 of 4 records give no 'temperature' \(absent or null: line 2, line 4\) while the others do\. "
+        r"One evaluation batch is a sample of one distribution at one known temperature\. Fix: give every record "
+        r"the temperature it was sampled at, or drop the records whose temperature is unknown"
+    )
+    with pytest.raises(ValueError, match=no_temperature):
+        check_eval_sampling(some_without_temperature, temperature=0.7)
+
+
+@pytest.mark.parametrize(
+    "sampling, has",
+    [
+        ({"top_k": 0}, "no temperature, no top_p, top_k=0"),
+        ({"temperature": None, "top_p": 1.0}, "temperature=null, top_p=1.0, no top_k"),
+        ({"temperature": None, "top_p": None, "top_k": None}, "temperature=null, top_p=null, top_k=null"),
+    ],
+)
+def test_an_evaluation_batch_that_does_not_give_its_temperature_is_refused(sampling, has):
+    unknown = (
+        r"e\.jsonl: no record gives the temperature this evaluation batch was sampled at \('temperature' is absent or "
+        rf"null in every record; line 1 has {has}\)\. top_p/top_k alone do not say it, and the importance weights "
+        r"compare E's sampling distribution with the policy at tau = 0\.7 "
+        r"\(data\.init_args\.evals\[1\]\.sampling\.temperature\)\. Fix: add the temperature the responses were "
+        r'sampled at to every record \(e\.g\. "temperature": 0\.7 if they were sampled at tau = 0\.7\); if it is '
+        r"unknown, resample E at temperature 0\.7 without top_p/top_k"
+    )
+    with pytest.raises(ValueError, match=unknown):
+        check_eval_sampling(
+            eval_records(**sampling), temperature=0.7, setting="data.init_args.evals[1].sampling.temperature"
+        )
 
 
 def test_top_p_or_top_k_sampling_of_an_evaluation_batch_is_refused_unless_allowed():
     records = eval_records(temperature=1.0, top_k=50)  # HF generate()'s default
-    truncated = r"e\.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation.*allow_truncated_sampling"
-    with pytest.raises(ValueError, match=truncated):
+    truncated = (
+        r"e\.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation; the entropy would be of another "
+        r"distribution\. Fix: sample E without top_p/top_k, or set "
+    )
+    with pytest.raises(ValueError, match=truncated + r"allow_truncated_sampling=true knowingly$"):
         check_eval_sampling(records, temperature=1.0)
+    # the key is named in full, next to the temperature setting of the same evaluation batch
+    with pytest.raises(ValueError, match=truncated + r"data\.init_args\.evals\[2\]\.allow_truncated_sampling=true"):
+        check_eval_sampling(records, temperature=1.0, setting="data.init_args.evals[2].sampling.temperature")
+    # where no setting accepts truncated sampling (the live probe), the fix names none
+    live = "the LiveEntropyProbe callback's init_args.eval.sampling.temperature"
+    with pytest.raises(ValueError) as info:
+        check_eval_sampling(records, temperature=1.0, setting=live, allow_setting=None)
+    assert str(info.value).endswith(
+        "Fix: resample E without top_p/top_k (no setting accepts truncated sampling here)"
+    ) and "allow_truncated_sampling" not in str(info.value)
     check_eval_sampling(records, temperature=1.0, allow_truncated_sampling=True)
+
+
+@pytest.mark.parametrize(
+    "sampling, message",
+    [
+        (
+            {"temperature": 1.0, "top_k": 50},
+            r"e\.jsonl: 4 evaluation sequences were sampled with top-p/top-k truncation; the entropy would be of "
+            r"another distribution\. Fix: resample E without top_p/top_k \(no setting accepts truncated sampling "
+            r"here\)$",
+        ),
+        (
+            {"temperature": 0.5},
+            r"the probe measures the entropy at tau = 1 \(the LiveEntropyProbe callback's init_args\.eval\.sampling\."
+            r"temperature\).*Fix: to probe the entropy at tau = 0\.5, set the LiveEntropyProbe callback's "
+            r"init_args\.eval\.sampling\.temperature to 0\.5",
+        ),
+    ],
+)
+def test_the_live_probe_names_its_own_settings_when_it_refuses_an_evaluation_file(tmp_path, sampling, message):
+    from types import SimpleNamespace
+
+    from callbacks.live import LiveEntropyProbe, LiveEvalSettings
+
+    from support import tiny_llama
+
+    path = tmp_path / "e.jsonl"
+    write_rollouts(list(eval_records(**sampling)), path)
+    probe = LiveEntropyProbe(eval=LiveEvalSettings(path=str(path), refresh=False))
+    probe._pad, probe._eos = PAD, [EOS]  # what setup reads from the tokenizer and the policy
+    with pytest.raises(ValueError, match=message) as info:
+        probe.on_train_start(SimpleNamespace(global_rank=0), SimpleNamespace(policy=tiny_llama()))
+    assert "allow_truncated_sampling" not in str(info.value)  # the callback has no such setting

@@ -20,6 +20,7 @@ from probe.sampling import (
     ids_reward_from_text,
     sample_responses,
     sample_update_batch,
+    special_token_ids,
     truncate_logits,
 )
 from probe.toy.tokenizer import build_tokenizer
@@ -232,6 +233,11 @@ def test_update_batch_gives_up_after_the_attempt_limit_with_the_numbers_and_the_
     assert "Fix: raise max_resample_attempts" in message and "first sampling attempt" not in message
 
 
+def example_of(first_draw: list[dict]) -> dict:
+    """The record the equal-rewards error shows: the first response that ended, else the first response."""
+    return next((r for r in first_draw if not r["truncated"]), first_draw[0])
+
+
 def test_equal_rewards_in_every_group_of_the_first_draw_are_reported_with_an_example(policy):
     sampling = SamplingSettings(n_per_prompt=3, max_new_tokens=3, seed=0)
     with pytest.raises(ValueError) as info:
@@ -248,10 +254,11 @@ def test_equal_rewards_in_every_group_of_the_first_draw_are_reported_with_an_exa
     first = "every one of the 3 prompt groups got equal rewards within the group on the first sampling attempt"
     assert message.startswith(first + " (every reward was 1), and 3 of 3 prompt groups still have all advantages")
     assert "|A| <= 1e-07" in message and "after 2 resampling attempts (max_resample_attempts=2" in message
-    # a reward on token ids saw token ids: the example (the first response of the first draw that ended) shows them
-    first_draw = sample_responses(policy, PROMPTS, sampling, eos_token_id=EOS)
-    example = next(r for r in first_draw if not r["truncated"])
-    shown = f"prompt_ids {example['prompt_ids']}, response_ids {example['response_ids']}, finished=True, reward 1"
+    # a reward on token ids saw token ids: the example (the first response of the first draw that ended, else the
+    # first response: which one depends on the tokens this CPU samples) shows them
+    example = example_of(sample_responses(policy, PROMPTS, sampling, eos_token_id=EOS))
+    finished = not example["truncated"]
+    shown = f"prompt_ids {example['prompt_ids']}, response_ids {example['response_ids']}, finished={finished}, reward 1"
     assert f"One example, as the reward function saw it: {shown}." in message
     assert "Fix: check the reward function on this example" in message
 
@@ -270,12 +277,15 @@ def test_the_example_is_the_text_the_reward_function_saw(policy):
             max_resample_attempts=1,
         )
     message = str(info.value)
-    # the example is the first response of the first draw that ended with EOS, decoded as the reward saw it
-    example = next(r for r in sample_responses(policy, PROMPTS, sampling, tokenizer=tokenizer) if not r["truncated"])
+    # the example is the first response of the first draw that ended with EOS (else the first), decoded as the reward
+    # saw it
+    example = example_of(sample_responses(policy, PROMPTS, sampling, tokenizer=tokenizer))
     prompt = tokenizer.decode(example["prompt_ids"], skip_special_tokens=True)
     response = tokenizer.decode(example["response_ids"], skip_special_tokens=True)
     assert "<eos>" not in response and "<bos>" not in prompt
-    shown = f"prompt {prompt!r}, response {response!r} (decoded with skip_special_tokens=True), finished=True, reward 0"
+    finished = not example["truncated"]
+    shown = f"prompt {prompt!r}, response {response!r} (decoded with skip_special_tokens=True), finished={finished}"
+    shown += ", reward 0"
     assert f"One example, as the reward function saw it: {shown}." in message
     assert "(every reward was 0)" in message
     fixes = ["check the reward function on this example", "set skip_special_tokens=false", "`finished` keyword"]
@@ -283,8 +293,11 @@ def test_the_example_is_the_text_the_reward_function_saw(policy):
     assert all(fix in message for fix in fixes), message
     # the fix it names works: with special tokens kept the same reward tells ended responses from cut ones
     kept = ids_reward_from_text(looks_for_eos, tokenizer, skip_special_tokens=False)
-    records = sample_update_batch(policy, PROMPTS, sampling, reward_fn=kept, tokenizer=tokenizer)
-    assert {r["reward"] for r in records} == {0.0, 1.0}
+    records = sample_update_batch(
+        policy, PROMPTS, sampling, reward_fn=kept, tokenizer=tokenizer, filter_zero_advantage_prompts=False
+    )
+    assert [r["reward"] for r in records] == [float(not r["truncated"]) for r in records]
+    assert kept(PROMPTS[0], [12, EOS]) == 1.0 and kept(PROMPTS[0], [12, 12]) == 0.0
 
 
 def test_a_text_reward_sees_text_without_special_tokens_and_whether_the_response_ended():
@@ -336,3 +349,65 @@ def test_update_batch_is_deterministic_under_a_seed(policy):
 def test_a_temperature_that_is_not_a_positive_number_is_refused(temperature):
     with pytest.raises(ValueError, match=r"temperature must be > 0"):
         SamplingSettings(temperature=temperature)
+
+
+# --------------------------------------------------------------------------- several EOS ids (Llama-3, Qwen)
+
+SECOND_EOS = 5  # a second EOS id of the generation config, as Llama-3's <|end_of_text|> next to <|eot_id|>
+
+
+def two_eos_policy(certain: int | None = None) -> LlamaForCausalLM:
+    """A tiny Llama whose generation config ends at EOS 2 or 5 (config and tokenizer: 2 only); ``certain``: a token
+    whose logit is raised by 1e4 at every position, so it is sampled whatever the seed and CPU."""
+    model = tiny_llama(0, **POLICY)
+    model.generation_config.eos_token_id = [EOS, SECOND_EOS]
+    if certain is not None:
+        bias = torch.zeros(16)
+        bias[certain] = 1e4
+        model.lm_head.register_forward_hook(lambda module, inputs, logits: logits + bias)
+    return model
+
+
+def test_the_eos_ids_are_those_of_the_tokenizer_the_config_and_the_generation_config():
+    tokenizer, model = build_tokenizer(), two_eos_policy()
+    assert special_token_ids(tokenizer, model=model) == (PAD, [EOS, SECOND_EOS])  # tokenizer's first, no repeats
+    assert special_token_ids(tokenizer, model.config) == (PAD, [EOS])  # a config alone: no generation config
+    generation_config = model.generation_config
+    assert special_token_ids(tokenizer, model.config, generation_config=generation_config)[1] == [EOS, SECOND_EOS]
+    model.generation_config.eos_token_id = 7  # an int
+    model.config.eos_token_id = [9, EOS]  # a list
+    assert special_token_ids(tokenizer, model=model) == (PAD, [EOS, 9, 7])
+    assert special_token_ids(None, model=model) == (PAD, [9, EOS, 7])  # no tokenizer: the config's pad and EOS
+    with pytest.raises(ValueError, match=r"no EOS token id"):
+        special_token_ids(None, None)
+
+
+def test_padding_after_the_second_eos_is_stripped_and_the_response_counts_as_finished(tmp_path):
+    from datamodules.rollouts import read_rollouts
+
+    tokenizer, model = build_tokenizer(), two_eos_policy()
+    pad, eos = special_token_ids(tokenizer, model=model)
+    path = tmp_path / "u.jsonl"
+    path.write_text('{"prompt_ids": [1, 8], "response_ids": [7, 5, 0, 0], "group": 0}\n')
+    assert read_rollouts(path, eos_token_ids=eos, pad_token_id=pad)[0]["response_ids"] == [7, SECOND_EOS]
+    seen = ids_reward_from_text(lambda p, r: 0.0, tokenizer, eos_token_id=eos).seen([1, 8], [7, SECOND_EOS])
+    assert seen["finished"] is True
+    assert ids_reward_from_text(lambda p, r: 0.0, tokenizer, eos_token_id=eos).seen([1, 8], [7, 7])["finished"] is False
+
+
+def test_sampling_stops_at_every_eos_of_the_model_and_the_reward_sees_it_finished():
+    from probe.grpo import RolloutSettings, sample_rollout
+
+    tokenizer, model = build_tokenizer(), two_eos_policy(certain=SECOND_EOS)
+    sampling = SamplingSettings(n_per_prompt=2, max_new_tokens=4, seed=0)
+    records = sample_responses(model, [[1, 7]], sampling, tokenizer=tokenizer)  # EOS ids from tokenizer and model
+    assert [r["response_ids"] for r in records] == [[SECOND_EOS]] * 2 and not any(r["truncated"] for r in records)
+    seen = []
+
+    def reward(prompt, response, finished=None):
+        seen.append(finished)
+        return 1.0
+
+    settings = RolloutSettings(n_per_prompt=2, max_new_tokens=4, zero_advantage="keep")
+    rollout = sample_rollout(model, tokenizer, [[1, 7]], [0], [None], settings, seed=0, rollout=0, reward_fn=reward)
+    assert [r["response_ids"] for r in rollout.records] == [[SECOND_EOS]] * 2 and seen == [True, True]

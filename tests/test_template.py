@@ -191,7 +191,7 @@ trainer: {{accelerator: cpu, devices: 1, inference_mode: false}}
 """
     tuned = run_config(hand_tuned, tmp_path, "hand_tuned")
 
-    assert template["choices"]["policy.dtype"] == {"value": "float32", "source": "auto: config.json dtype = float32"}
+    assert template["choices"]["policy.dtype"] == {"value": "float32", "source": "auto: weights saved as float32"}
     assert [e["name"] for e in template["evals"]] == ["eval_00", "eval_01"]
     assert template["plan"] == {**tuned["plan"], "policy": template["plan"]["policy"]}
     for ours, theirs in zip(template["evals"], tuned["evals"]):
