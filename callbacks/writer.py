@@ -23,7 +23,12 @@ log = logging.getLogger("probe")
 
 
 class RunWriter(pl.Callback):
-    """Write the run directory (rank 0) once the aggregation is done."""
+    """Write the run directory (rank 0) once the aggregation is done; release its lock if the run fails."""
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        run_dir = run_state_of(trainer).run_dir
+        if run_dir is not None and trainer.global_rank == 0:
+            run_dir.unlock()  # a rerun (even from another process) may resume it at once
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0:

@@ -145,7 +145,8 @@ class FitRunSettings:
     Args:
         root: folder holding run directories.
         name: run directory name under ``root``; empty: ``$PROBE_RUN_NAME`` (set by the CLI, shared
-            by DDP ranks) or a timestamp.
+            by DDP ranks) or a timestamp. An earlier fit's folder is never continued into.
+        overwrite: replace the folder of an earlier fit of the same name (only a folder probe made).
         seed: seed of the rollouts (each prompt group's generator derives from it).
         log_level: ``standard`` (one line per stage, warnings and the table; Lightning's and W&B's boilerplate
             silenced) or ``detailed`` (also resampling retries, timings, where each automatic choice came from,
@@ -155,6 +156,7 @@ class FitRunSettings:
 
     root: str = "runs"
     name: str = ""
+    overwrite: bool = False
     seed: int = 0
     log_level: str = "standard"
     num_threads: int = 0
@@ -326,6 +328,7 @@ class GRPOModule(pl.LightningModule):
         if not run.name:
             os.environ["PROBE_RUN_NAME"] = self.run_name
         self._run_dir: Path | None = None
+        self._run_folder: RunDirectory | None = None  # rank 0: the opened run folder (holds its lock)
         self.history: list[dict] = []
 
     # ---- run directory -----------------------------------------------------------------------
@@ -337,7 +340,10 @@ class GRPOModule(pl.LightningModule):
         if self._run_dir is None:
             rank_zero = self._trainer is None or self.trainer.global_rank == 0
             if rank_zero:
-                self._run_dir = RunDirectory.open(self.run.root, self.run_name, kind="fit").path
+                self._run_folder = RunDirectory.open(
+                    self.run.root, self.run_name, overwrite=self.run.overwrite, kind="fit"
+                )
+                self._run_dir = self._run_folder.path
             else:
                 self._run_dir = run_path(self.run.root, self.run_name)
         return self._run_dir
@@ -447,6 +453,44 @@ class GRPOModule(pl.LightningModule):
             self._record_history(ro, norm, float(loss.detach()) / world)
         return loss
 
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward, then the check that no optimizer step is taken with a non-finite loss or gradient
+        (gradients here are all-reduced under DDP, so every rank decides alike)."""
+        super().backward(loss, *args, **kwargs)
+        grads = [(n, p.grad) for n, p in self.policy.named_parameters() if p.grad is not None]
+        finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).all() if grads else torch.tensor(True)
+        bad = (~finite | ~torch.isfinite(loss.detach())).double().reshape(1)
+        if self._world() > 1:
+            bad = self.all_gather(bad).max()
+        if bool(bad):
+            raise FloatingPointError(self._non_finite_message(loss, grads))
+
+    def _non_finite_message(self, loss: Tensor, grads: list[tuple[str, Tensor]]) -> str:
+        """What went non-finite at this step, the scale of the step's rewards and advantages, and the fix."""
+        bad = [n for n, g in grads if not bool(torch.isfinite(g).all())]
+        what = (
+            f"the gradient of {len(bad)} of {len(grads)} trained tensors ({', '.join(bad[:3])}"
+            + (", ..." if len(bad) > 3 else "")
+            + ") holds inf/NaN"
+            if bad
+            else "the gradient is finite"
+        )
+        facts = [f"the loss is {float(loss.detach()):.4g}", what]
+        if self._rollout is not None and self._rollout[1] is not None:
+            _, U, _, ro = self._rollout
+            advantages = U.advantages.double()
+            facts.append(f"this step's advantages span [{float(advantages.min()):.4g}, {float(advantages.max()):.4g}]")
+            if ro.rewards:
+                facts.append(f"its rewards [{min(ro.rewards):.4g}, {max(ro.rewards):.4g}]")
+        normalised = "" if self.rollout_settings.normalize_std else " (rollout.normalize_std=false keeps their scale)"
+        return (
+            f"step {self.global_step}: {'; '.join(facts)}. The optimizer step was not taken, so the weights are still "
+            "finite and nothing non-finite is saved (checkpoints already written hold earlier, finite steps). "
+            f"Fix: keep rewards and advantages of moderate size{normalised}, e.g. rewards in [-10, 10] or "
+            "rollout.normalize_std=true; lower optimizer.lr; resume from an earlier checkpoint of <run>/checkpoints/ "
+            "if the run diverged"
+        )
+
     def _record_history(self, ro: Rollout, norm: Normalisers, local_loss: float) -> None:
         """One line of ``history.jsonl`` per rollout (rank 0 writes; rewards gathered from every rank)."""
         rewards = [sum(ro.rewards), float(len(ro.rewards)), float(ro.dropped), float(ro.resampled), local_loss]
@@ -472,8 +516,21 @@ class GRPOModule(pl.LightningModule):
 
     # ---- end of fit --------------------------------------------------------------------------
     def on_train_end(self) -> None:
+        try:
+            self._save_trained_policy()
+        finally:
+            if self._run_folder is not None:
+                self._run_folder.unlock()
+
+    def _save_trained_policy(self) -> None:
         if not self.save_policy or self.trainer.global_rank != 0:
             return
+        bad = [n for n, p in self.policy.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:  # cannot happen after the gradient check in backward(); kept as the last guard before a save
+            raise FloatingPointError(
+                f"the trained policy holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
+                f"at step {self.global_step}; it is not saved. Fix: lower optimizer.lr and check the rewards' scale"
+            )
         target = self.run_directory() / "policy"
         self.policy.save_pretrained(str(target), safe_serialization=True)
         self.tokenizer.save_pretrained(str(target))

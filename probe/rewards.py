@@ -35,6 +35,8 @@ BUILTIN_REWARDS = {"toy": "probe.toy.task:reward", "gsm8k": "probe.rewards:gsm8k
 __all__ = [
     "BUILTIN_REWARDS",
     "RewardFunction",
+    "RewardFunctionError",
+    "clip_text",
     "extract_final_number",
     "gsm8k_reward",
     "load_callable",
@@ -149,6 +151,15 @@ def _takes_keyword(fn: Callable, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
+class RewardFunctionError(RuntimeError):
+    """A reward function raised: the message names the function and the sample (the cause is chained)."""
+
+
+def clip_text(text: str, n: int = 160) -> str:
+    """``text``, shortened in the middle to about ``n`` characters for a message."""
+    return text if len(text) <= n else text[: n // 2] + " ... " + text[-n // 2 :]
+
+
 class RewardFunction:
     """A reward callable ``(prompt, response, answer=None, finished=None) -> float`` whose results are checked.
 
@@ -181,7 +192,19 @@ class RewardFunction:
         keywords: dict[str, Any] = {"answer": answer} if takes_answer else {}
         if takes_finished and finished is not None:
             keywords["finished"] = bool(finished)
-        value = fn(prompt, response, **keywords)
+        try:
+            value = fn(prompt, response, **keywords)
+        except Exception as e:  # a bug in the user's function: name it and the sample, keep the original cause
+            if self.name in BUILTIN_REWARDS:  # the built-in rewards raise messages that name the fix themselves
+                raise
+            sample = f"prompt {clip_text(prompt)!r}, response {clip_text(response)!r}"
+            if answer is not None:
+                sample += f", answer {clip_text(str(answer))!r}"
+            raise RewardFunctionError(
+                f"reward function {self.name!r} raised {type(e).__name__}: {e} on {sample}. Fix: make the function "
+                "return a float for every response (e.g. 0.0 for one it cannot score); the traceback above shows "
+                "where it failed"
+            ) from e
         if isinstance(value, (str, bytes)) or value is None:
             raise TypeError(
                 f"reward function {self.name!r} returned {value!r} ({type(value).__name__}) for response "

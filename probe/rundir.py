@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 import zipfile
 from pathlib import Path
@@ -33,6 +34,7 @@ class RunDirectoryExists(FileExistsError):
 
 
 RUN_MARKER = ".probe-run"  # written into every run directory probe creates; only such a directory is ever deleted
+LOCK_FILE = ".probe-lock"  # held by the process writing the run (RunDirectory.lock)
 
 
 def default_run_name(name: str = "") -> str:
@@ -121,13 +123,22 @@ class RunDirectory:
         run = cls(run_path(root, default_run_name(name)))
         if run.path.exists():
             run._check_owned(kind)
-            if run.is_finished() and not overwrite:
+            earlier = sorted(p.name for p in run.path.iterdir() if p.name not in (RUN_MARKER, LOCK_FILE))
+            if kind == "fit" and earlier and not overwrite:
+                raise RunDirectoryExists(
+                    f"{run.path} holds an earlier fit ({', '.join(earlier[:4])}); a fit never continues into another "
+                    "fit's folder, whose history and checkpoints would then mix two runs. Fix: choose another "
+                    "run.name, pass run.overwrite=true to replace it, or continue that training under a new run.name "
+                    f"with --ckpt_path {run.path / 'checkpoints' / 'last.ckpt'}"
+                )
+            if kind == "predict" and run.is_finished() and not overwrite:
                 raise RunDirectoryExists(
                     f"run directory {run.path} already holds a finished run (summary.json status 'complete'); "
                     "it is never overwritten silently: choose another --run.name, or pass --run.overwrite=true to "
                     "replace it"
                 )
             if overwrite:  # a run folder probe made (checked above): finished, or unfinished results discarded
+                run.lock()  # refused while another process writes it
                 shutil.rmtree(run.path)
         run.path.mkdir(parents=True, exist_ok=True)
         marker = run.path / RUN_MARKER
@@ -135,6 +146,7 @@ class RunDirectory:
             _atomic_write_bytes(
                 marker, json.dumps({"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode()
             )
+        run.lock()
         return run
 
     def _check_owned(self, kind: str) -> None:
@@ -167,6 +179,49 @@ class RunDirectory:
                 f"{self.path} holds a probe '{made_for}' run, not a '{kind}' run. Fix: choose another run.name"
             )
 
+    # ---- one process at a time ---------------------------------------------------------------
+    def lock(self) -> None:
+        """Hold ``<run>/.probe-lock`` while this process writes the run: a second process that opens the same run
+        folder is refused (two runs of one name would mix their batches). The lock names its process and host;
+        one whose process has ended (a crash, a kill) is taken over with a warning. Released by :meth:`unlock`
+        (at the end of a run) or when the lock's process is gone."""
+        path = self.path / LOCK_FILE
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _read_json(path)
+                if not isinstance(holder, dict):  # being written this instant, or garbage: look again
+                    time.sleep(0.05)
+                    holder = _read_json(path)
+                if isinstance(holder, dict) and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
+                    return  # this process holds it (a run resumed in the same process)
+                if isinstance(holder, dict) and holder.get("host") == me["host"] and not _alive(holder.get("pid")):
+                    log.warning(
+                        "%s: taking over the lock of process %s, which has ended (it stopped without finishing)",
+                        self.path,
+                        holder.get("pid"),
+                    )
+                    path.unlink(missing_ok=True)
+                    continue
+                raise RunDirectoryExists(
+                    f"{self.path} is being written by another process ({_describe(holder)}); two runs of one name "
+                    "would mix their results. Fix: wait for that run to end, or choose another run.name; if no run "
+                    f"is active (a run on another machine that died), delete {path}"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return
+        raise RunDirectoryExists(f"{self.path}: could not take the lock {path}; retry, or choose another run.name")
+
+    def unlock(self) -> None:
+        """Release this process's lock (no-op if another process holds it or there is none)."""
+        path = self.path / LOCK_FILE
+        holder = _read_json(path) if path.is_file() else None
+        if isinstance(holder, dict) and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            path.unlink(missing_ok=True)
+
     @property
     def resuming(self) -> bool:
         return (self.path / "partial").exists()
@@ -185,6 +240,7 @@ class RunDirectory:
         summary = {"schema_version": SCHEMA_VERSION, **summary, "status": "complete"}
         write_json(self.path / "summary.json", summary)
         shutil.rmtree(self.path / "partial", ignore_errors=True)
+        self.unlock()
 
     # ---- outputs ----------------------------------------------------------------------------
     def eval_dir(self, k: int) -> Path:
@@ -316,3 +372,22 @@ def file_digest(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return f"sha256:{digest.hexdigest()}"
+
+
+def _alive(pid: Any) -> bool:
+    """Whether a process of this host with that id is running."""
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def _describe(holder: Any) -> str:
+    if not isinstance(holder, dict):
+        return "its lock file is unreadable"
+    return f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}"

@@ -23,7 +23,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from probe.rewards import resolve_reward
+from probe.rewards import clip_text, resolve_reward
 
 
 @dataclass
@@ -320,8 +320,12 @@ def group_advantages(
     centred = rewards - means[group_index]  # [N]
     if not normalize_std:
         return centred
-    sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, centred**2)  # [K]
-    std = torch.sqrt(sq / (counts - 1).clamp(min=1))  # [K]
+    # the std of each group, computed on the group's values scaled by their largest |r - mean| so that squaring
+    # cannot overflow (rewards of 1e200 would give an infinite std, and silently zero advantages)
+    scale = torch.zeros(n_groups, dtype=torch.float64).scatter_reduce_(0, group_index, centred.abs(), "amax")  # [K]
+    scale = scale.clamp(min=torch.finfo(torch.float64).tiny)
+    sq = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, group_index, (centred / scale[group_index]) ** 2)
+    std = scale * torch.sqrt(sq / (counts - 1).clamp(min=1))  # [K]
     return centred / (std[group_index] + eps)
 
 
@@ -390,19 +394,15 @@ def ids_reward_from_text(
     return TextReward(reward_fn, tokenizer, answers, skip_special_tokens=skip_special_tokens, eos_token_id=eos_token_id)
 
 
-def _clip(text: str, n: int = 160) -> str:
-    return text if len(text) <= n else text[: n // 2] + " ... " + text[-n // 2 :]
-
-
 def _example_seen_by_reward(record: dict, reward_fn: Callable) -> str:
     """One record as the reward function saw it: text for a :class:`TextReward`, else the token ids."""
     finished = not record.get("truncated", False)
     if isinstance(reward_fn, TextReward):
         seen = reward_fn.seen(record["prompt_ids"], record["response_ids"])
-        shown = f"prompt {_clip(seen['prompt'])!r}, response {_clip(seen['response'])!r}"
+        shown = f"prompt {clip_text(seen['prompt'])!r}, response {clip_text(seen['response'])!r}"
         shown += f" (decoded with skip_special_tokens={reward_fn.skip_special_tokens})"
         if seen["answer"] is not None:
-            shown += f", answer {_clip(str(seen['answer']))!r}"
+            shown += f", answer {clip_text(str(seen['answer']))!r}"
         finished = finished if seen["finished"] is None else seen["finished"]
     else:
         shown = f"prompt_ids {list(record['prompt_ids'])}, response_ids {list(record['response_ids'])}"

@@ -151,3 +151,69 @@ def test_rollouts_are_reproducible_per_prompt_and_indexed_by_their_place_in_the_
     by_index = {r["index"]: r for r in whole.records}
     for r in odd.records:  # a rank holding prompts 1 and 3 draws exactly what one process draws for them
         assert r["response_ids"] == by_index[r["index"]]["response_ids"] and r["group"] == by_index[r["index"]]["group"]
+
+
+# ---- training never saves what it should not (issue 13 section 6)
+
+USER_REWARDS = '''
+from probe.toy.task import reward as toy
+
+
+def extreme(prompt, response, finished=None):
+    """The toy reward scaled to +-1e200: finite, but its advantages overflow float32 gradients."""
+    return 1e200 * (2 * toy(prompt, response, finished=finished) - 1)
+
+
+def broken(prompt, response):
+    return len(response) / (len(response) - len(response))
+'''
+
+
+@pytest.fixture()
+def user_rewards(tmp_path, monkeypatch) -> str:
+    (tmp_path / "user_rewards_grpo.py").write_text(USER_REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "user_rewards_grpo"
+
+
+def short_fit(run_fit, root: Path, name: str, *extra: str) -> Path:
+    settings = ("--trainer.callbacks", "[]", "--trainer.max_steps", "2", "--model.init_args.checkpoint_every_n_steps")
+    return run_fit(root, name, *settings, "1", *extra)
+
+
+def test_a_step_with_non_finite_gradients_stops_the_fit_before_it_and_saves_nothing_non_finite(
+    run_fit, tmp_path, user_rewards
+):
+    reward = ("--model.init_args.rollout.reward", f"{user_rewards}:extreme")
+    with pytest.raises(FloatingPointError) as failure:
+        short_fit(run_fit, tmp_path, "extreme", *reward, "--model.init_args.rollout.normalize_std", "false")
+    message = str(failure.value)
+    assert message.startswith("step 0: the loss is ") and "trained tensors" in message and "holds inf/NaN" in message
+    assert "advantages span [-" in message and "rollout.normalize_std=false keeps their scale" in message
+    run = tmp_path / "extreme"
+    assert not (run / "policy").exists() and not list(run.rglob("*.ckpt"))  # nothing was saved
+
+
+def test_a_reward_function_that_raises_is_named_with_the_sample(run_fit, tmp_path, user_rewards):
+    from probe.rewards import RewardFunctionError
+
+    reward = ("--model.init_args.rollout.reward", f"{user_rewards}:broken")
+    with pytest.raises(RewardFunctionError) as failure:
+        short_fit(run_fit, tmp_path, "broken", *reward)
+    assert f"reward function '{user_rewards}:broken' raised ZeroDivisionError: division by zero on prompt '" in str(
+        failure.value
+    )
+    assert isinstance(failure.value.__cause__, ZeroDivisionError)
+
+
+def test_a_second_fit_never_continues_into_the_first_ones_folder(run_fit, tmp_path):
+    from probe.rundir import RunDirectoryExists
+
+    run = short_fit(run_fit, tmp_path, "twice")
+    history = (run / "history.jsonl").read_text()
+    with pytest.raises(RunDirectoryExists, match=r"twice holds an earlier fit \(.*history.jsonl.*Fix: choose another"):
+        short_fit(run_fit, tmp_path, "twice")
+    assert (run / "history.jsonl").read_text() == history  # untouched
+    short_fit(run_fit, tmp_path, "twice", "--model.init_args.run.overwrite", "true")
+    steps = [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()]
+    assert steps == [0, 1]  # one run's history, not [0, 1, 0, 1]

@@ -138,3 +138,30 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_numbers(uninterrup
 
     assert resume_counting_batches(monkeypatch, tmp_path, "killed") == N_BATCHES - written
     assert_same_run(tmp_path / "killed", uninterrupted)
+
+
+def test_a_run_folder_another_live_process_writes_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, caplog):
+    import logging
+    import socket
+
+    from probe.rundir import LOCK_FILE, RunDirectory, RunDirectoryExists
+
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        run = RunDirectory.open(str(tmp_path), "busy")
+        run.unlock()
+        holder = {"pid": other.pid, "host": socket.gethostname(), "since": "2026-11-28T10:00:00"}
+        (run.path / LOCK_FILE).write_text(json.dumps(holder))  # what a second, running probe process holds
+        busy = rf"busy is being written by another process \(process {other.pid} on .*\); two runs of one name"
+        with pytest.raises(RunDirectoryExists, match=busy + r".*Fix: wait for that run to end"):
+            RunDirectory.open(str(tmp_path), "busy")
+        with pytest.raises(RunDirectoryExists, match=busy):  # nor is it deleted under the other process
+            RunDirectory.open(str(tmp_path), "busy", overwrite=True)
+        assert (run.path / LOCK_FILE).is_file()
+    finally:
+        other.kill()
+        other.wait()
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        RunDirectory.open(str(tmp_path), "busy")  # its process has ended: the lock is stale
+    assert f"taking over the lock of process {other.pid}, which has ended" in caplog.text
+    assert json.loads((tmp_path / "busy" / LOCK_FILE).read_text())["pid"] == os.getpid()

@@ -7,6 +7,7 @@ import math
 import statistics
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -167,6 +168,13 @@ def test_group_advantages_are_centred_and_scaled_by_the_unbiased_group_std():
     expected = [0.5 / (std_a + eps), -0.5 / (std_a + eps), 0.0, -1.0 / (std_7 + eps), 1.0 / (std_7 + eps), 0.0]
     advantages = group_advantages(rewards, groups, normalize_std=True, eps=eps)
     assert advantages.tolist() == pytest.approx(expected, abs=1e-12)
+
+
+def test_normalised_advantages_do_not_depend_on_the_rewards_scale_even_where_squares_overflow():
+    rewards, groups = torch.tensor([1.0, -1.0, 1.0, 0.5, -0.25], dtype=torch.float64), [0, 0, 0, 1, 1]
+    unit = group_advantages(rewards, groups, eps=0.0)
+    for scale in (1e-150, 1e200, 1e300):  # (1e200)^2 overflows float64: the std was inf, the advantages 0
+        np.testing.assert_allclose(group_advantages(rewards * scale, groups, eps=0.0), unit, rtol=1e-12)
 
 
 def test_a_group_with_equal_rewards_has_zero_advantages():
