@@ -111,7 +111,7 @@ class SNISAggregation(pl.Callback):
         results = []
         for k, table in enumerate(tables):
             E = inputs.eval_batch(k)
-            result = summarise_eval(table, plan, E)
+            result = summarise_eval(table, plan, E, state.require("resolution"))
             if trainer.global_rank == 0:
                 swept = len(result.warnings)
                 for warning in result.warnings:

@@ -237,8 +237,13 @@ class LiveEntropyProbe(pl.Callback):
                 from datamodules.rollouts import check_eval_sampling, read_rollouts
 
                 vocab = int(policy.get_input_embeddings().weight.shape[0])
+                context = getattr(getattr(policy, "config", None), "max_position_embeddings", None)  # None: no check
                 records = read_rollouts(
-                    self.eval_settings.path, vocab_size=vocab, eos_token_ids=self._eos, pad_token_id=self._pad
+                    self.eval_settings.path,
+                    vocab_size=vocab,
+                    max_length=context,
+                    eos_token_ids=self._eos,
+                    pad_token_id=self._pad,
                 )
                 check_eval_sampling(  # E must say how it was sampled: from the full distribution at tau
                     records,

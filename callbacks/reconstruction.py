@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
-from probe.engine import check_etas_fit, make_plan, part_directions
+from probe.engine import check_etas_fit, eta_resolution, make_plan, part_directions
 from probe.optim_loading import load_optimizer_state, zero_lr_message
 from probe.run_state import on_rank_zero, run_state_of
 from probe.update import Update, reconstruct_update
@@ -58,6 +58,7 @@ class UpdateReconstruction(pl.Callback):
             name: {n: t.to(pl_module.device) for n, t in direction.items()}
             for name, direction in part_directions(update, plan.parts).items()
         }
+        state.resolution = eta_resolution(policy, state.directions, plan.etas)
         state.timings["reconstruction_s"] = time.perf_counter() - start
         log.info(
             "update: lr %.3g, |full| %.4g, |baseline| %.4g, |grad| %.4g, clip coef %.4g (||g|| = %.4g), %d sequences, "

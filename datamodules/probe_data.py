@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.rollouts import check_advantages, check_eval_sampling, fill_advantages, read_rollouts, write_rollouts
+from probe.engine import check_prompt_groups
 from probe.prompts import PromptSource, load_prompts
 from probe.rewards import resolve_reward
 from probe.run_state import ProbeInputs, indexed_collate, on_rank_zero, run_state_of, settings_key
@@ -212,8 +213,10 @@ class ProbeDataModule(pl.LightningDataModule):
         policy, tokenizer = state.policy, state.tokenizer
         vocab_size = int(policy.get_input_embeddings().weight.shape[0])
         pad, eos = special_token_ids(tokenizer, model=policy)  # every EOS id: tokenizer, config, generation_config
-        # token ids checked against the vocabulary; padding after a response's EOS stripped, other tokens refused
-        read = partial(read_rollouts, vocab_size=vocab_size, eos_token_ids=eos, pad_token_id=pad)
+        # token ids checked against the vocabulary and lengths against the context (None: unknown, not checked);
+        # padding after a response's EOS stripped, other tokens refused
+        context = getattr(getattr(policy, "config", None), "max_position_embeddings", None)  # PeftModel: its base's
+        read = partial(read_rollouts, vocab_size=vocab_size, max_length=context, eos_token_ids=eos, pad_token_id=pad)
         rollouts = run_dir.path / "rollouts"
 
         def materialise() -> None:  # rank 0; a refusal here stops every rank (on_rank_zero), not rank 0 alone
@@ -248,7 +251,8 @@ class ProbeDataModule(pl.LightningDataModule):
         eval_records = []
         for k, settings in enumerate(self.eval_settings):
             records = read(rollouts / f"eval_{k:02d}.jsonl")
-            self._check_eval(records, rollouts / f"eval_{k:02d}.jsonl", settings)
+            first_look = trainer.global_rank == 0 and not settings.path  # a user's file was reported before its copy
+            self._check_eval(records, rollouts / f"eval_{k:02d}.jsonl", settings, report_unended=first_look)
             eval_records.append([dict(r, index=i) for i, r in enumerate(records)])
         self.inputs = state.inputs = ProbeInputs(
             update_records=[dict(r, index=i) for i, r in enumerate(update)],
@@ -256,9 +260,14 @@ class ProbeDataModule(pl.LightningDataModule):
             temperatures=[float(s.sampling.temperature) for s in self.eval_settings],
             pad_token_id=pad,
         )
+        for k in range(len(eval_records)):  # before any pass over E: per_prompt needs groups of >= 2
+            check_prompt_groups(self.inputs.eval_batch(k), state.settings.probe.normalisation)
 
-    def _check_eval(self, records: list[dict], path: Path, settings: EvalBatchSettings) -> None:
-        """E must say how it was sampled: the full distribution at the probe's tau (datamodules.rollouts)."""
+    def _check_eval(
+        self, records: list[dict], path: Path, settings: EvalBatchSettings, report_unended: bool = True
+    ) -> None:
+        """E must say how it was sampled: the full distribution at the probe's tau (datamodules.rollouts);
+        ``report_unended``: report an E whose responses mostly do not end (once per batch, not per look)."""
         k = next(k for k, s in enumerate(self.eval_settings) if s is settings)
         check_eval_sampling(
             records,
@@ -266,6 +275,7 @@ class ProbeDataModule(pl.LightningDataModule):
             allow_truncated_sampling=settings.allow_truncated_sampling,
             setting=f"data.init_args.evals[{k}].sampling.temperature",
             source=str(path),
+            report_unended=report_unended,
         )
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:

@@ -12,8 +12,11 @@ A rollout file holds one sequence per record, as JSON lines (``.jsonl``, ``.json
 * any other field, kept untouched as metadata (e.g. ``answer`` for the GSM8K reward).
 
 A response ends at its first EOS (EOS included): given the EOS and pad ids, :func:`read_rollouts`
-strips padding after it (with a warning) and refuses other tokens there. Advantages are given
-for every record or for none (then computed from ``reward``, :func:`fill_advantages`, and logged).
+strips padding after it (with a warning) and refuses other tokens there; given the model's context
+(``max_length``), it refuses longer sequences. Advantages are given for every record or for none (then
+computed from ``reward``, :func:`fill_advantages`, and logged); advantages ordered against the rewards in
+every prompt group (a sign flip) are refused (:func:`check_advantages`). Only regular files are read (a FIFO
+or a device would hang or fill the memory); a UTF-8 byte-order mark is skipped.
 
 Every error names the file, the line (JSONL, counted from 1 as editors do) or row
 (Parquet, counted from 0 as pyarrow does), the problem and the fix. Writing is atomic
@@ -22,11 +25,13 @@ Every error names the file, the line (JSONL, counted from 1 as editors do) or ro
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
 import numbers
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -38,6 +43,8 @@ REQUIRED_FIELDS = ("prompt_ids", "response_ids", "group")
 LOGPROB_POSITIVE_TOLERANCE = 1e-3
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
 PER_TOKEN_FIELDS = ("old_logprobs", "sampling_logprobs")  # one value per response token
+# an evaluation batch whose responses mostly stop without EOS (cut at max_new_tokens?) is reported below this
+MIN_ENDED_FRACTION = 0.5
 
 log = logging.getLogger("probe")
 
@@ -47,11 +54,15 @@ __all__ = [
     "REQUIRED_FIELDS",
     "SAMPLING_FIELDS",
     "RolloutRecords",
+    "check_advantage_signs",
     "check_advantages",
     "check_eval_sampling",
+    "check_lengths",
+    "check_regular_file",
     "read_rollouts",
     "strip_after_eos",
     "validate_rollouts",
+    "warn_unended",
     "write_rollouts",
     "fill_advantages",
 ]
@@ -63,12 +74,20 @@ class RolloutRecords(list):
     It is a plain ``list`` of dicts (compares equal to one); ``source`` is the file and
     ``locations[i]`` is "line 7" / "row 3", so that :func:`validate_rollouts` called later
     (e.g. with the model's ``vocab_size``) still points at the right line of the file.
+    ``eos_token_ids`` are the EOS ids the responses were cut at (:func:`strip_after_eos`), or None.
     """
 
-    def __init__(self, records: Iterable[dict] = (), source: str | None = None, locations: Sequence[str] | None = None):
+    def __init__(
+        self,
+        records: Iterable[dict] = (),
+        source: str | None = None,
+        locations: Sequence[str] | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ):
         super().__init__(records)
         self.source = source
         self.locations = list(locations) if locations is not None else None
+        self.eos_token_ids = list(eos_token_ids) if eos_token_ids is not None else None
 
 
 # --------------------------------------------------------------------------- format
@@ -281,8 +300,10 @@ def _read_jsonl(path: Path) -> RolloutRecords:
     raw = path.read_bytes()
     if raw.startswith(b"PAR1"):
         raise ValueError(f"{path}: this is a Parquet file with a JSON-lines suffix. Fix: rename it to *.parquet")
+    if raw.startswith(codecs.BOM_UTF8):  # written by some Windows tools; not part of the first record
+        log.debug("%s: skipping the UTF-8 byte-order mark at the start of the file", path)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err}). Fix: write the rollout file as UTF-8 JSON lines") from None
     lines = text.split("\n")
@@ -330,10 +351,59 @@ def _read_parquet(path: Path) -> RolloutRecords:
     return RolloutRecords(records, source=str(path), locations=[f"row {i}" for i in range(len(records))])
 
 
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, in words (for messages)."""
+    kinds = [
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device (such as /dev/zero)"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def check_regular_file(path: Path, what: str, fix: str) -> None:
+    """Refuse a path that is not a regular file (after links) before it is read: reading a FIFO waits for a
+    writer for ever, and a device such as /dev/zero never ends (a MemoryError at best)."""
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):
+        raise ValueError(
+            f"{path}: is {_file_kind(mode)}, not a regular file; probe reads {what} only from regular files (a pipe "
+            f"or a device would block or never end). Fix: {fix}"
+        )
+
+
+def check_lengths(records: Sequence[dict], max_length: int, source: str | None = None) -> None:
+    """Refuse sequences (prompt + response) longer than the model's context of ``max_length`` positions."""
+    too_long = [
+        i
+        for i, r in enumerate(records)
+        if len(_as_list(r["prompt_ids"])) + len(_as_list(r["response_ids"])) > max_length
+    ]
+    if not too_long:
+        return
+    i = too_long[0]
+    n_prompt, n_response = len(_as_list(records[i]["prompt_ids"])), len(_as_list(records[i]["response_ids"]))
+    more = (
+        f"; {len(too_long)} of {len(records)} records are that long ({_several(records, too_long)})"
+        if len(too_long) > 1
+        else ""
+    )
+    raise ValueError(
+        f"{_where(records, i, source)}: the sequence is {n_prompt + n_response} tokens long ({n_prompt} prompt + "
+        f"{n_response} response tokens), more than the model's context of {max_length} positions "
+        f"(config.max_position_embeddings){more}. The model cannot score tokens beyond it as it was trained to "
+        "(a learned position table ends there; rotary positions extrapolate silently). Fix: truncate the prompt or "
+        f"the response so that each sequence fits {max_length} tokens (as the trainer did), drop these records, or "
+        "load a model with a longer context"
+    )
+
+
 def read_rollouts(
     path: str | os.PathLike,
     *,
     vocab_size: int | None = None,
+    max_length: int | None = None,
     allow_empty_responses: bool = False,
     eos_token_ids: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
@@ -341,9 +411,11 @@ def read_rollouts(
     """Read and validate a rollout file (JSON lines or Parquet, chosen by the suffix).
 
     Args:
-        path: ``*.jsonl`` / ``*.json`` / ``*.ndjson`` (one JSON object a line, blank lines skipped)
-            or ``*.parquet`` / ``*.pq``.
+        path: ``*.jsonl`` / ``*.json`` / ``*.ndjson`` (one JSON object a line, blank lines skipped, a UTF-8
+            byte-order mark skipped) or ``*.parquet`` / ``*.pq``; a regular file (not a FIFO or a device).
         vocab_size: when given, token ids must lie in ``[0, vocab_size)``.
+        max_length: the model's context (``config.max_position_embeddings``): when given, every sequence
+            (prompt + response, after padding is stripped) must fit in it (:func:`check_lengths`).
         allow_empty_responses: accept records with an empty ``response_ids``.
         eos_token_ids: the tokenizer's EOS id(s): when given, responses that go on after their first EOS
             are stripped (padding / EOS only, with a warning) or refused (:func:`strip_after_eos`).
@@ -358,6 +430,7 @@ def read_rollouts(
         raise FileNotFoundError(f"{path}: rollout file not found. Fix: check the path (cwd is {os.getcwd()})")
     if path.is_dir():
         raise ValueError(f"{path}: is a directory, not a rollout file. Fix: point to the *.jsonl or *.parquet file")
+    check_regular_file(path, "rollouts", "write the rollouts to a file (e.g. with write_rollouts) and give its path")
     records = _read_jsonl(path) if kind == "jsonl" else _read_parquet(path)
     if len(records) == 0:
         raise ValueError(
@@ -367,6 +440,8 @@ def read_rollouts(
     validate_rollouts(records, vocab_size=vocab_size, allow_empty_responses=allow_empty_responses)
     if eos_token_ids is not None:
         records = strip_after_eos(records, eos_token_ids, pad_token_id)
+    if max_length is not None:
+        check_lengths(records, int(max_length))
     return records
 
 
@@ -430,7 +505,12 @@ def strip_after_eos(
             n_tokens,
             ", ".join(map(str, sorted(seen))),
         )
-    return RolloutRecords(out, source=getattr(records, "source", None), locations=getattr(records, "locations", None))
+    return RolloutRecords(
+        out,
+        source=getattr(records, "source", None),
+        locations=getattr(records, "locations", None),
+        eos_token_ids=sorted(eos),
+    )
 
 
 # --------------------------------------------------------------------------- how E was sampled
@@ -472,6 +552,8 @@ def check_eval_sampling(
     setting: str = "sampling.temperature of the evaluation batch",
     allow_setting: str | None = "allow_truncated_sampling",
     source: str | None = None,
+    eos_token_ids: int | Sequence[int] | None = None,
+    report_unended: bool = True,
 ) -> None:
     """Refuse an evaluation batch E that was not sampled from the full distribution at the probe's temperature.
 
@@ -491,6 +573,9 @@ def check_eval_sampling(
             temperature`` -> ``data.init_args.evals[0].allow_truncated_sampling``); None where there is no such
             setting: the fix then says to resample E without top_p/top_k.
         source: name used in messages; default: the file the records were read from.
+        eos_token_ids: the EOS ids; default: those :func:`read_rollouts` cut the responses at. When known, a
+            batch of which fewer than half the responses end with EOS is reported (:func:`warn_unended`).
+        report_unended: False for a second look at the same batch (its copy), so that the report is made once.
     """
     name = _name(records, source)
     if allow_setting == "allow_truncated_sampling" and setting.endswith(".sampling.temperature"):
@@ -564,6 +649,36 @@ def check_eval_sampling(
             f"distributions. Fix: to probe the entropy at tau = {sampled_at:g}, set {setting} to {sampled_at:g}; "
             f"to probe it at tau = {temperature:g}, sample E at temperature {temperature:g}"
         )
+    if eos_token_ids is None:
+        eos_token_ids = getattr(records, "eos_token_ids", None)
+    if eos_token_ids is not None and report_unended:
+        warn_unended(records, eos_token_ids, source=source)
+
+
+def warn_unended(records: Sequence[dict], eos_token_ids: int | Sequence[int], source: str | None = None) -> int:
+    """Report an evaluation batch of which fewer than half (``MIN_ENDED_FRACTION``) the responses end with EOS.
+
+    Such responses were cut at ``max_new_tokens`` or written without their EOS: the probe then measures the
+    entropy of cut responses, not of whole sequences of the policy. A WARNING names the file, the count, lines
+    of responses that do not end and the fix. Returns how many responses end with an EOS id.
+    """
+    eos = {int(eos_token_ids)} if isinstance(eos_token_ids, numbers.Integral) else set(map(int, eos_token_ids))
+    unended = [i for i, r in enumerate(records) if not (ids := _as_list(r["response_ids"])) or ids[-1] not in eos]
+    ended = len(records) - len(unended)
+    if records and ended < MIN_ENDED_FRACTION * len(records):
+        log.warning(
+            "%s: only %d of %d responses of this evaluation batch end with an EOS id (%s); the others stop without "
+            "one (%s): they were probably cut at max_new_tokens, or the file was written without their EOS. The "
+            "probe measures the entropy of the policy's sequences, and the entropy of a cut response is not that. "
+            "Fix: write each response with the EOS it ended with; if they were cut, sample E with a larger "
+            "max_new_tokens so that most responses end",
+            _name(records, source),
+            ended,
+            len(records),
+            ", ".join(map(str, sorted(eos))),
+            _several(records, unended),
+        )
+    return ended
 
 
 # --------------------------------------------------------------------------- writing
@@ -671,7 +786,9 @@ def write_rollouts(records: Sequence[dict], path: str | os.PathLike, *, allow_em
 
 
 def check_advantages(records: Sequence[dict], source: str | None = None) -> None:
-    """Refuse records of which some carry an ``advantage`` and others do not (two scales in one batch)."""
+    """Refuse records of which some carry an ``advantage`` and others do not (two scales in one batch), and
+    advantages that order the responses against their rewards in every prompt group (:func:`check_advantage_signs`).
+    """
     missing = [i for i, record in enumerate(records) if record.get("advantage") is None]
     if missing and len(missing) < len(records):
         raise ValueError(
@@ -681,6 +798,72 @@ def check_advantages(records: Sequence[dict], source: str | None = None) -> None
             "record, or leave it out of every record to have probe compute all of them from 'reward' (GRPO group "
             "normalisation)"
         )
+    check_advantage_signs(records, source)
+
+
+def _reversed_groups(records: Sequence[dict]) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompt groups whose records carry different rewards (each a list of record indices, with both a
+    ``reward`` and an ``advantage``), and those of them whose advantages order the responses opposite to their
+    rewards: every response with a higher reward has a strictly lower advantage than every one with a lower reward.
+    """
+    by_group: dict[Any, list[int]] = {}
+    for i, record in enumerate(records):
+        if record.get("reward") is not None and record.get("advantage") is not None:
+            by_group.setdefault(record["group"], []).append(i)
+    informative, reversed_ = [], []
+    for indices in by_group.values():
+        levels: dict[float, list[float]] = {}  # reward -> the advantages of the responses that got it
+        for i in indices:
+            levels.setdefault(float(records[i]["reward"]), []).append(float(records[i]["advantage"]))
+        if len(levels) < 2:
+            continue
+        informative.append(indices)
+        ordered = [levels[reward] for reward in sorted(levels)]  # by increasing reward
+        # reversed over every pair of responses with different rewards iff it is between neighbouring reward levels
+        if all(min(lower) > max(higher) for lower, higher in zip(ordered, ordered[1:])):
+            reversed_.append(indices)
+    return informative, reversed_
+
+
+def _groups_text(records: Sequence[dict], groups: list[list[int]], limit: int = 3) -> str:
+    """'group 0 (line 1, line 2), group 'q-7' (line 5, line 9) (and 4 more groups)'."""
+    shown = "; ".join(f"group {records[g[0]]['group']!r} ({_several(records, g, 4)})" for g in groups[:limit])
+    return shown + (f" (and {len(groups) - limit} more groups)" if len(groups) > limit else "")
+
+
+def check_advantage_signs(records: Sequence[dict], source: str | None = None) -> None:
+    """Refuse advantages whose sign looks flipped against the rewards in the same records; report some groups.
+
+    Within each prompt group whose records carry both a ``reward`` and an ``advantage`` and differ in reward,
+    the advantages should order the responses as the rewards do. Advantages may hold other terms (a KL or
+    length penalty) that reverse a group now and then, so a WARNING names the groups that are reversed; when
+    every one of at least two such groups is reversed (rank agreement -1 in each: the exporter stored -A), the
+    records are refused with a ``ValueError``. One group alone is only reported: it is too little to tell.
+    """
+    informative, reversed_ = _reversed_groups(records)
+    if not reversed_:
+        return
+    name = _name(records, source)
+    if len(reversed_) == len(informative) >= 2:
+        raise ValueError(
+            f"{name}: advantages decrease where rewards increase in every group: in each of the {len(informative)} "
+            "prompt groups whose rewards differ, every response with a higher reward has a lower advantage "
+            f"({_groups_text(records, reversed_)}). The advantages' sign is flipped? (e.g. an exporter that stored "
+            "-A); the reconstructed step would go against the trainer's. Fix: store the advantages the trainer's loss "
+            "-A * log p used (A > 0 for a response better than its group), e.g. negate them; or leave 'advantage' out "
+            "of every record to have probe compute them from 'reward'. If these are the trainer's own advantages "
+            "(other terms outweigh the reward differences in every group), drop the 'reward' field"
+        )
+    log.warning(
+        "%s: in %d of %d prompt groups whose rewards differ, the advantages order the responses opposite to their "
+        "rewards (every response with a higher reward has a lower advantage): %s. Advantages with other terms (a KL "
+        "or length penalty) can do that; a sign flip in the exporter would reverse every group. Fix: check the "
+        "advantages of these lines against the trainer's; if they are its own, nothing is wrong",
+        name,
+        len(reversed_),
+        len(informative),
+        _groups_text(records, reversed_),
+    )
 
 
 def _normalisation(normalize_std: bool, eps: float) -> str:

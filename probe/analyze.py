@@ -28,7 +28,7 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import numpy as np
 
@@ -372,8 +372,119 @@ def analyse_summary(
     }
 
 
+class SummaryError(ValueError):
+    """A ``summary.json`` that cannot be analysed: not JSON, or without the fields (of the types) a finished probe
+    run writes. ``python -m probe analyze`` exits with status 1 on it."""
+
+
+SUMMARY_FIX = (
+    "Fix: pass the directory of a finished `python -m probe predict` run; if this run finished, its summary.json was "
+    "edited or damaged since: rerun it (same config, a new run.name) to write it again"
+)
+PART_LISTS = ("delta_h", "se", "delta_h_per_token", "se_per_token", "ess_fraction")  # one value (or null) per eta
+PART_NUMBERS = ("first_order", "first_order_per_token", "linear_radius", "linear_radius_per_token")
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in words."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"the number {value}"
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}" + ("..." if len(value) > 40 else "")
+    if isinstance(value, list):
+        return f"a list of {len(value)} value{'' if len(value) == 1 else 's'}" if value else "an empty list"
+    return "an object"
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_summary(summary: Any, path: str | Path) -> dict[str, Any]:
+    """``summary`` (the parsed ``path``) when it holds what :func:`analyse_summary` reads, with the types a probe
+    run writes: ``plan.etas`` (numbers) and ``evals[k].parts`` (or the older ``aggregate``), each part with its
+    ``delta_h`` per eta. Else :class:`SummaryError`, naming the file and what is missing or of the wrong type; a
+    summary whose ``status`` is not ``complete`` is said to be of an unfinished run."""
+    status = summary.get("status") if isinstance(summary, dict) else None
+    unfinished = (
+        f" Its status is {status!r}, not 'complete': it is an unfinished run (probe writes status 'complete' when a "
+        "run ends)."
+        if status is not None and status != "complete"
+        else ""
+    )
+
+    def fail(what: str) -> NoReturn:
+        raise SummaryError(f"{path} {what}, so it cannot be analysed.{unfinished} {SUMMARY_FIX}")
+
+    if not isinstance(summary, dict):
+        fail(f"holds {_kind(summary)}, not the JSON object a probe run writes")
+    plan = summary.get("plan")
+    if not isinstance(plan, dict):
+        fail(
+            "has no 'plan' (the run's plan, with the etas it swept)"
+            if plan is None
+            else f"has 'plan' = {_kind(plan)}, not an object"
+        )
+    etas = plan.get("etas")
+    if not isinstance(etas, list) or not etas or not all(_is_number(e) for e in etas):
+        fail(
+            "has no plan.etas (the step sizes the run swept)"
+            if etas is None
+            else f"has plan.etas = {_kind(etas)}, not a non-empty list of numbers (the step sizes the run swept)"
+        )
+    evals = summary.get("evals")
+    if evals is not None and not isinstance(evals, list):
+        fail(f"has 'evals' = {_kind(evals)}, not a list (one entry per evaluation batch)")
+    if evals:
+        batches = []
+        for k, ev in enumerate(evals):
+            parts = ev.get("parts") if isinstance(ev, dict) else None
+            if not isinstance(ev, dict):
+                fail(f"has evals[{k}] = {_kind(ev)}, not an object")
+            if not isinstance(parts, dict):
+                fail(
+                    f"has no evals[{k}].parts (the results per part)"
+                    if parts is None
+                    else f"has evals[{k}].parts = {_kind(parts)}, not an object"
+                )
+            batches.append((f"evals[{k}].parts", parts))
+    elif isinstance(summary.get("aggregate"), dict):  # summaries written before 'evals'
+        batches = [("aggregate", summary["aggregate"])]
+    else:
+        fail(
+            "has no 'evals' (the results per evaluation batch)"
+            + (" and no 'aggregate'" if "aggregate" in summary else "")
+        )
+    for where, parts in batches:
+        for part, result in parts.items():
+            if not isinstance(result, dict):
+                fail(f"has {where}.{part} = {_kind(result)}, not an object")
+            if "delta_h" not in result:
+                fail(f"has no {where}.{part}.delta_h (the measured entropy change per eta)")
+            for key in PART_LISTS:
+                values = result.get(key)
+                if values is None:
+                    continue
+                if not isinstance(values, list) or len(values) != len(etas):
+                    fail(
+                        f"has {where}.{part}.{key} = {_kind(values)}, not a list of {len(etas)} numbers or nulls (one "
+                        "per plan.etas)"
+                    )
+                for j, v in enumerate(values):
+                    if v is not None and not _is_number(v):
+                        fail(f"has {where}.{part}.{key}[{j}] = {_kind(v)}, not a number or null")
+            for key in PART_NUMBERS:
+                if result.get(key) is not None and not _is_number(result[key]):
+                    fail(f"has {where}.{part}.{key} = {_kind(result[key])}, not a number or null")
+    return summary
+
+
 def read_summary(run_dir: str | Path) -> dict[str, Any]:
-    """Parse ``RUN_DIR/summary.json`` with errors that say what to do."""
+    """Parse ``RUN_DIR/summary.json`` with errors that say what to do (:func:`check_summary`)."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(
@@ -388,9 +499,13 @@ def read_summary(run_dir: str | Path) -> dict[str, Any]:
             "run by rerunning it with the same run.name"
         )
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); it may have been cut off: rerun the probe") from e
+        summary = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SummaryError(
+            f"{path} is not valid JSON ({e}), so it cannot be analysed: it was cut off (e.g. a full disk or an "
+            f"interrupted copy) or is not a probe summary. {SUMMARY_FIX}"
+        ) from None
+    return check_summary(summary, path)
 
 
 def analyse_run(
@@ -592,7 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m probe analyze RUN_DIR [...]``; returns the exit status (2 on a bad directory or summary)."""
+    """``python -m probe analyze RUN_DIR [...]``; returns the exit status: 1 for a ``summary.json`` that cannot be
+    analysed (:class:`SummaryError`), 2 for bad arguments (no such run directory, none with a ``summary.json``,
+    ``--eval`` or ``--parts`` the run does not have)."""
     parser = build_parser()
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
@@ -606,11 +723,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             write=not args.no_write,
             plot=not args.no_plot,
         )
+    except SummaryError as e:
+        print(f"probe analyze: error: {e}", file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as e:
         print(f"probe analyze: error: {e}", file=sys.stderr)
         return 2
     if analysis.get("status") not in (None, "complete"):
-        print(f"note: the run's status is {analysis['status']!r}, not 'complete'", file=sys.stderr)
+        print(
+            f"probe analyze: warning: {Path(args.run_dir) / 'summary.json'} has status {analysis['status']!r}, not "
+            "'complete': it is an unfinished run (probe writes status 'complete' when a run ends), so these numbers "
+            "may be partial. Fix: finish the run by rerunning its command (same run.name), then analyze it again",
+            file=sys.stderr,
+        )
     print(format_analysis(analysis))
     if "path" in analysis:
         print(f"wrote {analysis['path']}" + (f" and {analysis['plot']}" if "plot" in analysis else ""))

@@ -69,6 +69,83 @@ def check_gpu_request(trainer_cfg) -> None:
         )
 
 
+MAX_CONFIG_NODES = 100_000  # YAML nodes of one config once its aliases are expanded; configs/toy.yaml has ~130
+
+
+def expanded_yaml_nodes(text: str, limit: int = MAX_CONFIG_NODES) -> tuple[int, int] | None:
+    """``(nodes with every alias expanded, capped at limit + 1; nodes as written)`` of a YAML document, None when it
+    is not one (the parser reports that). Composing does not expand aliases (a shared node stands for each), so this
+    costs time linear in the text even for an alias bomb; a recursive alias counts as unbounded."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except yaml.YAMLError:
+        return None
+    if root is None:
+        return 0, 0
+
+    def children(node: yaml.Node) -> list[yaml.Node]:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    size: dict[int, int] = {}  # id(node) -> nodes below it, itself included, aliases expanded (capped)
+    open_nodes: set[int] = set()  # on the current path: meeting one again is a recursive alias
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        if finished:
+            size[id(node)] = min(limit + 1, 1 + sum(size[id(c)] for c in children(node)))
+            open_nodes.discard(id(node))
+        elif id(node) in open_nodes:
+            return limit + 1, len(size)
+        elif id(node) not in size:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node) if id(c) not in size)
+    return size[id(root)], len(size)
+
+
+def check_config_sizes(argv: list[str], limit: int = MAX_CONFIG_NODES) -> None:
+    """Refuse, before jsonargparse parses it, a config (``--config``/``-c`` file or text, or an option's YAML value
+    with anchors) whose YAML aliases expand to more than ``limit`` nodes: an alias bomb ("billion laughs") is read
+    by PyYAML as shared objects, but jsonargparse copies and prints it node by node (a 9 x 9 bomb of 1 KB ran for a
+    minute and ended in MemoryError at 3.5 GB). Prints the error and exits with status 2, as the parser does."""
+    from pathlib import Path
+
+    for i, arg in enumerate(argv):
+        name, value = arg, None
+        if arg.startswith("--") and "=" in arg:
+            name, value = arg.split("=", 1)
+        elif i + 1 < len(argv):
+            value = argv[i + 1]
+        if value is None or not name.startswith("-"):
+            continue
+        is_config = name in ("--config", "-c")
+        if not is_config and not ("&" in value and "*" in value):  # no anchor and alias: nothing to expand
+            continue
+        where, text = f"the value of {name}", value
+        if is_config:
+            try:
+                path = Path(value).expanduser()
+                if path.is_file():
+                    where, text = f"the config file {value}", path.read_text(errors="replace")
+            except (OSError, ValueError):  # not a path (e.g. YAML text too long for a file name): checked as text
+                pass
+        counted = expanded_yaml_nodes(text, limit)
+        if counted is not None and counted[0] > limit:
+            print(
+                f"python -m probe: error: {where} expands to more than {limit:,} YAML nodes once its aliases (*name) "
+                f"are expanded (it holds {counted[1]:,} as written): an alias bomb, or a config far larger than any "
+                "probe config (configs/toy.yaml has about 130), which the config parser would copy node by node "
+                "until memory runs out. Fix: write the repeated values out instead of nesting aliases, or check that "
+                "this is the config you meant",
+                file=sys.stderr,
+            )
+            raise SystemExit(2)
+
+
 class ProbeCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -199,6 +276,7 @@ def main(args: list[str] | None = None) -> ProbeCLI:
         from probe.analyze import main as analyze
 
         sys.exit(analyze(argv[1:]))
+    check_config_sizes(argv)
     os.environ.setdefault("WANDB_MODE", "offline")  # no network at run time; `wandb sync` uploads later
     return ProbeCLI(
         subclass_mode_model=True,

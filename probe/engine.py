@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from probe.attribution import AttributionInputs, attribute, eval_update_matrix, per_sequence_exact
 from probe.batch import SequenceBatch
 from probe.logprobs import TeacherForcing, teacher_force
-from probe.overrides import Direction, Sweep, iter_sweep
+from probe.overrides import Direction, Sweep, iter_sweep, moved_fraction
 from probe.results import AttributionSummary, BaseEntropy, EvalResult, PartResult
 from probe.settings import PrecisionSettings, ProbeSettings
 from probe.snis import SNISConfig, SNISResult, snis_estimate, snis_estimates
@@ -336,12 +336,81 @@ def _warnings(parts: dict[str, PartResult], etas: Sequence[float], M: int) -> li
     return out
 
 
-def summarise_eval(rows: dict[str, np.ndarray], plan: Plan, E: EvalBatch) -> EvalResult:
+@dataclass(frozen=True)
+class EtaResolution:
+    """Per part and eta, the fraction of the step's nonzero elements that change the policy's parameters in their
+    dtype (``moved[part][j]``): where it is 0, ``theta + eta * d == theta`` and the sweep would report a change of
+    exactly 0 as a measurement."""
+
+    dtype: str  # the policy's parameter dtype(s)
+    moved: dict[str, list[float]]
+
+
+def eta_resolution(policy: nn.Module, directions: dict[str, Direction], etas: Sequence[float]) -> EtaResolution:
+    """:class:`EtaResolution` of the plan's etas (:func:`probe.overrides.moved_fraction`, the sweep's arithmetic)."""
+    theta = dict(policy.named_parameters())
+    dtypes = sorted({str(theta[n].dtype).removeprefix("torch.") for d in directions.values() for n in d})
+    moved = {
+        part: [moved_fraction({n: theta[n].detach() for n in d}, d, eta) for eta in etas]
+        for part, d in directions.items()
+    }
+    return EtaResolution(dtype="/".join(dtypes), moved=moved)
+
+
+def check_prompt_groups(E: EvalBatch, normalisation: str) -> None:
+    """Refuse ``per_prompt`` normalisation on an E with a prompt group of one sequence: its one weight normalises
+    to 1, so its term is a plain difference of the integrand, not an importance-sampling estimate."""
+    if normalisation != "per_prompt":
+        return
+    sizes: dict[Any, int] = {}
+    for g in E.batch.group:
+        sizes[g] = sizes.get(g, 0) + 1
+    single = [g for g, n in sizes.items() if n < 2]
+    if single:
+        raise ValueError(
+            f"probe.normalisation: per_prompt needs at least 2 responses per prompt, but {E.name} has "
+            f"{len(single)} of {len(sizes)} prompt groups with one sequence (e.g. group {single[0]!r}); in a group "
+            "of one the importance weight normalises to 1 and its Delta H is not an importance-sampling estimate. "
+            "Fix: sample E with n_per_prompt >= 2, or set probe.normalisation: global"
+        )
+
+
+# Below this fraction of moved elements the swept point is not eta * d (most of it rounded away): Delta H is
+# reported null there; below MOVED_EXACT it is reported with a warning.
+MOVED_MEASURABLE, MOVED_EXACT = 0.5, 0.99
+
+
+def _resolution_warnings(parts: dict[str, PartResult], etas: Sequence[float], dtype: str) -> list[str]:
+    out = []
+    for name, res in parts.items():
+        for j, eta in enumerate(etas):
+            f = (res.moved_fraction or [1.0] * len(etas))[j]
+            if f < MOVED_MEASURABLE:
+                out.append(
+                    f"{name} at eta={eta:.3g}: theta + eta * d rounds to theta in {dtype} for "
+                    f"{1 - f:.2%} of the step's elements, so the sweep would measure another step, or none "
+                    "(Delta H reported null; the first order still predicts one). Use larger etas, or load the "
+                    "policy in float32/float64"
+                )
+            elif f < MOVED_EXACT:
+                out.append(
+                    f"{name} at eta={eta:.3g}: only {f:.1%} of the step's elements move theta in {dtype} (the rest "
+                    "round away): the measured Delta H is that of the rounded step, not of eta * d"
+                )
+    return out
+
+
+def summarise_eval(
+    rows: dict[str, np.ndarray], plan: Plan, E: EvalBatch, resolution: EtaResolution | None = None
+) -> EvalResult:
     """Delta H per (part, eta) with SEs, ESS and clipping, and the first/second-order predictions, on all of E.
 
     ``rows`` holds the columns of :meth:`Plan.row_layout` for every sequence of E, sorted by index.
     Per-sequence contributions (summing to each Delta H) go to ``arrays["per_sequence/<part>/eta_<j>"]``.
+    ``resolution`` (:func:`eta_resolution`): a step that rounds away at some eta is reported null there, and one
+    that partly rounds away is flagged, with a warning each.
     """
+    check_prompt_groups(E, plan.snis.normalisation)
     base = _stats(rows, "logprobs", "entropies")
     M = len(base)
     if not (np.array_equal(rows["index"], np.arange(M)) and E.batch.index.tolist() == list(range(M))):
@@ -382,7 +451,15 @@ def summarise_eval(rows: dict[str, np.ndarray], plan: Plan, E: EvalBatch) -> Eva
             "full_minus_baseline_plus_grad": diff,
             "max_abs": max((abs(d) for d in diff if math.isfinite(d)), default=math.nan),
         }
+    if resolution is not None:
+        for part, res in result.parts.items():
+            res.moved_fraction = list(resolution.moved[part])
+            for j, f in enumerate(res.moved_fraction):
+                if f < MOVED_MEASURABLE:  # the passes were of theta, or of a step most of which rounded away
+                    res.delta_h[j] = res.se[j] = res.delta_h_per_token[j] = res.se_per_token[j] = math.nan
     result.warnings = _warnings(result.parts, plan.etas, M)
+    if resolution is not None:
+        result.warnings += _resolution_warnings(result.parts, plan.etas, resolution.dtype)
     if np.isfinite(rows["sampler_gap_max"]).all():
         result.sampler_gap = {
             "max_abs": float(rows["sampler_gap_max"].max()),
@@ -547,8 +624,9 @@ def probe_eval(
     :func:`summarise_eval`, :func:`complete_eval`. Returns the result and E's statistics at theta;
     ``timings`` (if given) gets the seconds of each stage."""
     clock = time.perf_counter()
-    rows = sort_rows(batch_rows(policy, E.batch, part_directions(update, plan.parts), plan, E.temperature, tick))
-    result = summarise_eval(rows, plan, E)
+    directions = part_directions(update, plan.parts)
+    rows = sort_rows(batch_rows(policy, E.batch, directions, plan, E.temperature, tick))
+    result = summarise_eval(rows, plan, E, eta_resolution(policy, directions, plan.etas))
     if timings is not None:
         timings["eval_passes_s"] = time.perf_counter() - clock
     complete_eval(policy, update, U, E, result, rows, plan, timings)

@@ -7,6 +7,7 @@ reported as a FileNotFoundError that names the path and the fix.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ WEIGHT_FILES = (
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+
+log = logging.getLogger("probe")
+_warned_toy_folders: set[str] = set()  # ./toy folders already warned about (once per process and folder)
 
 
 @dataclass
@@ -58,7 +62,8 @@ class PolicySettings:
         adapter_path: local directory of a saved PEFT adapter to load on top (trainable).
         lora: wrap the policy in a fresh LoRA adapter with these settings (instead of ``adapter_path``).
         trust_remote_code: allow model code shipped inside the checkpoint directory to run (off by default).
-        device: where to put the model, e.g. ``cpu`` or ``cuda:0``.
+        device: where to put the model, e.g. ``cpu`` or ``cuda:0`` (checked before anything is loaded: a GPU
+            device needs a GPU that torch sees).
     """
 
     path: str
@@ -69,11 +74,23 @@ class PolicySettings:
     trust_remote_code: bool = False
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        check_device(self.device)
+
     def directory(self) -> Path:
-        """The checkpoint directory: ``path``, or the built-in toy world's (built once and cached) for ``toy``."""
+        """The checkpoint directory: ``path``, or the built-in toy world's (built once and cached) for ``toy``; a
+        local folder named ``toy`` is ``./toy`` (``toy`` with such a folder in the working directory warns)."""
         if self.path == "toy":
             from probe.toy.world import build_toy_world
 
+            local = Path("toy").resolve()
+            if local.is_dir() and str(local) not in _warned_toy_folders:
+                _warned_toy_folders.add(str(local))
+                log.warning(
+                    "policy.path is 'toy': using the built-in toy world, not the local folder %s. Fix: to use that "
+                    "folder, write policy.path: ./toy",
+                    local,
+                )
             return build_toy_world()
         return Path(self.path).expanduser()
 
@@ -149,6 +166,64 @@ def _safetensors_header(directory: Path) -> dict[str, Any]:
             return json.loads(f.read(size))
         except (json.JSONDecodeError, UnicodeDecodeError):
             return {}
+
+
+def check_device(device: str) -> torch.device:
+    """``policy.device`` as a ``torch.device``, refused with the fix when torch does not know it or when it names a
+    GPU this machine does not have (before anything is loaded)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"policy.device {device!r} is not a device torch knows ({str(e).splitlines()[0]}). Fix: set "
+            "policy.device to cpu, cuda or cuda:N (the N-th GPU)"
+        ) from None
+    if parsed.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise ValueError(
+                f"policy.device {device!r} asks for a GPU but torch sees none on this machine (torch "
+                f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Fix: set policy.device to cpu, or "
+                "run on a machine with a CUDA GPU and a CUDA build of torch"
+            )
+        if parsed.index is not None and parsed.index >= available:
+            raise ValueError(
+                f"policy.device {device!r} asks for GPU {parsed.index} but this machine has {available} "
+                f"(cuda:0 to cuda:{available - 1}). Fix: set policy.device to one of those, or to cpu"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(
+            f"policy.device {device!r} asks for Apple's MPS but torch cannot use it on this machine. Fix: set "
+            "policy.device to cpu"
+        )
+    return parsed
+
+
+NONFINITE_CHUNK = 1 << 24  # entries counted at once when a parameter is suspect: bounds the temporary mask to 16 MB
+
+
+def check_finite_parameters(model: torch.nn.Module, where: str | Path) -> None:
+    """Refuse a policy with NaN or inf weights (a corrupt or diverged checkpoint), naming up to 3 parameters, how
+    many there are and the fix. One sum per parameter (NaN and inf propagate through it; a read of the weights at
+    memory speed, no copy); only a parameter whose sum is not finite (or overflowed) is counted entry by entry."""
+    bad: list[tuple[str, int, int]] = []  # (name, non-finite entries, entries)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not p.is_floating_point() or bool(torch.isfinite(p.sum())):
+                continue
+            flat = p.detach().reshape(-1)
+            count = sum(int((~torch.isfinite(c)).sum()) for c in flat.split(NONFINITE_CHUNK))
+            if count:  # else the sum of finite entries overflowed
+                bad.append((name, count, flat.numel()))
+    if bad:
+        named = ", ".join(f"{n!r} ({k} of {total} entries)" for n, k, total in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise ValueError(
+            f"the policy in {where} has non-finite weights (NaN or inf) in {len(bad)} parameter(s): {named}{more}; the "
+            "checkpoint is corrupt or was saved after the training diverged, and no entropy change can be measured "
+            "from it. Fix: probe an earlier checkpoint, from before the loss or gradients became non-finite (or copy "
+            "this one again if the copy is corrupt)"
+        )
 
 
 HUB_HINT = (
@@ -324,6 +399,8 @@ def _load(directory: Path, s: PolicySettings) -> tuple[torch.nn.Module, Any]:
         )
         model = get_peft_model(model, config)
     model = model.to(device=s.device)  # dtypes stay as loaded: PEFT keeps LoRA weights of a bf16/fp16 base in float32
+    # on the device: one read of the weights at its memory bandwidth
+    check_finite_parameters(model, model_dir if adapter_dir is None else f"{model_dir} with the adapter {adapter_dir}")
     if torch_dtype == torch.float64:
         exact_float64_norms(model)
     model.eval()

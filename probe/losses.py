@@ -6,6 +6,7 @@ Normalisers are computed once over the *whole* U, so microbatches of U sum to on
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +43,37 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.agg_mode not in AGG_MODES:
             raise ValueError(f"unknown loss agg_mode {self.agg_mode!r}; choose one of {', '.join(AGG_MODES)}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(
+                f"loss.temperature must be a finite number > 0, got {self.temperature}: the loss's log-probs are those "
+                "of logits / temperature. Fix: set loss.temperature to the temperature U was sampled at (the "
+                "trainer's rollout temperature, 1.0 unless it sampled at another)"
+            )
 
     def forcing(self, head_dtype: torch.dtype | None = torch.float64) -> TeacherForcing:
         """How the loss teacher-forces U: at the loss temperature, log-probs only, in one pass per batch."""
         return TeacherForcing(temperature=self.temperature, head_dtype=head_dtype, batch_size=None)
+
+
+@dataclass
+class ClipCounts:
+    """Response tokens of U by where their PPO ratio ``exp(log p - old_logprob)`` lies, counted as the loss is
+    computed (:func:`per_sequence_loss` with ``clip_counts``); summed over microbatches."""
+
+    tokens: int = 0  # response tokens
+    outside: int = 0  # ratio outside [1 - clip_ratio, 1 + clip_ratio_high]
+    clipped: int = 0  # the clipped term is the larger one: the clip zeroes the token's gradient (verl's pg_clipfrac)
+
+    @torch.no_grad()
+    def add(self, ratio: Tensor, clipped: Tensor, adv: Tensor, mask: Tensor) -> None:
+        self.tokens += int(mask.sum())
+        self.outside += int(((ratio != clipped) & mask).sum())  # clamp moved it: strictly outside the range
+        self.clipped += int(((-adv * clipped > -adv * ratio) & mask).sum())
+
+    def fractions(self) -> dict[str, float]:
+        """``{"outside_fraction", "clipped_fraction"}`` of the response tokens (0 when there are none)."""
+        n = max(self.tokens, 1)
+        return {"outside_fraction": self.outside / n, "clipped_fraction": self.clipped / n}
 
 
 @dataclass
@@ -77,8 +105,12 @@ def per_sequence_loss(
     norm: Normalisers,
     cfg: LossConfig,
     old_logprobs: Tensor | None = None,  # [B, T-1]
+    clip_counts: ClipCounts | None = None,
 ) -> Tensor:  # [B]  c_i
-    """Each sequence's term c_i of the loss; ``sum_i c_i`` over all of U is the trainer's loss."""
+    """Each sequence's term c_i of the loss; ``sum_i c_i`` over all of U is the trainer's loss.
+
+    With ``use_old_logprobs`` and ``clip_counts`` given, the response tokens whose PPO ratio lies outside the
+    clip range (and those whose gradient the clip zeroes) are added to ``clip_counts``."""
     mask_f = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype)[:, None]  # [B, 1]
     if cfg.use_old_logprobs:
@@ -90,6 +122,8 @@ def per_sequence_loss(
         high = cfg.clip_ratio if cfg.clip_ratio_high is None else cfg.clip_ratio_high
         clipped = ratio.clamp(1.0 - cfg.clip_ratio, 1.0 + high)
         per_token = torch.maximum(-adv * ratio, -adv * clipped)  # [B, T-1]
+        if clip_counts is not None:
+            clip_counts.add(ratio, clipped, adv, mask.bool())
     else:
         per_token = -adv * logprobs  # [B, T-1]; gradient equals the ratio form at ratio = 1
     token_sum = (per_token * mask_f).sum(-1)  # [B]

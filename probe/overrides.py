@@ -17,6 +17,7 @@ from which the integrand is ``h_j = -l_j`` (``logprob``) or ``h_j = sum_t H_t``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Sequence
 
@@ -68,6 +69,20 @@ def shifted_parameters(
     if out is None:
         return {n: torch.add(theta0[n], d, alpha=eta) for n, d in direction.items()}
     return {n: torch.add(theta0[n], d, alpha=eta, out=out[n]) for n, d in direction.items()}
+
+
+@torch.no_grad()
+def moved_fraction(theta0: Mapping[str, Tensor], direction: Direction, eta: float) -> float:
+    """The fraction of the direction's nonzero elements whose parameter actually changes in ``theta0 + eta * d``
+    (formed as the sweep forms it, in the parameters' dtype): 1.0 for a step far above the dtype's resolution,
+    0.0 for one that rounds away entirely (then the sweep measures no change at all). NaN for a zero direction."""
+    moved = nonzero = 0
+    for n, d in direction.items():
+        d = d.to(device=theta0[n].device, dtype=theta0[n].dtype)
+        live = d != 0  # [*p]
+        nonzero += int(live.sum())
+        moved += int((torch.add(theta0[n], d, alpha=eta) != theta0[n])[live].sum())
+    return moved / nonzero if nonzero else math.nan
 
 
 @dataclass

@@ -7,9 +7,16 @@ probe (its evaluation prompts). No Lightning here.
 from __future__ import annotations
 
 import json
+import logging
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("probe")
+
+CHAT_TEMPLATE_MODES = ("auto", "on", "off")
 
 
 @dataclass
@@ -19,33 +26,103 @@ class PromptSource:
     Args:
         prompts: ``toy`` (the toy addition task) or a local JSONL file with a ``prompt`` text
             field per line (and optionally ``answer``, passed to the reward).
-        n_prompts: number of prompts (prompt groups).
-        offset: skip this many prompts first (disjoint prompts for U and E, or a held-out split).
+        n_prompts: number of prompts (prompt groups), >= 1.
+        offset: skip this many prompts first (disjoint prompts for U and E, or a held-out split), >= 0.
         seed: seed of the toy prompt generator.
+        chat_template: how a prompt file's text is tokenised: ``auto`` (default: with the tokenizer's chat
+            template when it has one, the prompt as a single user turn followed by the generation prompt; as
+            plain text otherwise), ``on`` (the chat template, refused if the tokenizer has none) or ``off``
+            (plain text, the tokenizer's special tokens added); true / false (YAML's reading of an unquoted on /
+            off) mean on / off. The log says which was used. Not used by ``toy``.
     """
 
     prompts: str = "toy"
     n_prompts: int = 8
     offset: int = 0
     seed: int = 0
+    chat_template: str | bool = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chat_template, bool):  # YAML 1.1 reads an unquoted on / off (or yes / no) as a boolean
+            self.chat_template = "on" if self.chat_template else "off"
+        if self.n_prompts < 1:
+            raise ValueError(
+                f"source.n_prompts must be a whole number >= 1 (prompt groups to sample), got {self.n_prompts!r}. "
+                "Fix: set n_prompts to the number of prompts to sample from (e.g. 8)"
+            )
+        if self.offset < 0:
+            raise ValueError(
+                f"source.offset must be a whole number >= 0 (prompts to skip from the start), got {self.offset!r}. "
+                "Fix: set offset to 0 to start at the first prompt, or to the number of prompts to skip"
+            )
+        if self.chat_template not in CHAT_TEMPLATE_MODES:
+            raise ValueError(
+                f"source.chat_template must be one of {', '.join(CHAT_TEMPLATE_MODES)}, got {self.chat_template!r}. "
+                "Fix: auto (the tokenizer's chat template when it has one), on, or off (plain text)"
+            )
+
+
+_logged: set[tuple[str, str, bool]] = set()  # (file, mode, applied): the INFO line is said once per process
+
+
+def _has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _chat_ids(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as a single user turn with the generation prompt, tokenised by the tokenizer's chat template (the
+    template writes its own special tokens, so none are added)."""
+    out = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True, add_generation_prompt=True)
+    if isinstance(out, Mapping) or hasattr(out, "input_ids"):  # transformers 5 returns a BatchEncoding by default
+        out = out["input_ids"]
+    ids = list(out)
+    if ids and isinstance(ids[0], (list, tuple)):  # a batch of one conversation
+        ids = list(ids[0])
+    return [int(i) for i in ids]
 
 
 def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]], dict[tuple, Any]]:
-    """Prompt token ids and, per prompt, its reference answer (or None)."""
+    """Prompt token ids and, per prompt, its reference answer (or None).
+
+    A prompt file's text goes through the tokenizer's chat template or not as ``source.chat_template`` says
+    (:class:`PromptSource`); which one was used is logged once per file."""
     if source.prompts == "toy":
         from probe.toy.task import make_prompts
 
         prompts = make_prompts(source.offset + source.n_prompts, source.seed)[source.offset :]
         return prompts, {}
     path = Path(source.prompts)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"prompt file {path} not found. Fix: give 'toy' or a local JSONL file with a 'prompt' field per line"
         )
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode):  # a FIFO would wait for a writer for ever, /dev/zero never ends (MemoryError)
+        kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISCHR, "a device"))
+        kind = next((name for test, name in kinds if test(mode)), "not a regular file")
+        raise ValueError(
+            f"prompt file {path} is {kind}; prompts are read only from regular files (a pipe or a device would block "
+            "or never end). Fix: give 'toy', or write the prompts to a JSONL file with a 'prompt' field per line and "
+            "give its path"
+        )
+    has_template = _has_chat_template(tokenizer)
+    if source.chat_template == "on" and not has_template:
+        raise ValueError(
+            f"prompts of {path}: chat_template is 'on' but the policy's tokenizer has no chat template "
+            "(tokenizer_config.json / chat_template.jinja hold none). Fix: set source.chat_template to off (or auto) "
+            "to tokenise the prompts as plain text, or save the chat template the policy was trained with next to "
+            "its tokenizer (tokenizer.chat_template = ...; tokenizer.save_pretrained(dir))"
+        )
+    apply = source.chat_template == "on" or (source.chat_template == "auto" and has_template)
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
     rows = rows[source.offset : source.offset + source.n_prompts]
     if len(rows) < source.n_prompts:
         raise ValueError(f"{path} has {len(rows)} prompts after offset {source.offset}; asked for {source.n_prompts}")
+    key = (str(path), source.chat_template, apply)
+    if key not in _logged:
+        _logged.add(key)
+        what = "tokenizer chat template applied" if apply else "no chat template"
+        log.info("prompts of %s: %s (chat_template: %s)", path, what, source.chat_template)
     prompts, answers = [], {}
     for i, row in enumerate(rows):
         if "prompt" not in row:
@@ -53,7 +130,8 @@ def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]],
                 f"{path}: line {source.offset + i + 1} has no 'prompt' field. Fix: one JSON object with 'prompt' per "
                 "line"
             )
-        ids = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+        text = row["prompt"]
+        ids = _chat_ids(tokenizer, text) if apply else tokenizer(text, add_special_tokens=True)["input_ids"]
         prompts.append(ids)
         answers[tuple(ids)] = row.get("answer")
     return prompts, answers

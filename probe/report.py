@@ -35,7 +35,13 @@ def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
                 first = res.get("predicted_first", [None] * len(etas))[j]
                 second = res.get("predicted_second", [None] * len(etas))[j]
                 frac = res["ess_fraction"][j]
-                flag = "  non-finite" if frac is None or not math.isfinite(frac) else "  ESS<10%" if frac < 0.1 else ""
+                moved = (res.get("moved_fraction") or [1.0] * len(etas))[j]
+                if moved is not None and moved < 0.5:
+                    flag = "  step rounds away in the policy's dtype"
+                elif frac is None or not math.isfinite(frac):
+                    flag = "  non-finite"
+                else:
+                    flag = "  ESS<10%" if frac < 0.1 else ""
                 lines.append(
                     f"  {part:<20}{eta:10.3g}{number(res['delta_h'][j], 13, '.4e')}{number(res['se'][j], 11, '.2e')}"
                     f"{number(first, 13, '.4e')}{number(second, 13, '.4e')}{number(res['ess'][j], 8, '.1f')}{flag}"

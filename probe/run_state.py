@@ -13,7 +13,10 @@ tokenizer
 run_dir            ProbeModule.open_run_dir                ProbeDataModule.setup (every rank)
 inputs             datamodules.ProbeDataModule             setup
 update, plan,      callbacks.UpdateReconstruction          on_predict_start
-directions
+directions,
+resolution
+choices            ProbeModule (policy.dtype),             construction, on_predict_start
+                   callbacks.UpdateReconstruction (rank 0)
 result             callbacks.SNISAggregation               on_predict_epoch_end
 progress           callbacks.SweepProgress (optional)      first predict batch
 =================  ======================================  ====================================
@@ -32,7 +35,7 @@ from typing import Any, Callable
 from torch import nn
 
 from probe.batch import SequenceBatch, collate
-from probe.engine import EvalBatch, Plan
+from probe.engine import EtaResolution, EvalBatch, Plan
 from probe.loading import PolicySettings
 from probe.losses import LossConfig
 from probe.optim_loading import OptimizerSettings
@@ -48,6 +51,7 @@ PROVIDERS = {
     "update": "callbacks.UpdateReconstruction (on_predict_start); ProbeModule.configure_callbacks adds it",
     "plan": "callbacks.UpdateReconstruction (on_predict_start); ProbeModule.configure_callbacks adds it",
     "directions": "callbacks.UpdateReconstruction (on_predict_start); ProbeModule.configure_callbacks adds it",
+    "resolution": "callbacks.UpdateReconstruction (on_predict_start); ProbeModule.configure_callbacks adds it",
     "result": "callbacks.SNISAggregation (on_predict_epoch_end); ProbeModule.configure_callbacks adds it",
 }
 
@@ -136,6 +140,7 @@ class PredictRunState:
     update: Update | None = None
     plan: Plan | None = None
     directions: dict[str, Direction] | None = None  # part -> direction per unit lr, on the policy's device
+    resolution: EtaResolution | None = None  # which etas move theta in the policy's dtype
     result: list[EvalResult] | None = None  # one per evaluation batch (complete on rank 0)
     timings: dict[str, float] = field(default_factory=dict)
     # every automatic choice, with its source (``summary.json["choices"]``): ProbeModule (policy.dtype),

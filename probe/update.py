@@ -25,6 +25,7 @@ so ``.grad`` is never touched) and never writes to the model or the optimizer.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import warnings
 from dataclasses import asdict, dataclass
@@ -38,10 +39,15 @@ from torch.func import jvp
 from probe.adam import AdamHyper, AdamState, ParamAdamState
 from probe.batch import SequenceBatch, collate
 from probe.logprobs import teacher_force
-from probe.losses import LossConfig, Normalisers, normalisers, per_sequence_loss
+from probe.losses import ClipCounts, LossConfig, Normalisers, normalisers, per_sequence_loss
 from probe.precision import autocast, dtype_name, math_attention, resolve_dtype
 
 PARTS = ("full", "baseline", "grad")
+# U's old_logprobs are reported as another policy's when more of its response tokens have a PPO ratio outside the
+# clip range than this (right after sampling every ratio is 1)
+MAX_RATIO_OUTSIDE_FRACTION = 0.9
+
+log = logging.getLogger("probe")
 
 # --------------------------------------------------------------------------------------
 # settings and result
@@ -114,10 +120,14 @@ class Update:
     grad_scale: float | None = None
     head_dtype: torch.dtype | None = torch.float64
     max_grad_norm: float | None = None
+    # with loss.use_old_logprobs: the fractions of U's response tokens whose PPO ratio lies outside the clip range
+    # (``outside_fraction``) and whose gradient the clip zeroes (``clipped_fraction``, verl's pg_clipfrac)
+    ppo_clip: dict[str, float] | None = None
 
     def summary(self) -> dict[str, Any]:
-        """The step's scalars as ``summary.json`` and the live ``records.jsonl`` hold them (``update``)."""
-        return {
+        """The step's scalars as ``summary.json`` and the live ``records.jsonl`` hold them (``update``);
+        ``ppo_clip`` only where the loss used U's old_logprobs."""
+        out = {
             "lr": self.lr,
             "clip_coef": self.clip_coef,
             "grad_norm": self.grad_norm,
@@ -126,6 +136,9 @@ class Update:
             "n_tokens": self.n_tokens,
             "loss_value": self.loss_value,
         }
+        if self.ppo_clip is not None:
+            out["ppo_clip"] = self.ppo_clip
+        return out
 
     def parts(self) -> dict[str, dict[str, Tensor]]:
         """``{"full": ..., "baseline": ..., "grad": ...}`` keyed by parameter name."""
@@ -166,6 +179,7 @@ class Update:
             "grad_scale": self.grad_scale,
             "head_dtype": dtype_name(self.head_dtype),
             "max_grad_norm": self.max_grad_norm,
+            "ppo_clip": self.ppo_clip,
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"format": "probe.update/1", "probe_update": json.dumps(meta)})
@@ -208,6 +222,7 @@ class Update:
             grad_scale=meta["grad_scale"],
             head_dtype=resolve_dtype(meta["head_dtype"]),
             max_grad_norm=meta["max_grad_norm"],
+            ppo_clip=meta.get("ppo_clip"),  # absent in files written before it was recorded
         )
 
 
@@ -454,10 +469,12 @@ def sequence_losses(
     norm: Normalisers,
     params: Mapping[str, Tensor] | None = None,
     head_dtype: torch.dtype | None = torch.float64,
+    clip_counts: ClipCounts | None = None,
 ) -> Tensor:  # [B]  c_i, with the normalisers of the whole U
-    """Each sequence's loss term c_i (differentiable; ``params`` overrides model parameters)."""
+    """Each sequence's loss term c_i (differentiable; ``params`` overrides model parameters); ``clip_counts``
+    (with ``loss.use_old_logprobs``) counts the tokens whose PPO ratio leaves the clip range."""
     stats = teacher_force(model, batch, params, loss.forcing(head_dtype))
-    return per_sequence_loss(stats.logprobs, stats.mask, batch.advantages, norm, loss, batch.old_logprobs)
+    return per_sequence_loss(stats.logprobs, stats.mask, batch.advantages, norm, loss, batch.old_logprobs, clip_counts)
 
 
 def loss_gradients(
@@ -468,12 +485,13 @@ def loss_gradients(
     norm: Normalisers,
     config: ReconstructionConfig,
     grad_scale: Tensor | None = None,
+    clip_counts: ClipCounts | None = None,
 ) -> tuple[dict[str, Tensor], float]:
     """Gradient of ``L = sum_i c_i`` w.r.t. ``params`` (unscaled, unclipped) and L's value.
 
     Replicates a trainer's accumulation: per microbatch of ``config.microbatch_size`` sequences, backward of
     ``loss_mb`` (under ``config``'s autocast, times ``grad_scale``) summed like ``.grad``; then multiplied by
-    the float32 inverse scale. ``.grad`` is not touched.
+    the float32 inverse scale. ``.grad`` is not touched. ``clip_counts`` counts U's PPO ratios on the way.
     """
     autocast_dtype, head_dtype = resolve_dtype(config.autocast_dtype), resolve_dtype(config.head_dtype)
     names, tensors = list(params), list(params.values())
@@ -481,7 +499,7 @@ def loss_gradients(
     total = 0.0
     for mb in batch.chunks(config.microbatch_size):
         with torch.enable_grad(), autocast(tensors[0].device, autocast_dtype):
-            mb_loss = sequence_losses(model, mb, loss, norm, head_dtype=head_dtype).sum()  # []
+            mb_loss = sequence_losses(model, mb, loss, norm, head_dtype=head_dtype, clip_counts=clip_counts).sum()
         total += float(mb_loss.detach())
         scaled = mb_loss * grad_scale.to(mb_loss.device) if grad_scale is not None else mb_loss
         mb_grads = torch.autograd.grad(scaled, tensors, allow_unused=True)
@@ -538,7 +556,9 @@ def reconstruct_update(
     _warn_if_stochastic(model)
     norm = normalisers(batch.target_mask, loss)
     scale_t = _grad_scale_tensor(grad_scale)
-    grads, loss_value = loss_gradients(model, batch, params, loss, norm, config, scale_t)
+    counts = ClipCounts() if loss.use_old_logprobs else None
+    grads, loss_value = loss_gradients(model, batch, params, loss, norm, config, scale_t, counts)
+    ppo_clip = None if counts is None else _check_ppo_ratios(counts, loss)
     order = [n for n in state.hyper if n in grads]  # clip over the optimizer's parameters, in its order
     total, coef = clip_coefficient([grads[n] for n in order], config.max_grad_norm)
     clipped = {n: grads[n] * coef.to(grads[n].device) for n in order}
@@ -558,6 +578,7 @@ def reconstruct_update(
         grad_scale=None if scale_t is None else float(scale_t),
         head_dtype=resolve_dtype(config.head_dtype),
         max_grad_norm=config.max_grad_norm,
+        ppo_clip=ppo_clip,
     )
 
 
@@ -736,6 +757,30 @@ def _check_batch(batch: SequenceBatch, loss: LossConfig) -> None:
         raise ValueError(
             "loss.use_old_logprobs is on but U has no old_logprobs; add them to the rollouts or turn it off"
         )
+
+
+def _check_ppo_ratios(counts: ClipCounts, loss: LossConfig) -> dict[str, float]:
+    """The PPO-clip fractions of U; a WARNING when so many ratios lie outside the clip range that the stored
+    old_logprobs cannot be the sampling policy's (``MAX_RATIO_OUTSIDE_FRACTION``)."""
+    fractions = counts.fractions()
+    if fractions["outside_fraction"] > MAX_RATIO_OUTSIDE_FRACTION:
+        high = loss.clip_ratio if loss.clip_ratio_high is None else loss.clip_ratio_high
+        log.warning(
+            "U's old_logprobs look like those of another policy: the PPO ratio exp(log p - old_logprob) of %.1f%% of "
+            "U's %d response tokens lies outside the clip range [%g, %g] (loss.clip_ratio, loss.clip_ratio_high); the "
+            "clip zeroes the gradient of %.1f%% of the tokens and weighs the others by ratios far from 1, so the "
+            "reconstructed step is (nearly) zero or dominated by a few tokens. Right after sampling every ratio is 1. "
+            "Fix: store the log-probs of the policy that sampled U, at the sampling temperature (loss.temperature = "
+            "%g), one per response token (not shifted by one position); or set loss.use_old_logprobs=false for the "
+            "on-policy step",
+            100 * fractions["outside_fraction"],
+            counts.tokens,
+            1.0 - loss.clip_ratio,
+            1.0 + high,
+            100 * fractions["clipped_fraction"],
+            loss.temperature,
+        )
+    return fractions
 
 
 def _check_finite_gradients(grads: Mapping[str, Tensor], grad_scale: Tensor | None) -> None:

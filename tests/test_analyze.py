@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -244,3 +245,95 @@ def test_python_dash_m_probe_analyze_dispatches_before_lightning_cli(run_dir: Pa
     )
     assert proc.returncode == 0, proc.stderr
     assert "| full |" in proc.stdout and (run_dir / "analysis.json").is_file()
+
+
+def _broken(summary: dict, path: str, value) -> dict:
+    """``summary`` with the dotted ``path`` set to ``value`` (``DELETE``: removed)."""
+    keys = path.split(".")
+    node = summary
+    for key in keys[:-1]:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    last = int(keys[-1]) if isinstance(node, list) else keys[-1]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return summary
+
+
+DELETE = object()
+SUMMARY_FIX = (
+    "Fix: pass the directory of a finished `python -m probe predict` run; if this run finished, its summary.json was "
+    "edited or damaged since: rerun it (same config, a new run.name) to write it again"
+)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"plan": {"etas": [0.001', r"is not valid JSON \(Expecting .*\), so it cannot be analysed: it was cut off"),
+        ("[1, 2]", r"holds a list of 2 values, not the JSON object a probe run writes"),
+        (("plan", DELETE), r"has no 'plan' \(the run's plan, with the etas it swept\)"),
+        (("plan.etas", DELETE), r"has no plan.etas \(the step sizes the run swept\)"),
+        (("plan.etas", "0.001"), r"has plan.etas = the string '0.001', not a non-empty list of numbers"),
+        (("evals", DELETE), None),  # the older 'aggregate' is still read
+        (("evals", {}), r"has 'evals' = an object, not a list \(one entry per evaluation batch\)"),
+        (("evals.1.parts", DELETE), r"has no evals\[1\].parts \(the results per part\)"),
+        (("evals.0.parts.full.delta_h", DELETE), r"has no evals\[0\].parts.full.delta_h \(the measured entropy "),
+        (
+            ("evals.0.parts.grad.se", [0.1, 0.2]),
+            r"has evals\[0\].parts.grad.se = a list of 2 values, not a list of 12 numbers",
+        ),
+        (
+            ("evals.0.parts.full.delta_h.3", "n/a"),
+            r"has evals\[0\].parts.full.delta_h\[3\] = the string 'n/a', not a number or null",
+        ),
+        (
+            ("evals.0.parts.full.first_order", True),
+            r"has evals\[0\].parts.full.first_order = the boolean true, not a num",
+        ),
+    ],
+)
+def test_a_malformed_summary_names_the_file_and_what_is_missing_and_exits_1(run_dir: Path, capsys, text, message):
+    path = run_dir / "summary.json"
+    if isinstance(text, tuple):
+        summary = _broken(json.loads(path.read_text()), *text)
+        text = json.dumps(summary)
+    path.write_text(text)
+    status = main([str(run_dir), "--no-write"])
+    err = capsys.readouterr().err
+    if message is None:
+        assert status == 0, err
+        return
+    assert status == 1
+    assert re.search(f"^probe analyze: error: {re.escape(str(path))} " + message, err), err
+    assert err.strip().endswith(SUMMARY_FIX)
+
+
+def test_neither_evals_nor_aggregate_is_named(run_dir: Path, capsys):
+    summary = json.loads((run_dir / "summary.json").read_text())
+    del summary["evals"], summary["aggregate"]
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    assert main([str(run_dir), "--no-write"]) == 1
+    assert "summary.json has no 'evals' (the results per evaluation batch), so it cannot be analysed" in (
+        capsys.readouterr().err
+    )
+
+
+def test_an_unfinished_run_is_said_to_be_one(run_dir: Path, tmp_path: Path, capsys):
+    path = run_dir / "summary.json"
+    path.write_text(json.dumps(_summary(ETAS, status="running")))
+    assert main([str(run_dir), "--no-write"]) == 0  # its numbers are analysed, with the warning
+    err = capsys.readouterr().err
+    assert err.startswith(
+        f"probe analyze: warning: {path} has status 'running', not 'complete': it is an unfinished run (probe writes "
+        "status 'complete' when a run ends), so these numbers may be partial. Fix: finish the run by rerunning its "
+        "command (same run.name), then analyze it again"
+    )
+    summary = _summary(ETAS, status="running")
+    del summary["plan"]
+    path.write_text(json.dumps(summary))
+    assert main([str(run_dir), "--no-write"]) == 1
+    err = capsys.readouterr().err
+    assert "has no 'plan' (the run's plan, with the etas it swept), so it cannot be analysed. Its status is " in err
+    assert "'running', not 'complete': it is an unfinished run" in err

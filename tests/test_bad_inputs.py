@@ -75,6 +75,13 @@ def files(tmp_path_factory, toy_world_dir: Path, tiny_llama) -> dict[str, str]:
     world("no_tokenizer", drop=("tokenizer.json", "tokenizer_config.json"))
     world("corrupt_tokenizer", tokenizer__json=b'{"version": "1.0", "model": {"type": "BPE"')
     world("no_optimizer", drop=("optimizer.pt",))
+    world("nan_weights")  # a diverged checkpoint: 3 NaN and one inf in two weights
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(toy_world_dir / "model.safetensors")
+    tensors["model.layers.1.mlp.down_proj.weight"][0, :3] = float("nan")
+    tensors["model.norm.weight"][5] = float("inf")
+    save_file(tensors, Path(out["nan_weights"]) / "model.safetensors", metadata={"format": "pt"})
     saved = (toy_world_dir / "optimizer.pt").read_bytes()
     world("corrupt_optimizer", optimizer__pt=saved[: len(saved) // 2])  # an interrupted copy
 
@@ -123,9 +130,28 @@ def files(tmp_path_factory, toy_world_dir: Path, tiny_llama) -> dict[str, str]:
     jsonl("update_padded_rewards_only", [dict(r, response_ids=r["response_ids"] + [0, 0]) for r in rewards_only])
     jsonl("update_token_after_eos", [UPDATE[0], _record(0, [13, 2, 0, 9], -1.0), *UPDATE[2:]])
     jsonl("update_some_advantages", [*UPDATE[:2], _record(1, [11, 2], reward=1.0), _record(1, [12, 2], reward=0.0)])
+    # the exporter stored -A: in both groups the better response (reward 1) has the lower advantage
+    jsonl("update_flipped_advantages", [dict(r, reward=float(r["advantage"] < 0)) for r in UPDATE])
+    jsonl(
+        "update_one_group_reversed", [dict(r, reward=float((r["advantage"] > 0) == (r["group"] == 0))) for r in UPDATE]
+    )
+    jsonl("eval_without_eos", [dict(r, response_ids=r["response_ids"][:1] + [13]) for r in EVAL])  # cut, no EOS
+    # the toy policy's context is 32 positions: 5 prompt + 28 response tokens do not fit
+    jsonl("eval_longer_than_context", [EVAL[0], dict(EVAL[1], response_ids=[12] * 27 + [2]), *EVAL[2:]])
+    os.mkfifo(root / "update_fifo.jsonl")  # reading a named pipe waits for a writer for ever
+    os.mkfifo(root / "prompts_fifo.jsonl")
+    (root / "eval_zero.jsonl").symlink_to("/dev/zero")  # never ends: a MemoryError at best
+    out.update({name: str(root / f"{name}.jsonl") for name in ("update_fifo", "prompts_fifo", "eval_zero")})
+
+    jsonl("prompts", [{"prompt": f"{a} + {b} ="} for a, b in [(3, 4), (1, 2), (5, 5), (2, 7)]])
 
     (root / "misspelt.yaml").write_text("model:\n  init_args:\n    probe:\n      n_eta: 3\n")
     out["misspelt_yaml"] = str(root / "misspelt.yaml")
+    # "billion laughs": 9 levels of 9 aliases, 9^9 strings once expanded, 1 KB as written
+    laughs = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    laughs += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    (root / "alias_bomb.yaml").write_text("x:\n" + "".join(f"  {line}\n" for line in laughs))
+    out["alias_bomb"] = str(root / "alias_bomb.yaml")
     (root / "constant_reward_for_probe_tests.py").write_text(
         "def reward(prompt, response, answer=None):\n    return 1.0\n"
     )
@@ -173,6 +199,28 @@ REFUSED = [
         ValueError,
         r"could not load the tokenizer in .*corrupt.*Fix: copy the tokenizer files again",
         id="tokenizer-corrupt",
+    ),
+    pytest.param(
+        [P, "{nan_weights}"],
+        ValueError,
+        r"the policy in .*nan_weights has non-finite weights \(NaN or inf\) in 2 parameter\(s\): "
+        r"'model.layers.1.mlp.down_proj.weight' \(3 of 8192 entries\), 'model.norm.weight' \(1 of 64 entries\);.*"
+        r"Fix: probe an earlier checkpoint",
+        id="policy-weights-non-finite",
+    ),
+    pytest.param(
+        ["--model.init_args.policy.device", "cuda"],
+        ValueError,
+        r"policy.device 'cuda' asks for a GPU but torch sees none on this machine .*Fix: set policy.device to cpu, "
+        r"or run on a machine with a CUDA GPU and a CUDA build of torch",
+        id="policy-device-gpu-without-gpu",
+    ),
+    pytest.param(
+        ["--model.init_args.policy.device", "gpu"],
+        ValueError,
+        r"policy.device 'gpu' is not a device torch knows \(Expected one of cpu, cuda.*\). Fix: set policy.device to "
+        r"cpu, cuda or cuda:N",
+        id="policy-device-unknown",
     ),
     pytest.param(
         [A, "{nowhere}"],
@@ -309,6 +357,49 @@ REFUSED = [
         r"Fix: store the advantage for every record",
         id="advantage-on-some-records",
     ),
+    pytest.param(
+        [U, "{update_flipped_advantages}"],
+        ValueError,
+        r"update_flipped_advantages.jsonl: advantages decrease where rewards increase in every group: in each of the 2 "
+        r"prompt groups whose rewards differ, every response with a higher reward has a lower advantage \(group 0 "
+        r"\(line 1, line 2\); group 1 \(line 3, line 4\)\)\. The advantages' sign is flipped\?.*Fix: store the "
+        r"advantages the trainer's loss -A \* log p used",
+        id="advantages-sign-flipped",
+    ),
+    pytest.param(
+        [*U_OK, E, "[{{path: {eval_longer_than_context}}}]"],
+        ValueError,
+        r"eval_longer_than_context.jsonl, line 2: the sequence is 33 tokens long \(5 prompt \+ 28 response tokens\), "
+        r"more than the model's context of 32 positions \(config.max_position_embeddings\).*Fix: truncate the prompt "
+        r"or the response so that each sequence fits 32 tokens",
+        id="sequence-longer-than-context",
+    ),
+    pytest.param(
+        [U, "{update_fifo}"],
+        ValueError,
+        r"update_fifo.jsonl: is a named pipe \(FIFO\), not a regular file; probe reads rollouts only from regular "
+        r"files.*Fix: write the rollouts to a file",
+        id="rollout-file-fifo",
+    ),
+    pytest.param(
+        [*U_OK, E, "[{{path: {eval_zero}}}]"],
+        ValueError,
+        r"eval_zero.jsonl: is a character device \(such as /dev/zero\), not a regular file",
+        id="rollout-file-dev-zero",
+    ),
+    pytest.param(
+        ["--data.init_args.update.source.prompts", "{prompts_fifo}"],
+        ValueError,
+        r"prompt file .*prompts_fifo.jsonl is a named pipe \(FIFO\); prompts are read only from regular files.*Fix: "
+        r"give 'toy', or write the prompts to a JSONL file",
+        id="prompt-file-fifo",
+    ),
+    pytest.param(
+        ["--data.init_args.update.source.prompts", "/dev/zero"],
+        ValueError,
+        r"prompt file /dev/zero is a device; prompts are read only from regular files",
+        id="prompt-file-dev-zero",
+    ),
     # sampling
     pytest.param(
         [
@@ -342,7 +433,40 @@ REFUSED = [
         r"sampling temperature must be > 0, got 0.0: greedy decoding .*use a small positive temperature",
         id="eval-temperature-0",
     ),
+    # prompts
+    pytest.param(
+        ["--data.init_args.update.source.n_prompts", "0"],
+        ValueError,
+        r"source.n_prompts must be a whole number >= 1 .*got 0. Fix: set n_prompts",
+        id="zero-prompts",
+    ),
+    pytest.param(
+        ["--data.init_args.update.source.offset", "-1"],
+        ValueError,
+        r"source.offset must be a whole number >= 0 .*got -1. Fix: set offset to 0",
+        id="prompt-offset-negative",
+    ),
+    pytest.param(
+        ["--data.init_args.update.source.prompts", "{prompts}", "--data.init_args.update.source.chat_template", "on"],
+        ValueError,
+        r"prompts of .*prompts.jsonl: chat_template is 'on' but the policy's tokenizer has no chat template.*Fix: set "
+        r"source.chat_template to off \(or auto\)",
+        id="chat-template-on-without-one",
+    ),
     # settings
+    pytest.param(
+        ["--model.init_args.loss.temperature", "0"],
+        ValueError,
+        r"loss.temperature must be a finite number > 0, got 0.0.*Fix: set loss.temperature to the temperature U was "
+        r"sampled at",
+        id="loss-temperature-0",
+    ),
+    pytest.param(
+        ["--model.init_args.loss.temperature", ".inf"],
+        ValueError,
+        r"loss.temperature must be a finite number > 0, got inf",
+        id="loss-temperature-infinite",
+    ),
     pytest.param(
         ["--model.init_args.probe.etas", "[0.001, -0.001]"],
         ValueError,
@@ -392,6 +516,12 @@ PARSER_REFUSED = [  # refused by the config parser: SystemExit(2), the message o
         ["--config", "{misspelt_yaml}"], r"Group 'probe' does not accept option 'n_eta'", id="misspelt-key-in-yaml"
     ),
     pytest.param(
+        ["--config", "{alias_bomb}"],
+        r"python -m probe: error: the config file .*alias_bomb.yaml expands to more than 100,000 YAML nodes once its "
+        r"aliases \(\*name\) are expanded \(it holds 30 as written\).*Fix: write the repeated values out",
+        id="config-alias-bomb",
+    ),
+    pytest.param(
         ["--model.init_args.probe.etas", "[.nan]"],
         r'Parser key "probe.etas":\s+Expected a <class .float.>. Got value: nan',
         id="eta-nan",
@@ -432,6 +562,24 @@ def test_more_gpus_than_the_machine_has_are_refused(monkeypatch):
     check_gpu_request({"accelerator": "cpu", "devices": 4})  # CPU processes: any number, Lightning allows it
 
 
+def test_yaml_nodes_are_counted_with_aliases_expanded_without_expanding_them(capsys):
+    from probe.cli import check_config_sizes, expanded_yaml_nodes
+
+    assert expanded_yaml_nodes("a: &a [1, 2]\nb: [*a, *a]") == (13, 7)  # 1 + a, [1, 2] + b, [[1, 2], [1, 2]]
+    assert expanded_yaml_nodes("a: &a [*a]")[0] > 100_000  # a recursive alias has no end
+    assert expanded_yaml_nodes("{a: [1") is None  # not YAML: the parser says so
+    for config in ("toy.yaml", "toy_grpo.yaml", "template.yaml"):
+        assert expanded_yaml_nodes((REPO / "configs" / config).read_text())[0] < 300
+    laughs = "[" + ", ".join(["&a0 [x, x, x, x, x, x, x, x, x]"] + ["*a0"] * 8) + "]"
+    for i in range(1, 7):
+        laughs = "[" + ", ".join([f"&a{i} {laughs}"] + [f"*a{i}"] * 8) + "]"
+    with pytest.raises(SystemExit) as exit_info:  # a bomb as an option's value, not in a file
+        check_config_sizes(["predict", "--data.init_args.evals", laughs])
+    assert exit_info.value.code == 2
+    assert "error: the value of --data.init_args.evals expands to more than 100,000 YAML" in capsys.readouterr().err
+    check_config_sizes(["predict", "--config", str(REPO / "configs" / "toy.yaml"), "--model.init_args.probe.etas=[1]"])
+
+
 def test_an_empty_eta_list_means_the_default_grid():
     grid = ProbeSettings(etas=[], n_etas=5).eta_grid(3e-4)
     assert len(grid) == 5 and 3e-4 in grid and grid == sorted(grid)
@@ -463,6 +611,29 @@ def test_padding_after_eos_is_stripped_and_missing_advantages_computed_with_warn
     # each group of two, so (1 - 0.5) / (std 0.7071 + 1e-6) and its negative
     assert [r["response_ids"] for r in copied] == [r["response_ids"] for r in UPDATE]
     assert [r["advantage"] for r in copied] == pytest.approx([0.70710578, -0.70710578] * 2, abs=1e-8)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "complete"
+
+
+def test_advantages_reversed_in_one_group_and_an_evaluation_file_without_eos_are_reported(files, tmp_path, caplog):
+    update, evals = files["update_one_group_reversed"], files["eval_without_eos"]
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        main(probe_args(tmp_path, "run", U, update, E, f"[{{path: {evals}}}]"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w for w in warnings if w.startswith(update)] == [
+        f"{update}: in 1 of 2 prompt groups whose rewards differ, the advantages order the responses opposite to "
+        "their rewards (every response with a higher reward has a lower advantage): group 1 (line 3, line 4). "
+        "Advantages with other terms (a KL or length penalty) can do that; a sign flip in the exporter would reverse "
+        "every group. Fix: check the advantages of these lines against the trainer's; if they are its own, nothing "
+        "is wrong"
+    ]
+    unended = (
+        ": only 0 of 4 responses of this evaluation batch end with an EOS id (2); the others stop without one "
+        "(line 1, line 2, line 3, line 4): they were probably cut at max_new_tokens, or the file was written without "
+        "their EOS. The probe measures the entropy of the policy's sequences, and the entropy of a cut response is "
+        "not that. Fix: write each response with the EOS it ended with; if they were cut, sample E with a larger "
+        "max_new_tokens so that most responses end"
+    )
+    assert evals + unended in warnings  # the user's file, named before it is copied into the run
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "complete"
 
 

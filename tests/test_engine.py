@@ -9,12 +9,14 @@ results through the run state); a stage whose input is missing says which stage 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from datamodules.rollouts import read_rollouts
 from probe.batch import collate
@@ -138,3 +140,15 @@ def test_a_reference_eta_that_is_not_a_positive_step_size_is_refused(reference_e
     # 0 was silently replaced by lr, a negative one flipped the sign of the eval x update matrix
     with pytest.raises(ValueError, match=r"probe.reference_eta must be a finite step size > 0, got .*leave it null"):
         ProbeSettings(reference_eta=reference_eta)
+
+
+def test_the_moved_fraction_counts_the_elements_a_step_changes_in_the_parameters_dtype():
+    from probe.overrides import moved_fraction
+
+    d = {"w": torch.tensor([1.0, 1.0, 0.0, 1.0])}  # one zero element: not counted
+    for dtype, eta, moved in ((torch.float32, 1e-8, 0.0), (torch.float64, 1e-8, 1.0), (torch.float32, 1e-2, 1.0)):
+        theta = {"w": torch.ones(4, dtype=dtype)}
+        assert moved_fraction(theta, d, eta) == moved, (dtype, eta)
+    theta = {"w": torch.tensor([1.0, 1.0, 5.0, 1e-4])}  # 1e-4 + 1e-8 moves in float32, 1 + 1e-8 does not
+    assert moved_fraction(theta, d, 1e-8) == pytest.approx(1 / 3)
+    assert math.isnan(moved_fraction(theta, {"w": torch.zeros(4)}, 1e-3))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +186,91 @@ def test_dtype_auto_loads_the_dtype_the_weights_were_saved_in(qwen_dir, tmp_path
         torch.float64,
         "set by policy.dtype",
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13 section 8: settings checked where they are read
+
+
+def test_policy_path_toy_with_a_local_toy_folder_warns_that_the_built_in_world_is_used(
+    toy_world_dir, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy").mkdir()
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        assert PolicySettings(path="toy").directory() == toy_world_dir
+        assert PolicySettings(path="toy").directory() == toy_world_dir  # said once per folder, not per call
+        assert PolicySettings(path="./toy").directory() == Path("./toy")  # how the local folder is named
+    assert [r.getMessage() for r in caplog.records] == [
+        f"policy.path is 'toy': using the built-in toy world, not the local folder {tmp_path.resolve() / 'toy'}. "
+        "Fix: to use that folder, write policy.path: ./toy"
+    ]
+
+
+def test_policy_path_toy_without_a_local_toy_folder_says_nothing(toy_world_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "toy").write_text("a file, not a folder")
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        assert PolicySettings(path="toy").directory() == toy_world_dir
+    assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("gpu", r"policy.device 'gpu' is not a device torch knows \(Expected one of cpu, cuda.*: gpu\)"),
+        ("cuda:x", r"policy.device 'cuda:x' is not a device torch knows \(Invalid device string: 'cuda:x'\)"),
+        ("", r"policy.device '' is not a device torch knows \(Device string must not be empty\)"),
+    ],
+)
+def test_an_unknown_device_is_refused_with_the_fix(device, message):
+    with pytest.raises(ValueError, match=message + r".*Fix: set policy.device to cpu, cuda or cuda:N"):
+        PolicySettings(path="toy", device=device)
+
+
+def test_a_gpu_device_is_refused_before_loading_when_torch_sees_none_or_fewer(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "cuda:0", "cuda:3"):
+        with pytest.raises(ValueError, match=r"asks for a GPU but torch sees none .*Fix: set policy.device to cpu"):
+            PolicySettings(path="does-not-matter", device=device)  # nothing is read: refused in the settings
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"'cuda:2' asks for GPU 2 but this machine has 2 \(cuda:0 to cuda:1\)"):
+        PolicySettings(path="toy", device="cuda:2")
+    PolicySettings(path="toy", device="cuda:1")
+    PolicySettings(path="toy", device="cuda")
+    PolicySettings(path="toy", device="cpu")
+
+
+def test_non_finite_weights_are_refused_naming_three_parameters_the_count_and_the_fix(qwen_dir, tmp_path):
+    base_dir, model = qwen_dir
+    names = [n for n, _ in model.named_parameters()]
+    with torch.no_grad():
+        for name in names[:4]:
+            dict(model.named_parameters())[name].view(-1)[0] = float("nan") if "norm" in name else float("-inf")
+    model.save_pretrained(tmp_path / "diverged")
+    save_tokenizer(tmp_path / "diverged")
+    with pytest.raises(ValueError) as info:
+        load_policy(tmp_path / "diverged")
+    message = str(info.value)
+    assert message.startswith(f"the policy in {tmp_path / 'diverged'} has non-finite weights (NaN or inf) in 4 ")
+    assert all(f"{n!r} (1 of " in message for n in names[:3]) and names[3] not in message
+    assert "and 1 more;" in message and message.endswith(
+        "Fix: probe an earlier checkpoint, from before the loss or gradients became non-finite (or copy this one "
+        "again if the copy is corrupt)"
+    )
+    load_policy(base_dir)  # the finite original loads
+
+
+def test_finite_weights_whose_sum_overflows_are_accepted(tmp_path):
+    from probe.loading import check_finite_parameters
+
+    big = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        big.weight.fill_(3e38)  # every entry finite, their float32 sum is inf
+    assert not torch.isfinite(big.weight.sum())
+    check_finite_parameters(big, tmp_path)
+    with torch.no_grad():
+        big.weight[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"in 1 parameter\(s\): 'weight' \(1 of 16 entries\)"):
+        check_finite_parameters(big, tmp_path)

@@ -283,7 +283,7 @@ def test_a_resume_with_an_input_file_edited_in_place_is_refused_naming_it(
     with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
         run_predict(tmp_path, "edited", "--data.init_args.update.path", str(update))
     records = read_jsonl(update)
-    write_jsonl(update, [dict(r, advantage=-r["advantage"]) for r in records])  # same name, other content
+    write_jsonl(update, [dict(r, advantage=0.5 * r["advantage"]) for r in records])  # same name, other content
     changed = r"another run \(it differs in: data.init_args.update.path \(the file's content\)\)"
     with pytest.raises(ValueError, match=changed):
         run_predict(tmp_path, "edited", "--data.init_args.update.path", str(update))
@@ -291,7 +291,7 @@ def test_a_resume_with_an_input_file_edited_in_place_is_refused_naming_it(
     overwrite = ("--model.init_args.run.overwrite", "true")
     summary = run_predict(tmp_path, "edited", "--data.init_args.update.path", str(update), *overwrite)
     used = read_jsonl(tmp_path / "edited" / "rollouts" / "update.jsonl")
-    assert summary["status"] == "complete" and [r["advantage"] for r in used] == [-r["advantage"] for r in records]
+    assert summary["status"] == "complete" and [r["advantage"] for r in used] == [0.5 * r["advantage"] for r in records]
 
 
 def test_copies_of_unknown_origin_are_not_reused_when_the_fingerprints_were_deleted(
@@ -302,11 +302,11 @@ def test_copies_of_unknown_origin_are_not_reused_when_the_fingerprints_were_dele
     update = write_jsonl(tmp_path / "u.jsonl", records)
     with pytest.raises(RuntimeError, match="simulated crash"), crash_at_the_second_batch(monkeypatch):
         run_predict(tmp_path, "deleted", "--data.init_args.update.path", str(update))
-    write_jsonl(update, [dict(r, advantage=-r["advantage"]) for r in records])
+    write_jsonl(update, [dict(r, advantage=0.5 * r["advantage"]) for r in records])
     shutil.rmtree(tmp_path / "deleted" / "partial")  # results and fingerprints gone; rollouts/ left behind
     run_predict(tmp_path, "deleted", "--data.init_args.update.path", str(update))
     used = read_jsonl(tmp_path / "deleted" / "rollouts" / "update.jsonl")
-    assert [r["advantage"] for r in used] == [-r["advantage"] for r in records]
+    assert [r["advantage"] for r in used] == [0.5 * r["advantage"] for r in records]
 
 
 def test_fixing_the_update_file_and_rerunning_the_same_name_uses_the_fixed_file(finished_run, tmp_path, run_predict):
@@ -372,3 +372,27 @@ def test_a_summary_written_before_the_attribution_verdict_still_reads_and_prints
         del old["attribution"][key]
     assert EvalResult.from_dict(old).attribution.ok is None
     assert "no verdict recorded" in format_table([old], summary["plan"]["etas"])
+
+
+def test_an_eta_below_the_dtypes_resolution_is_reported_null_not_as_a_measured_zero(tmp_path, run_predict):
+    # float32 toy policy: 1e-12 times a step of elements ~0.1-1 rounds away against weights ~0.1 (ulp ~1e-8)
+    summary = run_predict(tmp_path, "tiny_eta", "--model.init_args.probe.etas", "[1e-12, 0.0003]")
+    for part, res in summary["aggregate"].items():
+        assert res["moved_fraction"][0] < 0.01 and res["moved_fraction"][1] > 0.99, part  # (weights near 0 move)
+        assert res["delta_h"][0] is None and res["se"][0] is None  # null in summary.json: nothing was measured
+        assert res["first_order"] != 0  # while the first order predicts a change
+    warnings = summary["evals"][0]["warnings"]
+    assert any("at eta=1e-12: theta + eta * d rounds to theta in float32 for 99." in w for w in warnings)
+    from probe.report import format_table
+
+    first_row = format_table(summary["evals"], summary["plan"]["etas"]).splitlines()[2]
+    assert "n/a" in first_row and first_row.endswith("step rounds away in the policy's dtype")
+
+
+def test_per_prompt_normalisation_with_one_response_per_prompt_is_refused_before_any_pass(tmp_path, run_predict):
+    from support import eval_batch_arg
+
+    settings = ("--model.init_args.probe.normalisation", "per_prompt", "--data.init_args.evals", eval_batch_arg(6, 1))
+    with pytest.raises(ValueError, match=r"per_prompt needs at least 2 responses per prompt, but eval_00 has 6 of 6"):
+        run_predict(tmp_path, "single", *settings)
+    assert not list((tmp_path / "single").rglob("batch_*.npz"))

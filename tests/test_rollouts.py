@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 
 import pytest
 
 from datamodules.rollouts import (
     RolloutRecords,
+    check_advantages,
     check_eval_sampling,
     fill_advantages,
     read_rollouts,
@@ -318,6 +320,64 @@ def test_parquet_content_under_a_jsonl_name_is_told_to_rename(tmp_path):
         read_rollouts(wrong)
 
 
+def test_a_utf8_byte_order_mark_is_skipped_silently(tmp_path, caplog):
+    path = tmp_path / "u.jsonl"
+    write_lines(path, [good_line(), good_line(group=1)])
+    with_bom = tmp_path / "bom.jsonl"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # as Windows tools write UTF-8
+    with caplog.at_level(logging.DEBUG, logger="probe"):
+        assert read_rollouts(with_bom) == read_rollouts(path)
+    assert [r.levelname for r in caplog.records] == ["DEBUG"]  # said at DEBUG only, not as a truncated file
+    assert caplog.records[0].getMessage() == f"{with_bom}: skipping the UTF-8 byte-order mark at the start of the file"
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are POSIX")
+def test_a_fifo_or_a_device_is_refused_before_it_is_read(tmp_path):
+    fifo = tmp_path / "u.jsonl"
+    os.mkfifo(fifo)  # reading it would wait for a writer for ever
+    with pytest.raises(
+        ValueError,
+        match=r"u\.jsonl: is a named pipe \(FIFO\), not a regular file; probe reads rollouts only from regular files "
+        r"\(a pipe or a device would block or never end\)\. Fix: write the rollouts to a file",
+    ):
+        read_rollouts(fifo)
+    zero = tmp_path / "zero.jsonl"
+    zero.symlink_to("/dev/zero")  # reading it never ends: a MemoryError at best
+    with pytest.raises(ValueError, match=r"zero\.jsonl: is a character device \(such as /dev/zero\), not a regular"):
+        read_rollouts(zero)
+
+
+def test_a_fifo_or_a_device_given_as_a_prompt_file_is_refused_before_it_is_read(tmp_path):
+    from probe.prompts import PromptSource, load_prompts
+
+    fifo = tmp_path / "prompts.jsonl"
+    os.mkfifo(fifo)
+    for path, kind in ((fifo, r"a named pipe \(FIFO\)"), ("/dev/zero", "a device"), (tmp_path, "a directory")):
+        with pytest.raises(
+            ValueError,
+            match=rf"prompt file {path} is {kind}; prompts are read only from regular files.*Fix: give 'toy', or "
+            "write the prompts to a JSONL file",
+        ):
+            load_prompts(PromptSource(prompts=str(path), n_prompts=1), tokenizer=None)
+    with pytest.raises(FileNotFoundError, match=r"prompt file .*nowhere\.jsonl not found"):
+        load_prompts(PromptSource(prompts=str(tmp_path / "nowhere.jsonl"), n_prompts=1), tokenizer=None)
+
+
+def test_a_prompt_file_with_a_utf8_byte_order_mark_reads_its_first_prompt(tmp_path):
+    from probe.prompts import PromptSource, load_prompts
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "1 + 2 =", "answer": "3"}\n{"prompt": "2 + 2 ="}\n')
+    seen = []
+
+    def tokenizer(text, add_special_tokens):  # a plain-text tokenizer: one id per character
+        seen.append(text)
+        return {"input_ids": [ord(c) for c in text]}
+
+    prompts, answers = load_prompts(PromptSource(prompts=str(path), n_prompts=2), tokenizer)
+    assert seen == ["1 + 2 =", "2 + 2 ="] and answers[tuple(prompts[0])] == "3"
+
+
 def test_missing_file_and_unknown_suffix(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.jsonl: rollout file not found"):
         read_rollouts(tmp_path / "nope.jsonl")
@@ -336,6 +396,45 @@ def test_validate_rollouts_on_plain_lists_names_the_record_index():
         validate_rollouts(records)
     with pytest.raises(ValueError, match=r"rollout records: there are no rollouts"):
         validate_rollouts([])
+
+
+# --------------------------------------------------------------------------- the model's context
+
+
+def test_a_sequence_longer_than_the_models_context_is_refused_naming_line_length_and_limit(tmp_path):
+    path = tmp_path / "u.jsonl"
+    write_lines(
+        path, [good_line(), good_line(prompt_ids=[1] * 6, response_ids=[3, 4, 5, EOS]), good_line(response_ids=[3] * 9)]
+    )
+    too_long = (
+        r"u\.jsonl, line 2: the sequence is 10 tokens long \(6 prompt \+ 4 response tokens\), more than the model's "
+        r"context of 8 positions \(config\.max_position_embeddings\); 2 of 3 records are that long \(line 2, line 3\)"
+        r".*Fix: truncate the prompt or the response so that each sequence fits 8 tokens \(as the trainer did\), drop "
+        r"these records, or load a model with a longer context"
+    )
+    with pytest.raises(ValueError, match=too_long):
+        read_rollouts(path, max_length=8)
+    assert len(read_rollouts(path, max_length=11)) == 3  # 2 + 9 tokens fit 11 exactly
+    assert len(read_rollouts(path)) == 3  # no context given: not checked
+
+
+def test_padding_after_eos_does_not_count_against_the_context(tmp_path):
+    path = tmp_path / "u.jsonl"
+    write_lines(path, [good_line(response_ids=[3, EOS] + [PAD] * 6)])  # 2 + 8 tokens as written, 2 + 2 as scored
+    assert read_rollouts(path, max_length=4, eos_token_ids=EOS, pad_token_id=PAD)[0]["response_ids"] == [3, EOS]
+    with pytest.raises(ValueError, match=r"line 1: the sequence is 10 tokens long .* context of 4 positions"):
+        read_rollouts(path, max_length=4)  # without the EOS id the padding is part of the response
+
+
+def test_the_probe_reads_the_context_from_the_policys_config_also_through_peft():
+    from peft import LoraConfig, get_peft_model
+
+    from support import tiny_llama
+
+    policy = tiny_llama(max_position_embeddings=48)
+    peft = get_peft_model(policy, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    # what datamodules/probe_data.py and callbacks/live.py pass as read_rollouts(max_length=...)
+    assert getattr(getattr(peft, "config", None), "max_position_embeddings", None) == 48
 
 
 # --------------------------------------------------------------------------- advantages
@@ -396,6 +495,63 @@ def test_fill_advantages_needs_a_reward_for_every_record(tmp_path):
         fill_advantages(read_rollouts(path))
 
 
+def signed_records(groups: list[list[tuple[float, float]]]) -> RolloutRecords:
+    """Records of prompt groups given as [(reward, advantage), ...], one line each."""
+    records = [
+        {"prompt_ids": [1], "response_ids": [3 + k], "group": g, "reward": reward, "advantage": advantage}
+        for g, group in enumerate(groups)
+        for k, (reward, advantage) in enumerate(group)
+    ]
+    return RolloutRecords(records, source="u.jsonl", locations=[f"line {i + 1}" for i in range(len(records))])
+
+
+def test_advantages_reversed_against_the_rewards_in_every_group_are_refused_as_a_sign_flip(caplog):
+    flipped = signed_records([[(1.0, -0.7), (0.0, 0.7)], [(0.0, 1.2), (0.5, 0.0), (1.0, -1.2)], [(2.0, -1), (2.0, -1)]])
+    refused = (
+        r"u\.jsonl: advantages decrease where rewards increase in every group: in each of the 2 prompt groups whose "
+        r"rewards differ, every response with a higher reward has a lower advantage \(group 0 \(line 1, line 2\); "
+        r"group 1 \(line 3, line 4, line 5\)\)\. The advantages' sign is flipped\?.*Fix: store the advantages the "
+        r"trainer's loss -A \* log p used .*negate them; or leave 'advantage' out of every record"
+    )
+    with pytest.raises(ValueError, match=refused):  # group 2 has equal rewards: it says nothing about the sign
+        check_advantages(flipped)
+    unflipped = signed_records([[(r, -a) for r, a in group] for group in [[(1.0, -0.7), (0.0, 0.7)]] * 2])
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        check_advantages(unflipped)
+    assert caplog.records == []
+
+
+def test_advantages_reversed_in_some_groups_only_are_reported_naming_the_lines(caplog):
+    # group 1: a length penalty larger than its reward difference; group 2: a KL term that reorders a tie of
+    # advantages within one reward (not a reversal); group 3: ties of advantage across rewards (not a reversal)
+    records = signed_records(
+        [
+            [(1.0, 0.7), (0.0, -0.7)],
+            [(1.0, -0.1), (0.9, 0.1)],
+            [(1.0, 0.6), (1.0, 0.8), (0.0, -1.4)],
+            [(1.0, 0.0), (0.0, 0.0)],
+        ]
+    )
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        check_advantages(records)
+    assert [r.getMessage() for r in caplog.records] == [
+        "u.jsonl: in 1 of 4 prompt groups whose rewards differ, the advantages order the responses opposite to their "
+        "rewards (every response with a higher reward has a lower advantage): group 1 (line 3, line 4). Advantages "
+        "with other terms (a KL or length penalty) can do that; a sign flip in the exporter would reverse every group. "
+        "Fix: check the advantages of these lines against the trainer's; if they are its own, nothing is wrong"
+    ]
+    caplog.clear()
+    one_group = signed_records([[(0.0, 0.5), (1.0, -0.5)]])  # reversed, but one group is too little to refuse
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        check_advantages(one_group)
+    assert "in 1 of 1 prompt groups whose rewards differ" in caplog.records[0].getMessage()
+    caplog.clear()
+    without_rewards = [{k: v for k, v in r.items() if k != "reward"} for r in signed_records([[(0, 1), (1, -1)]] * 3)]
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        check_advantages(without_rewards)  # nothing to compare the advantages with
+    assert caplog.records == []
+
+
 # --------------------------------------------------------------------------- what follows a response's EOS
 
 
@@ -432,6 +588,13 @@ def test_a_real_token_after_eos_is_refused_with_the_record_and_position(tmp_path
     )
     with pytest.raises(ValueError, match=goes_on):
         read_rollouts(path, eos_token_ids=[EOS], pad_token_id=PAD)
+
+
+def test_eos_inside_a_response_is_handled_by_the_reader(tmp_path):
+    # issue 13 section 5, item 2: padding after the first EOS is stripped and other tokens refused (tests above);
+    # an EOS id given as several ids (tokenizer, config, generation_config) counts each of them
+    records = [{"prompt_ids": [1], "response_ids": [3, 7, PAD, 7], "group": 0}]
+    assert strip_after_eos(records, [EOS, 7], pad_token_id=PAD)[0]["response_ids"] == [3, 7]
 
 
 # --------------------------------------------------------------------------- how an evaluation batch was sampled
@@ -550,6 +713,30 @@ def test_top_p_or_top_k_sampling_of_an_evaluation_batch_is_refused_unless_allowe
     check_eval_sampling(records, temperature=1.0, allow_truncated_sampling=True)
 
 
+def test_an_evaluation_file_whose_responses_mostly_stop_without_eos_is_reported(tmp_path, caplog):
+    path = tmp_path / "e.jsonl"
+    sampling = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
+    lines = [good_line(response_ids=[3, 4], **sampling), good_line(response_ids=[3, EOS, PAD], **sampling)]
+    write_lines(path, lines + [good_line(response_ids=[5, 6, 7], **sampling)] * 2)
+    records = read_rollouts(path, eos_token_ids=[EOS], pad_token_id=PAD)
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        check_eval_sampling(records, temperature=1.0)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(str(path))][-1] == (
+        f"{path}: only 1 of 4 responses of this evaluation batch end with an EOS id (2); the others stop without one "
+        "(line 1, line 3, line 4): they were probably cut at max_new_tokens, or the file was written without their "
+        "EOS. The probe measures the entropy of the policy's sequences, and the entropy of a cut response is not "
+        "that. Fix: write each response with the EOS it ended with; if they were cut, sample E with a larger "
+        "max_new_tokens so that most responses end"
+    )
+    caplog.clear()
+    half = [good_line(response_ids=[3, 4], **sampling), good_line(response_ids=[3, EOS], **sampling)]
+    write_lines(path, half * 2)  # half of them end: accepted silently
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        check_eval_sampling(read_rollouts(path, eos_token_ids=EOS), temperature=1.0)
+        check_eval_sampling(read_rollouts(path), temperature=1.0)  # EOS unknown: not checked
+    assert caplog.records == []
+
+
 @pytest.mark.parametrize(
     "sampling, message",
     [
@@ -581,3 +768,22 @@ def test_the_live_probe_names_its_own_settings_when_it_refuses_an_evaluation_fil
     with pytest.raises(ValueError, match=message) as info:
         probe.on_train_start(SimpleNamespace(global_rank=0), SimpleNamespace(policy=tiny_llama()))
     assert "allow_truncated_sampling" not in str(info.value)  # the callback has no such setting
+
+
+def test_the_live_probe_refuses_an_evaluation_file_longer_than_the_policys_context(tmp_path):
+    from types import SimpleNamespace
+
+    from callbacks.live import LiveEntropyProbe, LiveEvalSettings
+
+    from support import tiny_llama
+
+    path = tmp_path / "e.jsonl"
+    records = list(eval_records(temperature=1.0))
+    records[2] = dict(records[2], response_ids=[3] * 7 + [EOS])  # 1 prompt + 8 response tokens
+    write_rollouts(records, path)
+    probe = LiveEntropyProbe(eval=LiveEvalSettings(path=str(path), refresh=False))
+    probe._pad, probe._eos = PAD, [EOS]
+    with pytest.raises(ValueError, match=r"e\.jsonl, line 3: the sequence is 9 tokens long .* context of 8 positions"):
+        probe.on_train_start(
+            SimpleNamespace(global_rank=0), SimpleNamespace(policy=tiny_llama(max_position_embeddings=8))
+        )

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -204,3 +207,37 @@ def test_building_leaves_the_callers_random_state_and_thread_count_alone(tmp_pat
     assert torch.equal(torch.get_rng_state(), rng_before)
     assert torch.get_num_threads() == threads_before
     assert torch.are_deterministic_algorithms_enabled() == deterministic_before
+
+
+@pytest.mark.parametrize("damage", ["truncated_weights", "unreadable_marker"])
+def test_a_corrupt_cached_world_is_rebuilt_with_a_warning_naming_it(damage, toy_world_dir, tmp_path, caplog):
+    cached = tmp_path / toy_world_dir.name
+    shutil.copytree(toy_world_dir, cached)
+    if damage == "truncated_weights":  # e.g. a full disk while the cache was written, or a bad sector
+        weights = cached / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+        named = "model.safetensors: not the file probe built"
+    else:
+        (cached / "toy_world.json").write_text('{"format": 2, "config": {')
+        named = "toy_world.json: not the file probe built"
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        assert build_toy_world(ToyWorldConfig(), root=tmp_path) == cached
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the cached toy world {cached} is corrupt ({named}, e.g. after a disk error or an interrupted copy); "
+        "rebuilding it (seconds, bitwise the same world)"
+    ]
+    for name in ("model.safetensors", "optimizer.pt", "config.json", "tokenizer.json"):
+        assert (cached / name).read_bytes() == (toy_world_dir / name).read_bytes(), name
+    assert [p.name for p in tmp_path.iterdir()] == [cached.name]  # no staging or old copy left behind
+    caplog.clear()
+    before = (cached / "model.safetensors").stat().st_mtime_ns
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        build_toy_world(ToyWorldConfig(), root=tmp_path)  # intact now: returned as is
+    assert not caplog.records and (cached / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_toy_world_json_records_the_sha256_of_every_file(toy_world_dir):
+    files = load_toy_world_info(toy_world_dir)["files"]
+    assert {"config.json", "model.safetensors", "optimizer.pt", "tokenizer.json"} <= set(files)
+    for name, digest in files.items():
+        assert hashlib.sha256((toy_world_dir / name).read_bytes()).hexdigest() == digest

@@ -467,6 +467,65 @@ def test_live_path_needs_the_pre_clip_norm_for_clipped_gradients():
         update_from_gradients(r.model.named_parameters(), grads, state, 1.0, clipped=True)
 
 
+# ----------------------------------------------------------------------------- PPO ratios of U's old_logprobs
+
+
+def ppo_ratio_counts(r: Run, batch: SequenceBatch) -> tuple[int, int, int]:
+    """Truth, token by token: U's response tokens, those whose ratio exp(log p - old) lies outside [0.8, 1.2],
+    and those whose gradient the clip zeroes (A > 0 above the range, A < 0 below it)."""
+    with torch.no_grad():
+        lp = teacher_force(r.model, batch, forcing=r.loss.forcing()).logprobs
+    tokens = outside = zeroed = 0
+    for b in range(len(batch)):
+        advantage = float(batch.advantages[b])
+        for t in batch.target_mask[b].nonzero().flatten().tolist():
+            ratio = math.exp(float(lp[b, t]) - float(batch.old_logprobs[b, t]))
+            tokens += 1
+            outside += not 0.8 <= ratio <= 1.2
+            zeroed += (advantage > 0 and ratio > 1.2) or (advantage < 0 and ratio < 0.8)
+    return tokens, outside, zeroed
+
+
+def test_ppo_ratios_outside_the_clip_range_are_counted_in_the_update_summary(tmp_path):
+    r = run("ppo-clip")  # old_logprobs = the policy's + 0.3 nats of noise: about half the ratios leave [0.8, 1.2]
+    tokens, outside, zeroed = ppo_ratio_counts(r, r.batch)
+    assert 0 < zeroed < outside < 0.9 * tokens
+    assert r.update.ppo_clip == {"outside_fraction": outside / tokens, "clipped_fraction": zeroed / tokens}
+    assert r.update.summary()["ppo_clip"] == r.update.ppo_clip
+    assert Update.load(r.update.save(tmp_path / "update.safetensors")).ppo_clip == r.update.ppo_clip
+    assert "ppo_clip" not in run("adamw-after2").update.summary()  # no old_logprobs used: nothing to count
+
+
+def test_old_logprobs_of_another_policy_are_reported_with_the_fraction_and_the_fix(caplog):
+    import logging
+
+    r = run("ppo-clip")
+    records = make_records(7)  # U of that run, with old_logprobs 3 nats below the policy's: every ratio is e^3
+    batch = collate(records)
+    with torch.no_grad():
+        lp = teacher_force(r.model, batch, forcing=r.loss.forcing()).logprobs
+    far = [{**rec, "old_logprobs": (lp[b][batch.target_mask[b]] - 3.0).tolist()} for b, rec in enumerate(records)]
+    with caplog.at_level(logging.WARNING, logger="probe"):
+        u = reconstruct_update(r.model, r.optimizer, far, r.loss, r.case.reconstruction)
+    tokens, outside, zeroed = ppo_ratio_counts(r, collate(far))
+    positive = sum(len(rec["response_ids"]) for rec in records if rec["advantage"] > 0)
+    assert outside == tokens and zeroed == positive  # the clip zeroes the tokens of positive advantage
+    assert u.ppo_clip == {"outside_fraction": 1.0, "clipped_fraction": positive / tokens}
+    assert [rec.getMessage() for rec in caplog.records] == [
+        "U's old_logprobs look like those of another policy: the PPO ratio exp(log p - old_logprob) of 100.0% of "
+        f"U's {tokens} response tokens lies outside the clip range [0.8, 1.2] (loss.clip_ratio, loss.clip_ratio_high); "
+        f"the clip zeroes the gradient of {100 * positive / tokens:.1f}% of the tokens and weighs the others by ratios "
+        "far from 1, so the reconstructed step is (nearly) zero or dominated by a few tokens. Right after sampling "
+        "every ratio is 1. Fix: store the log-probs of the policy that sampled U, at the sampling temperature "
+        "(loss.temperature = 1), one per response token (not shifted by one position); or set "
+        "loss.use_old_logprobs=false for the on-policy step"
+    ]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="probe"):  # the run's own noisy old_logprobs: no warning
+        reconstruct_update(r.model, r.optimizer, r.batch, r.loss, r.case.reconstruction)
+    assert caplog.records == []
+
+
 # ----------------------------------------------------------------------------- file round trip
 
 

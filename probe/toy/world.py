@@ -14,8 +14,10 @@
 Saved as an ordinary HF checkpoint directory: ``config.json``, ``model.safetensors``, the
 tokenizer, ``optimizer.pt`` (``torch.save(AdamW(model.parameters()).state_dict())``, one
 param group, parameters in ``model.parameters()`` order) and ``toy_world.json`` (config,
-reward history, final mean reward, versions). Worlds are cached under ``$PROBE_CACHE``
-(default ``~/.cache/probe``) in ``toy_world-<hash of the config>/`` and built once.
+reward history, final mean reward, versions, the sha256 of every file). Worlds are cached under
+``$PROBE_CACHE`` (default ``~/.cache/probe``) in ``toy_world-<hash of the config>/`` and built once; a
+cached world whose files no longer match their sha256 (a disk error, a truncated copy) is rebuilt, with a
+warning.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -40,8 +43,10 @@ from probe.sampling import SamplingSettings, sample_responses, sample_update_bat
 from probe.toy import task
 from probe.toy.tokenizer import save_tokenizer
 
-FORMAT_VERSION = 1  # bump when the build procedure changes, so cached worlds are rebuilt
+FORMAT_VERSION = 2  # bump when the build procedure changes, so cached worlds are rebuilt (2: files' sha256 recorded)
 COMPLETE_MARKER = "toy_world.json"  # written last; a directory without it is not a world
+
+log = logging.getLogger("probe")
 
 
 @dataclass
@@ -119,6 +124,33 @@ def is_complete(directory: str | Path) -> bool:
     directory = Path(directory)
     needed = ["config.json", "model.safetensors", "optimizer.pt", "tokenizer.json", COMPLETE_MARKER]
     return all((directory / name).is_file() for name in needed)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def damaged_files(directory: str | Path) -> list[str]:
+    """The files of a complete toy world that differ from what was built (their sha256 in ``toy_world.json``), or
+    are missing; ``toy_world.json`` itself when it cannot be read. Empty for an intact world (reading the toy's
+    files, about 1 MB, takes milliseconds)."""
+    directory = Path(directory)
+    try:
+        recorded = json.loads((directory / COMPLETE_MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if not isinstance(recorded, dict) or not recorded:
+        return [COMPLETE_MARKER]
+    return [
+        name
+        for name, digest in sorted(recorded.items())
+        if not (directory / name).is_file() or _sha256(directory / name) != digest
+    ]
+
+
+def is_intact(directory: str | Path) -> bool:
+    """True when ``directory`` holds a finished toy world whose every file is as it was built."""
+    return is_complete(directory) and not damaged_files(directory)
 
 
 @contextlib.contextmanager
@@ -294,6 +326,7 @@ def _build_into(directory: Path, cfg: ToyWorldConfig) -> dict:
     model.save_pretrained(str(directory), safe_serialization=True)
     save_tokenizer(directory)
     torch.save(optimizer.state_dict(), directory / "optimizer.pt")
+    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != COMPLETE_MARKER}
     info = {
         "format": FORMAT_VERSION,
         "config": asdict(cfg),
@@ -310,6 +343,7 @@ def _build_into(directory: Path, cfg: ToyWorldConfig) -> dict:
         "build_seconds": round(time.perf_counter() - start, 3),
         "timings": timings,
         "versions": _versions(),
+        "files": files,  # sha256 of every file: a cached world that no longer matches is rebuilt
     }
     (directory / COMPLETE_MARKER).write_text(json.dumps(info, indent=2))
     return info
@@ -324,13 +358,23 @@ def build_toy_world(cfg: ToyWorldConfig | None = None, root: str | Path | None =
 
     Returns:
         ``<root>/toy_world-<config hash>/``, a complete HF checkpoint directory with ``optimizer.pt``.
-        An existing complete directory is returned as is. The build writes to a temporary
+        An existing complete directory whose files match their sha256 is returned as is; one whose files do not
+        (a disk error, a truncated copy) is rebuilt, with a warning naming it. The build writes to a temporary
         sibling and renames it into place, so an interrupted build never looks complete.
     """
     cfg = cfg or ToyWorldConfig()
     target = toy_world_dir(cfg, root)
     if is_complete(target):
-        return target
+        damaged = damaged_files(target)
+        if not damaged:
+            return target
+        log.warning(
+            "the cached toy world %s is corrupt (%s: not the file%s probe built, e.g. after a disk error or an "
+            "interrupted copy); rebuilding it (seconds, bitwise the same world)",
+            target,
+            ", ".join(damaged),
+            "s" if len(damaged) > 1 else "",
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
@@ -338,12 +382,12 @@ def build_toy_world(cfg: ToyWorldConfig | None = None, root: str | Path | None =
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it private; the cache is an ordinary directory
-        if target.exists() and not is_complete(target):
-            shutil.rmtree(target, ignore_errors=True)  # leftovers of an older, broken layout
+        if target.exists() and not is_intact(target):
+            shutil.rmtree(target, ignore_errors=True)  # leftovers of an older, broken layout, or a corrupt world
         try:
             os.rename(staging, target)
         except OSError:
-            if not is_complete(target):  # someone else won the race with a complete world: keep theirs
+            if not is_intact(target):  # someone else won the race with an intact world: keep theirs
                 raise
     finally:
         if staging.exists():
