@@ -51,6 +51,7 @@ from probe.batch import SequenceBatch, collate
 from probe.engine import EvalBatch, Plan, probe_eval, realised_change
 from probe.jsonable import dumps, json_safe
 from probe.live_contract import LiveProbeTarget, OwnsRunDirectory, ProbedStep
+from probe.loading import context_length
 from probe.logprobs import TeacherForcing
 from probe.losses import normalisers as loss_normalisers
 from probe.overrides import base_statistics
@@ -237,7 +238,7 @@ class LiveEntropyProbe(pl.Callback):
                 from datamodules.rollouts import check_eval_sampling, read_rollouts
 
                 vocab = int(policy.get_input_embeddings().weight.shape[0])
-                context = getattr(getattr(policy, "config", None), "max_position_embeddings", None)  # None: no check
+                context = context_length(policy)  # with RoPE scaling; None: the config names none
                 records = read_rollouts(
                     self.eval_settings.path,
                     vocab_size=vocab,

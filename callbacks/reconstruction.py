@@ -59,6 +59,13 @@ class UpdateReconstruction(pl.Callback):
             for name, direction in part_directions(update, plan.parts).items()
         }
         state.resolution = eta_resolution(policy, state.directions, plan.etas)
+        if all(not e <= 0.5 for errors in state.resolution.rounding_error.values() for e in errors):
+            log.warning(
+                "every point of the sweep rounds away against the policy's %s weights (theta + eta * d differs from "
+                "eta * d by more than half of it at every eta): no Delta H can be measured, only predicted. Fix: "
+                "load the policy in float32 (policy.dtype: float32) or probe larger etas",
+                state.resolution.dtype,
+            )
         state.timings["reconstruction_s"] = time.perf_counter() - start
         log.info(
             "update: lr %.3g, |full| %.4g, |baseline| %.4g, |grad| %.4g, clip coef %.4g (||g|| = %.4g), %d sequences, "

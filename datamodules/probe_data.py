@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from datamodules.rollouts import check_advantages, check_eval_sampling, fill_advantages, read_rollouts, write_rollouts
 from probe.engine import check_prompt_groups
+from probe.loading import context_length
 from probe.prompts import PromptSource, load_prompts
 from probe.rewards import resolve_reward
 from probe.run_state import ProbeInputs, indexed_collate, on_rank_zero, run_state_of, settings_key
@@ -215,7 +216,7 @@ class ProbeDataModule(pl.LightningDataModule):
         pad, eos = special_token_ids(tokenizer, model=policy)  # every EOS id: tokenizer, config, generation_config
         # token ids checked against the vocabulary and lengths against the context (None: unknown, not checked);
         # padding after a response's EOS stripped, other tokens refused
-        context = getattr(getattr(policy, "config", None), "max_position_embeddings", None)  # PeftModel: its base's
+        context = context_length(policy)  # with RoPE scaling; None: the config names none
         read = partial(read_rollouts, vocab_size=vocab_size, max_length=context, eos_token_ids=eos, pad_token_id=pad)
         rollouts = run_dir.path / "rollouts"
 

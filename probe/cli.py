@@ -251,6 +251,13 @@ class ProbeCLI(LightningCLI):
     def after_predict(self) -> None:
         self.report_wandb()
 
+    def before_fit(self) -> None:
+        """Refuse a resume whose checkpoint the run would delete first (``run.overwrite`` with ``--ckpt_path``
+        inside the run folder): the module checks, before Lightning sets up."""
+        check = getattr(self.model, "check_resume_source", None)
+        if callable(check):
+            check(self.config_init[self.subcommand].get("ckpt_path"))
+
     def after_fit(self) -> None:
         self.report_wandb()
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from probe.attribution import AttributionInputs, attribute, eval_update_matrix, per_sequence_exact
 from probe.batch import SequenceBatch
 from probe.logprobs import TeacherForcing, teacher_force
-from probe.overrides import Direction, Sweep, iter_sweep, moved_fraction
+from probe.overrides import Direction, Sweep, base_parameters, iter_sweep, rounding_errors
 from probe.results import AttributionSummary, BaseEntropy, EvalResult, PartResult
 from probe.settings import PrecisionSettings, ProbeSettings
 from probe.snis import SNISConfig, SNISResult, snis_estimate, snis_estimates
@@ -338,23 +338,22 @@ def _warnings(parts: dict[str, PartResult], etas: Sequence[float], M: int) -> li
 
 @dataclass(frozen=True)
 class EtaResolution:
-    """Per part and eta, the fraction of the step's nonzero elements that change the policy's parameters in their
-    dtype (``moved[part][j]``): where it is 0, ``theta + eta * d == theta`` and the sweep would report a change of
-    exactly 0 as a measurement."""
+    """Per part and eta, how far the step the sweep takes in the policy's dtype is from ``eta * d``, relative
+    (``rounding_error[part][j]``, :func:`probe.overrides.rounding_errors`): near 1 where ``theta + eta * d``
+    rounds to ``theta``, so that the sweep would report a change of exactly 0 as a measurement."""
 
     dtype: str  # the policy's parameter dtype(s)
-    moved: dict[str, list[float]]
+    rounding_error: dict[str, list[float]]
 
 
 def eta_resolution(policy: nn.Module, directions: dict[str, Direction], etas: Sequence[float]) -> EtaResolution:
-    """:class:`EtaResolution` of the plan's etas (:func:`probe.overrides.moved_fraction`, the sweep's arithmetic)."""
-    theta = dict(policy.named_parameters())
-    dtypes = sorted({str(theta[n].dtype).removeprefix("torch.") for d in directions.values() for n in d})
-    moved = {
-        part: [moved_fraction({n: theta[n].detach() for n in d}, d, eta) for eta in etas]
-        for part, d in directions.items()
-    }
-    return EtaResolution(dtype="/".join(dtypes), moved=moved)
+    """:class:`EtaResolution` of the plan's etas, with the sweep's own arithmetic."""
+    errors, dtypes = {}, set()
+    for part, d in directions.items():
+        theta = base_parameters(policy, d)  # names the parameters a direction does not match
+        dtypes |= {str(t.dtype).removeprefix("torch.") for t in theta.values()}
+        errors[part] = rounding_errors(theta, d, etas)
+    return EtaResolution(dtype="/".join(sorted(dtypes)), rounding_error=errors)
 
 
 def check_prompt_groups(E: EvalBatch, normalisation: str) -> None:
@@ -375,27 +374,27 @@ def check_prompt_groups(E: EvalBatch, normalisation: str) -> None:
         )
 
 
-# Below this fraction of moved elements the swept point is not eta * d (most of it rounded away): Delta H is
-# reported null there; below MOVED_EXACT it is reported with a warning.
-MOVED_MEASURABLE, MOVED_EXACT = 0.5, 0.99
+# Where the step the sweep takes differs from eta * d by more than this (relative L1), the swept point is not
+# eta * d and Delta H is reported null; beyond ROUNDING_FLAGGED it is reported with a warning.
+ROUNDING_UNMEASURABLE, ROUNDING_FLAGGED = 0.5, 0.01
 
 
 def _resolution_warnings(parts: dict[str, PartResult], etas: Sequence[float], dtype: str) -> list[str]:
     out = []
     for name, res in parts.items():
         for j, eta in enumerate(etas):
-            f = (res.moved_fraction or [1.0] * len(etas))[j]
-            if f < MOVED_MEASURABLE:
+            error = (res.step_rounding_error or [0.0] * len(etas))[j]
+            if not error <= ROUNDING_UNMEASURABLE:  # (NaN: a zero direction, nothing to measure either)
                 out.append(
-                    f"{name} at eta={eta:.3g}: theta + eta * d rounds to theta in {dtype} for "
-                    f"{1 - f:.2%} of the step's elements, so the sweep would measure another step, or none "
-                    "(Delta H reported null; the first order still predicts one). Use larger etas, or load the "
-                    "policy in float32/float64"
+                    f"{name} at eta={eta:.3g}: theta + eta * d formed in {dtype} differs from eta * d by {error:.0%} "
+                    "of its size (most of the step rounds away against the weights), so the sweep would measure "
+                    "another step, or none (Delta H reported null; the first order still predicts one). Use larger "
+                    "etas, or load the policy in float32/float64"
                 )
-            elif f < MOVED_EXACT:
+            elif error > ROUNDING_FLAGGED:
                 out.append(
-                    f"{name} at eta={eta:.3g}: only {f:.1%} of the step's elements move theta in {dtype} (the rest "
-                    "round away): the measured Delta H is that of the rounded step, not of eta * d"
+                    f"{name} at eta={eta:.3g}: theta + eta * d formed in {dtype} differs from eta * d by {error:.1%} "
+                    "of its size: the measured Delta H is that of the rounded step"
                 )
     return out
 
@@ -445,18 +444,21 @@ def summarise_eval(
         result.parts[part] = _part_result(estimates[part], rows, k, base, plan, E)
         for j, r in enumerate(estimates[part]):
             result.arrays[f"per_sequence/{part}/eta_{j}"] = r.contributions.numpy()
-    if "full" in estimates and "baseline_plus_grad" in estimates:
-        diff = [a.delta_entropy - b.delta_entropy for a, b in zip(estimates["full"], estimates["baseline_plus_grad"])]
+    if resolution is not None:
+        for part, res in result.parts.items():
+            res.step_rounding_error = list(resolution.rounding_error[part])
+            for j, error in enumerate(res.step_rounding_error):
+                if not error <= ROUNDING_UNMEASURABLE:  # the passes were of theta, or of a mostly rounded-away step
+                    res.delta_h[j] = res.se[j] = res.delta_h_per_token[j] = res.se_per_token[j] = math.nan
+                    path = f"per_sequence/{part}/eta_{j}"
+                    result.arrays[path] = np.full_like(result.arrays[path], np.nan)  # no contributions either
+    if "full" in result.parts and "baseline_plus_grad" in result.parts:  # (null where a step rounded away)
+        pairs = zip(result.parts["full"].delta_h, result.parts["baseline_plus_grad"].delta_h)
+        diff = [a - b for a, b in pairs]
         result.additivity = {
             "full_minus_baseline_plus_grad": diff,
             "max_abs": max((abs(d) for d in diff if math.isfinite(d)), default=math.nan),
         }
-    if resolution is not None:
-        for part, res in result.parts.items():
-            res.moved_fraction = list(resolution.moved[part])
-            for j, f in enumerate(res.moved_fraction):
-                if f < MOVED_MEASURABLE:  # the passes were of theta, or of a step most of which rounded away
-                    res.delta_h[j] = res.se[j] = res.delta_h_per_token[j] = res.se_per_token[j] = math.nan
     result.warnings = _warnings(result.parts, plan.etas, M)
     if resolution is not None:
         result.warnings += _resolution_warnings(result.parts, plan.etas, resolution.dtype)

@@ -348,6 +348,19 @@ class GRPOModule(pl.LightningModule):
                 self._run_dir = run_path(self.run.root, self.run_name)
         return self._run_dir
 
+    def check_resume_source(self, ckpt: str | None) -> None:
+        """``run.overwrite`` deletes the run folder before Lightning restores ``--ckpt_path``: refuse when that
+        checkpoint lies inside the folder (it would be deleted, then missing). The CLI calls this before fit."""
+        if not (self.run.overwrite and ckpt):
+            return
+        folder = run_path(self.run.root, self.run_name).resolve()
+        if Path(ckpt).expanduser().resolve().is_relative_to(folder):
+            raise ValueError(
+                f"--ckpt_path {ckpt} lies inside the run folder {folder} that run.overwrite=true would delete before "
+                "the checkpoint is read. Fix: continue the training under a new run.name (keeping --ckpt_path), "
+                "or drop run.overwrite"
+            )
+
     def probed_step(self) -> ProbedStep | None:
         """The live probe's view of the step whose backward just ran (:mod:`probe.live_contract`)."""
         return self._probed
@@ -457,6 +470,8 @@ class GRPOModule(pl.LightningModule):
         """Lightning's backward, then the check that no optimizer step is taken with a non-finite loss or gradient
         (gradients here are all-reduced under DDP, so every rank decides alike)."""
         super().backward(loss, *args, **kwargs)
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 with a GradScaler: inf gradients of a scaled loss are normal, the scaler skips that step
         grads = [(n, p.grad) for n, p in self.policy.named_parameters() if p.grad is not None]
         finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).all() if grads else torch.tensor(True)
         bad = (~finite | ~torch.isfinite(loss.detach())).double().reshape(1)
@@ -475,7 +490,7 @@ class GRPOModule(pl.LightningModule):
             if bad
             else "the gradient is finite"
         )
-        facts = [f"the loss is {float(loss.detach()):.4g}", what]
+        facts = [f"the loss is {float(loss.detach()) / self._world():.4g}", what]  # (DDP: world x the local sum)
         if self._rollout is not None and self._rollout[1] is not None:
             _, U, _, ro = self._rollout
             advantages = U.advantages.double()

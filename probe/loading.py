@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from probe.precision import DTYPES, exact_float64_norms, resolve_dtype
+from probe.precision import DTYPES, dtype_name, exact_float64_norms, resolve_dtype
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -54,10 +54,11 @@ class PolicySettings:
     Args:
         path: local directory of an HF checkpoint (``config.json``, weights, tokenizer). Hub ids are not
             fetched: download the model first and pass its directory.
-        dtype: parameter dtype: ``auto`` (the dtype the checkpoint was saved in: ``config.json``'s ``dtype`` /
-            ``torch_dtype``, else its weights'), ``float32``, ``bfloat16``, ``float16`` or ``float64`` (float64
-            also makes RMSNorm compute in float64, see ``probe.precision``). Probe the policy in the dtype it
-            was trained in: a float32 policy loaded in bfloat16 gives wrong small-eta numbers.
+        dtype: parameter dtype: ``auto`` (the dtype the weights were saved in, else ``config.json``'s; half
+            precision is loaded as float32, exactly: a step of a real lr rounds away against bfloat16 weights, so
+            nothing could be measured), ``float32``, ``bfloat16``, ``float16`` or ``float64`` (float64 also makes
+            RMSNorm compute in float64, see ``probe.precision``). A float32 policy loaded in bfloat16 gives wrong
+            small-eta numbers.
         attn_implementation: ``sdpa`` (default), ``eager`` or another one transformers knows.
         adapter_path: local directory of a saved PEFT adapter to load on top (trainable).
         lora: wrap the policy in a fresh LoRA adapter with these settings (instead of ``adapter_path``).
@@ -106,6 +107,11 @@ class PolicySettings:
         if str(self.dtype).lower() != "auto":
             return resolve_dtype(self.dtype), "set by policy.dtype"
         dtype, source = checkpoint_dtype(check_checkpoint_dir(self.directory()))
+        if dtype in (torch.bfloat16, torch.float16):  # exact upcast: the master weights of a mixed-precision run
+            return torch.float32, (
+                f"auto: {source}, loaded as float32 (exact; a step of a real lr rounds away against "
+                f"{dtype_name(dtype)} weights, so Delta H could not be measured)"
+            )
         return dtype, f"auto: {source}"
 
 
@@ -333,7 +339,7 @@ def _load(directory: Path, s: PolicySettings) -> tuple[torch.nn.Module, Any]:
     if adapter_path is not None and lora is not None:
         raise ValueError("give either adapter_path (load a saved adapter) or lora (wrap in a fresh one), not both")
     model_dir = check_checkpoint_dir(directory)
-    torch_dtype = resolve_dtype(s.dtype) if str(s.dtype).lower() != "auto" else checkpoint_dtype(model_dir)[0]
+    torch_dtype = s.resolved_dtype()[0]
     adapter_dir = check_adapter_dir(adapter_path) if adapter_path is not None else None
     refuse_remote_code(model_dir, trust_remote_code)
     tokenizer_dir = _tokenizer_dir(model_dir, adapter_dir)
@@ -418,3 +424,20 @@ def toy_policy(cfg: Any = None, root: str | Path | None = None, **load_kwargs: A
     from probe.toy.world import build_toy_world
 
     return load_policy(build_toy_world(cfg, root=root), **load_kwargs)
+
+
+def context_length(policy: Any) -> int | None:
+    """The longest sequence the policy was made for: ``max_position_embeddings`` times the RoPE scaling factor of
+    YaRN / linear / dynamic scaling when the config keeps the original length there (``rope_scaling`` of
+    transformers 4, ``rope_parameters`` of 5); None when the config names none (then nothing is checked)."""
+    config = getattr(policy, "config", None)  # a PeftModel forwards to its base's
+    length = getattr(config, "max_position_embeddings", None)
+    if not isinstance(length, int):
+        return None
+    for key in ("rope_scaling", "rope_parameters"):
+        scaling = getattr(config, key, None)
+        if isinstance(scaling, dict) and isinstance(scaling.get("factor"), (int, float)) and scaling["factor"] > 1:
+            original = scaling.get("original_max_position_embeddings")
+            if original is None or original == length:  # the config holds the original length: scale it
+                return int(length * scaling["factor"])
+    return length

@@ -72,17 +72,26 @@ def shifted_parameters(
 
 
 @torch.no_grad()
-def moved_fraction(theta0: Mapping[str, Tensor], direction: Direction, eta: float) -> float:
-    """The fraction of the direction's nonzero elements whose parameter actually changes in ``theta0 + eta * d``
-    (formed as the sweep forms it, in the parameters' dtype): 1.0 for a step far above the dtype's resolution,
-    0.0 for one that rounds away entirely (then the sweep measures no change at all). NaN for a zero direction."""
-    moved = nonzero = 0
+def rounding_errors(theta0: Mapping[str, Tensor], direction: Direction, etas: Sequence[float]) -> list[float]:
+    """Per eta, how far the step the sweep actually takes is from ``eta * d``, relative to it:
+    ``||(theta0 + eta d) - theta0 - eta d||_1 / ||eta d||_1``, the override formed as the sweep forms it (in the
+    parameters' dtype), the rest in float64. About 0 for a step far above the dtype's resolution, 1 for one that
+    rounds away entirely (the sweep then measures no change at all). NaN for a zero direction. One device sync."""
+    if not direction:
+        return [math.nan] * len(etas)
+    errors: Tensor | None = None  # [J]
+    size: Tensor | None = None
     for n, d in direction.items():
-        d = d.to(device=theta0[n].device, dtype=theta0[n].dtype)
-        live = d != 0  # [*p]
-        nonzero += int(live.sum())
-        moved += int((torch.add(theta0[n], d, alpha=eta) != theta0[n])[live].sum())
-    return moved / nonzero if nonzero else math.nan
+        t = theta0[n]
+        cast = d.detach().to(device=t.device, dtype=t.dtype)  # what the sweep adds
+        intended = d.detach().to(device=t.device, dtype=torch.float64)
+        here = torch.stack(
+            [((torch.add(t, cast, alpha=eta).double() - t.double()) - eta * intended).abs().sum() for eta in etas]
+        )  # [J]
+        errors = here if errors is None else errors + here
+        size = intended.abs().sum() if size is None else size + intended.abs().sum()
+    scale = size * torch.tensor([abs(e) for e in etas], dtype=torch.float64, device=size.device)  # [J]
+    return (errors / scale).tolist()
 
 
 @dataclass

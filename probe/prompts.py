@@ -81,6 +81,15 @@ def _chat_ids(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _template_markers(tokenizer: Any) -> list[str]:
+    """The special tokens the chat template writes around a user turn (``<|im_start|>``, ...): a prompt that
+    already holds one is templated text."""
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
+    )
+    return [t for t in getattr(tokenizer, "all_special_tokens", []) if t and t in str(rendered)]
+
+
 def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]], dict[tuple, Any]]:
     """Prompt token ids and, per prompt, its reference answer (or None).
 
@@ -123,6 +132,7 @@ def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]],
         _logged.add(key)
         what = "tokenizer chat template applied" if apply else "no chat template"
         log.info("prompts of %s: %s (chat_template: %s)", path, what, source.chat_template)
+    markers = _template_markers(tokenizer) if apply else []
     prompts, answers = [], {}
     for i, row in enumerate(rows):
         if "prompt" not in row:
@@ -131,6 +141,13 @@ def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]],
                 "line"
             )
         text = row["prompt"]
+        held = [m for m in markers if m in str(text)]
+        if held:
+            raise ValueError(
+                f"{path}: line {source.offset + i + 1} already holds chat-template text ({held[0]!r}), and "
+                f"chat_template: {source.chat_template} would wrap it in the template a second time. Fix: set "
+                "source.chat_template: off for a file of templated prompts, or store the plain prompts"
+            )
         ids = _chat_ids(tokenizer, text) if apply else tokenizer(text, add_special_tokens=True)["input_ids"]
         prompts.append(ids)
         answers[tuple(ids)] = row.get("answer")

@@ -35,8 +35,8 @@ def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
                 first = res.get("predicted_first", [None] * len(etas))[j]
                 second = res.get("predicted_second", [None] * len(etas))[j]
                 frac = res["ess_fraction"][j]
-                moved = (res.get("moved_fraction") or [1.0] * len(etas))[j]
-                if moved is not None and moved < 0.5:
+                rounding = (res.get("step_rounding_error") or [0.0] * len(etas))[j]
+                if rounding is None or rounding > 0.5:  # (None: NaN in JSON, a zero direction)
                     flag = "  step rounds away in the policy's dtype"
                 elif frac is None or not math.isfinite(frac):
                     flag = "  non-finite"

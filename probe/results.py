@@ -57,10 +57,9 @@ class PartResult:
     linear_radius: float | None = None  # eta where the quadratic term reaches 10% of the linear one
     linear_radius_per_token: float | None = None
     predicted_second: list[float] | None = None  # first_order * eta + second_order * eta^2 / 2
-    # per eta, the fraction of the step's nonzero elements that change theta in the policy's dtype; below 0.5
-    # most of the step rounds away and delta_h / se are null, below 0.99 the sweep measures the rounded step
-    # (probe.engine.eta_resolution)
-    moved_fraction: list[float] | None = None
+    # per eta, ||step taken - eta d||_1 / ||eta d||_1 with theta + eta d formed in the policy's dtype: beyond 0.5
+    # most of the step rounds away and delta_h / se are null, beyond 0.01 it is flagged (probe.engine.eta_resolution)
+    step_rounding_error: list[float] | None = None
 
 
 @dataclass

@@ -9,6 +9,7 @@ and ``partial/`` (per-batch results kept for resuming, removed once the run fini
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,7 +35,8 @@ class RunDirectoryExists(FileExistsError):
 
 
 RUN_MARKER = ".probe-run"  # written into every run directory probe creates; only such a directory is ever deleted
-LOCK_FILE = ".probe-lock"  # held by the process writing the run (RunDirectory.lock)
+LOCK_FILE = ".probe-lock"  # flock-ed by the process writing the run (RunDirectory.lock)
+_HELD_LOCKS: dict[str, int] = {}  # lock file -> descriptor, for the locks this process holds
 
 
 def default_run_name(name: str = "") -> str:
@@ -138,8 +140,14 @@ class RunDirectory:
                     "replace it"
                 )
             if overwrite:  # a run folder probe made (checked above): finished, or unfinished results discarded
-                run.lock()  # refused while another process writes it
-                shutil.rmtree(run.path)
+                run.lock()  # refused while another process writes it; kept while the folder is emptied
+                for child in run.path.iterdir():
+                    if child.name == LOCK_FILE:
+                        continue
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child)
+                    else:
+                        child.unlink()
         run.path.mkdir(parents=True, exist_ok=True)
         marker = run.path / RUN_MARKER
         if not marker.exists():
@@ -181,46 +189,35 @@ class RunDirectory:
 
     # ---- one process at a time ---------------------------------------------------------------
     def lock(self) -> None:
-        """Hold ``<run>/.probe-lock`` while this process writes the run: a second process that opens the same run
-        folder is refused (two runs of one name would mix their batches). The lock names its process and host;
-        one whose process has ended (a crash, a kill) is taken over with a warning. Released by :meth:`unlock`
-        (at the end of a run) or when the lock's process is gone."""
-        path = self.path / LOCK_FILE
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        for _ in range(3):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _read_json(path)
-                if not isinstance(holder, dict):  # being written this instant, or garbage: look again
-                    time.sleep(0.05)
-                    holder = _read_json(path)
-                if isinstance(holder, dict) and holder.get("pid") == me["pid"] and holder.get("host") == me["host"]:
-                    return  # this process holds it (a run resumed in the same process)
-                if isinstance(holder, dict) and holder.get("host") == me["host"] and not _alive(holder.get("pid")):
-                    log.warning(
-                        "%s: taking over the lock of process %s, which has ended (it stopped without finishing)",
-                        self.path,
-                        holder.get("pid"),
-                    )
-                    path.unlink(missing_ok=True)
-                    continue
-                raise RunDirectoryExists(
-                    f"{self.path} is being written by another process ({_describe(holder)}); two runs of one name "
-                    "would mix their results. Fix: wait for that run to end, or choose another run.name; if no run "
-                    f"is active (a run on another machine that died), delete {path}"
-                ) from None
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+        """Hold ``<run>/.probe-lock`` (``fcntl.flock``) while this process writes the run: a second process that
+        opens the same run folder is refused (two runs of one name would mix their batches). The kernel releases
+        the lock when the process ends, however it ends, so a crashed run never blocks the next one; the file
+        names the holder for the message. Held locks are kept per process (a run resumed in the same process
+        reuses its lock) and released by :meth:`unlock`."""
+        path = (self.path / LOCK_FILE).resolve()
+        if str(path) in _HELD_LOCKS:
             return
-        raise RunDirectoryExists(f"{self.path}: could not take the lock {path}; retry, or choose another run.name")
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_json(path)
+            os.close(fd)
+            raise RunDirectoryExists(
+                f"{self.path} is being written by another process ({_describe(holder)}); two runs of one name would "
+                "mix their results. Fix: wait for that run to end, or choose another run.name"
+            ) from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        _HELD_LOCKS[str(path)] = fd
 
     def unlock(self) -> None:
-        """Release this process's lock (no-op if another process holds it or there is none)."""
-        path = self.path / LOCK_FILE
-        holder = _read_json(path) if path.is_file() else None
-        if isinstance(holder, dict) and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
-            path.unlink(missing_ok=True)
+        """Release this process's lock on the run folder (no-op if it holds none)."""
+        fd = _HELD_LOCKS.pop(str((self.path / LOCK_FILE).resolve()), None)
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     @property
     def resuming(self) -> bool:
@@ -374,20 +371,7 @@ def file_digest(path: str | os.PathLike) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def _alive(pid: Any) -> bool:
-    """Whether a process of this host with that id is running."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
-
-
 def _describe(holder: Any) -> str:
     if not isinstance(holder, dict):
-        return "its lock file is unreadable"
+        return "it has not yet said which"
     return f"process {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}"

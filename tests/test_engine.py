@@ -142,13 +142,18 @@ def test_a_reference_eta_that_is_not_a_positive_step_size_is_refused(reference_e
         ProbeSettings(reference_eta=reference_eta)
 
 
-def test_the_moved_fraction_counts_the_elements_a_step_changes_in_the_parameters_dtype():
-    from probe.overrides import moved_fraction
+def test_the_rounding_error_is_the_part_of_the_step_the_parameters_dtype_loses():
+    from probe.overrides import rounding_errors
 
-    d = {"w": torch.tensor([1.0, 1.0, 0.0, 1.0])}  # one zero element: not counted
-    for dtype, eta, moved in ((torch.float32, 1e-8, 0.0), (torch.float64, 1e-8, 1.0), (torch.float32, 1e-2, 1.0)):
-        theta = {"w": torch.ones(4, dtype=dtype)}
-        assert moved_fraction(theta, d, eta) == moved, (dtype, eta)
-    theta = {"w": torch.tensor([1.0, 1.0, 5.0, 1e-4])}  # 1e-4 + 1e-8 moves in float32, 1 + 1e-8 does not
-    assert moved_fraction(theta, d, 1e-8) == pytest.approx(1 / 3)
-    assert math.isnan(moved_fraction(theta, {"w": torch.zeros(4)}, 1e-3))
+    d = {"w": torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)}
+    # float32 weights of 1: a step of 1e-8 rounds away entirely, 1e-2 survives to float32 rounding (ulp 1.2e-7)
+    errors = rounding_errors({"w": torch.ones(4, dtype=torch.float32)}, d, [1e-8, 1e-2])
+    assert errors[0] == pytest.approx(1.0, rel=1e-12) and errors[1] < 1e-5
+    assert rounding_errors({"w": torch.ones(4, dtype=torch.float64)}, d, [1e-8]) == [pytest.approx(0.0, abs=1e-7)]
+    # one element of three carries almost the whole step and moves: most of the step is taken
+    weighted = {"w": torch.tensor([1e-6, 1e-6, 0.0, 1.0], dtype=torch.float64)}
+    (error,) = rounding_errors({"w": torch.tensor([1.0, 1.0, 5.0, 1e-4])}, weighted, [1e-3])
+    assert error == pytest.approx(
+        2e-9 / (1e-3 * (1 + 2e-6)), rel=0.1
+    )  # the two tiny entries round away (+ 3%: 1.1e-3 rounded)
+    assert math.isnan(rounding_errors({"w": torch.ones(4)}, {"w": torch.zeros(4)}, [1e-3])[0])

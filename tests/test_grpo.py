@@ -184,6 +184,8 @@ def short_fit(run_fit, root: Path, name: str, *extra: str) -> Path:
 def test_a_step_with_non_finite_gradients_stops_the_fit_before_it_and_saves_nothing_non_finite(
     run_fit, tmp_path, user_rewards
 ):
+    # step 0 needs one of its 16 groups of 8 to score unlike itself: the toy policy answers right about half the
+    # time, so all 16 tie with probability about (2 * 0.5^8)^16 ~ 1e-34 whatever the CPU samples
     reward = ("--model.init_args.rollout.reward", f"{user_rewards}:extreme")
     with pytest.raises(FloatingPointError) as failure:
         short_fit(run_fit, tmp_path, "extreme", *reward, "--model.init_args.rollout.normalize_std", "false")
@@ -217,3 +219,8 @@ def test_a_second_fit_never_continues_into_the_first_ones_folder(run_fit, tmp_pa
     short_fit(run_fit, tmp_path, "twice", "--model.init_args.run.overwrite", "true")
     steps = [json.loads(line)["step"] for line in (run / "history.jsonl").read_text().splitlines()]
     assert steps == [0, 1]  # one run's history, not [0, 1, 0, 1]
+    # overwrite would delete the checkpoint a resume is about to read: refused, the folder untouched
+    resume = ("--model.init_args.run.overwrite", "true", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"))
+    with pytest.raises(ValueError, match=r"--ckpt_path .*last.ckpt lies inside the run folder .*Fix: continue"):
+        short_fit(run_fit, tmp_path, "twice", *resume)
+    assert (run / "checkpoints" / "last.ckpt").is_file()

@@ -140,28 +140,27 @@ def test_a_run_killed_by_sigkill_resumes_to_the_uninterrupted_numbers(uninterrup
     assert_same_run(tmp_path / "killed", uninterrupted)
 
 
-def test_a_run_folder_another_live_process_writes_is_refused_and_a_dead_ones_lock_is_taken_over(tmp_path, caplog):
-    import logging
-    import socket
-
+def test_a_run_folder_another_live_process_writes_is_refused_until_it_ends(tmp_path):
     from probe.rundir import LOCK_FILE, RunDirectory, RunDirectoryExists
 
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    RunDirectory.open(str(tmp_path), "busy").unlock()
+    holder = (  # a second process that opens the run and holds it, as a running probe does
+        "import sys, time; from probe.rundir import RunDirectory; RunDirectory.open(sys.argv[1], 'busy'); "
+        "print('locked', flush=True); time.sleep(60)"
+    )
+    other = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     try:
-        run = RunDirectory.open(str(tmp_path), "busy")
-        run.unlock()
-        holder = {"pid": other.pid, "host": socket.gethostname(), "since": "2026-11-28T10:00:00"}
-        (run.path / LOCK_FILE).write_text(json.dumps(holder))  # what a second, running probe process holds
+        assert other.stdout.readline().strip() == "locked"
         busy = rf"busy is being written by another process \(process {other.pid} on .*\); two runs of one name"
         with pytest.raises(RunDirectoryExists, match=busy + r".*Fix: wait for that run to end"):
             RunDirectory.open(str(tmp_path), "busy")
-        with pytest.raises(RunDirectoryExists, match=busy):  # nor is it deleted under the other process
+        with pytest.raises(RunDirectoryExists, match=busy):  # nor is it emptied under the other process
             RunDirectory.open(str(tmp_path), "busy", overwrite=True)
-        assert (run.path / LOCK_FILE).is_file()
+        assert (tmp_path / "busy" / ".probe-run").is_file()
     finally:
         other.kill()
         other.wait()
-    with caplog.at_level(logging.WARNING, logger="probe"):
-        RunDirectory.open(str(tmp_path), "busy")  # its process has ended: the lock is stale
-    assert f"taking over the lock of process {other.pid}, which has ended" in caplog.text
-    assert json.loads((tmp_path / "busy" / LOCK_FILE).read_text())["pid"] == os.getpid()
+    run = RunDirectory.open(str(tmp_path), "busy")  # the kernel released the dead process's lock
+    assert json.loads((run.path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    RunDirectory.open(str(tmp_path), "busy")  # the same process opens it again (a resume): its lock is reused
+    run.unlock()

@@ -170,10 +170,14 @@ def test_dtype_auto_loads_the_dtype_the_weights_were_saved_in(qwen_dir, tmp_path
         dtype == torch.float32 and "config.json says dtype = bfloat16, but the weights are what was trained" in source
     )
 
-    # bfloat16 weights saved as such are loaded as such (the run trained them in bfloat16)
+    # bfloat16 weights are loaded as float32 (exactly): a step of a real lr would round away against them
     model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
     save_tokenizer(tmp_path / "bf16")
-    assert PolicySettings(path=str(tmp_path / "bf16")).resolved_dtype()[0] == torch.bfloat16
+    dtype, source = PolicySettings(path=str(tmp_path / "bf16")).resolved_dtype()
+    assert dtype == torch.float32 and source.startswith("auto: weights saved as bfloat16, loaded as float32 (exact;")
+    loaded = next(PolicySettings(path=str(tmp_path / "bf16")).load()[0].parameters())
+    assert loaded.dtype == torch.float32
+    assert torch.equal(loaded, next(model.parameters()).to(torch.bfloat16).float())  # the upcast is exact
 
     # pickled weights have no header to read: the config says it
     model.to(torch.float32).save_pretrained(tmp_path / "bin")
@@ -274,3 +278,20 @@ def test_finite_weights_whose_sum_overflows_are_accepted(tmp_path):
         big.weight[1, 2] = float("nan")
     with pytest.raises(ValueError, match=r"in 1 parameter\(s\): 'weight' \(1 of 16 entries\)"):
         check_finite_parameters(big, tmp_path)
+
+
+def test_the_context_length_counts_rope_scaling_that_keeps_the_original_length():
+    from types import SimpleNamespace
+
+    from probe.loading import context_length
+
+    def policy(**config):
+        return SimpleNamespace(config=SimpleNamespace(**config))
+
+    assert context_length(policy(max_position_embeddings=32768)) == 32768
+    yarn = {"rope_type": "yarn", "factor": 4.0}  # Qwen2.5's long-context recipe: the config keeps 32768
+    assert context_length(policy(max_position_embeddings=32768, rope_scaling=yarn)) == 131072
+    extended = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}  # already extended
+    assert context_length(policy(max_position_embeddings=32768, rope_parameters=extended)) == 32768
+    assert context_length(policy(max_position_embeddings=64, rope_parameters={"rope_type": "default"})) == 64
+    assert context_length(SimpleNamespace()) is None

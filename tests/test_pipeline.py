@@ -378,11 +378,15 @@ def test_an_eta_below_the_dtypes_resolution_is_reported_null_not_as_a_measured_z
     # float32 toy policy: 1e-12 times a step of elements ~0.1-1 rounds away against weights ~0.1 (ulp ~1e-8)
     summary = run_predict(tmp_path, "tiny_eta", "--model.init_args.probe.etas", "[1e-12, 0.0003]")
     for part, res in summary["aggregate"].items():
-        assert res["moved_fraction"][0] < 0.01 and res["moved_fraction"][1] > 0.99, part  # (weights near 0 move)
+        assert res["step_rounding_error"][0] > 0.99 and res["step_rounding_error"][1] < 0.01, part
         assert res["delta_h"][0] is None and res["se"][0] is None  # null in summary.json: nothing was measured
         assert res["first_order"] != 0  # while the first order predicts a change
     warnings = summary["evals"][0]["warnings"]
-    assert any("at eta=1e-12: theta + eta * d rounds to theta in float32 for 99." in w for w in warnings)
+    assert any(
+        "at eta=1e-12: theta + eta * d formed in float32 differs from eta * d by 100% of its size" in w
+        for w in warnings
+    )
+    assert np.isnan(np.load(tmp_path / "tiny_eta" / "per_sequence" / "full" / "eta_0.npy")).all()
     from probe.report import format_table
 
     first_row = format_table(summary["evals"], summary["plan"]["etas"]).splitlines()[2]
