@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from typing import Any, Callable
 
@@ -19,17 +18,10 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from tqdm.auto import tqdm
 
+from probe.console import console_is_terminal
 from probe.run_state import run_state_of
 
 log = logging.getLogger("probe")
-
-
-def console_is_terminal() -> bool:
-    """Whether stderr (where progress goes) is an interactive terminal."""
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):  # replaced or closed stream
-        return False
 
 
 def _duration(seconds: float) -> str:

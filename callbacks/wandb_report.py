@@ -16,7 +16,8 @@ at its end, so its failed run is always deleted; a fit is deleted only if it fai
 (``trainer.global_step == 0``). A fit that failed later (out of memory, Ctrl+C, SIGTERM preemption hours in) keeps
 its training curves: its W&B run is finished as failed and kept, and one line says where.
 :class:`DiscardFailedOfflineRun` (which the CLI attaches to every run) and ``WandbReport`` do this, and delete only
-an offline run this process started, whose folder lies under the logger's ``save_dir``.
+an offline run that a logger the CLI prepared started itself (never a run begun with ``wandb.init`` before, which
+Lightning's logger adopts; outside the CLI nothing is deleted), whose folder lies under the logger's ``save_dir``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,11 @@ def update_table(state: PredictRunState) -> tuple[list[str], list[list[Any]]]:
     return columns, rows
 
 
+# The loggers that start their own W&B run (prepared by the CLI while no run was in progress): only their offline
+# run folders are ever deleted (a run the user started with wandb.init, which the logger adopts, never is).
+_STARTS_ITS_OWN_RUN: weakref.WeakSet = weakref.WeakSet()
+
+
 def offline_run_dir(logger: WandbLogger) -> Path | None:
     """The folder of the offline W&B run ``logger`` started in this process (``<save_dir>/wandb/offline-run-*``), or
     None: no run started yet (this never starts one), an online or disabled run, or a folder outside ``save_dir``."""
@@ -74,7 +82,7 @@ def discard_offline_run(logger: WandbLogger) -> Path | None:
     folder (``latest-run``, ``debug.log``, ``debug-internal.log``) that point into it; returns the deleted folder.
     Does nothing (None) unless :func:`offline_run_dir` names a folder."""
     folder = offline_run_dir(logger)
-    if folder is None:
+    if folder is None or logger not in _STARTS_ITS_OWN_RUN:  # a run someone else started (wandb.init before) stays
         return None
     logger.experiment.finish(exit_code=1)  # W&B stops writing into the folder
     if not folder.is_dir():
@@ -135,7 +143,10 @@ def prepare_wandb_loggers(loggers: list[Any], quiet: bool) -> bool:
     drop the deprecated ``anonymous`` argument that Lightning always passes (W&B warns that it has no effect).
     Returns whether the W&B run will be offline (``WANDB_MODE`` offline, or a logger made with ``offline=True``)."""
     wandb_loggers = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    running = getattr(sys.modules.get("wandb"), "run", None)  # Lightning's logger adopts a run already in progress
     for lg in wandb_loggers:
+        if running is None and getattr(lg, "_experiment", None) is None:
+            _STARTS_ITS_OWN_RUN.add(lg)  # its run will be this process's own: a failed run may delete it
         if lg.save_dir:
             os.makedirs(lg.save_dir, exist_ok=True)
         init = getattr(lg, "_wandb_init", None)

@@ -392,7 +392,7 @@ def check_lengths(records: Sequence[dict], max_length: int, source: str | None =
     raise ValueError(
         f"{_where(records, i, source)}: the sequence is {n_prompt + n_response} tokens long ({n_prompt} prompt + "
         f"{n_response} response tokens), more than the model's context of {max_length} positions "
-        f"(config.max_position_embeddings){more}. The model cannot score tokens beyond it as it was trained to "
+        f"(config.max_position_embeddings, times a RoPE scaling factor){more}. The model cannot score tokens beyond it as it was trained to "
         "(a learned position table ends there; rotary positions extrapolate silently). Fix: truncate the prompt or "
         f"the response so that each sequence fits {max_length} tokens (as the trainer did), drop these records, or "
         "load a model with a longer context"
@@ -525,9 +525,18 @@ def _top_k_off(value: Any) -> bool:
 
 
 def _sampling_of(record: dict) -> tuple:
-    """``(temperature, top_p, top_k)`` with "off" values (top_p 1.0, top_k 0 / -1, absent) as None."""
-    top_p, top_k = record.get("top_p"), record.get("top_k")
-    return (record.get("temperature"), None if _top_p_off(top_p) else top_p, None if _top_k_off(top_k) else top_k)
+    """``(temperature, top_p, top_k)`` with "off" values (top_p 1.0, top_k 0 / -1, absent, NaN: pandas' missing
+    cell) as None, and the temperature rounded to 6 significant digits (a float32 column reads 0.7 back as
+    0.699999988)."""
+    top_p, top_k = (None if _is_nan(v) else v for v in (record.get("top_p"), record.get("top_k")))
+    temperature = record.get("temperature")
+    if _is_real(temperature):
+        temperature = float(f"{float(temperature):.6g}")
+    return (temperature, None if _top_p_off(top_p) else top_p, None if _top_k_off(top_k) else top_k)
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
 
 
 def _raw_value(value: Any) -> str:
@@ -642,7 +651,7 @@ def check_eval_sampling(
             f"would be of another distribution. Fix: {fix}"
         )
     sampled_at = first[0]
-    if not math.isclose(float(sampled_at), float(temperature), rel_tol=1e-9):
+    if not math.isclose(float(sampled_at), float(temperature), rel_tol=1e-6):  # float32 files: ~6e-8 relative
         raise ValueError(
             f"{name}: the records say E was sampled at temperature {sampled_at:g}, but the probe measures the "
             f"entropy at tau = {temperature:g} ({setting}): the importance weights would compare two different "
@@ -898,6 +907,12 @@ def fill_advantages(
 
     if not overwrite:
         check_advantages(records)
+        if records and all(record.get("advantage") is not None for record in records):
+            return RolloutRecords(  # every advantage given: kept as it is
+                [dict(r) for r in records],
+                source=getattr(records, "source", None),
+                locations=getattr(records, "locations", None),
+            )
     missing = [i for i, record in enumerate(records) if record.get("reward") is None]
     if missing:
         raise ValueError(

@@ -226,8 +226,9 @@ class ProbeCLI(LightningCLI):
         config names one)."""
         from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 
-        from callbacks.progress import StepProgress, console_is_terminal
+        from callbacks.progress import StepProgress
         from callbacks.wandb_report import DiscardFailedOfflineRun
+        from probe.console import console_is_terminal
 
         config = self.config_init.get(str(self.subcommand), self.config_init).get("trainer", {})
         given = kwargs.get("callbacks", config.get("callbacks"))

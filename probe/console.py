@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import warnings
 
 # Lightning's per-run chatter at INFO level: {logger name: regexes matched at the start of the message}. None of it
@@ -74,13 +75,19 @@ _WANDB_SET: set[str] = set()  # the W&B variables this process set (so that a de
 _HF_BARS_OFF = False  # whether this process turned transformers' progress bars off (so that a detailed run undoes it)
 
 
+def console_is_terminal() -> bool:
+    """Whether stderr (where progress goes) is an interactive terminal."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
 def configure_console(quiet: bool) -> None:
     """Silence (``quiet``) or restore the per-run boilerplate of Lightning, Python warnings, transformers' progress
     bars (these only off a terminal) and the INFO lines of DDP ranks other than 0. Idempotent; a later call with
     ``quiet=False`` undoes an earlier one."""
     global _HF_BARS_OFF
-    from callbacks.progress import console_is_terminal
-
     for name, drop in _FILTERS.items():
         (logging.getLogger(name).addFilter if quiet else logging.getLogger(name).removeFilter)(drop)
     for message, category in BOILERPLATE_WARNINGS:

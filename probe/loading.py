@@ -165,7 +165,10 @@ def _safetensors_header(directory: Path) -> dict[str, Any]:
     if not file.is_file():
         return {}
     with open(file, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
+        head = f.read(8)
+        if len(head) < 8:  # empty or truncated: loading reports it with its own message
+            return {}
+        (size,) = struct.unpack("<Q", head)
         if size > 100_000_000:  # a corrupt header; loading reports it with its own message
             return {}
         try:

@@ -81,13 +81,37 @@ def _chat_ids(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in ids]
 
 
+def _read_rows(path: Path, offset: int, n: int) -> list[tuple[int, Any]]:
+    """Prompts ``offset .. offset + n`` of a JSONL file (blank lines skipped) with their line numbers. Lines are
+    split on newlines only (a JSON string may hold U+2028 or a form feed), a BOM is dropped, and only the lines
+    asked for are parsed; a line that is not JSON is named with its number."""
+    lines = [(k, text) for k, text in enumerate(path.read_text(encoding="utf-8-sig").split("\n"), 1) if text.strip()]
+    if len(lines) < offset + n:
+        raise ValueError(
+            f"{path} has {max(0, len(lines) - offset)} prompts after offset {offset}; asked for {n}. Fix: lower "
+            "source.n_prompts or source.offset, or give a longer prompt file"
+        )
+    rows = []
+    for k, text in lines[offset : offset + n]:
+        try:
+            rows.append((k, json.loads(text)))
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}: line {k} is not valid JSON ({e.msg} at column {e.colno}). Fix: one JSON object with "
+                "'prompt' per line"
+            ) from None
+    return rows
+
+
 def _template_markers(tokenizer: Any) -> list[str]:
     """The special tokens the chat template writes around a user turn (``<|im_start|>``, ...): a prompt that
     already holds one is templated text."""
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True
     )
-    return [t for t in getattr(tokenizer, "all_special_tokens", []) if t and t in str(rendered)]
+    # not the BOS / EOS / pad / unk a tokenizer also writes around plain text (Llama-2's "<s>" is also HTML)
+    plain = {getattr(tokenizer, name, None) for name in ("bos_token", "pad_token", "unk_token")}
+    return [t for t in getattr(tokenizer, "all_special_tokens", []) if t and t not in plain and t in str(rendered)]
 
 
 def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]], dict[tuple, Any]]:
@@ -123,10 +147,7 @@ def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]],
             "its tokenizer (tokenizer.chat_template = ...; tokenizer.save_pretrained(dir))"
         )
     apply = source.chat_template == "on" or (source.chat_template == "auto" and has_template)
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-    rows = rows[source.offset : source.offset + source.n_prompts]
-    if len(rows) < source.n_prompts:
-        raise ValueError(f"{path} has {len(rows)} prompts after offset {source.offset}; asked for {source.n_prompts}")
+    rows = _read_rows(path, source.offset, source.n_prompts)  # [(line number, parsed object)]
     key = (str(path), source.chat_template, apply)
     if key not in _logged:
         _logged.add(key)
@@ -134,17 +155,14 @@ def load_prompts(source: PromptSource, tokenizer: Any) -> tuple[list[list[int]],
         log.info("prompts of %s: %s (chat_template: %s)", path, what, source.chat_template)
     markers = _template_markers(tokenizer) if apply else []
     prompts, answers = [], {}
-    for i, row in enumerate(rows):
-        if "prompt" not in row:
-            raise ValueError(
-                f"{path}: line {source.offset + i + 1} has no 'prompt' field. Fix: one JSON object with 'prompt' per "
-                "line"
-            )
+    for line, row in rows:
+        if not isinstance(row, dict) or "prompt" not in row:
+            raise ValueError(f"{path}: line {line} has no 'prompt' field. Fix: one JSON object with 'prompt' per line")
         text = row["prompt"]
         held = [m for m in markers if m in str(text)]
         if held:
             raise ValueError(
-                f"{path}: line {source.offset + i + 1} already holds chat-template text ({held[0]!r}), and "
+                f"{path}: line {line} already holds chat-template text ({held[0]!r}), and "
                 f"chat_template: {source.chat_template} would wrap it in the template a second time. Fix: set "
                 "source.chat_template: off for a file of templated prompts, or store the plain prompts"
             )

@@ -235,7 +235,7 @@ def test_lightning_boilerplate_is_dropped_and_detailed_brings_it_back(monkeypatc
 
     from transformers.utils import logging as hf_logging
 
-    monkeypatch.setattr("callbacks.progress.console_is_terminal", lambda: False)
+    monkeypatch.setattr("probe.console.console_is_terminal", lambda: False)
     try:
         hf_logging.enable_progress_bar()
         assert run(quiet=True) == [
@@ -249,3 +249,26 @@ def test_lightning_boilerplate_is_dropped_and_detailed_brings_it_back(monkeypatc
         configure_console(quiet=True)  # what every standard CLI run sets
         for name in names:
             logging.getLogger(name).removeHandler(handler)
+
+
+def test_a_wandb_run_the_user_started_is_never_deleted(tmp_path, monkeypatch):
+    import types
+
+    from lightning.pytorch.loggers import WandbLogger
+
+    import callbacks.wandb_report as report
+
+    class OfflineRun:  # what wandb.run is after the user's own wandb.init(mode="offline")
+        offline, disabled = True, False
+        sync_dir = str(tmp_path / "wandb" / "offline-run-20261128_120000-user")
+
+        def finish(self, exit_code=0):
+            raise AssertionError("the user's run was finished by probe")
+
+    (tmp_path / "wandb" / "offline-run-20261128_120000-user").mkdir(parents=True)
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(run=OfflineRun()))
+    adopted = WandbLogger(save_dir=str(tmp_path), offline=True)
+    report.prepare_wandb_loggers([adopted], quiet=True)  # a run is in progress: the logger will adopt it
+    adopted._experiment = sys.modules["wandb"].run
+    assert report.discard_offline_run(adopted) is None
+    assert (tmp_path / "wandb" / "offline-run-20261128_120000-user").is_dir()

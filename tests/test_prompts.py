@@ -118,7 +118,7 @@ def test_the_default_is_documented_where_help_shows_it():
 def test_a_prompt_that_already_holds_template_text_is_not_wrapped_twice(tmp_path):
     path = tmp_path / "templated.jsonl"  # what a pipeline that templated its prompts itself writes
     path.write_text(json.dumps({"prompt": "<bos> 3 + 4 = <eos>"}) + "\n")
-    with pytest.raises(ValueError, match=r"line 1 already holds chat-template text \('<bos>'\).*Fix: set source.chat"):
+    with pytest.raises(ValueError, match=r"line 1 already holds chat-template text \('<eos>'\).*Fix: set source.chat"):
         load_prompts(PromptSource(prompts=str(path), n_prompts=1), chat_tokenizer())
     plain = load_prompts(PromptSource(prompts=str(path), n_prompts=1, chat_template="off"), chat_tokenizer())[0]
     assert plain == [build_tokenizer()("<bos> 3 + 4 = <eos>", add_special_tokens=True)["input_ids"]]

@@ -8,6 +8,7 @@ import logging
 import os
 import statistics
 
+import numpy as np
 import pytest
 
 from datamodules.rollouts import (
@@ -787,3 +788,20 @@ def test_the_live_probe_refuses_an_evaluation_file_longer_than_the_policys_conte
         probe.on_train_start(
             SimpleNamespace(global_rank=0), SimpleNamespace(policy=tiny_llama(max_position_embeddings=8))
         )
+
+
+def test_sampling_fields_read_back_from_float32_or_pandas_columns_are_what_was_written():
+    from datamodules.rollouts import check_eval_sampling
+
+    record = {"prompt_ids": [1], "response_ids": [2], "group": 0}
+    float32_temperature = float(np.float32(0.7))  # 0.699999988: a float32 Parquet column's 0.7
+    pandas = [dict(record, temperature=float32_temperature, top_p=1.0, top_k=float("nan")) for _ in range(3)]
+    check_eval_sampling(pandas, temperature=0.7)  # NaN is pandas' missing cell: off, and alike in every record
+
+
+def test_advantages_given_in_every_record_are_kept_not_recomputed():
+    from datamodules.rollouts import fill_advantages
+
+    records = [{"group": 0, "reward": 1.0, "advantage": 5.0}, {"group": 0, "reward": 0.0, "advantage": -5.0}]
+    assert [r["advantage"] for r in fill_advantages(records)] == [5.0, -5.0]
+    assert [round(r["advantage"], 3) for r in fill_advantages(records, overwrite=True)] == [0.707, -0.707]
