@@ -392,8 +392,9 @@ def check_lengths(records: Sequence[dict], max_length: int, source: str | None =
     raise ValueError(
         f"{_where(records, i, source)}: the sequence is {n_prompt + n_response} tokens long ({n_prompt} prompt + "
         f"{n_response} response tokens), more than the model's context of {max_length} positions "
-        f"(config.max_position_embeddings, times a RoPE scaling factor){more}. The model cannot score tokens beyond it as it was trained to "
-        "(a learned position table ends there; rotary positions extrapolate silently). Fix: truncate the prompt or "
+        f"(config.max_position_embeddings, times a RoPE scaling factor){more}. The model cannot score tokens "
+        "beyond it as it was trained to (a learned position table ends there; rotary positions extrapolate "
+        "silently). Fix: truncate the prompt or "
         f"the response so that each sequence fits {max_length} tokens (as the trainer did), drop these records, or "
         "load a model with a longer context"
     )

@@ -370,7 +370,8 @@ REFUSED = [
         [*U_OK, E, "[{{path: {eval_longer_than_context}}}]"],
         ValueError,
         r"eval_longer_than_context.jsonl, line 2: the sequence is 33 tokens long \(5 prompt \+ 28 response tokens\), "
-        r"more than the model's context of 32 positions \(config.max_position_embeddings, times a RoPE scaling factor\).*Fix: truncate the prompt "
+        r"more than the model's context of 32 positions \(config.max_position_embeddings, times a RoPE scaling "
+        r"factor\).*Fix: truncate the prompt "
         r"or the response so that each sequence fits 32 tokens",
         id="sequence-longer-than-context",
     ),
