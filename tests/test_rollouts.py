@@ -409,7 +409,8 @@ def test_a_sequence_longer_than_the_models_context_is_refused_naming_line_length
     )
     too_long = (
         r"u\.jsonl, line 2: the sequence is 10 tokens long \(6 prompt \+ 4 response tokens\), more than the model's "
-        r"context of 8 positions \(config\.max_position_embeddings\); 2 of 3 records are that long \(line 2, line 3\)"
+        r"context of 8 positions \(config\.max_position_embeddings, times a RoPE scaling factor\); 2 of 3 records are "
+        r"that long \(line 2, line 3\)"
         r".*Fix: truncate the prompt or the response so that each sequence fits 8 tokens \(as the trainer did\), drop "
         r"these records, or load a model with a longer context"
     )
