@@ -224,7 +224,7 @@ def test_a_corrupt_cached_world_is_rebuilt_with_a_warning_naming_it(damage, toy_
         assert build_toy_world(ToyWorldConfig(), root=tmp_path) == cached
     assert [r.getMessage() for r in caplog.records] == [
         f"the cached toy world {cached} is corrupt ({named}, e.g. after a disk error or an interrupted copy); "
-        "rebuilding it (seconds, bitwise the same world)"
+        "rebuilding it (seconds; the same world, bit for bit, on this machine and software)"
     ]
     for name in ("model.safetensors", "optimizer.pt", "config.json", "tokenizer.json"):
         assert (cached / name).read_bytes() == (toy_world_dir / name).read_bytes(), name

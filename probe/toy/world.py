@@ -370,7 +370,7 @@ def build_toy_world(cfg: ToyWorldConfig | None = None, root: str | Path | None =
             return target
         log.warning(
             "the cached toy world %s is corrupt (%s: not the file%s probe built, e.g. after a disk error or an "
-            "interrupted copy); rebuilding it (seconds, bitwise the same world)",
+            "interrupted copy); rebuilding it (seconds; the same world, bit for bit, on this machine and software)",
             target,
             ", ".join(damaged),
             "s" if len(damaged) > 1 else "",
