@@ -456,10 +456,13 @@ def check_summary(summary: Any, path: str | Path) -> dict[str, Any]:
         batches = [("aggregate", summary["aggregate"])]
     else:
         fail(
-            "has no 'evals' (the results per evaluation batch)"
+            ("has an empty 'evals' list" if evals == [] else "has no 'evals'")
+            + " (the results per evaluation batch)"
             + (" and no 'aggregate'" if "aggregate" in summary else "")
         )
     for where, parts in batches:
+        if not parts:
+            fail(f"has no part in {where} (an empty object: no results per part)")
         for part, result in parts.items():
             if not isinstance(result, dict):
                 fail(f"has {where}.{part} = {_kind(result)}, not an object")

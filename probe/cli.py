@@ -74,8 +74,9 @@ MAX_CONFIG_NODES = 100_000  # YAML nodes of one config once its aliases are expa
 
 def expanded_yaml_nodes(text: str, limit: int = MAX_CONFIG_NODES) -> tuple[int, int] | None:
     """``(nodes with every alias expanded, capped at limit + 1; nodes as written)`` of a YAML document, None when it
-    is not one (the parser reports that). Composing does not expand aliases (a shared node stands for each), so this
-    costs time linear in the text even for an alias bomb; a recursive alias counts as unbounded."""
+    is not one (the parser reports that); ``(limit + 1, 0)`` for an alias that refers to itself (unbounded).
+    Composing does not expand aliases (a shared node stands for each), so this costs time linear in the text even
+    for an alias bomb."""
     import yaml
 
     try:
@@ -99,7 +100,7 @@ def expanded_yaml_nodes(text: str, limit: int = MAX_CONFIG_NODES) -> tuple[int, 
             size[id(node)] = min(limit + 1, 1 + sum(size[id(c)] for c in children(node)))
             open_nodes.discard(id(node))
         elif id(node) in open_nodes:
-            return limit + 1, len(size)
+            return limit + 1, 0  # (0 as written: the caller names a recursive alias)
         elif id(node) not in size:
             open_nodes.add(id(node))
             stack.append((node, True))
@@ -135,9 +136,10 @@ def check_config_sizes(argv: list[str], limit: int = MAX_CONFIG_NODES) -> None:
                 pass
         counted = expanded_yaml_nodes(text, limit)
         if counted is not None and counted[0] > limit:
+            held = f"it holds {counted[1]:,} as written" if counted[1] else "an alias refers to itself (&a ... *a)"
             print(
                 f"python -m probe: error: {where} expands to more than {limit:,} YAML nodes once its aliases (*name) "
-                f"are expanded (it holds {counted[1]:,} as written): an alias bomb, or a config far larger than any "
+                f"are expanded ({held}): an alias bomb, or a config far larger than any "
                 "probe config (configs/toy.yaml has about 130), which the config parser would copy node by node "
                 "until memory runs out. Fix: write the repeated values out instead of nesting aliases, or check that "
                 "this is the config you meant",

@@ -279,6 +279,7 @@ SUMMARY_FIX = (
         (("evals", DELETE), None),  # the older 'aggregate' is still read
         (("evals", {}), r"has 'evals' = an object, not a list \(one entry per evaluation batch\)"),
         (("evals.1.parts", DELETE), r"has no evals\[1\].parts \(the results per part\)"),
+        (("evals.0.parts", {}), r"has no part in evals\[0\].parts \(an empty object: no results per part\)"),
         (("evals.0.parts.full.delta_h", DELETE), r"has no evals\[0\].parts.full.delta_h \(the measured entropy "),
         (
             ("evals.0.parts.grad.se", [0.1, 0.2]),
@@ -318,6 +319,9 @@ def test_neither_evals_nor_aggregate_is_named(run_dir: Path, capsys):
     assert "summary.json has no 'evals' (the results per evaluation batch), so it cannot be analysed" in (
         capsys.readouterr().err
     )
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "evals": []}))
+    assert main([str(run_dir), "--no-write"]) == 1
+    assert "summary.json has an empty 'evals' list (the results per evaluation batch)" in capsys.readouterr().err
 
 
 def test_an_unfinished_run_is_said_to_be_one(run_dir: Path, tmp_path: Path, capsys):

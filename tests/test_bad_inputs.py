@@ -567,7 +567,10 @@ def test_yaml_nodes_are_counted_with_aliases_expanded_without_expanding_them(cap
     from probe.cli import check_config_sizes, expanded_yaml_nodes
 
     assert expanded_yaml_nodes("a: &a [1, 2]\nb: [*a, *a]") == (13, 7)  # 1 + a, [1, 2] + b, [[1, 2], [1, 2]]
-    assert expanded_yaml_nodes("a: &a [*a]")[0] > 100_000  # a recursive alias has no end
+    assert expanded_yaml_nodes("a: &a [*a]") == (100_001, 0)  # a recursive alias has no end
+    with pytest.raises(SystemExit):
+        check_config_sizes(["predict", "--config", "a: &a [*a]"])
+    assert "(an alias refers to itself (&a ... *a)): an alias bomb" in capsys.readouterr().err
     assert expanded_yaml_nodes("{a: [1") is None  # not YAML: the parser says so
     for config in ("toy.yaml", "toy_grpo.yaml", "template.yaml"):
         assert expanded_yaml_nodes((REPO / "configs" / config).read_text())[0] < 300
