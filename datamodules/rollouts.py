@@ -235,31 +235,30 @@ def _check_record(record: Any, where: str, vocab_size: int | None, allow_empty_r
                 f"{where}: {name!r} must be text (str), got {type(value).__name__}. "
                 f"Fix: store the decoded text, or leave {name!r} out"
             )
-    if record.get("old_logprobs") is not None:
-        old_logprobs = _as_list(record["old_logprobs"])
-        if old_logprobs is None or not (
-            set(map(type, old_logprobs)) <= {float, int} or all(_is_real(v) for v in old_logprobs)
-        ):
+    for field in PER_TOKEN_FIELDS:  # old_logprobs, and sampling_logprobs of truncated sampling: one per token
+        if record.get(field) is None:
+            continue
+        values = _as_list(record[field])
+        if values is None or not (set(map(type, values)) <= {float, int} or all(_is_real(v) for v in values)):
             raise ValueError(
-                f"{where}: 'old_logprobs' must be a list of numbers (one log-prob per response token). "
+                f"{where}: {field!r} must be a list of numbers (one log-prob per response token). "
                 "Fix: store a flat list of floats, or leave the field out"
             )
-        if len(old_logprobs) != len(response_ids):
+        if len(values) != len(response_ids):
             raise ValueError(
-                f"{where}: 'old_logprobs' has {len(old_logprobs)} entries but 'response_ids' has {len(response_ids)} "
-                "tokens. Fix: store exactly one log-prob per response token (no entries for prompt tokens or padding)"
+                f"{where}: {field!r} has {len(values)} entries but 'response_ids' has {len(response_ids)} tokens. "
+                "Fix: store exactly one log-prob per response token (no entries for prompt tokens or padding)"
             )
         # a finite sum means every term is finite (nan / inf propagate); only then skip the scan
-        finite_sum = math.isfinite(sum(old_logprobs))
-        bad = None if finite_sum else next((v for v in old_logprobs if not math.isfinite(v)), None)
+        bad = None if math.isfinite(sum(values)) else next((v for v in values if not math.isfinite(v)), None)
         if bad is not None:
             raise ValueError(
-                f"{where}: 'old_logprobs' holds a non-finite value ({bad}). Fix: recompute the log-probs of "
+                f"{where}: {field!r} holds a non-finite value ({bad}). Fix: recompute the log-probs of "
                 "the sampling policy for this response, or drop the record"
             )
-        if old_logprobs and max(old_logprobs) > LOGPROB_POSITIVE_TOLERANCE:
+        if values and max(values) > LOGPROB_POSITIVE_TOLERANCE:
             raise ValueError(
-                f"{where}: 'old_logprobs' holds {max(old_logprobs)} > 0, which no log-probability can be. "
+                f"{where}: {field!r} holds {max(values)} > 0, which no log-probability can be. "
                 "Fix: store log p (<= 0); positive values look like negative log-likelihoods: negate them"
             )
 

@@ -76,7 +76,7 @@ class PolicySettings:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        check_device(self.device)
+        parse_device(self.device)  # the spelling; whether this machine has it is checked when loading
 
     def directory(self) -> Path:
         """The checkpoint directory: ``path``, or the built-in toy world's (built once and cached) for ``toy``; a
@@ -177,16 +177,22 @@ def _safetensors_header(directory: Path) -> dict[str, Any]:
             return {}
 
 
-def check_device(device: str) -> torch.device:
-    """``policy.device`` as a ``torch.device``, refused with the fix when torch does not know it or when it names a
-    GPU this machine does not have (before anything is loaded)."""
+def parse_device(device: str) -> torch.device:
+    """``policy.device`` as a ``torch.device``, refused with the fix when torch does not know the name."""
     try:
-        parsed = torch.device(device)
+        return torch.device(device)
     except (RuntimeError, TypeError, ValueError) as e:
         raise ValueError(
             f"policy.device {device!r} is not a device torch knows ({str(e).splitlines()[0]}). Fix: set "
             "policy.device to cpu, cuda or cuda:N (the N-th GPU)"
         ) from None
+
+
+def check_device(device: str) -> torch.device:
+    """``policy.device`` as a ``torch.device``, refused with the fix when torch does not know it or when it names a
+    GPU this machine does not have; called before anything is loaded (settings can be written on another
+    machine)."""
+    parsed = parse_device(device)
     if parsed.type == "cuda":
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if available == 0:
@@ -336,6 +342,7 @@ def load_policy(path: str | Path, **settings: Any) -> tuple[torch.nn.Module, Any
 
 def _load(directory: Path, s: PolicySettings) -> tuple[torch.nn.Module, Any]:
     """:meth:`PolicySettings.load` (after ``toy`` is resolved to its directory)."""
+    check_device(s.device)  # before anything is read
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     adapter_path, lora, trust_remote_code = s.adapter_path, s.lora, s.trust_remote_code

@@ -204,6 +204,10 @@ def test_read_rollouts_remembers_lines_for_later_validation(tmp_path):
             r"'old_logprobs' holds a non-finite value \(nan\).*Fix:",
         ),
         (good_line(old_logprobs=[0.5, 1.2]), r"holds 1.2 > 0.*Fix: store log p.*negate them"),
+        (  # the log-probs of truncated sampling: one per response token too
+            good_line(sampling_logprobs=[-0.5, -0.1, -0.2]),
+            r"'sampling_logprobs' has 3 entries but 'response_ids' has 2 tokens.*Fix: store exactly one",
+        ),
         ("[1, 2, 3]", r"must be a JSON object \(dict\), got list.*Fix:"),
     ],
 )
