@@ -239,9 +239,7 @@ class ProbeDataModule(pl.LightningDataModule):
 
         on_rank_zero(trainer, materialise)
         trainer.strategy.barrier("probe-rollouts")
-        update = read(rollouts / "update.jsonl")
-        if any(r.get("advantage") is None for r in update):
-            update = fill_advantages(update, normalize_std=self.update_settings.normalize_std)
+        update = read(rollouts / "update.jsonl")  # the copy holds its advantages (sampled, given or computed)
         if all(abs(float(r["advantage"])) <= self.update_settings.zero_tol for r in update):
             raise ValueError(
                 f"every advantage of the update batch ({len(update)} sequences, {rollouts / 'update.jsonl'}) is zero "

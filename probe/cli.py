@@ -45,14 +45,12 @@ def check_gpu_request(trainer_cfg) -> None:
     accelerator = str((trainer_cfg.get("accelerator") if hasattr(trainer_cfg, "get") else None) or "auto").lower()
     if accelerator not in ("gpu", "cuda"):
         return
-    import torch
+    from probe.loading import gpus_available, no_gpu_error
 
-    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    available = gpus_available()
     if available == 0:
-        raise ValueError(
-            f"--trainer.accelerator {accelerator} asks for a GPU but torch sees none on this machine (torch "
-            f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Fix: run on CPU with "
-            "--trainer.accelerator cpu (or auto), or on a machine with a CUDA GPU and a CUDA build of torch"
+        raise no_gpu_error(
+            f"--trainer.accelerator {accelerator}", "run on CPU with --trainer.accelerator cpu (or auto)"
         )
     devices = trainer_cfg.get("devices", "auto")
     text = str(devices).strip("[]() ")

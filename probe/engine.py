@@ -485,13 +485,14 @@ def complete_eval(
     ``U`` (the update batch) is needed for all but the per-token views. ``timings`` (if given) gets the seconds
     of each, as ``attribution_<E>_s``, ``eval_update_matrix_<E>_s``, ``per_sequence_exact_<E>_s`` and
     ``per_token_views_<E>_s``."""
-    clock = [time.perf_counter()]
+    clock = time.perf_counter()
 
     def timed(stage: str) -> None:
+        nonlocal clock
         now = time.perf_counter()
         if timings is not None:
-            timings[f"{stage}_{E.name}_s"] = now - clock[0]
-        clock[0] = now
+            timings[f"{stage}_{E.name}_s"] = now - clock
+        clock = now
 
     if not (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact or plan.per_token_views):
         return

@@ -311,6 +311,7 @@ class GRPOModule(pl.LightningModule):
                 policy.dtype,
                 dtype_source,
             )
+        policy = replace(policy, dtype=dtype_name(dtype))  # `auto` resolved once (the checkpoint is read once)
         self.policy, self.tokenizer = policy.load()
         self.reward_fn = resolve_reward(rollout.reward)
         if loss.temperature != rollout.temperature:

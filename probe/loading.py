@@ -188,19 +188,28 @@ def parse_device(device: str) -> torch.device:
         ) from None
 
 
+def gpus_available() -> int:
+    """How many CUDA GPUs torch can use on this machine (0 without a GPU or with a CPU build of torch)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def no_gpu_error(asked: str, fix: str) -> ValueError:
+    """The refusal of a setting (``asked``: what it says) that needs a GPU on a machine where torch sees none."""
+    return ValueError(
+        f"{asked} asks for a GPU but torch sees none on this machine (torch {torch.__version__}, CUDA build: "
+        f"{torch.version.cuda or 'none'}). Fix: {fix}, or run on a machine with a CUDA GPU and a CUDA build of torch"
+    )
+
+
 def check_device(device: str) -> torch.device:
     """``policy.device`` as a ``torch.device``, refused with the fix when torch does not know it or when it names a
     GPU this machine does not have; called before anything is loaded (settings can be written on another
     machine)."""
     parsed = parse_device(device)
     if parsed.type == "cuda":
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        available = gpus_available()
         if available == 0:
-            raise ValueError(
-                f"policy.device {device!r} asks for a GPU but torch sees none on this machine (torch "
-                f"{torch.__version__}, CUDA build: {torch.version.cuda or 'none'}). Fix: set policy.device to cpu, or "
-                "run on a machine with a CUDA GPU and a CUDA build of torch"
-            )
+            raise no_gpu_error(f"policy.device {device!r}", "set policy.device to cpu")
         if parsed.index is not None and parsed.index >= available:
             raise ValueError(
                 f"policy.device {device!r} asks for GPU {parsed.index} but this machine has {available} "

@@ -71,25 +71,33 @@ def shifted_parameters(
     return {n: torch.add(theta0[n], d, alpha=eta, out=out[n]) for n, d in direction.items()}
 
 
+ROUNDING_CHUNK = 1 << 22  # elements per float64 temporary of rounding_errors (32 MB): a 151,936 x 4096 embedding
+# would otherwise need several 5 GB float64 copies at once
+
+
 @torch.no_grad()
 def rounding_errors(theta0: Mapping[str, Tensor], direction: Direction, etas: Sequence[float]) -> list[float]:
     """Per eta, how far the step the sweep actually takes is from ``eta * d``, relative to it:
     ``||(theta0 + eta d) - theta0 - eta d||_1 / ||eta d||_1``, the override formed as the sweep forms it (in the
-    parameters' dtype), the rest in float64. About 0 for a step far above the dtype's resolution, 1 for one that
-    rounds away entirely (the sweep then measures no change at all). NaN for a zero direction. One device sync."""
+    parameters' dtype), the rest in float64, in chunks of :data:`ROUNDING_CHUNK` elements. About 0 for a step far
+    above the dtype's resolution, 1 for one that rounds away entirely (the sweep then measures no change at all).
+    NaN for a zero direction. One device sync."""
     if not direction:
         return [math.nan] * len(etas)
     errors: Tensor | None = None  # [J]
     size: Tensor | None = None
     for n, d in direction.items():
-        t = theta0[n]
-        cast = d.detach().to(device=t.device, dtype=t.dtype)  # what the sweep adds
-        intended = d.detach().to(device=t.device, dtype=torch.float64)
-        here = torch.stack(
-            [((torch.add(t, cast, alpha=eta).double() - t.double()) - eta * intended).abs().sum() for eta in etas]
-        )  # [J]
-        errors = here if errors is None else errors + here
-        size = intended.abs().sum() if size is None else size + intended.abs().sum()
+        t = theta0[n].detach().reshape(-1)
+        d = d.detach().to(device=t.device).reshape(-1)
+        for t_part, d_part in zip(t.split(ROUNDING_CHUNK), d.split(ROUNDING_CHUNK)):
+            cast = d_part.to(t.dtype)  # what the sweep adds
+            intended = d_part.double()
+            base = t_part.double()
+            here = torch.stack(
+                [((torch.add(t_part, cast, alpha=eta).double() - base) - eta * intended).abs().sum() for eta in etas]
+            )  # [J]
+            errors = here if errors is None else errors + here
+            size = intended.abs().sum() if size is None else size + intended.abs().sum()
     scale = size * torch.tensor([abs(e) for e in etas], dtype=torch.float64, device=size.device)  # [J]
     return (errors / scale).tolist()
 

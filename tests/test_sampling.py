@@ -246,19 +246,18 @@ def example_of(first_draw: list[dict]) -> dict:
     return next((r for r in first_draw if not r["truncated"]), first_draw[0])
 
 
+def dead_groups_message(policy, sampling: SamplingSettings, **kwargs) -> str:
+    """The error of sampling U from PROMPTS when no group ever tells its responses apart."""
+    with pytest.raises(ValueError) as info:
+        sample_update_batch(policy, PROMPTS, sampling, **kwargs)
+    return str(info.value)
+
+
 def test_equal_rewards_in_every_group_of_the_first_draw_are_reported_with_an_example(policy):
     sampling = SamplingSettings(n_per_prompt=3, max_new_tokens=3, seed=0)
-    with pytest.raises(ValueError) as info:
-        sample_update_batch(
-            policy,
-            PROMPTS,
-            sampling,
-            reward_fn=lambda p, r: 1.0,
-            eos_token_id=EOS,
-            max_resample_attempts=2,
-            zero_tol=1e-7,
-        )
-    message = str(info.value)
+    message = dead_groups_message(
+        policy, sampling, reward_fn=lambda p, r: 1.0, eos_token_id=EOS, max_resample_attempts=2, zero_tol=1e-7
+    )
     first = "every one of the 3 prompt groups got equal rewards within the group on the first sampling attempt"
     assert message.startswith(first + " (every reward was 1), and 3 of 3 prompt groups still have all advantages")
     assert "|A| <= 1e-07" in message and "after 2 resampling attempts (max_resample_attempts=2" in message
@@ -275,16 +274,8 @@ def test_the_example_is_the_text_the_reward_function_saw(policy):
     tokenizer = build_tokenizer()  # the toy vocabulary: 0 <pad>, 1 <bos>, 2 <eos>, as this policy's ids
     looks_for_eos = lambda prompt, response: float("<eos>" in response)  # noqa: E731 (a common bug)
     sampling = SamplingSettings(n_per_prompt=4, max_new_tokens=4, seed=0)
-    with pytest.raises(ValueError) as info:
-        sample_update_batch(
-            policy,
-            PROMPTS,
-            sampling,
-            reward_fn=ids_reward_from_text(looks_for_eos, tokenizer),
-            tokenizer=tokenizer,
-            max_resample_attempts=1,
-        )
-    message = str(info.value)
+    reward_fn = ids_reward_from_text(looks_for_eos, tokenizer)
+    message = dead_groups_message(policy, sampling, reward_fn=reward_fn, tokenizer=tokenizer, max_resample_attempts=1)
     # the example is the first response of the first draw that ended with EOS (else the first), decoded as the reward
     # saw it
     example = example_of(sample_responses(policy, PROMPTS, sampling, tokenizer=tokenizer))
