@@ -64,7 +64,7 @@ class Plan:
     per_sequence_exact: tuple[int, ...] = ()
     per_token_views: bool = False
     head_dtype: torch.dtype | None = torch.float64
-    token_chunk: int = 4096
+    head_budget_mib: float = 256.0  # MiB for the head's [tokens, V] temporaries
     batch_size: int | None = 32  # sequences of E per forward pass
 
     def forcing(self, temperature: float) -> TeacherForcing:
@@ -73,7 +73,7 @@ class Plan:
             temperature=temperature,
             with_entropy=self.integrand == "token_entropy",
             head_dtype=self.head_dtype,
-            token_chunk=self.token_chunk,
+            head_budget_mib=self.head_budget_mib,
             batch_size=self.batch_size,
         )
 
@@ -133,7 +133,7 @@ def make_plan(settings: ProbeSettings, precision: PrecisionSettings, lr: float) 
         per_sequence_exact=tuple(settings.per_sequence_exact),
         per_token_views=settings.per_token_views,
         head_dtype=torch.float64 if precision.float64_head else None,
-        token_chunk=settings.token_chunk,
+        head_budget_mib=settings.head_budget_mib,
         batch_size=settings.forward_batch_size,
     )
 

@@ -2,9 +2,10 @@
 
 Differentiable (used for the update's gradient and for forward-mode JVPs) and usable
 under parameter overrides through ``torch.func.functional_call``. The log-softmax head
-runs in float64 on chunks of response tokens, so no ``[B, T, V]`` float64 tensor is
-ever built (docs/DESIGN.md section 8: a float64 head costs ~1.07x a forward and cuts the
-error of log-prob differences 7-10x). How a batch is teacher-forced is one settings object,
+(``probe.head``) runs in float64 on chunks of response tokens sized to a memory budget, and
+where the model's head is a plain linear layer the logits themselves are made chunk by chunk
+from the final hidden states of the response positions: no ``[B, T, V]`` tensor is ever built
+(docs/DESIGN.md section 8). How a batch is teacher-forced is one settings object,
 :class:`TeacherForcing`, passed whole to every function that forces sequences.
 """
 
@@ -14,10 +15,11 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from probe.batch import SequenceBatch
+from probe.head import MIB, head_statistics, linear_head
 
 
 @dataclass(frozen=True)
@@ -28,21 +30,24 @@ class TeacherForcing:
         temperature: tau; log-probs and entropies are those of ``logits / tau`` (the temperature E was sampled at).
         with_entropy: also compute full-vocabulary token entropies (the ``token_entropy`` integrand).
         head_dtype: precision of the log-softmax head (None: the logits' own dtype).
-        token_chunk: response tokens per chunk of the head (bounds the upcast copy of the logits).
+        head_budget_mib: MiB the head's ``[tokens, V]`` temporaries may take at once (logits, their float64
+            copy, exp; with tangents under a JVP), whatever the vocabulary and the number of tokens.
         batch_size: sequences per forward pass where a batch is processed in chunks (None: all at once).
     """
 
     temperature: float = 1.0
     with_entropy: bool = False
     head_dtype: torch.dtype | None = torch.float64
-    token_chunk: int = 4096
+    head_budget_mib: float = 256.0
     batch_size: int | None = 256
 
     def __post_init__(self) -> None:
         if not (self.temperature > 0):
             raise ValueError(f"teacher-forcing temperature must be > 0, got {self.temperature}")
-        if self.token_chunk < 1:
-            raise ValueError(f"token_chunk must be >= 1 (response tokens per head chunk), got {self.token_chunk}")
+        if not (self.head_budget_mib > 0):
+            raise ValueError(
+                f"head_budget_mib must be > 0 (MiB for the log-softmax head's temporaries), got {self.head_budget_mib}"
+            )
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 sequences (or None: all at once), got {self.batch_size}")
 
@@ -82,42 +87,70 @@ def token_logprobs_and_entropy(
     temperature: float = 1.0,
     with_entropy: bool = False,
     dtype: torch.dtype | None = torch.float64,
-    token_chunk: int = 4096,
+    head_budget_mib: float = 256.0,
 ) -> tuple[Tensor, Tensor | None]:
     """log p(target) and entropy H = logsumexp(z) - sum softmax(z) z, with z = logits / temperature.
 
-    ``dtype`` is the head's precision (None keeps the logits' dtype). Work is done on
-    chunks of ``token_chunk`` rows so the upcast copy stays small.
+    ``dtype`` is the head's precision (None keeps the logits' dtype); the upcast temporaries are made
+    in chunks of rows that fit ``head_budget_mib`` (:func:`probe.head.head_statistics`).
     """
-    logps, ents = [], []
-    for start in range(0, logits.shape[0], max(1, token_chunk)):
-        z = logits[start : start + token_chunk]  # [n, V]
-        if dtype is not None:
-            z = z.to(dtype)
-        if temperature != 1.0:
-            z = z / temperature
-        lse = torch.logsumexp(z, dim=-1)  # [n]
-        zt = z.gather(-1, targets[start : start + token_chunk, None]).squeeze(-1)  # [n]
-        logps.append(zt - lse)
-        if with_entropy:
-            p = torch.softmax(z, dim=-1)  # [n, V]
-            ents.append(lse - (p * z).sum(-1))
-    if not logps:  # no scored tokens at all
-        empty = logits.new_zeros(0, dtype=dtype or logits.dtype)
-        return empty, (empty if with_entropy else None)
-    logp = torch.cat(logps)
-    return logp, (torch.cat(ents) if with_entropy else None)
+    return head_statistics(
+        logits,
+        targets,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        dtype=dtype,
+        budget=int(head_budget_mib * MIB),
+    )
 
 
-def _forward_logits(model: torch.nn.Module, batch: SequenceBatch) -> Tensor:
-    out = model(
+class _Forced(nn.Module):
+    """``policy`` as a module whose forward teacher-forces a batch (so ``functional_call`` can override its
+    parameters, keyed ``policy.<name>``, around the whole computation, chunked head included)."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, batch: SequenceBatch, forcing: TeacherForcing) -> TokenStats:
+        return _teacher_force(self.policy, batch, forcing)
+
+
+def _teacher_force(model: nn.Module, batch: SequenceBatch, forcing: TeacherForcing) -> TokenStats:
+    inputs = dict(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
     )
-    return out.logits if hasattr(out, "logits") else out[0]
+    split = linear_head(model)
+    if split is not None:
+        body, head = split
+        out = body(**inputs)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B, T, hidden]
+        rows = hidden[:, :-1]
+    else:
+        head = None
+        out = model(**inputs)
+        rows = out.logits if hasattr(out, "logits") else out[0]  # [B, T, V]
+        rows = rows[:, :-1]
+    mask = batch.target_mask.to(rows.device)  # [B, T-1]
+    scored = rows[mask]  # [N, hidden] or [N, V]
+    targets = batch.targets.to(rows.device)[mask]  # [N]
+    logp, ent = head_statistics(
+        scored,
+        targets,
+        head,
+        temperature=forcing.temperature,
+        with_entropy=forcing.with_entropy,
+        dtype=forcing.head_dtype,
+        budget=int(forcing.head_budget_mib * MIB),
+    )
+    zeros = torch.zeros(mask.shape, dtype=logp.dtype, device=rows.device)
+    logprobs = zeros.masked_scatter(mask, logp)
+    entropies = zeros.masked_scatter(mask, ent) if ent is not None else None
+    return TokenStats(logprobs=logprobs, mask=mask, entropies=entropies)
 
 
 def teacher_force(
-    model: torch.nn.Module,
+    model: nn.Module,
     batch: SequenceBatch,
     params: Mapping[str, Tensor] | None = None,
     forcing: TeacherForcing = TeacherForcing(),
@@ -128,35 +161,7 @@ def teacher_force(
     Returns per-token log-probs (and entropies when ``forcing.with_entropy``) aligned with
     ``batch.targets``. Gradients and forward-mode tangents flow through unless the caller disables them.
     """
-    if params:
-        logits = functional_call(
-            model,
-            dict(params),
-            args=(),
-            kwargs=dict(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-            ),
-            strict=False,
-        )
-        logits = logits.logits if hasattr(logits, "logits") else logits[0]
-    else:
-        logits = _forward_logits(model, batch)  # [B, T, V]
-    mask = batch.target_mask.to(logits.device)  # [B, T-1]
-    scored = logits[:, :-1][mask]  # [N, V]
-    targets = batch.targets.to(logits.device)[mask]  # [N]
-    logp, ent = token_logprobs_and_entropy(
-        scored,
-        targets,
-        temperature=forcing.temperature,
-        with_entropy=forcing.with_entropy,
-        dtype=forcing.head_dtype,
-        token_chunk=forcing.token_chunk,
-    )
-    out_dtype = logp.dtype
-    zeros = torch.zeros(mask.shape, dtype=out_dtype, device=logits.device)
-    logprobs = zeros.masked_scatter(mask, logp)
-    entropies = zeros.masked_scatter(mask, ent) if ent is not None else None
-    return TokenStats(logprobs=logprobs, mask=mask, entropies=entropies)
+    if not params:
+        return _teacher_force(model, batch, forcing)
+    overrides = {f"policy.{name}": tensor for name, tensor in params.items()}
+    return functional_call(_Forced(model), overrides, args=(batch, forcing), strict=False)

@@ -113,7 +113,7 @@ NOT_IN_RESUME_FINGERPRINT = (
     "run.log_level",
     "run.num_threads",
     "probe.forward_batch_size",
-    "probe.token_chunk",
+    "probe.head_budget_mib",
     "probe.save_update",
     "probe.attribution",
     "probe.eval_update_matrix",

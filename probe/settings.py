@@ -48,7 +48,9 @@ class ProbeSettings:
         forward_batch_size: sequences of E teacher-forced per forward pass (memory; the results do not depend on
             it beyond float rounding). Not ``data.eval_batch_size``, the sequences per predict batch (the unit
             of resuming and of DDP sharding).
-        token_chunk: response tokens per chunk of the float64 log-softmax head (memory; exact).
+        head_budget_mib: MiB the log-softmax head's temporaries over [tokens, vocabulary] may take at once (the
+            head runs on chunks of response tokens sized to it, whatever the vocabulary; memory only, the results do
+            not depend on it beyond float rounding).
         save_update: write the reconstructed step to ``update.safetensors``.
     """
 
@@ -68,7 +70,7 @@ class ProbeSettings:
     per_sequence_exact: list[int] = field(default_factory=list)
     per_token_views: bool = False
     forward_batch_size: int = 32
-    token_chunk: int = 4096
+    head_budget_mib: float = 256.0
     save_update: bool = True
 
     def __post_init__(self) -> None:
@@ -95,10 +97,14 @@ class ProbeSettings:
                 f"{self.eta_min_factor}, eta_max_factor={self.eta_max_factor}. Fix: set probe.n_etas >= 1 and "
                 "0 < eta_min_factor <= eta_max_factor < inf, or give probe.etas explicitly"
             )
-        if self.forward_batch_size < 1 or self.token_chunk < 1:
+        if self.forward_batch_size < 1:
             raise ValueError(
-                f"probe.forward_batch_size ({self.forward_batch_size}) and probe.token_chunk ({self.token_chunk}) "
-                "must be >= 1: they are sequences per forward pass and response tokens per head chunk"
+                f"probe.forward_batch_size must be >= 1 (sequences per forward pass), got {self.forward_batch_size}"
+            )
+        if not (math.isfinite(self.head_budget_mib) and self.head_budget_mib > 0):
+            raise ValueError(
+                f"probe.head_budget_mib must be a finite number of MiB > 0, got {self.head_budget_mib}; the default "
+                "256 fits 88 float64 rows of a 151,936-token vocabulary"
             )
         if self.reference_eta is not None and not (math.isfinite(self.reference_eta) and self.reference_eta > 0):
             raise ValueError(

@@ -129,9 +129,17 @@ def test_an_evaluation_batch_out_of_index_order_is_refused(float64_run, toy_worl
         probe_eval(policy, update, None, EvalBatch("eval_00", batch, 1.0), replace(plan, attribution=False))
 
 
-@pytest.mark.parametrize("setting", [{"forward_batch_size": 0}, {"token_chunk": 0}, {"token_chunk": -4}])
-def test_a_batch_or_chunk_size_below_one_is_refused_where_it_is_read(setting):
-    with pytest.raises(ValueError, match=r"must be >= 1"):
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"forward_batch_size": 0}, r"forward_batch_size must be >= 1"),
+        ({"head_budget_mib": 0}, r"head_budget_mib must be a finite number of MiB > 0"),
+        ({"head_budget_mib": -4}, r"head_budget_mib must be a finite number of MiB > 0"),
+        ({"head_budget_mib": float("nan")}, r"head_budget_mib must be a finite number of MiB > 0"),
+    ],
+)
+def test_a_batch_size_below_one_or_an_empty_head_budget_is_refused_where_it_is_read(setting, message):
+    with pytest.raises(ValueError, match=message):
         ProbeSettings(**setting)
 
 

@@ -1,0 +1,62 @@
+"""Peak memory of the tensors a block of code creates, on any device, for tests and benchmarks.
+
+``with TensorMemory() as m: ...`` sees every tensor an aten operator returns inside the block
+(through a ``TorchDispatchMode``), counts each storage once while it is alive, and records the
+peak of their total bytes: the *extra* memory of the block, tensors that existed before it not
+counted (a view or an in-place result of an old tensor shares its storage and adds nothing).
+Temporaries an operator allocates and frees inside its own kernel are not seen; on CPU, where
+torch keeps no allocator statistics, this is the measure of what a computation holds at once.
+Slow (a Python call per operator): measure, do not time, under it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+
+class TensorMemory(TorchDispatchMode):
+    """Peak bytes of the storages created inside the block and alive at once (``peak``; ``current`` now)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peak = 0
+        self.current = 0
+        self._old: dict[int, StorageWeakRef] = {}  # storages from before the block, seen as inputs
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+
+    def __enter__(self) -> TensorMemory:
+        return super().__enter__()
+
+    def _collect(self) -> None:  # forget freed storages (their addresses can be reused)
+        for key in [key for key, (ref, _) in self._live.items() if ref.expired()]:
+            self.current -= self._live.pop(key)[1]
+        for key in [key for key, ref in self._old.items() if ref.expired()]:
+            del self._old[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self._collect()
+        for t in tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage._cdata not in self._live:
+                    self._old.setdefault(storage._cdata, StorageWeakRef(storage))
+        out = func(*args, **(kwargs or {}))
+        self._collect()
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage._cdata
+            if key in self._live or key in self._old:
+                continue
+            self._live[key] = (StorageWeakRef(storage), storage.nbytes())
+            self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak / (1 << 20)
