@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from probe.engine import check_etas_fit, eta_resolution, make_plan, part_directions
 from probe.optim_loading import load_optimizer_state, zero_lr_message
+from probe.results import CHANGED_FLAGGED
 from probe.run_state import on_rank_zero, run_state_of
 from probe.update import Update, reconstruct_update
 
@@ -66,6 +67,22 @@ class UpdateReconstruction(pl.Callback):
                 "load the policy in float32 (policy.dtype: float32) or probe larger etas",
                 state.resolution.dtype,
             )
+        else:
+            coarse = [
+                f"{part} at eta={eta:.3g} ({changed:.0%})"
+                for part, fractions in state.resolution.changed_fraction.items()
+                for eta, changed, error in zip(plan.etas, fractions, state.resolution.rounding_error[part])
+                if changed < CHANGED_FLAGGED and error <= 0.5
+            ]
+            if coarse:
+                log.warning(
+                    "the policy's %s weights cannot resolve every step of the sweep: few of the parameters the step "
+                    "moves change at %s. Delta H there is that of the rounded step. Fix: load the policy in float32 "
+                    "(policy.dtype: float32; precision.autocast runs its forwards in half precision) or probe larger "
+                    "etas",
+                    state.resolution.dtype,
+                    ", ".join(coarse),
+                )
         state.timings["reconstruction_s"] = time.perf_counter() - start
         log.info(
             "update: lr %.3g, |full| %.4g, |baseline| %.4g, |grad| %.4g, clip coef %.4g (||g|| = %.4g), %d sequences, "

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from probe.attribution import AttributionInputs, attribute, eval_update_matrix, per_sequence_exact
 from probe.batch import SequenceBatch
 from probe.logprobs import TeacherForcing, teacher_force
-from probe.overrides import Direction, Sweep, base_parameters, iter_sweep, rounding_errors
-from probe.results import AttributionSummary, BaseEntropy, EvalResult, PartResult
+from probe.overrides import Direction, Sweep, base_parameters, iter_sweep, step_resolution
+from probe.precision import resolve_dtype
+from probe.results import CHANGED_FLAGGED, AttributionSummary, BaseEntropy, EvalResult, PartResult
 from probe.settings import PrecisionSettings, ProbeSettings
 from probe.snis import SNISConfig, SNISResult, snis_estimate, snis_estimates
 from probe.statistics import SequenceStats, mean_and_se, ratio_and_se
@@ -65,6 +66,7 @@ class Plan:
     per_token_views: bool = False
     head_dtype: torch.dtype | None = torch.float64
     head_budget_mib: float = 256.0  # MiB for the head's [tokens, V] temporaries
+    autocast_dtype: torch.dtype | None = None  # forwards over E under torch.autocast (parameters keep their dtype)
     batch_size: int | None = 32  # sequences of E per forward pass
 
     def forcing(self, temperature: float) -> TeacherForcing:
@@ -74,6 +76,7 @@ class Plan:
             with_entropy=self.integrand == "token_entropy",
             head_dtype=self.head_dtype,
             head_budget_mib=self.head_budget_mib,
+            autocast_dtype=self.autocast_dtype,
             batch_size=self.batch_size,
         )
 
@@ -134,6 +137,7 @@ def make_plan(settings: ProbeSettings, precision: PrecisionSettings, lr: float) 
         per_token_views=settings.per_token_views,
         head_dtype=torch.float64 if precision.float64_head else None,
         head_budget_mib=settings.head_budget_mib,
+        autocast_dtype=resolve_dtype(precision.autocast),
         batch_size=settings.forward_batch_size,
     )
 
@@ -338,22 +342,26 @@ def _warnings(parts: dict[str, PartResult], etas: Sequence[float], M: int) -> li
 
 @dataclass(frozen=True)
 class EtaResolution:
-    """Per part and eta, how far the step the sweep takes in the policy's dtype is from ``eta * d``, relative
-    (``rounding_error[part][j]``, :func:`probe.overrides.rounding_errors`): near 1 where ``theta + eta * d``
-    rounds to ``theta``, so that the sweep would report a change of exactly 0 as a measurement."""
+    """Per part and eta, what of the step survives when the sweep forms ``theta + eta * d`` in the policy's dtype
+    (:func:`probe.overrides.step_resolution`): ``rounding_error[part][j]``, how far the step taken is from
+    ``eta * d`` relative to it (near 1 where ``theta + eta * d`` rounds to ``theta``, so that the sweep would
+    report a change of exactly 0 as a measurement), and ``changed_fraction[part][j]``, the fraction of the
+    elements the step moves whose value changes at all."""
 
     dtype: str  # the policy's parameter dtype(s)
     rounding_error: dict[str, list[float]]
+    changed_fraction: dict[str, list[float]] = field(default_factory=dict)
 
 
 def eta_resolution(policy: nn.Module, directions: dict[str, Direction], etas: Sequence[float]) -> EtaResolution:
     """:class:`EtaResolution` of the plan's etas, with the sweep's own arithmetic."""
-    errors, dtypes = {}, set()
+    errors, changed, dtypes = {}, {}, set()
     for part, d in directions.items():
         theta = base_parameters(policy, d)  # names the parameters a direction does not match
         dtypes |= {str(t.dtype).removeprefix("torch.") for t in theta.values()}
-        errors[part] = rounding_errors(theta, d, etas)
-    return EtaResolution(dtype="/".join(sorted(dtypes)), rounding_error=errors)
+        resolution = step_resolution(theta, d, etas)
+        errors[part], changed[part] = resolution.rounding_error, resolution.changed_fraction
+    return EtaResolution(dtype="/".join(sorted(dtypes)), rounding_error=errors, changed_fraction=changed)
 
 
 def check_prompt_groups(E: EvalBatch, normalisation: str) -> None:
@@ -381,20 +389,30 @@ ROUNDING_UNMEASURABLE, ROUNDING_FLAGGED = 0.5, 0.01
 
 def _resolution_warnings(parts: dict[str, PartResult], etas: Sequence[float], dtype: str) -> list[str]:
     out = []
+    half = "float16" in dtype  # (bfloat16 too)
+    fix = (
+        "Load the policy in float32 (policy.dtype: float32; precision.autocast runs its forwards in half precision), "
+        "or use larger etas"
+        if half
+        else "Use larger etas, or load the policy in float64"
+    )
     for name, res in parts.items():
         for j, eta in enumerate(etas):
             error = (res.step_rounding_error or [0.0] * len(etas))[j]
+            changed = (res.changed_fraction or [1.0] * len(etas))[j]
+            moved = f"only {changed:.1%} of the parameters the step moves change" if changed < CHANGED_FLAGGED else ""
             if not error <= ROUNDING_UNMEASURABLE:  # (NaN: a zero direction, nothing to measure either)
                 out.append(
                     f"{name} at eta={eta:.3g}: theta + eta * d formed in {dtype} differs from eta * d by {error:.0%} "
-                    "of its size (most of the step rounds away against the weights), so the sweep would measure "
-                    "another step, or none (Delta H reported null; the first order still predicts one). Use larger "
-                    "etas, or load the policy in float32/float64"
+                    f"of its size{f' ({moved})' if moved else ''}: most of the step rounds away against the weights, "
+                    "so the sweep would measure another step, or none (Delta H reported null; the first order still "
+                    f"predicts one). {fix}"
                 )
-            elif error > ROUNDING_FLAGGED:
+            elif error > ROUNDING_FLAGGED or moved:
                 out.append(
                     f"{name} at eta={eta:.3g}: theta + eta * d formed in {dtype} differs from eta * d by {error:.1%} "
-                    "of its size: the measured Delta H is that of the rounded step"
+                    f"of its size{f' and {moved}' if moved else ''} (steps below half a unit in the last place of "
+                    f"their weight round away): the measured Delta H is that of the rounded step. {fix}"
                 )
     return out
 
@@ -447,6 +465,7 @@ def summarise_eval(
     if resolution is not None:
         for part, res in result.parts.items():
             res.step_rounding_error = list(resolution.rounding_error[part])
+            res.changed_fraction = list(resolution.changed_fraction.get(part, [])) or None
             for j, error in enumerate(res.step_rounding_error):
                 if not error <= ROUNDING_UNMEASURABLE:  # the passes were of theta, or of a mostly rounded-away step
                     res.delta_h[j] = res.se[j] = res.delta_h_per_token[j] = res.se_per_token[j] = math.nan

@@ -28,6 +28,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from probe.precision import autocast
+
 log = logging.getLogger("probe")
 
 MIB = 1 << 20
@@ -179,11 +181,13 @@ def head_statistics(
     with_entropy: bool = False,
     dtype: torch.dtype | None = torch.float64,
     budget: int = 256 * MIB,
+    autocast_dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Per-token ``log p(target)`` and (``with_entropy``) entropies of ``z = head(rows) / temperature``
     (``rows`` themselves are the logits when ``head`` is None), in ``dtype`` (None: the logits' own),
     chunked so the head's ``[n, V]`` temporaries fit ``budget`` bytes (smaller chunks inside nested
-    ``torch.func`` transforms, where every temporary carries more tangents)."""
+    ``torch.func`` transforms, where every temporary carries more tangents). ``autocast_dtype``: the projection
+    ``head(rows)`` runs under ``torch.autocast`` (the float64 part never does)."""
     N = rows.shape[0]
     V = head.out_features if head is not None else rows.shape[-1]
     out_dtype = dtype or (head.weight.dtype if head is not None else rows.dtype)
@@ -191,7 +195,13 @@ def head_statistics(
         empty = rows.new_zeros(0, dtype=out_dtype)
         return empty, (empty if with_entropy else None)
     mode = _mode(rows, head)
-    project: Callable[[Tensor], Tensor] = head if head is not None else (lambda x: x)
+    project: Callable[[Tensor], Tensor] = (lambda x: x) if head is None else head
+    if head is not None and autocast_dtype is not None:
+
+        def project(x: Tensor) -> Tensor:
+            with autocast(x.device, autocast_dtype):
+                return head(x)
+
     itemsize = torch.finfo(out_dtype).bits // 8
     if mode == "plain":
         n = rows_per_chunk(V, itemsize, BUFFERS_PLAIN, budget)

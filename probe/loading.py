@@ -105,7 +105,10 @@ class PolicySettings:
         """The dtype the policy is loaded in and why (``dtype: auto`` reads the checkpoint, see
         :func:`checkpoint_dtype`)."""
         if str(self.dtype).lower() != "auto":
-            return resolve_dtype(self.dtype), "set by policy.dtype"
+            dtype = resolve_dtype(self.dtype)
+            if dtype in (torch.bfloat16, torch.float16):
+                _warn_if_lower_precision(self.directory(), dtype)
+            return dtype, "set by policy.dtype"
         dtype, source = checkpoint_dtype(check_checkpoint_dir(self.directory()))
         if dtype in (torch.bfloat16, torch.float16):  # exact upcast: the master weights of a mixed-precision run
             return torch.float32, (
@@ -113,6 +116,28 @@ class PolicySettings:
                 f"{dtype_name(dtype)} weights, so Delta H could not be measured)"
             )
         return dtype, f"auto: {source}"
+
+
+_warned_lower_precision: set[tuple[str, torch.dtype]] = set()
+
+
+def _warn_if_lower_precision(directory: Path, dtype: torch.dtype) -> None:
+    """Warn (once per checkpoint and dtype) when ``dtype`` holds fewer mantissa bits than the saved weights."""
+    saved, source = checkpoint_dtype(check_checkpoint_dir(directory))
+    if torch.finfo(saved).eps >= torch.finfo(dtype).eps or (str(directory), dtype) in _warned_lower_precision:
+        return
+    _warned_lower_precision.add((str(directory), dtype))
+    log.warning(
+        "policy.dtype %s loads weights saved in higher precision (%s) in %s: the weights are rounded, and theta + "
+        "eta * d rounds back to theta wherever eta * |d| is below half a unit in the last place of a weight, so "
+        "small-eta Delta H is that of a different, rounded step. To run the forwards in %s without losing the step: "
+        "policy.dtype: auto (or float32) with precision.autocast: %s",
+        dtype_name(dtype),
+        source,
+        dtype_name(dtype),
+        dtype_name(dtype),
+        dtype_name(dtype),
+    )
 
 
 def checkpoint_dtype(directory: Path) -> tuple[torch.dtype, str]:

@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from probe.batch import SequenceBatch
 from probe.head import MIB, head_statistics, linear_head
+from probe.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class TeacherForcing:
         head_budget_mib: MiB the head's ``[tokens, V]`` temporaries may take at once (logits, their float64
             copy, exp; with tangents under a JVP), whatever the vocabulary and the number of tokens.
         batch_size: sequences per forward pass where a batch is processed in chunks (None: all at once).
+        autocast_dtype: run the model (not the float64 head) under ``torch.autocast`` in this dtype (None: no
+            autocast of its own; a caller's autocast still applies).
     """
 
     temperature: float = 1.0
@@ -40,6 +43,7 @@ class TeacherForcing:
     head_dtype: torch.dtype | None = torch.float64
     head_budget_mib: float = 256.0
     batch_size: int | None = 256
+    autocast_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if not (self.temperature > 0):
@@ -121,16 +125,17 @@ def _teacher_force(model: nn.Module, batch: SequenceBatch, forcing: TeacherForci
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
     )
     split = linear_head(model)
-    if split is not None:
-        body, head = split
-        out = body(**inputs)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B, T, hidden]
-        rows = hidden[:, :-1]
-    else:
-        head = None
-        out = model(**inputs)
-        rows = out.logits if hasattr(out, "logits") else out[0]  # [B, T, V]
-        rows = rows[:, :-1]
+    with autocast(batch.input_ids.device, forcing.autocast_dtype):
+        if split is not None:
+            body, head = split
+            out = body(**inputs)
+            hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B, T, hidden]
+            rows = hidden[:, :-1]
+        else:
+            head = None
+            out = model(**inputs)
+            rows = out.logits if hasattr(out, "logits") else out[0]  # [B, T, V]
+            rows = rows[:, :-1]
     mask = batch.target_mask.to(rows.device)  # [B, T-1]
     scored = rows[mask]  # [N, hidden] or [N, V]
     targets = batch.targets.to(rows.device)[mask]  # [N]
@@ -142,6 +147,7 @@ def _teacher_force(model: nn.Module, batch: SequenceBatch, forcing: TeacherForci
         with_entropy=forcing.with_entropy,
         dtype=forcing.head_dtype,
         budget=int(forcing.head_budget_mib * MIB),
+        autocast_dtype=forcing.autocast_dtype,
     )
     zeros = torch.zeros(mask.shape, dtype=logp.dtype, device=rows.device)
     logprobs = zeros.masked_scatter(mask, logp)

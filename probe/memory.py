@@ -4,7 +4,8 @@
 (through a ``TorchDispatchMode``), counts each storage once while it is alive, and records the
 peak of their total bytes: the *extra* memory of the block, tensors that existed before it not
 counted (a view or an in-place result of an old tensor shares its storage and adds nothing).
-Temporaries an operator allocates and frees inside its own kernel are not seen; on CPU, where
+Temporaries an operator allocates and frees inside its own kernel are not seen, nor are the zero
+tangents forward-mode AD makes (``_efficientzerotensor``: no memory behind them); on CPU, where
 torch keeps no allocator statistics, this is the measure of what a computation holds at once.
 Slow (a Python call per operator): measure, do not time, under it.
 """
@@ -46,7 +47,7 @@ class TensorMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         self._collect()
         for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor) or t.is_meta or t._is_zerotensor():  # (no memory behind them)
                 continue
             storage = t.untyped_storage()
             key = storage._cdata

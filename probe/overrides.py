@@ -1,9 +1,12 @@
 """Teacher forcing of the evaluation batch E under parameter overrides theta + eta * d.
 
 For every part d of the update (a plain dict ``name -> tensor`` over the parameters it
-touches) and every step size eta, the override is built as
-``torch.add(theta0, d, alpha=eta)`` for the touched parameters only (a partial dict for
-``torch.func.functional_call``); the model itself is never mutated. Statistics at the
+touches) and every step size eta, E is teacher-forced at ``theta0 + eta * d``
+(``torch.add(theta0, d, alpha=eta)`` in the parameters' dtype). On the architectures whose
+parameters are all used inside their own modules (:func:`probe.head.linear_head`) the shift is
+applied one module at a time (:class:`LayerwiseShift`: one layer's worth of extra memory, not a
+shifted copy of the model, theta restored bitwise); on others a partial dict of shifted
+parameters goes to ``torch.func.functional_call``. theta itself is never written. Statistics at the
 base point theta (eta = 0) are computed once per chunk of E and shared by all parts and
 etas. Everything runs under ``torch.no_grad`` and per-sequence outputs are float64:
 
@@ -18,13 +21,15 @@ from which the integrand is ``h_j = -l_j`` (``logprob``) or ``h_j = sum_t H_t``
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from probe.batch import SequenceBatch
+from probe.head import linear_head
 from probe.logprobs import TeacherForcing, teacher_force
 from probe.statistics import SequenceStats
 
@@ -75,17 +80,27 @@ ROUNDING_CHUNK = 1 << 22  # elements per float64 temporary of rounding_errors (3
 # would otherwise need several 5 GB float64 copies at once
 
 
+@dataclass
+class StepResolution:
+    """Per eta, what of the step ``eta * d`` survives when ``theta0 + eta * d`` is formed in the parameters' dtype."""
+
+    rounding_error: list[float]  # ||(theta0 + eta d) - theta0 - eta d||_1 / ||eta d||_1: 0 taken exactly, 1 lost
+    changed_fraction: list[float]  # of the elements d moves (d != 0), the fraction whose value changes at all
+
+
 @torch.no_grad()
-def rounding_errors(theta0: Mapping[str, Tensor], direction: Direction, etas: Sequence[float]) -> list[float]:
-    """Per eta, how far the step the sweep actually takes is from ``eta * d``, relative to it:
-    ``||(theta0 + eta d) - theta0 - eta d||_1 / ||eta d||_1``, the override formed as the sweep forms it (in the
-    parameters' dtype), the rest in float64, in chunks of :data:`ROUNDING_CHUNK` elements. About 0 for a step far
-    above the dtype's resolution, 1 for one that rounds away entirely (the sweep then measures no change at all).
-    NaN for a zero direction. One device sync."""
+def step_resolution(theta0: Mapping[str, Tensor], direction: Direction, etas: Sequence[float]) -> StepResolution:
+    """:class:`StepResolution` of ``etas``: the override formed as the sweep forms it (in the parameters' dtype),
+    the comparison in float64, in chunks of :data:`ROUNDING_CHUNK` elements. The rounding error is about 0 for a
+    step far above the dtype's resolution and 1 for one that rounds away entirely (the sweep then measures no
+    change at all); the changed fraction falls towards 0 as eta * |d| drops below half a unit in the last place
+    of the weights. Both NaN for a zero direction. One device sync."""
     if not direction:
-        return [math.nan] * len(etas)
+        return StepResolution([math.nan] * len(etas), [math.nan] * len(etas))
     errors: Tensor | None = None  # [J]
+    changed: Tensor | None = None  # [J]
     size: Tensor | None = None
+    moved: Tensor | None = None
     for n, d in direction.items():
         t = theta0[n].detach().reshape(-1)
         d = d.detach().to(device=t.device).reshape(-1)
@@ -93,13 +108,84 @@ def rounding_errors(theta0: Mapping[str, Tensor], direction: Direction, etas: Se
             cast = d_part.to(t.dtype)  # what the sweep adds
             intended = d_part.double()
             base = t_part.double()
-            here = torch.stack(
-                [((torch.add(t_part, cast, alpha=eta).double() - base) - eta * intended).abs().sum() for eta in etas]
-            )  # [J]
+            here, now = torch.zeros(2, len(etas), dtype=torch.float64, device=t.device)  # [J] each
+            for j, eta in enumerate(etas):
+                step = torch.add(t_part, cast, alpha=eta).double() - base  # [n] the step taken
+                here[j] = (step - eta * intended).abs().sum()
+                now[j] = (step != 0).sum()
             errors = here if errors is None else errors + here
+            changed = now if changed is None else changed + now
             size = intended.abs().sum() if size is None else size + intended.abs().sum()
+            count = (intended != 0).sum().double()
+            moved = count if moved is None else moved + count
     scale = size * torch.tensor([abs(e) for e in etas], dtype=torch.float64, device=size.device)  # [J]
-    return (errors / scale).tolist()
+    return StepResolution(rounding_error=(errors / scale).tolist(), changed_fraction=(changed / moved).tolist())
+
+
+def rounding_errors(theta0: Mapping[str, Tensor], direction: Direction, etas: Sequence[float]) -> list[float]:
+    """Per eta, the relative L1 error of the step the sweep takes (:func:`step_resolution`)."""
+    return step_resolution(theta0, direction, etas).rounding_error
+
+
+class LayerwiseShift:
+    """theta + eta * d applied in place to one module's own parameters at a time, for no-grad forwards.
+
+    A forward pre-hook on every module that holds a touched parameter points the parameter at
+    ``theta0 + eta * d`` (a fresh tensor; ``Parameter.data`` is re-pointed, no element of theta is
+    written) and the module's post-hook points it back at theta's own storage, so theta is restored
+    bitwise and a sweep point holds one layer's shifted parameters at a time instead of a shifted
+    copy of the model. Parameters of ``keep`` (the output embedding, which the chunked head calls
+    once per chunk of tokens and which a tied input embedding shares) stay shifted from their first
+    use to the end of the point, in one buffer this object owns. Use only where every parameter is
+    used inside its own module's forward (the architectures of :func:`probe.head.linear_head`).
+    """
+
+    def __init__(self, model: nn.Module, directions: Mapping[str, Direction], keep: Sequence[str] = ()) -> None:
+        self.params = dict(model.named_parameters())
+        touched = {n for d in directions.values() for n in d}
+        by_id = {id(self.params[n]): n for n in touched}
+        self.owners: dict[nn.Module, list[str]] = {}  # module -> canonical names of its touched parameters
+        for module in model.modules():
+            names = [by_id[id(p)] for p in module._parameters.values() if p is not None and id(p) in by_id]
+            if names:
+                self.owners[module] = names
+        self.keep = {n for n in keep if n in touched}
+        self.kept = {n: torch.empty_like(self.params[n]) for n in self.keep}  # the only buffers held across points
+        self.direction: Direction = {}
+        self.eta = 0.0
+        self.theta: dict[str, Tensor] = {}  # name -> theta's own tensor, while the parameter points elsewhere
+
+    def _shift(self, module: nn.Module, args: Any) -> None:
+        for name in self.owners[module]:
+            if name in self.theta or name not in self.direction:
+                continue
+            p = self.params[name]
+            out = self.kept.get(name)
+            shifted = torch.add(p.data, self.direction[name], alpha=self.eta, out=out)
+            self.theta[name] = p.data
+            p.data = shifted
+
+    def _restore(self, module: nn.Module, args: Any, output: Any) -> None:
+        for name in self.owners[module]:
+            if name in self.theta and name not in self.keep:
+                self.params[name].data = self.theta.pop(name)
+
+    @contextmanager
+    def at(self, direction: Direction, eta: float) -> Iterator[None]:
+        """Forwards inside run at theta + eta * ``direction`` (aligned to the parameters' dtypes); theta after."""
+        self.direction, self.eta = direction, float(eta)
+        handles = []
+        try:
+            for module in self.owners:
+                handles.append(module.register_forward_pre_hook(self._shift))
+                handles.append(module.register_forward_hook(self._restore, always_call=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for name, theta in self.theta.items():
+                self.params[name].data = theta
+            self.theta.clear()
 
 
 @dataclass
@@ -148,8 +234,15 @@ def iter_sweep(
     if base is not None and len(base) != len(batch):
         raise ValueError(f"base statistics cover {len(base)} sequences but E has {len(batch)}; pass the base of this E")
     device = _model_device(model)
-    touched = {n: t for part in theta0.values() for n, t in part.items()}
-    buffers = {n: torch.empty_like(t) for n, t in touched.items()}  # one override, rewritten per (part, eta)
+    split = linear_head(model)
+    layerwise = None
+    if split is not None:  # a known architecture: every parameter is used inside its own module's forward
+        head_weight = split[1].weight
+        keep = [n for n, p in model.named_parameters() if p is head_weight]
+        layerwise = LayerwiseShift(model, aligned, keep=keep)
+    else:  # an unknown one: functional_call with one shifted copy of the touched parameters, rewritten per point
+        touched = {n: t for part in theta0.values() for n, t in part.items()}
+        buffers = {n: torch.empty_like(t) for n, t in touched.items()}
     start = 0
     with torch.no_grad():
         for chunk in batch.chunks(forcing.batch_size):
@@ -159,8 +252,13 @@ def iter_sweep(
                 yield SweepChunk(part=None, eta_index=-1, eta=0.0, start=start, stats=stats)
             for part, direction in aligned.items():
                 for k, eta in enumerate(etas_of[part]):
-                    params = shifted_parameters(theta0[part], direction, float(eta), out=buffers)
-                    stats = SequenceStats.from_tokens(teacher_force(model, chunk, params, forcing))
+                    if layerwise is not None:
+                        with layerwise.at(direction, float(eta)):
+                            tokens = teacher_force(model, chunk, forcing=forcing)
+                    else:
+                        params = shifted_parameters(theta0[part], direction, float(eta), out=buffers)
+                        tokens = teacher_force(model, chunk, params, forcing)
+                    stats = SequenceStats.from_tokens(tokens)
                     yield SweepChunk(part=part, eta_index=k, eta=float(eta), start=start, stats=stats)
             start += len(chunk)
 

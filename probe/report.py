@@ -13,6 +13,8 @@ from typing import Any, Sequence
 
 import torch
 
+from probe.results import CHANGED_FLAGGED
+
 
 def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
     """The short table printed at the end of a run: part x eta, Delta H +- SE, first and second order, ESS."""
@@ -36,8 +38,11 @@ def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
                 second = res.get("predicted_second", [None] * len(etas))[j]
                 frac = res["ess_fraction"][j]
                 rounding = (res.get("step_rounding_error") or [0.0] * len(etas))[j]
+                changed = (res.get("changed_fraction") or [1.0] * len(etas))[j]
                 if rounding is None or rounding > 0.5:  # (None: NaN in JSON, a zero direction)
                     flag = "  step rounds away in the policy's dtype"
+                elif changed is not None and changed < CHANGED_FLAGGED:
+                    flag = f"  only {changed:.0%} of weights move"
                 elif frac is None or not math.isfinite(frac):
                     flag = "  non-finite"
                 else:

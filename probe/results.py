@@ -22,6 +22,11 @@ import numpy as np
 
 from probe.jsonable import json_safe
 
+# Where fewer of the elements a step moves change than this when theta + eta * d is formed in the policy's dtype,
+# the swept step is not eta * d but that of the few elements whose step exceeds half an ulp of their weight:
+# warned in the summary, the table and the log (docs/DESIGN.md section 8).
+CHANGED_FLAGGED = 0.9
+
 
 @dataclass
 class BaseEntropy:
@@ -60,6 +65,9 @@ class PartResult:
     # per eta, ||step taken - eta d||_1 / ||eta d||_1 with theta + eta d formed in the policy's dtype: beyond 0.5
     # most of the step rounds away and delta_h / se are null, beyond 0.01 it is flagged (probe.engine.eta_resolution)
     step_rounding_error: list[float] | None = None
+    # per eta, the fraction of the elements the step moves whose value changes in the policy's dtype: below 0.9 the
+    # swept step is that of the few elements whose step exceeds half an ulp of their weight (warned)
+    changed_fraction: list[float] | None = None
 
 
 @dataclass

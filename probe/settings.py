@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from probe.precision import resolve_dtype
 from probe.snis import NORMALISATIONS
 from probe.statistics import INTEGRANDS
 from probe.update import PARTS as UPDATE_PARTS
@@ -134,15 +135,24 @@ class PrecisionSettings:
 
     Args:
         float64_head: log-softmax, entropies and log-weights in float64 (the model stays in ``dtype``).
+        autocast: ``bfloat16`` or ``float16`` to run the forward passes over E under ``torch.autocast`` (GPU speed
+            and memory of half precision) while the parameters, and so theta + eta * d, stay in ``policy.dtype``:
+            the way to probe in half precision without rounding the step away. None: no autocast.
         tf32: allow TF32 matmuls on Ampere+ GPUs (faster, less precise).
         matmul_precision: ``torch.set_float32_matmul_precision`` value: highest, high or medium.
     """
 
     float64_head: bool = True
+    autocast: str | None = None
     tf32: bool = False
     matmul_precision: str = "highest"
 
     def __post_init__(self) -> None:
+        if self.autocast is not None and resolve_dtype(self.autocast) not in (torch.bfloat16, torch.float16):
+            raise ValueError(
+                f"precision.autocast must be bfloat16, float16 or null (no autocast), got {self.autocast!r}; the "
+                "parameters' own dtype is policy.dtype"
+            )
         if self.matmul_precision not in ("highest", "high", "medium"):
             raise ValueError(
                 f"precision.matmul_precision must be highest, high or medium, got {self.matmul_precision!r}"
