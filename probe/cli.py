@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from probe.console import configure_console, quiet_wandb_environment
 from probe.live_contract import OwnsRunDirectory
+from probe.memory import return_freed_memory_to_os
 from probe.rundir import default_run_name
 
 
@@ -285,6 +286,7 @@ def main(args: list[str] | None = None) -> ProbeCLI:
 
         sys.exit(analyze(argv[1:]))
     check_config_sizes(argv)
+    return_freed_memory_to_os()  # a long run's resident set stays that of its live tensors (probe/memory.py)
     os.environ.setdefault("WANDB_MODE", "offline")  # no network at run time; `wandb sync` uploads later
     return ProbeCLI(
         subclass_mode_model=True,

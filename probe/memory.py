@@ -61,3 +61,27 @@ class TensorMemory(TorchDispatchMode):
     @property
     def peak_mib(self) -> float:
         return self.peak / (1 << 20)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD = 4 << 20  # bytes
+
+
+def return_freed_memory_to_os(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Have glibc serve every allocation above ``threshold`` bytes with its own ``mmap``, unmapped when freed.
+
+    By default glibc raises this threshold to the size of each large block freed (up to 32 MiB), after which
+    blocks of that size come from the heap, which fragments and is rarely returned: a JVP of a JVP over a
+    151,936-token head (temporaries of a few to 20 MB, all sizes) grew the resident set from 0.45 to 3.5 GB
+    while the live tensors never exceeded 60 MB (measured with :class:`TensorMemory`). A fixed 4 MiB keeps it at
+    0.46 GB at the same speed (1 MiB made the sweep 4x slower: fresh pages for every temporary). Process-wide;
+    ``python -m probe`` calls it at start. Returns False where the C library is not glibc (nothing is done)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, int(threshold)))
