@@ -130,13 +130,15 @@ def _warn_if_lower_precision(directory: Path, dtype: torch.dtype) -> None:
     log.warning(
         "policy.dtype %s loads weights saved in higher precision (%s) in %s: the weights are rounded, and theta + "
         "eta * d rounds back to theta wherever eta * |d| is below half a unit in the last place of a weight, so "
-        "small-eta Delta H is that of a different, rounded step. To run the forwards in %s without losing the step: "
-        "policy.dtype: auto (or float32) with precision.autocast: %s",
+        "small-eta Delta H is that of a different, rounded step. To run the forwards in %s without losing the step, "
+        "keep the weights as saved (policy.dtype: auto or float32) and autocast the forwards (predict: "
+        "precision.autocast: %s; fit: trainer.precision: %s-mixed)",
         dtype_name(dtype),
         source,
         dtype_name(dtype),
         dtype_name(dtype),
         dtype_name(dtype),
+        "bf16" if dtype == torch.bfloat16 else "16",
     )
 
 

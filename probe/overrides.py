@@ -76,7 +76,7 @@ def shifted_parameters(
     return {n: torch.add(theta0[n], d, alpha=eta, out=out[n]) for n, d in direction.items()}
 
 
-ROUNDING_CHUNK = 1 << 22  # elements per float64 temporary of rounding_errors (32 MB): a 151,936 x 4096 embedding
+ROUNDING_CHUNK = 1 << 22  # elements per float64 temporary of step_resolution (32 MB): a 151,936 x 4096 embedding
 # would otherwise need several 5 GB float64 copies at once
 
 
@@ -120,11 +120,6 @@ def step_resolution(theta0: Mapping[str, Tensor], direction: Direction, etas: Se
             moved = count if moved is None else moved + count
     scale = size * torch.tensor([abs(e) for e in etas], dtype=torch.float64, device=size.device)  # [J]
     return StepResolution(rounding_error=(errors / scale).tolist(), changed_fraction=(changed / moved).tolist())
-
-
-def rounding_errors(theta0: Mapping[str, Tensor], direction: Direction, etas: Sequence[float]) -> list[float]:
-    """Per eta, the relative L1 error of the step the sweep takes (:func:`step_resolution`)."""
-    return step_resolution(theta0, direction, etas).rounding_error
 
 
 class LayerwiseShift:

@@ -105,7 +105,7 @@ class ProbeSettings:
         if not (math.isfinite(self.head_budget_mib) and self.head_budget_mib > 0):
             raise ValueError(
                 f"probe.head_budget_mib must be a finite number of MiB > 0, got {self.head_budget_mib}; the default "
-                "256 fits 88 float64 rows of a 151,936-token vocabulary"
+                "256 fits 73 rows of a 151,936-token vocabulary without autograd"
             )
         if self.reference_eta is not None and not (math.isfinite(self.reference_eta) and self.reference_eta > 0):
             raise ValueError(

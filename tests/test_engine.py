@@ -151,7 +151,10 @@ def test_a_reference_eta_that_is_not_a_positive_step_size_is_refused(reference_e
 
 
 def test_the_rounding_error_is_the_part_of_the_step_the_parameters_dtype_loses():
-    from probe.overrides import rounding_errors
+    from probe.overrides import step_resolution
+
+    def rounding_errors(theta, d, etas):
+        return step_resolution(theta, d, etas).rounding_error
 
     d = {"w": torch.tensor([1.0, 1.0, 0.0, 1.0], dtype=torch.float64)}
     # float32 weights of 1: a step of 1e-8 rounds away entirely, 1e-2 survives to float32 rounding (ulp 1.2e-7)
