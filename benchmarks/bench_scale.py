@@ -483,12 +483,15 @@ def run_case(name: str, args: argparse.Namespace, over_budget: Callable[[], bool
         f"trained, set up in {r['setup_s']:.1f} s",
         flush=True,
     )
-    update = reconstruct_update(c.model, c.optimizer, c.U, c.loss, c.recon)
-    update.baseline = {}  # not swept here: its memory (one model's worth under full fine-tuning) is released
-    base = base_statistics(c.model, c.E, c.forcing)
+    wanted = set(args.only or ("P1", "P2", "P3", "memory"))
+    update = base = None
+    if wanted & {"P1", "P2"} or args.memory == "inprocess":
+        update = reconstruct_update(c.model, c.optimizer, c.U, c.loss, c.recon)
+        update.baseline = {}  # not swept here: its memory (one model's worth under full fine-tuning) is released
+        base = base_statistics(c.model, c.E, c.forcing)
     for key, bench in (("P1", bench_p1), ("P2", bench_p2)):
-        if over_budget():
-            r[key] = {"skipped": "time budget"}
+        if key not in wanted or over_budget():
+            r[key] = {"skipped": "not selected (--only)" if key not in wanted else "time budget"}
             continue
         r[key] = bench(c, update, base, args.repeats)
         print(
@@ -500,7 +503,9 @@ def run_case(name: str, args: argparse.Namespace, over_budget: Callable[[], bool
         r["memory"] = memory_in_process(c, update, base, over_budget)
     del update, base
     _trim()
-    if over_budget():
+    if "P3" not in wanted:
+        r["P3"] = {"skipped": "not selected (--only)"}
+    elif over_budget():
         r["P3"] = {"skipped": "time budget"}
     else:
         r["P3"] = bench_p3(c, args.repeats)
@@ -606,6 +611,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="auto: a subprocess per measurement on CPU, in process on CUDA, off with --quick",
     )
     ap.add_argument("--time-budget", type=float, default=None, help="seconds; later measurements are skipped")
+    ap.add_argument(
+        "--only", nargs="+", default=None, choices=["P1", "P2", "P3", "memory"], help="run these measurements only"
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny Qwen2 config, E = U = 4 x 32, 1 round")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...-scale-...json)")
@@ -620,6 +628,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.repeats = 1 if args.quick else 2
     if args.memory == "auto":
         args.memory = "off" if args.quick else ("inprocess" if args.device == "cuda" else "subprocess")
+    if args.only is not None and "memory" not in args.only:
+        args.memory = "off"
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device")
     if min(args.E_len, args.U_len) < 4:

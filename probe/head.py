@@ -101,7 +101,7 @@ def _transform_depth() -> int:
 
 def _mode(rows: Tensor, head: nn.Linear | None) -> str:
     if _transform_depth():
-        return "forward_ad"
+        return "transformed"  # (forward mode, or torch.func.grad: no checkpointing under transforms)
     weight_grad = head is not None and any(p.requires_grad for p in head.parameters())
     if torch.is_grad_enabled() and (rows.requires_grad or weight_grad):
         return "reverse"

@@ -145,14 +145,14 @@ def test_teacher_forcing_a_151936_token_vocabulary_stays_within_the_head_budget_
 
 
 def test_under_a_jvp_and_a_jvp_of_a_jvp_the_head_stays_within_its_budget(wide):
-    batch = random_batch(QWEN_VOCAB, 8)
+    batch = random_batch(QWEN_VOCAB, 4, response=14)  # 42 tokens: several chunks at either order
     # (a JVP of a JVP carries 20 [V] float64 temporaries per row: 24 MB; a budget below one row is exceeded by it)
-    forcing = TeacherForcing(with_entropy=True, head_budget_mib=32.0, batch_size=None)
+    forcing = TeacherForcing(with_entropy=True, head_budget_mib=64.0, batch_size=None)
     direction = {"model.layers.1.mlp.down_proj.weight": torch.randn_like(wide.model.layers[1].mlp.down_proj.weight)}
     for order in (1, 2):
         with TensorMemory() as memory:
             sequence_derivatives(wide, batch, direction, forcing, order=order)
-        assert memory.peak <= 32 * MIB + 2 * MIB, (order, memory.peak_mib)
+        assert memory.peak <= 64 * MIB + 2 * MIB, (order, memory.peak_mib)
 
 
 def test_a_backward_through_the_head_holds_one_chunk_not_the_tokens_logits(wide):
