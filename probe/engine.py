@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from probe.attribution import AttributionInputs, attribute, eval_update_matrix, per_sequence_exact
 from probe.batch import SequenceBatch
 from probe.logprobs import TeacherForcing, teacher_force
-from probe.overrides import Direction, Sweep, base_parameters, iter_sweep, step_resolution
+from probe.overrides import Direction, ShiftedPolicy, Sweep, base_parameters, iter_sweep, step_resolution
 from probe.precision import resolve_dtype
 from probe.results import CHANGED_FLAGGED, AttributionSummary, BaseEntropy, EvalResult, PartResult
 from probe.settings import PrecisionSettings, ProbeSettings
@@ -609,10 +609,7 @@ def per_token_views(
     Flat over response tokens, sequence j's tokens at ``offsets[j]:offsets[j+1]``.
     """
     forcing = replace(plan.forcing(temperature), with_entropy=True)
-    theta = dict(policy.named_parameters())
-    shifted = {
-        n: torch.add(theta[n].detach(), d.to(theta[n]), alpha=plan.reference_eta) for n, d in update.full.items()
-    }
+    shifted = ShiftedPolicy(policy, {"full": update.full})
     views: dict[str, list[np.ndarray]] = {
         k: [] for k in ("logprobs_theta", "entropies_theta", "logprobs_ref", "entropies_ref")
     }
@@ -621,8 +618,8 @@ def per_token_views(
     with torch.no_grad():
         for chunk in batch.chunks(plan.batch_size):
             chunk = chunk.to(device)
-            for tag, params in (("theta", None), ("ref", shifted)):
-                ts = teacher_force(policy, chunk, params, forcing)
+            at_reference = shifted.teacher_force("full", plan.reference_eta, chunk, forcing)
+            for tag, ts in (("theta", teacher_force(policy, chunk, forcing=forcing)), ("ref", at_reference)):
                 views[f"logprobs_{tag}"].append(ts.logprobs[ts.mask].cpu().numpy())
                 views[f"entropies_{tag}"].append(ts.entropies[ts.mask].cpu().numpy())
             lengths.append(chunk.target_mask.sum(-1).cpu().numpy())

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from probe.batch import SequenceBatch
 from probe.head import linear_head
-from probe.logprobs import TeacherForcing, teacher_force
+from probe.logprobs import TeacherForcing, TokenStats, teacher_force
 from probe.statistics import SequenceStats
 
 Direction = Mapping[str, Tensor]  # parameter name -> step per unit eta (same shape as the parameter)
@@ -183,6 +183,35 @@ class LayerwiseShift:
             self.theta.clear()
 
 
+class ShiftedPolicy:
+    """Teacher forcing at theta + eta * d for any of several directions (no grad): one module at a time
+    (:class:`LayerwiseShift`) on the architectures of :func:`probe.head.linear_head`, else ``functional_call`` over
+    one shifted copy of the touched parameters, rewritten per point. The policy itself is left bitwise as it was."""
+
+    def __init__(self, model: nn.Module, directions: Mapping[str, Direction]) -> None:
+        self.model = model
+        self.aligned = {p: aligned_direction(model, d) for p, d in directions.items()}
+        self.theta0 = {p: base_parameters(model, d) for p, d in directions.items()}
+        split = linear_head(model)
+        self.layerwise: LayerwiseShift | None = None
+        self.buffers: dict[str, Tensor] = {}
+        if split is not None:  # a known architecture: every parameter is used inside its own module's forward
+            keep = [n for n, p in model.named_parameters() if p is split[1].weight]
+            self.layerwise = LayerwiseShift(model, self.aligned, keep=keep)
+        else:
+            touched = {n: t for part in self.theta0.values() for n, t in part.items()}
+            self.buffers = {n: torch.empty_like(t) for n, t in touched.items()}
+
+    @torch.no_grad()
+    def teacher_force(self, part: str, eta: float, batch: SequenceBatch, forcing: TeacherForcing) -> TokenStats:
+        """``batch`` teacher-forced at theta + ``eta`` * the direction ``part``."""
+        if self.layerwise is not None:
+            with self.layerwise.at(self.aligned[part], eta):
+                return teacher_force(self.model, batch, forcing=forcing)
+        params = shifted_parameters(self.theta0[part], self.aligned[part], eta, out=self.buffers)
+        return teacher_force(self.model, batch, params, forcing)
+
+
 @dataclass
 class SweepChunk:
     """Statistics of one chunk of E at one point of the sweep."""
@@ -224,20 +253,10 @@ def iter_sweep(
     etas_of = (
         {p: list(etas[p]) for p in directions} if isinstance(etas, Mapping) else {p: list(etas) for p in directions}
     )
-    aligned = {p: aligned_direction(model, d) for p, d in directions.items()}
-    theta0 = {p: base_parameters(model, d) for p, d in directions.items()}
     if base is not None and len(base) != len(batch):
         raise ValueError(f"base statistics cover {len(base)} sequences but E has {len(batch)}; pass the base of this E")
     device = _model_device(model)
-    split = linear_head(model)
-    layerwise = None
-    if split is not None:  # a known architecture: every parameter is used inside its own module's forward
-        head_weight = split[1].weight
-        keep = [n for n, p in model.named_parameters() if p is head_weight]
-        layerwise = LayerwiseShift(model, aligned, keep=keep)
-    else:  # an unknown one: functional_call with one shifted copy of the touched parameters, rewritten per point
-        touched = {n: t for part in theta0.values() for n, t in part.items()}
-        buffers = {n: torch.empty_like(t) for n, t in touched.items()}
+    shifted = ShiftedPolicy(model, directions)
     start = 0
     with torch.no_grad():
         for chunk in batch.chunks(forcing.batch_size):
@@ -245,15 +264,9 @@ def iter_sweep(
             if base is None:
                 stats = SequenceStats.from_tokens(teacher_force(model, chunk, forcing=forcing))
                 yield SweepChunk(part=None, eta_index=-1, eta=0.0, start=start, stats=stats)
-            for part, direction in aligned.items():
+            for part in directions:
                 for k, eta in enumerate(etas_of[part]):
-                    if layerwise is not None:
-                        with layerwise.at(direction, float(eta)):
-                            tokens = teacher_force(model, chunk, forcing=forcing)
-                    else:
-                        params = shifted_parameters(theta0[part], direction, float(eta), out=buffers)
-                        tokens = teacher_force(model, chunk, params, forcing)
-                    stats = SequenceStats.from_tokens(tokens)
+                    stats = SequenceStats.from_tokens(shifted.teacher_force(part, float(eta), chunk, forcing))
                     yield SweepChunk(part=part, eta_index=k, eta=float(eta), start=start, stats=stats)
             start += len(chunk)
 
