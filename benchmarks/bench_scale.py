@@ -35,8 +35,7 @@ of the per-round ratios, the ratio of the minimum times beside it):
   ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats`` minus ``memory_allocated`` before. Beside
   them: the whole model, its largest parameter and its largest decoder layer, so the reader sees whether a sweep
   point grows like one layer or like the model. Target: sweep point <= the largest trained unit (a decoder layer
-  or a parameter outside the layers) + the teacher-forcing head budget (``TeacherForcing().head_budget_mib``;
-  'n/a' where probe has none).
+  or a parameter outside the layers) + the teacher-forcing head budget (``TeacherForcing().head_budget_mib``).
 
 ``--device cuda`` puts the model and the batches on the GPU and synchronises around every timing;
 ``--autocast bf16`` runs every forward under ``torch.autocast`` bfloat16 (parameters stay float32; the
@@ -104,10 +103,9 @@ _MEM_CHILD = "--memory-child"
 MEASUREMENTS = ("sweep_point", "reconstruction", "attribution")
 
 
-def head_budget_mib() -> float | None:
-    """The teacher-forcing head's memory budget, where probe has one (``TeacherForcing().head_budget_mib``)."""
-    value = getattr(TeacherForcing(), "head_budget_mib", None)
-    return None if value is None else float(value)
+def head_budget_mib() -> float:
+    """The teacher-forcing head's memory budget (``TeacherForcing().head_budget_mib``)."""
+    return float(TeacherForcing().head_budget_mib)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -459,14 +457,10 @@ def memory_in_process(c: Case, update, base, over_budget: Callable[[], bool]) ->
 
 
 def memory_target(sizes: dict) -> dict:
-    """sweep point <= the largest trained unit + the head budget (None where probe has no head budget)."""
+    """sweep point <= the largest trained unit + the head budget."""
     budget = head_budget_mib()
     unit = sizes["trained"]["largest_unit"]
-    return {
-        "largest_trained_unit": unit,
-        "head_budget_mib": budget,
-        "sweep_point_mib": None if budget is None else unit["mib"] + budget,
-    }
+    return {"largest_trained_unit": unit, "head_budget_mib": budget, "sweep_point_mib": unit["mib"] + budget}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,9 +514,7 @@ def run_case(name: str, args: argparse.Namespace, over_budget: Callable[[], bool
     return r
 
 
-def _met(value: float, target: float | None) -> str:
-    if target is None:
-        return "n/a"
+def _met(value: float, target: float) -> str:
     return "yes" if value <= target else "**no**"
 
 
@@ -578,10 +570,9 @@ def table(result: dict) -> str:
             s, m, t = r["sizes"], r["memory"], r["memory_target"]
             model, trained = s["model"], s["trained"]
             big_p, big_l = model["largest_parameter"], model.get("largest_decoder_layer", {"mib": float("nan")})
-            budget = "n/a" if t["head_budget_mib"] is None else _size(t["head_budget_mib"])
             unit = t["largest_trained_unit"]
-            target = f"{_size(unit['mib'])} ({unit['name']}) + {budget}"
-            target += "" if t["sweep_point_mib"] is None else f" = {_size(t['sweep_point_mib'])}"
+            target = f"{_size(unit['mib'])} ({unit['name']}) + {_size(t['head_budget_mib'])}"
+            target += f" = {_size(t['sweep_point_mib'])}"
             sp = m.get("sweep_point", {})
             met = _met(sp["mib"], t["sweep_point_mib"]) if "mib" in sp else "-"
             rows.append(

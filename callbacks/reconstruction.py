@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from probe.engine import check_etas_fit, eta_resolution, make_plan, part_directions
 from probe.optim_loading import load_optimizer_state, zero_lr_message
-from probe.results import CHANGED_FLAGGED
+from probe.results import CHANGED_FLAGGED, ROUNDING_UNMEASURABLE
 from probe.run_state import on_rank_zero, run_state_of
 from probe.update import Update, reconstruct_update
 
@@ -60,7 +60,7 @@ class UpdateReconstruction(pl.Callback):
             for name, direction in part_directions(update, plan.parts).items()
         }
         state.resolution = eta_resolution(policy, state.directions, plan.etas)
-        if all(not e <= 0.5 for errors in state.resolution.rounding_error.values() for e in errors):
+        if all(not e <= ROUNDING_UNMEASURABLE for errors in state.resolution.rounding_error.values() for e in errors):
             log.warning(
                 "every point of the sweep rounds away against the policy's %s weights (theta + eta * d differs from "
                 "eta * d by more than half of it at every eta): no Delta H can be measured, only predicted. Fix: "
@@ -72,7 +72,7 @@ class UpdateReconstruction(pl.Callback):
                 f"{part} at eta={eta:.3g} ({changed:.0%})"
                 for part, fractions in state.resolution.changed_fraction.items()
                 for eta, changed, error in zip(plan.etas, fractions, state.resolution.rounding_error[part])
-                if changed < CHANGED_FLAGGED and error <= 0.5
+                if changed < CHANGED_FLAGGED and error <= ROUNDING_UNMEASURABLE
             ]
             if coarse:
                 log.warning(

@@ -30,7 +30,15 @@ from probe.batch import SequenceBatch
 from probe.logprobs import TeacherForcing, teacher_force
 from probe.overrides import Direction, ShiftedPolicy, Sweep, base_parameters, iter_sweep, step_resolution
 from probe.precision import resolve_dtype
-from probe.results import CHANGED_FLAGGED, AttributionSummary, BaseEntropy, EvalResult, PartResult
+from probe.results import (
+    CHANGED_FLAGGED,
+    ROUNDING_FLAGGED,
+    ROUNDING_UNMEASURABLE,
+    AttributionSummary,
+    BaseEntropy,
+    EvalResult,
+    PartResult,
+)
 from probe.settings import PrecisionSettings, ProbeSettings
 from probe.snis import SNISConfig, SNISResult, snis_estimate, snis_estimates
 from probe.statistics import SequenceStats, mean_and_se, ratio_and_se
@@ -380,11 +388,6 @@ def check_prompt_groups(E: EvalBatch, normalisation: str) -> None:
             "of one the importance weight normalises to 1 and its Delta H is not an importance-sampling estimate. "
             "Fix: sample E with n_per_prompt >= 2, or set probe.normalisation: global"
         )
-
-
-# Where the step the sweep takes differs from eta * d by more than this (relative L1), the swept point is not
-# eta * d and Delta H is reported null; beyond ROUNDING_FLAGGED it is reported with a warning.
-ROUNDING_UNMEASURABLE, ROUNDING_FLAGGED = 0.5, 0.01
 
 
 def _resolution_warnings(parts: dict[str, PartResult], etas: Sequence[float], dtype: str) -> list[str]:

@@ -28,9 +28,6 @@ class TensorMemory(TorchDispatchMode):
         self._old: dict[int, StorageWeakRef] = {}  # storages from before the block, seen as inputs
         self._live: dict[int, tuple[StorageWeakRef, int]] = {}
 
-    def __enter__(self) -> TensorMemory:
-        return super().__enter__()
-
     def _collect(self) -> None:  # forget freed storages (their addresses can be reused)
         for key in [key for key, (ref, _) in self._live.items() if ref.expired()]:
             self.current -= self._live.pop(key)[1]

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from probe.results import CHANGED_FLAGGED
+from probe.results import CHANGED_FLAGGED, ROUNDING_UNMEASURABLE
 
 
 def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
@@ -39,7 +39,7 @@ def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
                 frac = res["ess_fraction"][j]
                 rounding = (res.get("step_rounding_error") or [0.0] * len(etas))[j]
                 changed = (res.get("changed_fraction") or [1.0] * len(etas))[j]
-                if rounding is None or rounding > 0.5:  # (None: NaN in JSON, a zero direction)
+                if rounding is None or rounding > ROUNDING_UNMEASURABLE:  # (None: NaN in JSON, a zero direction)
                     flag = "  step rounds away in the policy's dtype"
                 elif changed is not None and changed < CHANGED_FLAGGED:
                     flag = f"  only {changed:.0%} of weights move"

@@ -22,6 +22,9 @@ import numpy as np
 
 from probe.jsonable import json_safe
 
+# Where the step the sweep takes differs from eta * d by more than ROUNDING_UNMEASURABLE (relative L1), the swept
+# point is not eta * d and Delta H is reported null; beyond ROUNDING_FLAGGED it is reported with a warning.
+ROUNDING_UNMEASURABLE, ROUNDING_FLAGGED = 0.5, 0.01
 # Where fewer of the elements a step moves change than this when theta + eta * d is formed in the policy's dtype,
 # the swept step is not eta * d but that of the few elements whose step exceeds half an ulp of their weight:
 # warned in the summary, the table and the log (docs/DESIGN.md section 8).
