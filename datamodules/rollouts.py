@@ -468,7 +468,7 @@ def strip_after_eos(
     Returns:
         The records (new dicts where stripped), with the source and locations of ``records``.
     """
-    eos = {int(eos_token_ids)} if isinstance(eos_token_ids, numbers.Integral) else set(map(int, eos_token_ids))
+    eos = _eos_set(eos_token_ids)
     filler = eos | ({int(pad_token_id)} if pad_token_id is not None else set())
     out, n_records, n_tokens, seen = [], 0, 0, set()
     for i, record in enumerate(records):
@@ -561,7 +561,6 @@ def check_eval_sampling(
     setting: str = "sampling.temperature of the evaluation batch",
     allow_setting: str | None = "allow_truncated_sampling",
     source: str | None = None,
-    eos_token_ids: int | Sequence[int] | None = None,
     report_unended: bool = True,
 ) -> None:
     """Refuse an evaluation batch E that was not sampled from the full distribution at the probe's temperature.
@@ -582,8 +581,6 @@ def check_eval_sampling(
             temperature`` -> ``data.init_args.evals[0].allow_truncated_sampling``); None where there is no such
             setting: the fix then says to resample E without top_p/top_k.
         source: name used in messages; default: the file the records were read from.
-        eos_token_ids: the EOS ids; default: those :func:`read_rollouts` cut the responses at. When known, a
-            batch of which fewer than half the responses end with EOS is reported (:func:`warn_unended`).
         report_unended: False for a second look at the same batch (its copy), so that the report is made once.
     """
     name = _name(records, source)
@@ -658,20 +655,24 @@ def check_eval_sampling(
             f"distributions. Fix: to probe the entropy at tau = {sampled_at:g}, set {setting} to {sampled_at:g}; "
             f"to probe it at tau = {temperature:g}, sample E at temperature {temperature:g}"
         )
-    if eos_token_ids is None:
-        eos_token_ids = getattr(records, "eos_token_ids", None)
+    eos_token_ids = getattr(records, "eos_token_ids", None)  # those read_rollouts cut the responses at
     if eos_token_ids is not None and report_unended:
         warn_unended(records, eos_token_ids, source=source)
 
 
-def warn_unended(records: Sequence[dict], eos_token_ids: int | Sequence[int], source: str | None = None) -> int:
+def _eos_set(eos_token_ids: int | Sequence[int]) -> set[int]:
+    """An EOS id or a list of them, as a set of ints."""
+    return {int(eos_token_ids)} if isinstance(eos_token_ids, numbers.Integral) else set(map(int, eos_token_ids))
+
+
+def warn_unended(records: Sequence[dict], eos_token_ids: int | Sequence[int], source: str | None = None) -> None:
     """Report an evaluation batch of which fewer than half (``MIN_ENDED_FRACTION``) the responses end with EOS.
 
     Such responses were cut at ``max_new_tokens`` or written without their EOS: the probe then measures the
     entropy of cut responses, not of whole sequences of the policy. A WARNING names the file, the count, lines
-    of responses that do not end and the fix. Returns how many responses end with an EOS id.
+    of responses that do not end and the fix (when EOS ids are known: :func:`check_eval_sampling`).
     """
-    eos = {int(eos_token_ids)} if isinstance(eos_token_ids, numbers.Integral) else set(map(int, eos_token_ids))
+    eos = _eos_set(eos_token_ids)
     unended = [i for i, r in enumerate(records) if not (ids := _as_list(r["response_ids"])) or ids[-1] not in eos]
     ended = len(records) - len(unended)
     if records and ended < MIN_ENDED_FRACTION * len(records):
@@ -687,7 +688,6 @@ def warn_unended(records: Sequence[dict], eos_token_ids: int | Sequence[int], so
             ", ".join(map(str, sorted(eos))),
             _several(records, unended),
         )
-    return ended
 
 
 # --------------------------------------------------------------------------- writing

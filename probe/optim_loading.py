@@ -231,6 +231,7 @@ def load_optimizer_state(
             moments["dtype"],
             100 * moments["second_moments_underflowed"],
         )
+    trainer_state = _trainer_state(file, fmt)
     choices = {
         "optimizer.format": {"value": fmt, "file": str(file), "source": _format_source(settings, file, saved)},
         "optimizer.param_order": {
@@ -247,9 +248,13 @@ def load_optimizer_state(
             if settings.lr is not None
             else "saved in each param group (the lr the scheduler set for the next step)",
         },
-        "optimizer.step": _step_choice(sorted({s.step for s in states.values()}), file, fmt, saved),
+        "optimizer.step": _step_choice(sorted({s.step for s in states.values()}), file, fmt, saved, trainer_state),
         **({"optimizer.moments": {"value": moments, "source": "the saved exp_avg_sq"}} if moments else {}),
-        **({"optimizer.schedule": schedule} if (schedule := _schedule_record(file, fmt, saved, groups)) else {}),
+        **(
+            {"optimizer.schedule": schedule}
+            if (schedule := _schedule_record(file, fmt, saved, groups, trainer_state))
+            else {}
+        ),
     }
     source = (
         f"{file} ({fmt}"
@@ -261,7 +266,22 @@ def load_optimizer_state(
     return AdamState(hyper=hyper, state=states, group_of=group_of, source=source, choices=choices)
 
 
-def _step_choice(steps: list[int], file: Path, fmt: str, saved: Any) -> dict[str, Any]:
+def _trainer_state(file: Path, fmt: str) -> dict[str, Any]:
+    """An HF Trainer checkpoint's ``trainer_state.json`` beside ``file``, parsed once ({} when there is none, or it
+    cannot be read: it only adds to what the optimizer file says)."""
+    path = file.parent / "trainer_state.json"
+    if fmt != "hf_trainer" or not path.is_file():
+        return {}
+    import json
+
+    try:
+        state = json.loads(path.read_text())
+    except (json.JSONDecodeError, OSError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def _step_choice(steps: list[int], file: Path, fmt: str, saved: Any, trainer_state: dict[str, Any]) -> dict[str, Any]:
     """The saved step count, cross-checked with the step the checkpoint says it was written at (HF Trainer:
     ``trainer_state.json`` ``global_step``; Lightning: ``global_step``); a disagreement is logged (the moments may
     be of another run, or the optimizer was re-created mid-training)."""
@@ -269,16 +289,8 @@ def _step_choice(steps: list[int], file: Path, fmt: str, saved: Any) -> dict[str
     checkpoint_step = None
     if fmt == "lightning" and isinstance(saved, dict) and isinstance(saved.get("global_step"), int):
         checkpoint_step, where = saved["global_step"], f"{file} global_step"
-    trainer_state = file.parent / "trainer_state.json"
-    if fmt == "hf_trainer" and trainer_state.is_file():
-        import json
-
-        try:
-            value = json.loads(trainer_state.read_text()).get("global_step")
-        except (json.JSONDecodeError, OSError, AttributeError):
-            value = None
-        if isinstance(value, int):
-            checkpoint_step, where = value, f"{trainer_state} global_step"
+    if isinstance(trainer_state.get("global_step"), int):
+        checkpoint_step, where = trainer_state["global_step"], f"{file.parent / 'trainer_state.json'} global_step"
     if checkpoint_step is not None:
         record["checkpoint_step"] = checkpoint_step
         if steps and max(steps) != checkpoint_step:
@@ -319,7 +331,9 @@ def _kind_choice(settings: OptimizerSettings, groups: list[dict]) -> dict[str, A
     return {"value": kinds[0] if len(kinds) == 1 else kinds, "source": source}
 
 
-def _schedule_record(file: Path, fmt: str, saved: Any, groups: list[dict]) -> dict[str, Any] | None:
+def _schedule_record(
+    file: Path, fmt: str, saved: Any, groups: list[dict], trainer_state: dict[str, Any]
+) -> dict[str, Any] | None:
     """What the checkpoint tells about the learning-rate schedule (``value``) and where it was read (``source``):
     each group's ``initial_lr`` (set by torch's schedulers), the scheduler's last lr (Lightning), and the last
     nonzero lr logged in ``trainer_state.json`` (HF Trainer). None when it tells nothing."""
@@ -332,14 +346,8 @@ def _schedule_record(file: Path, fmt: str, saved: Any, groups: list[dict]) -> di
             if isinstance(scheduler, dict) and scheduler.get("_last_lr") is not None:
                 record["scheduler_last_lr"] = [float(x) for x in scheduler["_last_lr"]]
                 break
-    trainer_state = file.parent / "trainer_state.json"
-    if fmt == "hf_trainer" and trainer_state.is_file():
-        import json
-
-        try:
-            history = json.loads(trainer_state.read_text()).get("log_history", [])
-        except (json.JSONDecodeError, OSError, AttributeError):
-            history = []
+    history = trainer_state.get("log_history")
+    if isinstance(history, list):
         logged = [h for h in history if isinstance(h, dict) and isinstance(h.get("learning_rate"), (int, float))]
         nonzero = [h for h in logged if h["learning_rate"] > 0]
         if nonzero:
@@ -350,7 +358,7 @@ def _schedule_record(file: Path, fmt: str, saved: Any, groups: list[dict]) -> di
     sources = {
         "initial_lr": "each param group's initial_lr (set by torch's lr schedulers)",
         "scheduler_last_lr": "the Lightning checkpoint's lr_schedulers",
-        "last_nonzero_logged_lr": f"the log_history of {trainer_state}",
+        "last_nonzero_logged_lr": f"the log_history of {file.parent / 'trainer_state.json'}",
     }
     return {"value": record, "source": "; ".join(text for key, text in sources.items() if key in record)}
 
@@ -675,13 +683,15 @@ def check_hyper(h: AdamHyper, where: str, overridden: bool = False) -> None:
 
 
 def check_moments(entry: dict, name: str, pid: Any, file: Path) -> None:
-    """Refuse moments no Adam step can have made: non-finite entries, or negative second moments."""
+    """Refuse moments no Adam step can have made: non-finite entries, or negative second moments. One sum (and one
+    min for second moments) per tensor; entries are counted only where that finds something (as
+    ``probe.loading.check_finite_parameters``)."""
     for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
         t = entry.get(key)
-        if not isinstance(t, Tensor):
+        if not isinstance(t, Tensor) or t.numel() == 0:
             continue
-        bad = int((~torch.isfinite(t)).sum())
-        negative = int((t < 0).sum()) if key != "exp_avg" else 0
+        bad = 0 if bool(torch.isfinite(t.sum())) else int((~torch.isfinite(t)).sum())
+        negative = int((t < 0).sum()) if key != "exp_avg" and bool(t.min() < 0) else 0
         if bad or negative:
             what = ", ".join(text for n, text in ((bad, f"{bad} non-finite"), (negative, f"{negative} negative")) if n)
             raise ValueError(

@@ -262,7 +262,7 @@ def sample_responses(
     if eos_token_id is None:
         pad_default, eos = special_token_ids(tokenizer, model=model)
     else:
-        eos = [int(eos_token_id)] if isinstance(eos_token_id, int) else [int(e) for e in eos_token_id]
+        eos = _ids(eos_token_id)
         pad_default = getattr(tokenizer, "pad_token_id", None)
         pad_default = eos[0] if pad_default is None else int(pad_default)
     pad_id = pad_default if pad_token_id is None else int(pad_token_id)
@@ -350,7 +350,7 @@ class TextReward:
             eos_token_id = getattr(tokenizer, "eos_token_id", None)
         self.eos_ids: set[int] | None = None
         if eos_token_id is not None:
-            self.eos_ids = {int(eos_token_id)} if isinstance(eos_token_id, int) else set(map(int, eos_token_id))
+            self.eos_ids = set(_ids(eos_token_id))
 
     def seen(self, prompt_ids: Sequence[int], response_ids: Sequence[int]) -> dict[str, Any]:
         """What the reward function is given for this sequence: ``prompt``, ``response`` (text), ``answer``
