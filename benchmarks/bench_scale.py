@@ -103,9 +103,13 @@ _MEM_CHILD = "--memory-child"
 MEASUREMENTS = ("sweep_point", "reconstruction", "attribution")
 
 
+HEAD_BUDGET_MIB: list[float] = []  # --head-budget, when given
+
+
 def head_budget_mib() -> float:
-    """The teacher-forcing head's memory budget (``TeacherForcing().head_budget_mib``)."""
-    return float(TeacherForcing().head_budget_mib)
+    """The teacher-forcing head's memory budget: ``--head-budget``, else probe's default
+    (``TeacherForcing().head_budget_mib``)."""
+    return float(HEAD_BUDGET_MIB[0] if HEAD_BUDGET_MIB else TeacherForcing().head_budget_mib)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,7 +211,7 @@ def setup_case(name: str, args: argparse.Namespace, warm_step: bool = True) -> C
         U=U,
         E=E,
         loss=LossConfig(),
-        forcing=TeacherForcing(with_entropy=True, batch_size=args.microbatch or 256),
+        forcing=TeacherForcing(with_entropy=True, batch_size=args.microbatch or 256, head_budget_mib=head_budget_mib()),
         recon=ReconstructionConfig(
             max_grad_norm=MAX_GRAD_NORM,
             microbatch_size=args.microbatch,
@@ -412,6 +416,7 @@ def child_args(args: argparse.Namespace) -> list[str]:
     ]
     out += ["--quick"] if args.quick else []
     out += ["--autocast", args.autocast] if args.autocast else []
+    out += ["--head-budget", str(args.head_budget)] if args.head_budget is not None else []
     out += ["--microbatch", str(args.microbatch)] if args.microbatch else []
     return out
 
@@ -606,6 +611,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only", nargs="+", default=None, choices=["P1", "P2", "P3", "memory"], help="run these measurements only"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--head-budget", type=float, default=None, help="MiB of the head's chunks (default: probe's, 256 MiB)"
+    )
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny Qwen2 config, E = U = 4 x 32, 1 round")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...-scale-...json)")
     ap.add_argument(_MEM_CHILD, default=None, help=argparse.SUPPRESS)
@@ -631,6 +639,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    HEAD_BUDGET_MIB[:] = [] if args.head_budget is None else [args.head_budget]
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args)))
         return None

@@ -21,6 +21,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from probe.engine import complete_eval, sort_rows, summarise_eval
 from probe.run_state import run_state_of
+from probe.sharding import is_sharded
 
 log = logging.getLogger("probe")
 
@@ -112,15 +113,16 @@ class SNISAggregation(pl.Callback):
         for k, table in enumerate(tables):
             E = inputs.eval_batch(k)
             result = summarise_eval(table, plan, E, state.require("resolution"))
-            if trainer.global_rank == 0:
+            rank_zero = trainer.global_rank == 0
+            if rank_zero or is_sharded(state.policy):  # sharded: every rank takes part in the passes (collectives)
                 swept = len(result.warnings)
-                for warning in result.warnings:
+                for warning in result.warnings if rank_zero else ():
                     if "non-finite" in warning:  # (ESS warnings: see RunWriter)
                         log.warning("%s/%s", result.name, warning)
                 complete_eval(
                     state.policy, state.require("update"), inputs.update_batch, E, result, table, plan, state.timings
                 )
-                for warning in result.warnings[swept:]:  # the attribution's: a held E, a check that failed
+                for warning in result.warnings[swept:] if rank_zero else ():  # the attribution's: a held E, a check
                     log.warning("%s: %s", result.name, warning)
             results.append(result)
         state.result = results

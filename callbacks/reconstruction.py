@@ -14,6 +14,7 @@ from probe.engine import check_etas_fit, eta_resolution, make_plan, part_directi
 from probe.optim_loading import load_optimizer_state, zero_lr_message
 from probe.results import CHANGED_FLAGGED, ROUNDING_UNMEASURABLE
 from probe.run_state import on_rank_zero, run_state_of
+from probe.sharding import is_sharded
 from probe.update import Update, reconstruct_update
 
 log = logging.getLogger("probe")
@@ -24,7 +25,9 @@ class UpdateReconstruction(pl.Callback):
 
     Under DDP the update is computed on rank 0 only and broadcast tensor by tensor (one collective per tensor,
     in the update's parameter order, plus one small broadcast of its scalars), so every rank probes exactly
-    rank 0's step. Rank 0 writes ``update.safetensors`` when ``probe.save_update``.
+    rank 0's step. Rank 0 writes ``update.safetensors`` when ``probe.save_update``. On a sharded policy (FSDP2)
+    every rank reconstructs the rows of its own shards (the forward and backward over U gather one layer at a
+    time) and writes them (``update.shard-<r>-of-<N>.safetensors``).
     """
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -49,8 +52,12 @@ class UpdateReconstruction(pl.Callback):
                 U = inputs.update_batch.to(pl_module.device)
                 return reconstruct_update(policy, optimizer_state, U, settings.loss, settings.reconstruction)
 
-        update = on_rank_zero(trainer, reconstruct)  # a bad optimizer file stops every rank, not rank 0 alone
-        if trainer.world_size > 1:
+        sharded = is_sharded(policy)
+        if sharded:  # every rank its own rows (the passes over U are collectives)
+            update = reconstruct()
+        else:
+            update = on_rank_zero(trainer, reconstruct)  # a bad optimizer file stops every rank, not rank 0 alone
+        if trainer.world_size > 1 and not sharded:
             update = broadcast_update(update, trainer, device=pl_module.device)
         plan = make_plan(settings.probe, settings.precision, update.lr)
         check_etas_fit(plan.etas, policy)
@@ -100,7 +107,7 @@ class UpdateReconstruction(pl.Callback):
         # is refused instead of mixing rows (docs/DESIGN.md section 10)
         run_dir = state.require("run_dir")
         on_rank_zero(trainer, lambda: run_dir.claim("plan", state.plan_fingerprint(), key_name=plan_key))
-        if trainer.global_rank == 0 and settings.probe.save_update:
+        if settings.probe.save_update and (sharded or trainer.global_rank == 0):
             update.save(run_dir.path / "update.safetensors")
 
 

@@ -6,11 +6,13 @@ order (files, see ``probe.optim_loading``), never by guessing; shapes are always
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from probe.sharding import like
 
 
 @dataclass
@@ -103,3 +105,22 @@ class AdamState:
                     max_exp_avg_sq=st.get("max_exp_avg_sq"),
                 )
         return cls(hyper=hyper, state=state, group_of=group_of)
+
+    def laid_out_like(self, params: dict[str, Tensor]) -> "AdamState":
+        """This state with each moment laid out like its parameter: this rank's rows of a whole moment (read from a
+        full-state file) as a DTensor where the parameter is one (``probe.sharding.like``), unchanged otherwise."""
+        state = {}
+        for n, st in self.state.items():
+            p = params.get(n)
+            if p is None:
+                state[n] = st
+                continue
+            state[n] = replace(
+                st,
+                **{
+                    key: like(getattr(st, key), p)
+                    for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+                    if getattr(st, key) is not None
+                },
+            )
+        return replace(self, state=state)

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from probe.batch import SequenceBatch
 from probe.logprobs import TeacherForcing, teacher_force
 from probe.overrides import Sweep, base_statistics, sweep
+from probe.sharding import sharded_view
 from probe.snis import SNISConfig, SNISResult, snis_difference, snis_estimates
 from probe.statistics import INTEGRANDS, SequenceStats, check_integrand
 from probe.taylor import first_order, sequence_derivatives
@@ -109,16 +110,24 @@ def eval_gradient(inputs: AttributionInputs, rows: SequenceBatch | None = None) 
     leaves = {n: named[n].detach().requires_grad_(True) for n in inputs.update.scale}  # fresh leaves sharing storage
     device = next(model.parameters()).device
     total: dict[str, Tensor] = {n: torch.zeros_like(t) for n, t in leaves.items()}
+    sharded = sharded_view(model)  # a sharded policy: every rank runs all of E, keeps its rows of G_E
     for chunk in (inputs.E if rows is None else rows).chunks(forcing.batch_size):
         chunk = chunk.to(device)
         if chunk.input_ids.is_inference():  # made under inference_mode (e.g. a predict loop): autograd cannot save it
             chunk = chunk.map_tensors(torch.clone)
-        with torch.enable_grad():
-            ts = teacher_force(model, chunk, leaves, forcing)
-            l = ts.sequence_logprobs  # [c]
-            h = -l if inputs.integrand == "logprob" else ts.sequence_entropies  # [c]
-            objective = ((h.detach() - hbar) * l + h).sum() / M  # []
-        grads = torch.autograd.grad(objective, list(leaves.values()), allow_unused=True)
+
+        def objective(params: dict[str, Tensor], chunk: SequenceBatch = chunk) -> Tensor:  # []
+            with torch.enable_grad():
+                ts = teacher_force(model, chunk, params, forcing)
+                l = ts.sequence_logprobs  # [c]
+                h = -l if inputs.integrand == "logprob" else ts.sequence_entropies  # [c]
+                return ((h.detach() - hbar) * l + h).sum() / M
+
+        if sharded is not None:
+            _, by_name = sharded.gradient(lambda objective=objective: objective({}), list(leaves))
+            grads = tuple(by_name[n] for n in leaves)
+        else:
+            grads = torch.autograd.grad(objective(leaves), list(leaves.values()), allow_unused=True)
         for n, g in zip(leaves, grads):
             if g is not None:
                 total[n] += g
@@ -192,6 +201,13 @@ def eval_update_matrix(
     if method not in MATRIX_METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(MATRIX_METHODS)}")
     model, update, U, M, N = inputs.model, inputs.update, inputs.U, inputs.M, len(inputs.U)
+    if sharded_view(model) is not None:  # no full-size per-sequence gradient or direction on a sharded policy
+        if method not in ("auto", "reverse"):
+            raise ValueError(
+                f"the eval x update matrix's {method!r} route materialises full-size per-sequence vectors, which a "
+                "sharded policy does not hold; use method='reverse' (or 'auto')"
+            )
+        method = "reverse"
     if method == "auto":
         P = sum(update.scale[n].numel() for n in update.scale)
         if (N + 2 * chunk_size) * P * 8 <= memory_budget:

@@ -21,6 +21,7 @@ from torch.func import functional_call
 from probe.batch import SequenceBatch
 from probe.head import MIB, head_statistics, linear_head
 from probe.precision import autocast
+from probe.sharding import sharded_view
 
 
 @dataclass(frozen=True)
@@ -167,6 +168,16 @@ def teacher_force(
     Returns per-token log-probs (and entropies when ``forcing.with_entropy``) aligned with
     ``batch.targets``. Gradients and forward-mode tangents flow through unless the caller disables them.
     """
+    view = sharded_view(model)
+    if view is not None:  # a sharded policy: gathered one unit at a time (overrides go through the view's values)
+        if params:
+            raise ValueError(
+                "teacher_force takes no parameter overrides on a sharded policy; use probe.sharding.ShardedPolicy"
+            )
+        if view.active:
+            return _teacher_force(model, batch, forcing)
+        with view.gathered():
+            return _teacher_force(model, batch, forcing)
     if not params:
         return _teacher_force(model, batch, forcing)
     overrides = {f"policy.{name}": tensor for name, tensor in params.items()}

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from probe.batch import SequenceBatch
 from probe.head import linear_head
 from probe.logprobs import TeacherForcing, TokenStats, teacher_force
+from probe.sharding import all_reduce_sum, is_dtensor, local, sharded_view
 from probe.statistics import SequenceStats
 
 Direction = Mapping[str, Tensor]  # parameter name -> step per unit eta (same shape as the parameter)
@@ -101,9 +102,10 @@ def step_resolution(theta0: Mapping[str, Tensor], direction: Direction, etas: Se
     changed: Tensor | None = None  # [J]
     size: Tensor | None = None
     moved: Tensor | None = None
+    sharded = next((t for t in theta0.values() if is_dtensor(t)), None)  # then each rank sums its own rows
     for n, d in direction.items():
-        t = theta0[n].detach().reshape(-1)
-        d = d.detach().to(device=t.device).reshape(-1)
+        t = local(theta0[n].detach()).reshape(-1)
+        d = local(d.detach()).to(device=t.device).reshape(-1)
         for t_part, d_part in zip(t.split(ROUNDING_CHUNK), d.split(ROUNDING_CHUNK)):
             cast = d_part.to(t.dtype)  # what the sweep adds
             intended = d_part.double()
@@ -118,6 +120,10 @@ def step_resolution(theta0: Mapping[str, Tensor], direction: Direction, etas: Se
             size = intended.abs().sum() if size is None else size + intended.abs().sum()
             count = (intended != 0).sum().double()
             moved = count if moved is None else moved + count
+    if sharded is not None:  # one all-reduce of the four sums
+        sums = all_reduce_sum(torch.cat([errors, changed, size[None], moved[None]]), sharded)
+        J = len(etas)
+        errors, changed, size, moved = sums[:J], sums[J : 2 * J], sums[2 * J], sums[2 * J + 1]
     scale = size * torch.tensor([abs(e) for e in etas], dtype=torch.float64, device=size.device)  # [J]
     return StepResolution(rounding_error=(errors / scale).tolist(), changed_fraction=(changed / moved).tolist())
 
@@ -195,16 +201,20 @@ class ShiftedPolicy:
         split = linear_head(model)
         self.layerwise: LayerwiseShift | None = None
         self.buffers: dict[str, Tensor] = {}
-        if split is not None:  # a known architecture: every parameter is used inside its own module's forward
+        self.sharded = sharded_view(model)  # a sharded policy: shifted as each unit is gathered
+        if self.sharded is None and split is not None:  # every parameter is used inside its own module's forward
             keep = [n for n, p in model.named_parameters() if p is split[1].weight]
             self.layerwise = LayerwiseShift(model, self.aligned, keep=keep)
-        else:
+        elif self.sharded is None:
             touched = {n: t for part in self.theta0.values() for n, t in part.items()}
             self.buffers = {n: torch.empty_like(t) for n, t in touched.items()}
 
     @torch.no_grad()
     def teacher_force(self, part: str, eta: float, batch: SequenceBatch, forcing: TeacherForcing) -> TokenStats:
         """``batch`` teacher-forced at theta + ``eta`` * the direction ``part``."""
+        if self.sharded is not None:
+            with self.sharded.gathered(self.sharded.shift(self.aligned[part], eta)):
+                return teacher_force(self.model, batch, forcing=forcing)
         if self.layerwise is not None:
             with self.layerwise.at(self.aligned[part], eta):
                 return teacher_force(self.model, batch, forcing=forcing)

@@ -36,6 +36,7 @@ from probe.jsonable import json_safe
 from probe.logprobs import TeacherForcing, teacher_force
 from probe.overrides import Direction, aligned_direction, base_parameters, shifted_parameters
 from probe.precision import math_attention
+from probe.sharding import sharded_view
 from probe.snis import snis_point_estimate
 from probe.statistics import SequenceStats, check_integrand, group_ids, group_sum, small_sample_correction
 
@@ -103,7 +104,8 @@ def sequence_derivatives(
         raise ValueError("the direction touches no parameter; pass a non-empty dict name -> tensor")
     tangent = aligned_direction(model, direction)
     theta0 = base_parameters(model, direction)
-    primal = theta0 if eta == 0 else shifted_parameters(theta0, tangent, float(eta))
+    sharded = sharded_view(model)  # a sharded policy: a JVP over the scalar eta, each unit gathered in turn
+    primal = theta0 if eta == 0 or sharded is not None else shifted_parameters(theta0, tangent, float(eta))
     device = next(model.parameters()).device
     with_entropy = forcing.with_entropy
 
@@ -117,7 +119,13 @@ def sequence_derivatives(
                 ent = ts.sequence_entropies if with_entropy else torch.zeros_like(ts.sequence_logprobs)
                 return ts.sequence_logprobs, ent  # [c], [c]
 
-            if order == 1:
+            if sharded is not None:
+                (l, e), (dl, de), second = sharded.directional(
+                    lambda chunk=chunk: stats_of({}, chunk), tangent, order=order, eta=eta
+                )
+                if second is not None:
+                    seconds.append(second)
+            elif order == 1:
                 (l, e), (dl, de) = jvp(stats_of, (primal,), (tangent,))
             else:
 

@@ -41,6 +41,7 @@ from probe.batch import SequenceBatch, collate
 from probe.logprobs import teacher_force
 from probe.losses import ClipCounts, LossConfig, Normalisers, normalisers, per_sequence_loss
 from probe.precision import autocast, dtype_name, math_attention, resolve_dtype
+from probe.sharding import full, global_sum, is_dtensor, local, sharded_view
 
 PARTS = ("full", "baseline", "grad")
 # U's old_logprobs are reported as another policy's when more of its response tokens have a PPO ratio outside the
@@ -144,18 +145,33 @@ class Update:
         """``{"full": ..., "baseline": ..., "grad": ...}`` keyed by parameter name."""
         return {"full": self.full, "baseline": self.baseline, "grad": self.grad}
 
+    def parts_with_scale(self) -> dict[str, dict[str, Tensor]]:
+        """:meth:`parts` and ``scale`` (K), as the update file holds them."""
+        return {**self.parts(), "scale": self.scale}
+
     @property
     def names(self) -> list[str]:
         return list(self.full)
 
     def save(self, path: str | Path) -> Path:
         """Write ``update.safetensors``: ``full.<name>``, ``baseline.<name>``, ``grad.<name>``
-        (docs/DESIGN.md section 9) plus ``scale.<name>`` and the scalars as JSON metadata."""
+        (docs/DESIGN.md section 9) plus ``scale.<name>`` and the scalars as JSON metadata.
+
+        A sharded update (DTensor parts) is written by every rank, each its own rows, to
+        ``<stem>.shard-<r>-of-<N>.safetensors`` (:meth:`load` reads them back whole); the path of this rank's file
+        is returned. Call it on every rank then."""
         from safetensors.torch import save_file
 
         path = Path(path)
+        sharded = next((t for t in self.full.values() if is_dtensor(t)), None)
+        shard_meta = {}
+        if sharded is not None:
+            mesh = sharded.device_mesh
+            rank, world = mesh.get_local_rank(), mesh.size()
+            path = path.with_name(f"{path.stem}.shard-{rank}-of-{world}{path.suffix}")
+            shard_meta = {"rank": rank, "world": world}
         tensors = {
-            f"{part}.{name}": t.detach().contiguous().cpu()
+            f"{part}.{name}": local(t.detach()).contiguous().cpu()
             for part, d in (
                 ("full", self.full),
                 ("baseline", self.baseline),
@@ -181,6 +197,11 @@ class Update:
             "max_grad_norm": self.max_grad_norm,
             "ppo_clip": self.ppo_clip,
         }
+        if shard_meta:
+            shard_meta["shapes"] = {
+                f"{part}.{name}": list(t.shape) for part, d in self.parts_with_scale().items() for name, t in d.items()
+            }
+            meta["shard"] = shard_meta
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(path), metadata={"format": "probe.update/1", "probe_update": json.dumps(meta)})
         return path
@@ -191,18 +212,37 @@ class Update:
         from safetensors import safe_open
 
         path = Path(path)
-        if not path.is_file():
+        shards = sorted(path.parent.glob(f"{path.stem}.shard-*-of-*{path.suffix}")) if not path.is_file() else []
+        if not path.is_file() and not shards:
             raise FileNotFoundError(f"no update file at {path}; write one with Update.save(path) or `--save_update`")
         parts: dict[str, dict[str, Tensor]] = {"full": {}, "baseline": {}, "grad": {}, "scale": {}}
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = (f.metadata() or {}).get("probe_update")
-            for key in f.keys():
-                part, _, name = key.partition(".")
-                if part in parts:
-                    parts[part][name] = f.get_tensor(key)
-        if raw_meta is None:
-            raise ValueError(f"{path} has no probe update metadata; it was not written by Update.save")
-        meta = json.loads(raw_meta)
+        rows: dict[str, list[Tensor]] = {}
+        metas = []
+        for file in shards or [path]:
+            with safe_open(str(file), framework="pt") as f:
+                raw_meta = (f.metadata() or {}).get("probe_update")
+                if raw_meta is None:
+                    raise ValueError(f"{file} has no probe update metadata; it was not written by Update.save")
+                metas.append(json.loads(raw_meta))
+                for key in f.keys():
+                    rows.setdefault(key, []).append(f.get_tensor(key))
+        meta = metas[0]
+        if shards:  # a sharded update: every rank's rows, in rank order
+            world = meta["shard"]["world"]
+            if sorted(m["shard"]["rank"] for m in metas) != list(range(world)) or len(metas) != world:
+                raise ValueError(
+                    f"{path.parent} holds {len(metas)} shard files of {path.stem} but they were written by {world} "
+                    "ranks (one is missing or from another run); rerun the probe to write them again"
+                )
+            order = sorted(range(world), key=lambda i: metas[i]["shard"]["rank"])
+            rows = {key: [pieces[i] for i in order] for key, pieces in rows.items()}
+        for key, pieces in rows.items():
+            part, _, name = key.partition(".")
+            if part in parts:
+                t = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                if shards and list(t.shape) != meta["shard"]["shapes"][key]:
+                    raise ValueError(f"the shards of {key} in {path.parent} do not add up to its shape")
+                parts[part][name] = t
         return cls(
             full=parts["full"],
             baseline=parts["baseline"],
@@ -295,6 +335,7 @@ def clip_coefficient(grads: Sequence[Tensor], max_grad_norm: float | None) -> tu
     get_total_norm = getattr(torch.nn.utils, "get_total_norm", None)
     if get_total_norm is not None:
         total = get_total_norm(list(grads), 2.0)
+        total = full(total)  # a sharded gradient's norm (a DTensor of partial norms) reduced over the ranks
     else:  # torch < 2.6: the same computation
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
     if max_grad_norm is None:
@@ -347,6 +388,9 @@ def adam_update(
 
 
 def _global_norm(tensors: Iterable[Tensor]) -> float:
+    tensors = list(tensors)
+    if any(is_dtensor(t) for t in tensors):  # sharded parts: each rank its rows, one all-reduce
+        return math.sqrt(float(global_sum([t.double() ** 2 for t in tensors])))
     return math.sqrt(sum(float(torch.linalg.vector_norm(t)) ** 2 for t in tensors))
 
 
@@ -497,12 +541,22 @@ def loss_gradients(
     names, tensors = list(params), list(params.values())
     acc: list[Tensor | None] = [None] * len(tensors)
     total = 0.0
+    sharded = sharded_view(model)  # a sharded policy: every rank runs all of U, keeps its rows of each gradient
     for mb in batch.chunks(config.microbatch_size):
-        with torch.enable_grad(), autocast(tensors[0].device, autocast_dtype):
-            mb_loss = sequence_losses(model, mb, loss, norm, head_dtype=head_dtype, clip_counts=clip_counts).sum()
-        total += float(mb_loss.detach())
-        scaled = mb_loss * grad_scale.to(mb_loss.device) if grad_scale is not None else mb_loss
-        mb_grads = torch.autograd.grad(scaled, tensors, allow_unused=True)
+        losses: list[Tensor] = []  # L on this microbatch, unscaled
+
+        def scaled_loss(mb: SequenceBatch = mb, losses: list[Tensor] = losses) -> Tensor:
+            with torch.enable_grad(), autocast(tensors[0].device, autocast_dtype):
+                mb_loss = sequence_losses(model, mb, loss, norm, head_dtype=head_dtype, clip_counts=clip_counts).sum()
+            losses.append(mb_loss.detach())
+            return mb_loss * grad_scale.to(mb_loss.device) if grad_scale is not None else mb_loss
+
+        if sharded is not None:
+            _, by_name = sharded.gradient(scaled_loss, names)
+            mb_grads = tuple(by_name[n] for n in names)
+        else:
+            mb_grads = torch.autograd.grad(scaled_loss(), tensors, allow_unused=True)
+        total += float(losses[0])
         for k, g in enumerate(mb_grads):
             if g is not None:
                 acc[k] = g if acc[k] is None else acc[k] + g  # same arithmetic as .grad accumulation
@@ -550,6 +604,8 @@ def reconstruct_update(
         optimizer if isinstance(optimizer, AdamState) else AdamState.from_optimizer(unwrap_optimizer(optimizer), model)
     )
     params = _trained_parameters(model, state)
+    if sharded_view(model) is not None:  # moments read whole from a file: this rank keeps its rows
+        state = state.laid_out_like(params)
     device = next(iter(params.values())).device
     batch = _as_batch(batch, pad_token_id).to(device)
     _check_batch(batch, loss)
@@ -602,6 +658,12 @@ def per_sequence_gradients(
     """
     loss, norm = _require_loss(update)
     _require_autograd()
+    if sharded_view(model) is not None:
+        raise ValueError(
+            "per-sequence gradients g_i are not computed on a sharded policy (each would be a full-size tensor). "
+            "Fix: leave probe.per_sequence_exact empty and use the attributions (one backward over E, one JVP over U), "
+            "or run on one process"
+        )
     named = dict(model.named_parameters())
     names = _update_names_in_model(update, named)
     tensors = [named[n] for n in names]
@@ -680,10 +742,14 @@ def per_sequence_inner_products(
         for n in names
     }  # K * w, in the parameter's dtype
     out = []
+    sharded = sharded_view(model)  # a sharded policy: a JVP over the scalar eta, each unit gathered in turn
     with torch.no_grad(), math_attention(), autocast(device, update.autocast_dtype):
         for mb in batch.chunks(microbatch_size):
             fn = lambda ps, mb=mb: sequence_losses(model, mb, loss, norm, ps, head_dtype=update.head_dtype)  # noqa: E731
-            _, dc = jvp(fn, (primals,), (tangents,))  # [b]
+            if sharded is not None:
+                _, dc, _ = sharded.directional(lambda fn=fn: fn({}), tangents)
+            else:
+                _, dc = jvp(fn, (primals,), (tangents,))  # [b]
             out.append(dc.to(torch.float64))
     return torch.cat(out).cpu()
 
