@@ -30,6 +30,10 @@ automatic optimisation, ``accumulate_grad_batches = 1``, ``gradient_clip_algorit
 Under DDP every rank reconstructs the step from its (identical, all-reduced) gradients and verifies
 its own parameters; U is gathered to rank 0 (one ``all_gather_object``), which samples E, predicts,
 attributes and measures; the verification numbers of all ranks are gathered to rank 0 after the step.
+On a policy sharded with FSDP2 (``ModelParallelStrategy``) every rank reconstructs and verifies the rows of
+its own shards from its reduce-scattered gradients, U is gathered to every rank, and every rank samples the
+same E (same seed) and takes part in every pass (each forward gathers the policy's layers, a collective);
+rank 0 alone writes and logs (docs/DESIGN.md section 10).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from probe.plots import plot_live
 from probe.prompts import PromptSource, load_prompts
 from probe.results import EvalResult, metrics, update_metrics
 from probe.sampling import SamplingSettings, derived_seed, sample_responses, special_token_ids
+from probe.sharding import sharded_view
 from probe.snis import SNISConfig
 from probe.statistics import INTEGRANDS, SequenceStats
 from probe.update import Update, unwrap_optimizer, update_from_gradients
@@ -230,7 +235,8 @@ class LiveEntropyProbe(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "live_probe"
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_rank != 0 or self.eval_settings.refresh:
+        sharded = sharded_view(pl_module.policy) is not None  # every rank holds E then: its passes are collectives
+        if (trainer.global_rank != 0 and not sharded) or self.eval_settings.refresh:
             return
         policy = pl_module.policy
         with _eval_mode(policy):
@@ -346,8 +352,9 @@ class LiveEntropyProbe(pl.Callback):
                 "under DDP the module's ProbedStep must carry the normalisers of the global U (every rank's "
                 "sequences); see probe.grpo.GRPOModule"
             )
+        sharded = sharded_view(policy) is not None  # then every rank takes part in every pass (collectives)
         batches = [b for b, _ in everyone if b is not None and len(b) > 0]
-        U_all = SequenceBatch.concat(batches, self._pad) if batches and trainer.global_rank == 0 else None
+        U_all = SequenceBatch.concat(batches, self._pad) if batches and (trainer.global_rank == 0 or sharded) else None
         norm = probed.normalisers
         if norm is None and U_all is not None:
             norm = loss_normalisers(U_all.target_mask, probed.loss)
@@ -376,7 +383,7 @@ class LiveEntropyProbe(pl.Callback):
         lap("reconstruct")
         record: dict[str, Any] = {"step": step, "world_size": trainer.world_size, "update": update.summary()}
         pending = _PendingStep(step=step, update=update, snapshot=snapshot, record=record, timings=timings)
-        if trainer.global_rank == 0:
+        if trainer.global_rank == 0 or sharded:
             with _eval_mode(policy), torch.inference_mode(False):
                 self._predict(pending, policy, U_all, lap)
         timings["before_step_s"] = time.perf_counter() - start
@@ -437,7 +444,7 @@ class LiveEntropyProbe(pl.Callback):
         norms = [e["update_norm"] for e in everyone]
         record["update"]["rank_norm_spread"] = (max(norms) - min(norms)) / max(abs(max(norms)), 1e-300)
         realised = None
-        if trainer.global_rank == 0 and pending.old_sample is not None:
+        if (trainer.global_rank == 0 or sharded_view(policy) is not None) and pending.old_sample is not None:
             clock = time.perf_counter()
             with _eval_mode(policy), torch.inference_mode(False):
                 realised = self._realised(policy, pending)

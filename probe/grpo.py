@@ -64,6 +64,7 @@ from probe.sampling import (
     sample_update_batch,
     special_token_ids,
 )
+from probe.sharding import local, shard_on_mesh, sharded_view
 
 log = logging.getLogger("probe")
 
@@ -366,6 +367,11 @@ class GRPOModule(pl.LightningModule):
         """The live probe's view of the step whose backward just ran (:mod:`probe.live_contract`)."""
         return self._probed
 
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy`` shard the policy with FSDP2 per decoder layer (configs/toy_grpo_fsdp.yaml);
+        under any other strategy it stays whole."""
+        shard_on_mesh(self.policy, self.device_mesh)
+
     def configure_callbacks(self) -> list[pl.Callback]:
         """A ``ModelCheckpoint`` writing into the run directory (replacing the Trainer's default one), unless
         ``checkpoint_every_n_steps < 0`` or the Trainer was built with ``enable_checkpointing=False``."""
@@ -401,17 +407,27 @@ class GRPOModule(pl.LightningModule):
     def _new_rollout(self, batch: dict, rollout_index: int) -> tuple[SequenceBatch, Normalisers, Rollout]:
         was_training = self.policy.training
         self.policy.eval()
-        ro = sample_rollout(
-            self.policy,
-            self.tokenizer,
-            batch["prompt_ids"],
-            [int(i) for i in batch["index"]],
-            batch["answer"],
-            self.rollout_settings,
-            seed=self.run.seed,
-            rollout=rollout_index,
-            reward_fn=self.reward_fn,
-        )
+        mine = (batch["prompt_ids"], [int(i) for i in batch["index"]], batch["answer"])
+        sharded = sharded_view(self.policy) is not None and self._world() > 1
+        # a sharded policy's every forward is a collective: every rank samples every rank's prompts (each group has
+        # its own seed, so the samples are those of any split) and keeps its own, so that all take the same passes
+        everyone = [mine]
+        if sharded:
+            everyone = [None] * self._world()
+            torch.distributed.all_gather_object(everyone, mine)
+        rollouts = [
+            sample_rollout(
+                self.policy,
+                self.tokenizer,
+                *prompts,
+                self.rollout_settings,
+                seed=self.run.seed,
+                rollout=rollout_index,
+                reward_fn=self.reward_fn,
+            )
+            for prompts in everyone
+        ]
+        ro = rollouts[self.trainer.global_rank if sharded else 0]
         device = next(self.policy.parameters()).device
         if ro.records:
             U = collate(ro.records, pad_token_id=self.pad_token_id, index=[r["index"] for r in ro.records]).to(device)
@@ -473,7 +489,7 @@ class GRPOModule(pl.LightningModule):
         super().backward(loss, *args, **kwargs)
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16 with a GradScaler: inf gradients of a scaled loss are normal, the scaler skips that step
-        grads = [(n, p.grad) for n, p in self.policy.named_parameters() if p.grad is not None]
+        grads = [(n, local(p.grad)) for n, p in self.policy.named_parameters() if p.grad is not None]  # (own rows)
         finite = torch.stack([torch.isfinite(g).all() for _, g in grads]).all() if grads else torch.tensor(True)
         bad = (~finite | ~torch.isfinite(loss.detach())).double().reshape(1)
         if self._world() > 1:
@@ -539,16 +555,25 @@ class GRPOModule(pl.LightningModule):
                 self._run_folder.unlock()
 
     def _save_trained_policy(self) -> None:
-        if not self.save_policy or self.trainer.global_rank != 0:
+        if not self.save_policy:
             return
-        bad = [n for n, p in self.policy.named_parameters() if not bool(torch.isfinite(p).all())]
+        state_dict = None
+        if sharded_view(self.policy) is not None:  # every rank takes part in gathering it; rank 0 gets it whole
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            state_dict = get_model_state_dict(self.policy, options=options)
+        if self.trainer.global_rank != 0:
+            return
+        weights = state_dict.items() if state_dict is not None else self.policy.named_parameters()
+        bad = [n for n, p in weights if p.is_floating_point() and not bool(torch.isfinite(p).all())]
         if bad:  # cannot happen after the gradient check in backward(); kept as the last guard before a save
             raise FloatingPointError(
                 f"the trained policy holds non-finite weights ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}) "
                 f"at step {self.global_step}; it is not saved. Fix: lower optimizer.lr and check the rewards' scale"
             )
         target = self.run_directory() / "policy"
-        self.policy.save_pretrained(str(target), safe_serialization=True)
+        self.policy.save_pretrained(str(target), safe_serialization=True, state_dict=state_dict)
         self.tokenizer.save_pretrained(str(target))
         (target / "probe_fit.json").write_text(
             json.dumps(

@@ -121,11 +121,13 @@ class _Forced(nn.Module):
         return _teacher_force(self.policy, batch, forcing)
 
 
-def _teacher_force(model: nn.Module, batch: SequenceBatch, forcing: TeacherForcing) -> TokenStats:
+def _teacher_force(
+    model: nn.Module, batch: SequenceBatch, forcing: TeacherForcing, whole_model: bool = False
+) -> TokenStats:
     inputs = dict(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False
     )
-    split = linear_head(model)
+    split = None if whole_model else linear_head(model)  # whole_model: the model's own forward, logits and all
     with autocast(batch.input_ids.device, forcing.autocast_dtype):
         if split is not None:
             body, head = split
@@ -176,6 +178,8 @@ def teacher_force(
             )
         if view.active:
             return _teacher_force(model, batch, forcing)
+        if torch.is_grad_enabled():  # a trainer's own differentiable pass: FSDP2's forward, gradients reduce-scattered
+            return _teacher_force(model, batch, forcing, whole_model=True)
         with view.gathered():
             return _teacher_force(model, batch, forcing)
     if not params:

@@ -27,7 +27,7 @@ from probe.precision import dtype_name
 from probe.run_state import PredictRunState, PredictSettings, on_rank_zero
 from probe.rundir import RunDirectory, default_run_name, run_path
 from probe.settings import PrecisionSettings, ProbeSettings, RunSettings
-from probe.sharding import is_sharded, shard_policy
+from probe.sharding import shard_on_mesh
 from probe.update import ReconstructionConfig
 
 log = logging.getLogger("probe")
@@ -88,18 +88,7 @@ class ProbeModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard the policy per decoder layer over the data-parallel ranks
         (docs/DESIGN.md section 10); under any other strategy the policy stays whole."""
-        mesh = self.device_mesh
-        if mesh is None or is_sharded(self.policy):
-            return
-        if "tensor_parallel" in (mesh.mesh_dim_names or ()) and mesh["tensor_parallel"].size() > 1:
-            raise ValueError(
-                f"probe shards the policy with FSDP2 only (tensor parallelism is not supported), but the strategy has "
-                f"tensor_parallel_size {mesh['tensor_parallel'].size()}. Fix: set the strategy's "
-                "data_parallel_size to the number of processes and tensor_parallel_size: 1 (configs/toy_fsdp.yaml)"
-            )
-        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
-        layers = shard_policy(self.policy, dp)
-        log.info("policy sharded with FSDP2 over %d processes: %d decoder layers + the root", dp.size(), layers)
+        shard_on_mesh(self.policy, self.device_mesh)
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """The stages of the run: reconstruct the update, aggregate; observers write, report and show progress."""

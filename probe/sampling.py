@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from probe.rewards import clip_text, resolve_reward
+from probe.sharding import on_every_rank
 
 
 @dataclass
@@ -194,7 +195,7 @@ def _sample_rows(
         policy_lps.append(policy_logp.gather(-1, token[:, None]).squeeze(-1))
         sampling_lps.append(sampling_logp.gather(-1, token[:, None]).squeeze(-1))
         finished = finished | torch.isin(token, eos_ids)
-        if bool(finished.all()) or step == max_new_tokens - 1:
+        if on_every_rank(bool(finished.all()), model) or step == max_new_tokens - 1:  # (a sharded policy: together)
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(R, 1)], dim=-1)
         out = model(

@@ -32,6 +32,7 @@ Every rank must make the same calls in the same order (the gathers are collectiv
 
 from __future__ import annotations
 
+import logging
 import weakref
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -62,9 +63,9 @@ def is_sharded(model: nn.Module) -> bool:
 
 
 def sharded_view(model: nn.Module) -> "ShardedPolicy | None":
-    """The :class:`ShardedPolicy` of a sharded ``model``, None for an ordinary one (its first parameter decides)."""
-    first = next(model.parameters(), None)
-    return ShardedPolicy.of(model) if is_dtensor(first) else None
+    """The :class:`ShardedPolicy` of a policy sharded with ``fully_shard`` (the policy itself is an FSDP2 module,
+    whether its parameters are sharded or gathered by FSDP2 at this moment), None for an ordinary one."""
+    return ShardedPolicy.of(model) if FSDPModule is not None and isinstance(model, FSDPModule) else None
 
 
 def from_rows(rows: Tensor, reference: Tensor) -> Tensor:
@@ -186,9 +187,10 @@ class ShardedPolicy:
         return view
 
     def __init__(self, model: nn.Module) -> None:
-        if FSDPModule is None or not is_sharded(model):
-            raise ValueError("ShardedPolicy needs a policy whose parameters are DTensors (sharded by fully_shard)")
+        if FSDPModule is None or not isinstance(model, FSDPModule):
+            raise ValueError("ShardedPolicy needs a policy sharded with torch.distributed.fsdp.fully_shard")
         self.model = model
+        self._reshard()  # FSDP2 may hold a unit gathered (the root after a forward): its DTensors are the parameters
         self.params: dict[str, Tensor] = dict(model.named_parameters())  # canonical names (tied ones once)
         canonical = {id(p): n for n, p in self.params.items()}
         self.slots: dict[str, list[tuple[nn.Module, str]]] = {n: [] for n in self.params}  # every module slot
@@ -229,6 +231,12 @@ class ShardedPolicy:
         self._reverse = False  # a differentiable gather: the graph saves gathered layers by name
         self._gathered: dict[str, Tensor] = {}  # name -> the full tensor installed now
         self._saved: dict[int, str] = {}  # storage pointer of an inner unit's gathered theta -> name (reverse passes)
+
+    def _reshard(self) -> None:
+        """Every FSDP2 unit in its sharded state (``FSDPModule.reshard``; a no-op where it is already)."""
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     @staticmethod
     def _inside_unit(module: nn.Module, units: list[nn.Module]) -> bool:
@@ -385,6 +393,7 @@ class ShardedPolicy:
         unit at a time; FSDP2's own forward hooks are off meanwhile. Not re-entrant."""
         if self._value is not None:
             raise RuntimeError("ShardedPolicy.gathered is not re-entrant")
+        self._reshard()
         self._value = value or self.theta()
         self._reverse = bool(getattr(self._value, "reverse", False))
         with ExitStack() as stack:
@@ -435,3 +444,35 @@ def shard_policy(model: nn.Module, mesh: Any) -> int:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return len(layers)
+
+
+def on_every_rank(flag: bool, model: nn.Module) -> bool:
+    """``flag`` and-ed over the ranks a sharded ``model`` spans (one all-reduce); ``flag`` itself otherwise. Loops
+    of forwards that may stop early (sampling) stop together, since each forward of a sharded policy is a
+    collective."""
+    if sharded_view(model) is None or not dist.is_initialized():
+        return flag
+    reference = next(p for p in ShardedPolicy.of(model).params.values() if is_dtensor(p))
+    t = torch.tensor([0 if flag else 1], dtype=torch.int64, device=local(reference).device)  # (NCCL: on the GPU)
+    dist.all_reduce(t, group=reference.device_mesh.get_group())
+    return int(t.item()) == 0
+
+
+def shard_on_mesh(model: nn.Module, mesh: Any) -> None:
+    """What a LightningModule's ``configure_model`` does with its policy: under ``ModelParallelStrategy`` (a device
+    mesh of ``data_parallel`` x ``tensor_parallel``) shard it with FSDP2 over the data-parallel ranks, per decoder
+    layer; under any other strategy (no mesh), or when it is sharded already, leave it as it is."""
+    if mesh is None or (FSDPModule is not None and isinstance(model, FSDPModule)):
+        return
+    names = mesh.mesh_dim_names or ()
+    if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+        raise ValueError(
+            f"probe shards the policy with FSDP2 only (tensor parallelism is not supported), but the strategy has "
+            f"tensor_parallel_size {mesh['tensor_parallel'].size()}. Fix: set the strategy's data_parallel_size to "
+            "the number of processes and tensor_parallel_size: 1 (configs/toy_fsdp.yaml)"
+        )
+    dp = mesh["data_parallel"] if "data_parallel" in names else mesh
+    layers = shard_policy(model, dp)
+    logging.getLogger("probe").info(
+        "policy sharded with FSDP2 over %d processes: %d decoder layers + the root", dp.size(), layers
+    )

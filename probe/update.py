@@ -41,7 +41,7 @@ from probe.batch import SequenceBatch, collate
 from probe.logprobs import teacher_force
 from probe.losses import ClipCounts, LossConfig, Normalisers, normalisers, per_sequence_loss
 from probe.precision import autocast, dtype_name, math_attention, resolve_dtype
-from probe.sharding import full, global_sum, is_dtensor, local, sharded_view
+from probe.sharding import all_reduce_sum, full, global_sum, is_dtensor, local, sharded_view
 
 PARTS = ("full", "baseline", "grad")
 # U's old_logprobs are reported as another policy's when more of its response tokens have a PPO ratio outside the
@@ -852,7 +852,10 @@ def _check_ppo_ratios(counts: ClipCounts, loss: LossConfig) -> dict[str, float]:
 def _check_finite_gradients(grads: Mapping[str, Tensor], grad_scale: Tensor | None) -> None:
     if not grads:
         return
-    finite = torch.stack([torch.isfinite(g).all().to(torch.device("cpu")) for g in grads.values()])
+    finite = torch.stack([torch.isfinite(local(g)).all().to(torch.device("cpu")) for g in grads.values()])
+    sharded = next((g for g in grads.values() if is_dtensor(g)), None)
+    if sharded is not None:  # each rank checked its rows: a tensor is finite where it is on every rank
+        finite = all_reduce_sum((~finite).to(torch.int64), sharded) == 0
     if bool(finite.all()):
         return
     bad = [n for n, ok in zip(grads, finite.tolist()) if not ok]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from probe.sharding import local
 from probe.update import Update
 
 
@@ -39,8 +40,11 @@ def verify_step(policy: torch.nn.Module, update: Update, before: dict[str, Tenso
     named = dict(policy.named_parameters())
     max_units, max_step_units, max_abs, max_rel, worst = 0.0, 0.0, 0.0, 0.0, None
     error_sq = change_sq = 0.0
-    for n, full in update.full.items():
-        p_old, p_new = before[n], named[n].detach()
+    for n, full in update.full.items():  # (a sharded policy: this rank's rows, as it holds them)
+        full = local(full)
+        p_old, p_new = local(before[n]), local(named[n].detach())
+        if p_new.numel() == 0:  # a shard with no rows of this parameter
+            continue
         device = p_new.device
         actual = p_new.double() - p_old.double()
         predicted = full.to(device=device, dtype=torch.float64) * update.lr
@@ -49,8 +53,8 @@ def verify_step(policy: torch.nn.Module, update: Update, before: dict[str, Tenso
         ulp = (torch.nextafter(magnitude, torch.full_like(magnitude, math.inf)) - magnitude).double()
         c = 1e-12 if p_new.dtype == torch.float64 else 1e-6
         terms = (
-            update.baseline[n].to(device=device, dtype=torch.float64).abs()
-            + update.grad[n].to(device=device, dtype=torch.float64).abs()
+            local(update.baseline[n]).to(device=device, dtype=torch.float64).abs()
+            + local(update.grad[n]).to(device=device, dtype=torch.float64).abs()
         ) * update.lr
         units = float((error / (2 * ulp + c * terms)).max())
         max_step_units = max(max_step_units, float((error / (2 * ulp + c * actual.abs())).max()))
