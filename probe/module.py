@@ -88,6 +88,12 @@ class ProbeModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard the policy per decoder layer over the data-parallel ranks
         (docs/DESIGN.md section 10); under any other strategy the policy stays whole."""
+        if self.device_mesh is not None and self.run_state.settings.probe.per_sequence_exact:
+            raise ValueError(
+                "probe.per_sequence_exact needs each listed sequence's full-size gradient g_i, which a sharded policy "
+                "(ModelParallelStrategy) does not hold on any rank. Fix: leave probe.per_sequence_exact empty (the "
+                "attributions and the eval x update matrix are exact on a sharded policy), or run on one process"
+            )
         shard_on_mesh(self.policy, self.device_mesh)
 
     def configure_callbacks(self) -> list[pl.Callback]:

@@ -7,6 +7,11 @@ Three kinds of file are read, always with ``torch.load(..., map_location="cpu", 
 * ``lightning``: a Lightning ``.ckpt``; its ``optimizer_states[optimizer_index]`` is such a state dict.
 * ``hf_trainer``: a ``transformers.Trainer`` checkpoint directory (``checkpoint-N/``) holding
   ``optimizer.pt``; an ``optimizer.pt`` path with a ``trainer_state.json`` beside it counts as one too.
+* ``distributed``: a distributed checkpoint directory (``torch.distributed.checkpoint``: ``.metadata`` and
+  ``*.distcp``), as Lightning's ``ModelParallelStrategy`` (FSDP2) writes ``last.ckpt``. Its optimizer state is
+  keyed by parameter names; it is read with ``torch.distributed.checkpoint.load``, each moment laid out like
+  its parameter: a sharded policy's rank reads only its own rows (no rank holds the whole state), an ordinary
+  one reads the whole tensor. No pickle is executed (the metadata holds tensors and plain values).
 
 Mapping rules. A saved state dict names parameters only by integer ids, listed group by group in
 ``param_groups``. As ``torch.optim.Optimizer.load_state_dict`` does, the k-th id met walking the
@@ -56,15 +61,17 @@ import torch
 from torch import Tensor, nn
 
 from probe.adam import AdamHyper, AdamState, ParamAdamState
+from probe.sharding import all_reduce_sum, global_sum, local
 
-FORMATS = ("auto", "torch", "lightning", "hf_trainer")
+FORMATS = ("auto", "torch", "lightning", "hf_trainer", "distributed")
+DCP_METADATA = ".metadata"  # the file that marks a torch.distributed.checkpoint directory
 PARAM_ORDERS = ("auto", "model", "trainable", "hf_trainer")
 KINDS = ("auto", "adamw", "adam")
 HF_OPTIMIZER_FILE = "optimizer.pt"
 log = logging.getLogger("probe")
 EXPECTED_FILES = (
-    "a torch.save(optimizer.state_dict()) file, a Lightning .ckpt, "
-    f"or an HF Trainer checkpoint directory (checkpoint-N/) containing {HF_OPTIMIZER_FILE}"
+    "a torch.save(optimizer.state_dict()) file, a Lightning .ckpt (a file, or the directory ModelParallelStrategy "
+    f"writes), or an HF Trainer checkpoint directory (checkpoint-N/) containing {HF_OPTIMIZER_FILE}"
 )
 FIX_ORDER = (
     "set optimizer.param_order to the order the optimizer was built in "
@@ -83,7 +90,8 @@ class OptimizerSettings:
     Args:
         path: optimizer state file or directory: ``torch.save(optimizer.state_dict())``, a Lightning
             ``.ckpt``, or an HF Trainer ``checkpoint-N/`` directory.
-        format: ``auto`` (from the path and contents), ``torch``, ``lightning`` or ``hf_trainer``.
+        format: ``auto`` (from the path and contents), ``torch``, ``lightning``, ``hf_trainer`` or
+            ``distributed`` (a ``torch.distributed.checkpoint`` directory, e.g. an FSDP2 ``last.ckpt``).
         param_order: the order the optimizer was built over: ``auto``, ``model`` (all of
             ``model.named_parameters()``), ``trainable`` (``requires_grad`` only), ``hf_trainer``
             (decay group then no-decay group, as ``transformers.Trainer`` builds them), a list of
@@ -151,8 +159,12 @@ def load_optimizer_state(
         settings = OptimizerSettings(path=str(settings_or_path), **overrides)
 
     file, fmt = _resolve_file(Path(settings.path), settings.format)
-    saved = _load_weights_only(file)
-    optimizer_state, fmt = _optimizer_state_dict(saved, file, fmt, settings.optimizer_index)
+    if fmt == "distributed":
+        saved = _read_distributed(file, model, settings.optimizer_index)
+        optimizer_state, _ = _optimizer_state_dict(saved, file, "lightning", settings.optimizer_index)
+    else:
+        saved = _load_weights_only(file)
+        optimizer_state, fmt = _optimizer_state_dict(saved, file, fmt, settings.optimizer_index)
     groups, state = optimizer_state["param_groups"], optimizer_state["state"]
     ids = [pid for g in groups for pid in g["params"]]  # position k -> saved id
     group_sizes = [len(g["params"]) for g in groups]
@@ -170,7 +182,7 @@ def load_optimizer_state(
     identify_adam(groups, state, file)
 
     params = dict(model.named_parameters())
-    candidates = _candidate_orders(settings.param_order, fmt, model, len(ids))
+    candidates = _candidate_orders(settings.param_order, fmt, model, len(ids), saved_names=ids)
     fitting: list[tuple[_Order, list[str]]] = []
     problems: list[str] = []
     for order in candidates:
@@ -258,7 +270,7 @@ def load_optimizer_state(
     }
     source = (
         f"{file} ({fmt}"
-        + (f", optimizer {settings.optimizer_index}" if fmt == "lightning" else "")
+        + (f", optimizer {settings.optimizer_index}" if fmt in ("lightning", "distributed") else "")
         + "; "
         + "; ".join(notes)
         + ")"
@@ -287,7 +299,7 @@ def _step_choice(steps: list[int], file: Path, fmt: str, saved: Any, trainer_sta
     be of another run, or the optimizer was re-created mid-training)."""
     record: dict[str, Any] = {"value": steps, "source": "saved per-parameter state"}
     checkpoint_step = None
-    if fmt == "lightning" and isinstance(saved, dict) and isinstance(saved.get("global_step"), int):
+    if fmt in ("lightning", "distributed") and isinstance(saved, dict) and isinstance(saved.get("global_step"), int):
         checkpoint_step, where = saved["global_step"], f"{file} global_step"
     if isinstance(trainer_state.get("global_step"), int):
         checkpoint_step, where = trainer_state["global_step"], f"{file.parent / 'trainer_state.json'} global_step"
@@ -309,6 +321,8 @@ def _format_source(settings: OptimizerSettings, file: Path, saved: Any) -> str:
     """Why the file was read as its format (``summary.json["choices"]``)."""
     if settings.format != "auto":
         return "set by optimizer.format"
+    if Path(settings.path).is_dir() and (Path(settings.path) / DCP_METADATA).is_file():
+        return f"auto: a directory holding {DCP_METADATA} (a torch.distributed.checkpoint, e.g. FSDP2's last.ckpt)"
     if Path(settings.path).is_dir():
         return f"auto: a directory holding {HF_OPTIMIZER_FILE} (an HF Trainer checkpoint)"
     if file.name == HF_OPTIMIZER_FILE and (file.parent / "trainer_state.json").is_file():
@@ -341,7 +355,7 @@ def _schedule_record(
     initial = sorted({_as_float(g["initial_lr"]) for g in groups if "initial_lr" in g})
     if initial:
         record["initial_lr"] = initial
-    if fmt == "lightning" and isinstance(saved, dict):
+    if fmt in ("lightning", "distributed") and isinstance(saved, dict):
         for scheduler in saved.get("lr_schedulers") or []:
             if isinstance(scheduler, dict) and scheduler.get("_last_lr") is not None:
                 record["scheduler_last_lr"] = [float(x) for x in scheduler["_last_lr"]]
@@ -402,6 +416,8 @@ def _resolve_file(path: Path, fmt: str) -> tuple[Path, str]:
     """The file to read and its format (``auto`` resolved as far as the path tells)."""
     if not path.exists():
         raise FileNotFoundError(f"optimizer state not found: {path} does not exist; expected {EXPECTED_FILES}")
+    if path.is_dir() and (path / DCP_METADATA).is_file() and fmt in ("auto", "distributed"):
+        return path, "distributed"
     if path.is_dir():
         file = path / HF_OPTIMIZER_FILE
         if file.is_file():
@@ -447,6 +463,61 @@ def _load_weights_only(file: Path) -> Any:
             "written by torch.save. Fix: copy it again, or save the state with torch.save(optimizer.state_dict(), "
             f"path); expected {EXPECTED_FILES}"
         ) from e
+
+
+def _read_distributed(path: Path, model: nn.Module, optimizer_index: int) -> dict[str, Any]:
+    """A distributed checkpoint's optimizer state as a Lightning checkpoint holds one (``optimizer_states``,
+    ``global_step``, ``lr_schedulers``), its moments laid out like the model's parameters (a sharded policy: this
+    rank's rows only). Read with ``torch.distributed.checkpoint.load`` on this rank alone (no collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    try:
+        entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign directory: say which and why
+        raise ValueError(f"could not read the distributed checkpoint {path} ({type(e).__name__}: {e})") from e
+    prefix = f"optimizer_{optimizer_index}."
+    keys = [k for k in entries if k.startswith(prefix)]
+    if not keys:
+        found = sorted({k.split(".")[0] for k in entries})
+        raise ValueError(
+            f"{path} holds no optimizer_{optimizer_index} (it holds {found}; saved with save_weights_only=True?). "
+            "Fix: save a full checkpoint, or set optimizer.optimizer_index"
+        )
+    params = dict(model.named_parameters())
+    template: dict[str, Any] = {}
+    for key in keys:
+        meta = entries[key]
+        if not isinstance(meta, TensorStorageMetadata):
+            template[key] = None  # a plain value (hyperparameters, names): read as it was saved
+            continue
+        shape, dtype = tuple(meta.size), meta.properties.dtype
+        fqn = key[len(prefix) :].removeprefix("state.").rpartition(".")[0]
+        name = next((n for n in params if fqn == n or fqn.endswith("." + n)), None)
+        reference = params.get(name) if name is not None else None
+        if reference is not None and tuple(reference.shape) == shape and shape:
+            template[key] = torch.zeros_like(reference, dtype=dtype)  # a DTensor of the parameter's layout, or whole
+        else:
+            template[key] = torch.zeros(shape, dtype=dtype)
+    dcp.load(template, checkpoint_id=str(path), no_dist=True)
+    state: dict[str, dict[str, Any]] = {}
+    groups: dict[int, dict[str, Any]] = {}
+    for key, value in template.items():
+        rest = key[len(prefix) :]
+        if rest.startswith("state."):
+            fqn, _, field = rest.removeprefix("state.").rpartition(".")
+            state.setdefault(fqn, {})[field] = value
+        elif rest.startswith("param_groups."):
+            index, _, field = rest.removeprefix("param_groups.").partition(".")
+            groups.setdefault(int(index), {})[field] = value
+    meta_file = path / "meta.pt"
+    extra = _load_weights_only(meta_file) if meta_file.is_file() else {}
+    return {
+        "optimizer_states": [{"state": state, "param_groups": [groups[i] for i in sorted(groups)]}],
+        "global_step": extra.get("global_step") if isinstance(extra, dict) else None,
+        "lr_schedulers": extra.get("lr_schedulers") if isinstance(extra, dict) else None,
+    }
 
 
 def _optimizer_state_dict(saved: Any, file: Path, fmt: str, optimizer_index: int) -> tuple[dict, str]:
@@ -526,7 +597,11 @@ def _named_order(kind: str, model: nn.Module) -> list[_Order]:
     ]
 
 
-def _candidate_orders(param_order: str | list[str], fmt: str, model: nn.Module, n_ids: int) -> list[_Order]:
+def _candidate_orders(
+    param_order: str | list[str], fmt: str, model: nn.Module, n_ids: int, saved_names: list | None = None
+) -> list[_Order]:
+    if param_order == "auto" and fmt == "distributed":  # the checkpoint names its parameters
+        return [_Order("the names saved in the checkpoint", _match_names([str(n) for n in saved_names], model, n_ids))]
     if isinstance(param_order, list):
         return [_Order("explicit list", _match_names(param_order, model, n_ids))]
     if param_order in PARAM_ORDERS[1:]:
@@ -690,8 +765,10 @@ def check_moments(entry: dict, name: str, pid: Any, file: Path) -> None:
         t = entry.get(key)
         if not isinstance(t, Tensor) or t.numel() == 0:
             continue
-        bad = 0 if bool(torch.isfinite(t.sum())) else int((~torch.isfinite(t)).sum())
-        negative = int((t < 0).sum()) if key != "exp_avg" and bool(t.min() < 0) else 0
+        rows = local(t)  # a sharded moment: this rank's rows, the counts summed over the ranks
+        bad = 0 if rows.numel() == 0 or bool(torch.isfinite(rows.sum())) else int((~torch.isfinite(rows)).sum())
+        negative = int((rows < 0).sum()) if key != "exp_avg" and rows.numel() and bool(rows.min() < 0) else 0
+        bad, negative = (int(c) for c in all_reduce_sum(torch.tensor([bad, negative]), t).tolist())
         if bad or negative:
             what = ", ".join(text for n, text in ((bad, f"{bad} non-finite"), (negative, f"{negative} negative")) if n)
             raise ValueError(
@@ -713,8 +790,8 @@ def moments_record(states: dict[str, ParamAdamState]) -> dict[str, Any] | None:
     record: dict[str, Any] = {"dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
     half = [s for s in seen if s.exp_avg_sq.dtype in (torch.float16, torch.bfloat16)]
     if half:
-        moved = sum(int((s.exp_avg != 0).sum()) for s in half)
-        lost = sum(int(((s.exp_avg_sq == 0) & (s.exp_avg != 0)).sum()) for s in half)
+        moved = int(global_sum([local(s.exp_avg) != 0 for s in half]))
+        lost = int(global_sum([(local(s.exp_avg_sq) == 0) & (local(s.exp_avg) != 0) for s in half]))
         record["second_moments_underflowed"] = lost / moved if moved else 0.0
     return record
 

@@ -142,9 +142,9 @@ def all_reduce_sum(t: Tensor, reference: Tensor | None = None) -> Tensor:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
     group = reference.device_mesh.get_group() if reference is not None else None
-    out = t.clone()
+    out = t.to(local(reference).device if reference is not None else t.device, copy=True)  # (NCCL: on the GPU)
     dist.all_reduce(out, group=group)
-    return out
+    return out.to(t.device)
 
 
 class _GatherRows(torch.autograd.Function):
