@@ -151,3 +151,33 @@ def second_order_prediction(
     if base is None:
         base = derivs.value if eta == 0 else base_statistics(model, batch, forcing)
     return {name: snis_derivatives(derivs, base, name, groups) for name in integrands}
+
+
+# ---- the live probe's small fit (tests/test_live.py, tests/test_sharded.py)
+
+NO_CHECKPOINTS = {"model.init_args.checkpoint_every_n_steps": -1, "trainer.enable_checkpointing": False}
+QUIET = flags({**NO_CHECKPOINTS, "model.init_args.save_policy": False})
+PROBE = "--trainer.callbacks.init_args."
+
+
+def eval_arg(n_prompts: int, n_per_prompt: int, seed: int = 0, **extra) -> str:
+    """The live probe's ``eval`` setting: ``n_prompts`` held-out toy prompts x ``n_per_prompt`` samples."""
+    sampling = f"{{n_per_prompt: {n_per_prompt}, max_new_tokens: 4, seed: {seed}}}"
+    more = "".join(f", {k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in extra.items())
+    return f"{{source: {{prompts: toy, n_prompts: {n_prompts}, offset: 1000}}, sampling: {sampling}{more}}}"
+
+
+def probe(**settings) -> list[str]:
+    """CLI arguments of the LiveEntropyProbe callback of configs/toy_grpo.yaml."""
+    return flags(settings, prefix=PROBE)
+
+
+# A small run probed at every step: 4 prompts x G = 8 per step, two PPO inner epochs per rollout (step 1
+# reuses step 0's rollout with ratio != 1 and clipping), E = 8 prompts x 4 samples.
+STEPS = flags({"trainer.max_steps": 3, "data.init_args.prompts_per_step": 4, "model.init_args.optimizer.lr": 1e-3})
+PPO = flags({"model.init_args.rollout.inner_epochs": 2, "model.init_args.loss.clip_ratio": 0.05})
+SMALL = [*STEPS, *PPO, *probe(every_n_steps=1, eval=eval_arg(8, 4, seed=1))]
+
+
+def records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "live_probe" / "records.jsonl").read_text().splitlines()]
