@@ -33,7 +33,7 @@ attributes and measures; the verification numbers of all ranks are gathered to r
 On a policy sharded with FSDP2 (``ModelParallelStrategy``) every rank reconstructs and verifies the rows of
 its own shards from its reduce-scattered gradients, U is gathered to every rank, and every rank samples the
 same E (same seed) and takes part in every pass (each forward gathers the policy's layers, a collective);
-rank 0 alone writes and logs (docs/DESIGN.md section 10).
+rank 0 alone writes and logs (docs/DESIGN.md section 11).
 """
 
 from __future__ import annotations

@@ -370,6 +370,9 @@ class GRPOModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` shard the policy with FSDP2 per decoder layer (configs/toy_grpo_fsdp.yaml);
         under any other strategy it stays whole."""
+        from probe.module import refuse_fsdp1
+
+        refuse_fsdp1(self.trainer)
         shard_on_mesh(self.policy, self.device_mesh)
 
     def configure_callbacks(self) -> list[pl.Callback]:

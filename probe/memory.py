@@ -36,15 +36,14 @@ class TensorMemory(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self._collect()
-        for t in tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if storage._cdata not in self._live:
-                    self._old.setdefault(storage._cdata, StorageWeakRef(storage))
+        for t in _plain_tensors(tree_leaves((args, kwargs))):
+            storage = t.untyped_storage()
+            if storage._cdata not in self._live:
+                self._old.setdefault(storage._cdata, StorageWeakRef(storage))
         out = func(*args, **(kwargs or {}))
         self._collect()
-        for t in tree_leaves(out):
-            if not isinstance(t, torch.Tensor) or t.is_meta or t._is_zerotensor():  # (no memory behind them)
+        for t in _plain_tensors(tree_leaves(out)):
+            if t.is_meta or t._is_zerotensor():  # (no memory behind them)
                 continue
             storage = t.untyped_storage()
             key = storage._cdata
@@ -58,6 +57,21 @@ class TensorMemory(TorchDispatchMode):
     @property
     def peak_mib(self) -> float:
         return self.peak / (1 << 20)
+
+
+def _plain_tensors(leaves: list) -> list[torch.Tensor]:
+    """The tensors holding memory among ``leaves``: plain tensors as they are, a wrapper subclass (a DTensor: its
+    local shard) by the tensors it wraps (``__tensor_flatten__``)."""
+    out = []
+    for t in leaves:
+        if not isinstance(t, torch.Tensor):
+            continue
+        if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+            out.append(t)
+            continue
+        names, _ = t.__tensor_flatten__()
+        out.extend(_plain_tensors([getattr(t, name) for name in names]))
+    return out
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter

@@ -33,6 +33,19 @@ from probe.update import ReconstructionConfig
 log = logging.getLogger("probe")
 
 
+def refuse_fsdp1(trainer: pl.Trainer) -> None:
+    """Refuse Lightning's FSDP1 ``FSDPStrategy``: it wraps the policy in ``FullyShardedDataParallel``, whose flat
+    parameters are not the per-parameter tensors probe maps the optimizer state and the update onto."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    if isinstance(trainer.strategy, FSDPStrategy):
+        raise ValueError(
+            "probe does not run under Lightning's FSDPStrategy (FSDP1: flat parameters). Fix: use "
+            "lightning.pytorch.strategies.ModelParallelStrategy with data_parallel_size = the number of processes "
+            "and tensor_parallel_size: 1 (FSDP2, configs/toy_fsdp.yaml), or ddp for a policy that fits a device"
+        )
+
+
 class ProbeModule(pl.LightningModule):
     """Probe the entropy change of one AdamW step of an RL policy on evaluation batches."""
 
@@ -87,7 +100,8 @@ class ProbeModule(pl.LightningModule):
 
     def configure_model(self) -> None:
         """Under ``ModelParallelStrategy`` (FSDP2), shard the policy per decoder layer over the data-parallel ranks
-        (docs/DESIGN.md section 10); under any other strategy the policy stays whole."""
+        (docs/DESIGN.md section 11); under any other strategy the policy stays whole."""
+        refuse_fsdp1(self.trainer)
         if self.device_mesh is not None and self.run_state.settings.probe.per_sequence_exact:
             raise ValueError(
                 "probe.per_sequence_exact needs each listed sequence's full-size gradient g_i, which a sharded policy "

@@ -1,6 +1,6 @@
 """Sharded policies (FSDP2 ``fully_shard``): probe's own forwards over the shards, one unit gathered at a time.
 
-docs/DESIGN.md section 10. A policy sharded by ``torch.distributed.fsdp.fully_shard`` holds every parameter as a
+docs/DESIGN.md section 11. A policy sharded by ``torch.distributed.fsdp.fully_shard`` holds every parameter as a
 ``DTensor`` whose local tensor is this rank's rows (dim-0 shards). probe does not run FSDP2's own forward hooks:
 they install FSDP2's gathered parameters and would override what probe puts there (theta + eta * d, a tangent, a
 differentiable gather). Instead :meth:`ShardedPolicy.gathered` switches FSDP2's hooks off for the duration and
@@ -264,9 +264,13 @@ class ShardedPolicy:
         dtype) has an entry, theta elsewhere: the sweep's arithmetic."""
 
         def value(name: str) -> Tensor:
-            theta = full(self.params[name])
-            d = direction.get(name)
-            return theta if d is None else torch.add(theta, full(d), alpha=eta)
+            param, d = self.params[name], direction.get(name)
+            theta = full(param)
+            if d is None:
+                return theta
+            if is_dtensor(param):  # theta was gathered into a fresh tensor: shift it there (the same arithmetic)
+                return theta.add_(full(d), alpha=eta)
+            return torch.add(theta, full(d), alpha=eta)
 
         return value
 

@@ -2,7 +2,7 @@
 
 Runs the CLI in subprocesses as users do, with Lightning's ``ModelParallelStrategy`` (``fully_shard`` per decoder
 layer, gloo), as ``configs/toy_fsdp.yaml`` and ``configs/toy_grpo_fsdp.yaml`` set it. Every rank holds half of the
-rows of every weight, moment and part; probe gathers one layer at a time (docs/DESIGN.md section 10). The
+rows of every weight, moment and part; probe gathers one layer at a time (docs/DESIGN.md section 11). The
 policies run in float64: the sharded forwards gather the same weights and the reconstruction is elementwise, so
 the only differences left are summation orders (the gradient norm summed per rank, E split over ranks), ~1e-15
 relative; 1e-10 leaves the conditioning of the smallest eta's Delta H (a difference of entropies ~2000x larger)
