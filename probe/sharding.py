@@ -65,7 +65,16 @@ def is_sharded(model: nn.Module) -> bool:
 def sharded_view(model: nn.Module) -> "ShardedPolicy | None":
     """The :class:`ShardedPolicy` of a policy sharded with ``fully_shard`` (the policy itself is an FSDP2 module,
     whether its parameters are sharded or gathered by FSDP2 at this moment), None for an ordinary one."""
-    return ShardedPolicy.of(model) if FSDPModule is not None and isinstance(model, FSDPModule) else None
+    if FSDPModule is not None and isinstance(model, FSDPModule):
+        return ShardedPolicy.of(model)
+    if any(is_dtensor(p) for p in model.parameters()):
+        raise ValueError(
+            f"the policy ({type(model).__name__}) holds DTensor parameters but was not itself sharded with "
+            "torch.distributed.fsdp.fully_shard (only some of its modules were, or another DTensor plan was used); "
+            "probe gathers a sharded policy by its FSDP2 units, the policy itself the root. Fix: call "
+            "fully_shard(policy) after its layers (probe.sharding.shard_policy does both)"
+        )
+    return None
 
 
 def from_rows(rows: Tensor, reference: Tensor) -> Tensor:
@@ -160,7 +169,7 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         mesh = ctx.param.device_mesh
         start, stop = _row_range(grad.shape[0], mesh.get_local_rank(), mesh.size())
-        return grad[start:stop], None
+        return grad[start:stop].clone(), None  # (a copy: a view would keep the whole layer's gradient alive)
 
 
 @dataclass
@@ -194,39 +203,14 @@ class ShardedPolicy:
         self.params: dict[str, Tensor] = dict(model.named_parameters())  # canonical names (tied ones once)
         canonical = {id(p): n for n, p in self.params.items()}
         self.slots: dict[str, list[tuple[nn.Module, str]]] = {n: [] for n in self.params}  # every module slot
-        owner: dict[str, nn.Module] = {}
         for module in model.modules():
             for attr, p in module._parameters.items():
                 if p is not None and id(p) in canonical:
                     self.slots[canonical[id(p)]].append((module, attr))
-        unit_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-        if not unit_modules:
-            raise ValueError(
-                "the policy's parameters are DTensors but no module of it was sharded with "
-                "torch.distributed.fsdp.fully_shard; probe gathers sharded policies by FSDP2 unit. Fix: shard the "
-                "policy with fully_shard (per decoder layer, then the whole model)"
-            )
-        for name, module in self._owners(model, unit_modules).items():
-            owner[name] = module
-        self.root: _Unit | None = None
-        self.units: list[_Unit] = []
-        for module in unit_modules:
-            names = [n for n in self.params if owner.get(n) is module]
-            unit = _Unit(module, names)
-            if module is model or self.root is None and not self._inside_unit(module, unit_modules):
-                self.root = unit if self.root is None else self.root
-                if module is model:
-                    self.root = unit
-            self.units.append(unit)
-        if self.root is None or self.root.module is not model:
-            raise ValueError(
-                "the policy itself was not sharded with fully_shard (only some of its modules were); probe needs the "
-                "root unit to hold the parameters outside the layers. Fix: call fully_shard(model) after the layers"
-            )
-        unowned = [n for n in self.params if n not in owner]
-        if unowned:
-            raise ValueError(f"parameters {unowned[:3]} belong to no FSDP2 unit; shard the whole policy")
-        self.inner = [u for u in self.units if u is not self.root]
+        unit_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the policy itself first
+        owner = self._owners(unit_modules)
+        self.units = [_Unit(module, [n for n in self.params if owner.get(n) is module]) for module in unit_modules]
+        self.root, self.inner = self.units[0], self.units[1:]
         self._value: Value | None = None
         self._reverse = False  # a differentiable gather: the graph saves gathered layers by name
         self._gathered: dict[str, Tensor] = {}  # name -> the full tensor installed now
@@ -238,11 +222,7 @@ class ShardedPolicy:
             if isinstance(module, FSDPModule):
                 module.reshard()
 
-    @staticmethod
-    def _inside_unit(module: nn.Module, units: list[nn.Module]) -> bool:
-        return any(module is not u and any(m is module for m in u.modules()) for u in units)
-
-    def _owners(self, model: nn.Module, units: list[nn.Module]) -> dict[str, nn.Module]:
+    def _owners(self, units: list[nn.Module]) -> dict[str, nn.Module]:
         """Parameter name -> the innermost unit whose subtree holds it."""
         out: dict[str, nn.Module] = {}
         ids = {id(p): n for n, p in self.params.items()}
@@ -414,7 +394,7 @@ class ShardedPolicy:
             stack.callback(self._clear)
             if self._reverse:
                 stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
-            self._install(self.root)  # type: ignore[arg-type]
+            self._install(self.root)
             yield
 
     def _clear(self) -> None:
