@@ -178,7 +178,7 @@ class _Unit:
 
     module: nn.Module
     names: list[str]
-    fsdp_hooks: list[tuple[dict, int, Any]] = field(default_factory=list)  # (hook dict, id, hook) while switched off
+    fsdp_hooks: list[tuple[dict, int, Any, list]] = field(default_factory=list)  # (hook dict, id, hook, order), off
 
 
 _POLICIES: "weakref.WeakKeyDictionary[nn.Module, ShardedPolicy]" = weakref.WeakKeyDictionary()
@@ -359,16 +359,26 @@ class ShardedPolicy:
                 if h is not None:
                     ids.add(h.id)
         for hooks in (module._forward_pre_hooks, module._forward_hooks):
-            for key in [k for k in hooks if k in ids]:
-                unit.fsdp_hooks.append((hooks, key, hooks[key]))
-        for hooks, key, _ in unit.fsdp_hooks:
+            order = list(hooks)  # to put FSDP2's hooks back in their places
+            for key in [k for k in order if k in ids]:
+                unit.fsdp_hooks.append((hooks, key, hooks[key], order))
+        if not any(kind is module._forward_pre_hooks for kind, *_ in unit.fsdp_hooks):
+            raise RuntimeError(
+                f"FSDP2's forward pre-hook of {type(module).__name__} was not found where torch "
+                f"{torch.__version__} should keep it, so probe cannot set it aside for its own gathered forwards "
+                "(FSDP2's would overwrite what probe computes). probe.sharding was written against torch 2.13's "
+                "fully_shard; run the probe on one process or with DDP on this torch"
+            )
+        for hooks, key, _, _ in unit.fsdp_hooks:
             del hooks[key]
 
     @staticmethod
     def _fsdp_hooks_on(unit: _Unit) -> None:
-        for hooks, key, hook in unit.fsdp_hooks:
+        for hooks, key, hook, order in unit.fsdp_hooks:
             hooks[key] = hook
-            hooks.move_to_end(key, last=False)  # FSDP2 prepends its pre-hook; its post-hook runs last anyway
+            for k in order:  # every hook in its original place (probe's own are gone by now)
+                if k in hooks:
+                    hooks.move_to_end(k)
         unit.fsdp_hooks.clear()
 
     @contextmanager
@@ -381,6 +391,7 @@ class ShardedPolicy:
         self._value = value or self.theta()
         self._reverse = bool(getattr(self._value, "reverse", False))
         with ExitStack() as stack:
+            stack.callback(self._clear)  # (last out: the parameters back to their shards, whatever failed)
             for unit in self.units:
                 self._fsdp_hooks_off(unit)
                 stack.callback(self._fsdp_hooks_on, unit)
@@ -391,7 +402,6 @@ class ShardedPolicy:
                 )
                 stack.callback(pre.remove)
                 stack.callback(post.remove)
-            stack.callback(self._clear)
             if self._reverse:
                 stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack))
             self._install(self.root)
