@@ -11,7 +11,9 @@ Three kinds of file are read, always with ``torch.load(..., map_location="cpu", 
   ``*.distcp``), as Lightning's ``ModelParallelStrategy`` (FSDP2) writes ``last.ckpt``. Its optimizer state is
   keyed by parameter names; it is read with ``torch.distributed.checkpoint.load``, each moment laid out like
   its parameter: a sharded policy's rank reads only its own rows (no rank holds the whole state), an ordinary
-  one reads the whole tensor. No pickle is executed (the metadata holds tensors and plain values).
+  one reads the whole tensor. torch reads a checkpoint's ``.metadata`` with ``pickle.load`` and its plain values
+  with ``torch.load(weights_only=False)``; probe reads the first with an unpickler that admits only the
+  checkpoint's own metadata classes and the second with ``weights_only=True``, so no code in it can run.
 
 Mapping rules. A saved state dict names parameters only by integer ids, listed group by group in
 ``param_groups``. As ``torch.optim.Optimizer.load_state_dict`` does, the k-th id met walking the
@@ -470,11 +472,19 @@ def _read_distributed(path: Path, model: nn.Module, optimizer_index: int) -> dic
     ``global_step``, ``lr_schedulers``), its moments laid out like the model's parameters (a sharded policy: this
     rank's rows only). Read with ``torch.distributed.checkpoint.load`` on this rank alone (no collective)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    reader = _safe_checkpoint_reader(path)
     try:
-        entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        entries = reader.read_metadata().state_dict_metadata
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{path / DCP_METADATA} was refused for safety: it pickles {e}, which a distributed checkpoint's "
+            "metadata does not hold (it could run code when loaded). Fix: if you trust the checkpoint, save its "
+            "optimizer state again (torch.save(optimizer.state_dict()) from a run that loads it); otherwise copy "
+            "the checkpoint again from its source"
+        ) from e
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign directory: say which and why
         raise ValueError(f"could not read the distributed checkpoint {path} ({type(e).__name__}: {e})") from e
     prefix = f"optimizer_{optimizer_index}."
@@ -500,7 +510,18 @@ def _read_distributed(path: Path, model: nn.Module, optimizer_index: int) -> dic
             template[key] = torch.zeros_like(reference, dtype=dtype)  # a DTensor of the parameter's layout, or whole
         else:
             template[key] = torch.zeros(shape, dtype=dtype)
-    dcp.load(template, checkpoint_id=str(path), no_dist=True)
+    try:
+        dcp.load(template, storage_reader=reader, planner=_weights_only_planner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch wraps each rank's failure (a BaseException)
+        refused = re.search(r"Unsupported global: (GLOBAL \S+)", str(e))
+        if refused:
+            raise ValueError(
+                f"{path} was refused for safety: a plain value of its optimizer state pickles {refused.group(1)}, "
+                "which could run code when loaded, and probe only loads with weights_only=True. Fix: if you trust "
+                "the checkpoint, save its optimizer state again (torch.save(optimizer.state_dict()) from a run that "
+                "loads it); otherwise copy the checkpoint again from its source"
+            ) from None
+        raise ValueError(f"could not read the distributed checkpoint {path} ({type(e).__name__}: {e})") from e
     state: dict[str, dict[str, Any]] = {}
     groups: dict[int, dict[str, Any]] = {}
     for key, value in template.items():
@@ -518,6 +539,62 @@ def _read_distributed(path: Path, model: nn.Module, optimizer_index: int) -> dic
         "global_step": extra.get("global_step") if isinstance(extra, dict) else None,
         "lr_schedulers": extra.get("lr_schedulers") if isinstance(extra, dict) else None,
     }
+
+
+_CHECKPOINT_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch.serialization", "_get_layout"),
+    ("torch", "Size"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _CheckpointMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a distributed checkpoint's ``.metadata``: its own dataclasses, ``torch.Size``, dtypes and layouts,
+    paths; any other global (a function that runs code) is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch.distributed.checkpoint.metadata" or (module, name) in _CHECKPOINT_METADATA_CLASSES:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"the global {module}.{name}")
+
+
+def _safe_checkpoint_reader(path: Path) -> Any:
+    """``FileSystemReader`` of ``path`` whose metadata is read by :class:`_CheckpointMetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(path / DCP_METADATA, "rb") as f:
+                metadata = _CheckpointMetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(path))
+
+
+def _weights_only_planner() -> Any:
+    """torch's default load planner, with plain values read by ``torch.load(weights_only=True)``."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: Any) -> None:
+            loaded = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return WeightsOnlyPlanner()
 
 
 def _optimizer_state_dict(saved: Any, file: Path, fmt: str, optimizer_index: int) -> tuple[dict, str]:

@@ -338,3 +338,33 @@ def test_a_run_folder_that_holds_a_link_is_neither_written_nor_deleted(tmp_path)
         with pytest.raises(FileExistsError, match="holds a symbolic link"):
             RunDirectory.open(str(root), "a", overwrite=overwrite)
     assert (outside / "keep.txt").read_text() == "kept" and (run.path / "rollouts").is_symlink()
+
+
+def crafted_distributed_checkpoint(path: Path, marker: Path, model: torch.nn.Module) -> Path:
+    """A distributed checkpoint (torch.distributed.checkpoint, as ModelParallelStrategy writes ``last.ckpt``) whose
+    optimizer state carries the payload among its param group's plain values."""
+    import torch.distributed.checkpoint as dcp
+
+    names = [n for n, _ in model.named_parameters()]
+    groups = [{"params": names, "lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}]
+    groups[0]["payload"] = CreatesMarker(marker)
+    dcp.save({"optimizer_0": {"state": {}, "param_groups": groups}}, checkpoint_id=str(path), no_dist=True)
+    return path
+
+
+def test_a_crafted_distributed_checkpoint_runs_nothing(toy_world_dir, tmp_path):
+    """torch reads a distributed checkpoint's ``.metadata`` with pickle.load and its plain values with
+    ``torch.load(weights_only=False)``; probe reads both without running what they pickle."""
+    from probe.optim_loading import load_optimizer_state
+
+    policy, _ = load_policy(toy_world_dir)
+    marker = tmp_path / "marker"
+    checkpoint = crafted_distributed_checkpoint(tmp_path / "last.ckpt", marker, policy)
+    with pytest.raises(ValueError, match=r"refused for safety.*GLOBAL exec"):
+        load_optimizer_state(checkpoint, policy)
+    assert not marker.exists(), "the payload ran"
+    with open(checkpoint / ".metadata", "wb") as f:  # the metadata itself replaced by the payload
+        pickle.dump(CreatesMarker(marker), f)
+    with pytest.raises(ValueError, match=r"\.metadata was refused for safety: it pickles the global builtins\.exec"):
+        load_optimizer_state(checkpoint, policy)
+    assert not marker.exists(), "the payload ran"
