@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 
 from probe.engine import check_etas_fit, eta_resolution, make_plan, part_directions
+from probe.loading import policy_step
 from probe.optim_loading import load_optimizer_state, zero_lr_message
 from probe.results import CHANGED_FLAGGED, ROUNDING_UNMEASURABLE
 from probe.run_state import on_rank_zero, run_state_of
@@ -38,6 +40,7 @@ class UpdateReconstruction(pl.Callback):
         def reconstruct() -> Update:
             optimizer_state = load_optimizer_state(settings.optimizer, policy)
             state.choices.update(optimizer_state.choices)
+            check_same_step(policy, settings.policy, optimizer_state.choices, state.choices)
             chosen = optimizer_state.choices
             log.info(
                 "optimizer state: %s (summary.json 'choices' says where each came from)",
@@ -109,6 +112,29 @@ class UpdateReconstruction(pl.Callback):
         on_rank_zero(trainer, lambda: run_dir.claim("plan", state.plan_fingerprint(), key_name=plan_key))
         if settings.probe.save_update and (sharded or trainer.global_rank == 0):
             update.save(run_dir.path / "update.safetensors")
+
+
+def check_same_step(policy: torch.nn.Module, policy_settings: Any, optimizer_choices: dict, choices: dict) -> None:
+    """Warn when the policy's weights and the optimizer state were saved at different training steps (where both
+    say: a Lightning checkpoint's ``global_step``, an exported policy's ``probe_fit.json``): the reconstructed
+    step would be that of other moments than the weights'. Records ``policy.step`` in the run's choices."""
+    step, where = policy_step(policy, policy_settings)
+    if step is None:
+        return
+    choices["policy.step"] = {"value": step, "source": where}
+    saved = optimizer_choices.get("optimizer.step", {})
+    optimizer_step = saved.get("checkpoint_step")
+    if optimizer_step is not None and optimizer_step != step:
+        log.warning(
+            "the policy's weights were saved at step %d (%s) but the optimizer state at step %d (%s): the moments "
+            "are not those of these weights, so the reconstructed step is not the one training took from them. Fix: "
+            "pass the optimizer state saved at the same step as the weights (or the weights of the optimizer's "
+            "step, e.g. policy.path: that .ckpt with policy.config_path)",
+            step,
+            where,
+            optimizer_step,
+            optimizer_choices.get("optimizer.format", {}).get("file", "the optimizer checkpoint"),
+        )
 
 
 def plan_key(key: str) -> str:

@@ -586,7 +586,8 @@ class GRPOModule(pl.LightningModule):
                     "loss": asdict(self.loss),
                     "rollout": asdict(self.rollout_settings),
                     "optimizer": asdict(self.optimizer_settings),
-                    "note": "pair with the Lightning checkpoint <run>/checkpoints/last.ckpt as optimizer.path",
+                    "note": "pair with the Lightning checkpoint of the same global_step as optimizer.path (last.ckpt "
+                    "when the fit ended on a checkpoint); probe warns when the two steps differ",
                 },
                 indent=2,
                 default=str,

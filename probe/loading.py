@@ -53,7 +53,11 @@ class PolicySettings:
 
     Args:
         path: local directory of an HF checkpoint (``config.json``, weights, tokenizer). Hub ids are not
-            fetched: download the model first and pass its directory.
+            fetched: download the model first and pass its directory. Or a Lightning checkpoint of the training
+            run (a ``.ckpt`` file, or the ``.ckpt`` directory ``ModelParallelStrategy`` writes): the policy's
+            weights are read from it, its config and tokenizer from ``config_path``.
+        config_path: with a Lightning checkpoint as ``path``: the HF directory of the model it trained
+            (``config.json`` and tokenizer; its weights are not read).
         dtype: parameter dtype: ``auto`` (the dtype the weights were saved in, else ``config.json``'s; half
             precision is loaded as float32, exactly: a step of a real lr rounds away against bfloat16 weights, so
             nothing could be measured), ``float32``, ``bfloat16``, ``float16`` or ``float64`` (float64 also makes
@@ -68,6 +72,7 @@ class PolicySettings:
     """
 
     path: str
+    config_path: str | None = None
     dtype: str = "auto"
     attn_implementation: str = "sdpa"
     adapter_path: str | None = None
@@ -93,7 +98,26 @@ class PolicySettings:
                     local,
                 )
             return build_toy_world()
+        if lightning_checkpoint(Path(self.path).expanduser()) is not None:
+            return self._config_directory()
         return Path(self.path).expanduser()
+
+    def _config_directory(self) -> Path:
+        """``config_path`` for a Lightning checkpoint as ``path`` (refused, with the fix, when it is not given)."""
+        if self.config_path is None:
+            raise ValueError(
+                f"policy.path {self.path} is a Lightning checkpoint: it holds the policy's weights but not its "
+                "config or tokenizer. Fix: set policy.config_path to the HF directory of the model it trained "
+                "(config.json and tokenizer; e.g. the policy.path of the fit), or pass an exported policy directory "
+                "instead (model.save_pretrained(dir); probe's GRPOModule writes <run>/policy/ at the end of fit)"
+            )
+        return Path(self.config_path).expanduser()
+
+    def weights_checkpoint(self) -> Path | None:
+        """The Lightning checkpoint the weights come from (None: they are in :meth:`directory`)."""
+        if self.path == "toy":
+            return None
+        return lightning_checkpoint(Path(self.path).expanduser())
 
     def load(self) -> tuple[torch.nn.Module, Any]:
         """The policy (in eval mode; a float64 one with float64 RMSNorm) and its tokenizer, loaded with these
@@ -109,7 +133,8 @@ class PolicySettings:
             if dtype in (torch.bfloat16, torch.float16):
                 _warn_if_lower_precision(self.directory(), dtype)
             return dtype, "set by policy.dtype"
-        dtype, source = checkpoint_dtype(check_checkpoint_dir(self.directory()))
+        directory = check_checkpoint_dir(self.directory(), weights=self.weights_checkpoint() is None)
+        dtype, source = checkpoint_dtype(directory)  # (a Lightning checkpoint's: its config directory's)
         if dtype in (torch.bfloat16, torch.float16):  # exact upcast: the master weights of a mixed-precision run
             return torch.float32, (
                 f"auto: {source}, loaded as float32 (exact; a step of a real lr rounds away against "
@@ -283,8 +308,9 @@ HUB_HINT = (
 )
 
 
-def check_checkpoint_dir(path: str | Path) -> Path:
-    """The directory as a Path, after checking it holds ``config.json`` and weights; else FileNotFoundError."""
+def check_checkpoint_dir(path: str | Path, weights: bool = True) -> Path:
+    """The directory as a Path, after checking it holds ``config.json`` and (``weights``) weights; else
+    FileNotFoundError."""
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise FileNotFoundError(f"policy directory {str(directory)!r} does not exist; {HUB_HINT}")
@@ -293,7 +319,7 @@ def check_checkpoint_dir(path: str | Path) -> Path:
             f"{directory / 'config.json'} is missing: {directory} is not an HF checkpoint directory "
             "(save one with model.save_pretrained(dir)); " + HUB_HINT
         )
-    if not any((directory / name).is_file() for name in WEIGHT_FILES):
+    if weights and not any((directory / name).is_file() for name in WEIGHT_FILES):
         raise FileNotFoundError(
             f"no model weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}; "
             "save them with model.save_pretrained(dir) (safetensors) or point path at the directory that holds them"
@@ -384,7 +410,8 @@ def _load(directory: Path, s: PolicySettings) -> tuple[torch.nn.Module, Any]:
     adapter_path, lora, trust_remote_code = s.adapter_path, s.lora, s.trust_remote_code
     if adapter_path is not None and lora is not None:
         raise ValueError("give either adapter_path (load a saved adapter) or lora (wrap in a fresh one), not both")
-    model_dir = check_checkpoint_dir(directory)
+    weights = s.weights_checkpoint()
+    model_dir = check_checkpoint_dir(directory, weights=weights is None)
     torch_dtype = s.resolved_dtype()[0]
     adapter_dir = check_adapter_dir(adapter_path) if adapter_path is not None else None
     refuse_remote_code(model_dir, trust_remote_code)
@@ -403,14 +430,19 @@ def _load(directory: Path, s: PolicySettings) -> tuple[torch.nn.Module, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     has_safetensors = any((model_dir / n).is_file() for n in WEIGHT_FILES[:2])
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir),
-            dtype=torch_dtype,
-            attn_implementation=s.attn_implementation,
-            local_files_only=True,
-            use_safetensors=has_safetensors,
-            trust_remote_code=trust_remote_code,
-        )
+        if weights is not None:  # the architecture from config_path, the weights from the Lightning checkpoint
+            model = _model_from_lightning_checkpoint(weights, model_dir, torch_dtype, s)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir),
+                dtype=torch_dtype,
+                attn_implementation=s.attn_implementation,
+                local_files_only=True,
+                use_safetensors=has_safetensors,
+                trust_remote_code=trust_remote_code,
+            )
+    except LightningCheckpointError:
+        raise
     except Exception as e:  # safetensors' "header too large", a truncated shard, a config transformers cannot read
         import pickle
 
@@ -487,3 +519,129 @@ def context_length(policy: Any) -> int | None:
             if original is None or original == length:  # the config holds the original length: scale it
                 return int(length * scaling["factor"])
     return length
+
+
+# ---------------------------------------------------------------------------------------------
+# a Lightning checkpoint as the policy's weights
+
+
+class LightningCheckpointError(ValueError):
+    """A Lightning checkpoint that cannot give the policy's weights (the message names why and the fix)."""
+
+
+def lightning_checkpoint(path: Path) -> Path | None:
+    """``path`` when it is a Lightning checkpoint: a ``.ckpt`` file, or the ``.ckpt`` directory (a distributed
+    checkpoint) ``ModelParallelStrategy`` writes; None otherwise."""
+    if path.is_file() and path.suffix == ".ckpt":
+        return path
+    if path.is_dir() and (path / ".metadata").is_file() and not (path / "config.json").is_file():
+        return path
+    return None
+
+
+def _lightning_state(path: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int | None]:
+    """The weights a Lightning checkpoint holds for ``model`` (keyed like ``model.state_dict()``: the training
+    module's attribute prefix, e.g. ``policy.``, stripped) and its ``global_step`` (None when it has none)."""
+    from probe.optim_loading import _load_weights_only, _safe_checkpoint_reader, _weights_only_planner
+
+    wanted = model.state_dict()
+    if path.is_file():
+        saved = _load_weights_only(path)
+        state = saved.get("state_dict") if isinstance(saved, dict) else None
+        if not isinstance(state, dict):
+            raise LightningCheckpointError(f"{path} holds no 'state_dict'; it is not a Lightning checkpoint")
+        step = saved.get("global_step")
+        shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    else:
+        import torch.distributed.checkpoint as dcp
+
+        entries = _safe_checkpoint_reader(path).read_metadata().state_dict_metadata
+        shapes = {
+            k.removeprefix("state_dict."): tuple(getattr(v, "size", ()))
+            for k, v in entries.items()
+            if k.startswith("state_dict.")
+        }
+        state, step = None, None
+        meta = path / "meta.pt"
+        if meta.is_file():
+            extra = _load_weights_only(meta)
+            step = extra.get("global_step") if isinstance(extra, dict) else None
+    keys = list(shapes)
+    prefix = _common_prefix(keys, list(wanted))
+    wrong = [k for k in wanted if prefix is not None and shapes[prefix + k] != tuple(wanted[k].shape)]
+    if wrong:
+        k = wrong[0]
+        raise LightningCheckpointError(
+            f"the weights in {path} do not match the model of policy.config_path: {k} is saved with shape "
+            f"{shapes[prefix + k]} but that config makes it {tuple(wanted[k].shape)} ({len(wrong)} such tensors). "
+            "Fix: set policy.config_path to the directory of the model this run trained"
+        )
+    if prefix is None:
+        adapters = [k for k in keys if "lora_" in k]
+        why = (
+            " It holds LoRA adapter weights: export the adapter with peft_model.save_pretrained(dir) and pass the base "
+            "model as policy.path with policy.adapter_path: dir."
+            if adapters
+            else ""
+        )
+        raise LightningCheckpointError(
+            f"the weights in {path} do not match the model of policy.config_path ({len(keys)} tensors such as "
+            f"{keys[:2]}; the model has {len(wanted)} such as {list(wanted)[:2]}).{why} Fix: set policy.config_path "
+            "to the directory of the model this run trained, or export the policy with model.save_pretrained(dir) "
+            "and pass that directory as policy.path"
+        )
+    if state is None:  # a distributed checkpoint: read the policy's tensors whole, on this rank alone
+        template = {f"state_dict.{prefix}{k}": torch.empty_like(v) for k, v in wanted.items()}
+        dcp.load(template, storage_reader=_safe_checkpoint_reader(path), planner=_weights_only_planner(), no_dist=True)
+        return {k: template[f"state_dict.{prefix}{k}"] for k in wanted}, step
+    return {k: state[prefix + k] for k in wanted}, step
+
+
+def _common_prefix(keys: list[str], wanted: list[str]) -> str | None:
+    """The prefix that, put before each of ``wanted``, names an entry of ``keys`` for all of them (None if none)."""
+    have = set(keys)
+    if not wanted:
+        return None
+    first = wanted[0]
+    for key in keys:
+        if key.endswith(first):
+            prefix = key[: len(key) - len(first)]
+            if all(prefix + k in have for k in wanted):
+                return prefix
+    return None
+
+
+def _model_from_lightning_checkpoint(path: Path, config_dir: Path, dtype: torch.dtype, s: PolicySettings) -> Any:
+    """The architecture of ``config_dir`` with the weights of the Lightning checkpoint ``path``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(config_dir), local_files_only=True, trust_remote_code=s.trust_remote_code)
+    model = AutoModelForCausalLM.from_config(
+        config, dtype=dtype, attn_implementation=s.attn_implementation, trust_remote_code=s.trust_remote_code
+    )
+    state, step = _lightning_state(path, model)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()})
+    model.probe_checkpoint_step = step  # the step the weights were saved at (checked against the optimizer's)
+    log.info("policy weights: %s (global_step %s), architecture and tokenizer: %s", path, step, config_dir)
+    return model
+
+
+def policy_step(policy: torch.nn.Module, settings: PolicySettings) -> tuple[int | None, str]:
+    """The training step the policy's weights were saved at, and where that was read: a Lightning checkpoint's
+    ``global_step``, or the ``probe_fit.json`` that ``GRPOModule`` writes beside an exported policy; None if
+    neither tells."""
+    import json
+
+    base = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
+    step = getattr(base, "probe_checkpoint_step", None)
+    if step is not None:
+        return int(step), f"{settings.path} global_step"
+    record = settings.directory() / "probe_fit.json"
+    if record.is_file():
+        try:
+            value = json.loads(record.read_text()).get("global_step")
+        except (json.JSONDecodeError, OSError):
+            value = None
+        if isinstance(value, int):
+            return value, f"{record} global_step"
+    return None, ""

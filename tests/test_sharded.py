@@ -161,3 +161,20 @@ def test_what_a_sharded_policy_cannot_do_is_refused_before_any_pass(tmp_path, to
     out = probe_cli(*predict_args(tmp_path, "bad", *FSDP, *extra, eval_prompts=2), expect_ok=False)
     assert out.returncode != 0
     assert message in out.stderr and "Fix:" in out.stderr
+
+
+@pytest.mark.slow
+def test_the_policy_of_a_distributed_checkpoint_is_the_policy_the_fit_exported(fitted):
+    """``policy.path`` may name FSDP2's last.ckpt directory (with ``policy.config_path``): its weights, read whole,
+    are the ones the fit gathered and saved at the same step."""
+    import torch
+
+    from probe.loading import PolicySettings, load_policy
+
+    run = fitted["two"]
+    settings = PolicySettings(path=str(run / "checkpoints" / "last.ckpt"), config_path=str(run / "policy"))
+    model, _ = settings.load()
+    exported, _ = load_policy(run / "policy")
+    assert model.probe_checkpoint_step == 3
+    for (name, a), b in zip(model.state_dict().items(), exported.state_dict().values()):
+        assert torch.equal(a, b), name
