@@ -15,6 +15,7 @@ from torch import Tensor
 from probe.logprobs import TeacherForcing
 
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+OBJECTIVES = ("ppo_clip", "cispo", "sapo")
 
 
 @dataclass
@@ -31,6 +32,15 @@ class LossConfig:
         max_response_length: ``L_max`` of ``seq-mean-token-sum-norm``; default: longest response in U.
         temperature: the log-probs of the loss are those of ``logits / temperature`` (as verl does
             with the rollout temperature).
+        objective: the per-token objective of the ratio ``r = exp(log p - old log p)``: ``ppo_clip``
+            (``-min(r A, clip(r) A)``), ``cispo`` (``-sg(min(r, ratio_max)) A log p``, TRL's ``cispo``) or ``sapo``
+            (``-sigmoid(tau (r - 1)) 4 / tau A``, tau by the advantage's sign, TRL's ``sapo``).
+        ratio_at_current: without ``use_old_logprobs``, take the ratio against the current log-probs held
+            constant (``r = 1`` with the gradient of ``log p``), as TRL does for on-policy steps: the loss value is
+            then TRL's; the gradient is the same either way for ``ppo_clip``. ``cispo`` and ``sapo`` always do.
+        ratio_max: ``cispo``'s cap on the ratio (TRL's ``epsilon_high`` under ``loss_type: cispo``).
+        sapo_temperature_pos: ``sapo``'s tau for tokens of positive advantage.
+        sapo_temperature_neg: ``sapo``'s tau for the others.
     """
 
     agg_mode: str = "seq-mean-token-mean"
@@ -39,10 +49,22 @@ class LossConfig:
     use_old_logprobs: bool = False
     max_response_length: int | None = None
     temperature: float = 1.0
+    objective: str = "ppo_clip"
+    ratio_at_current: bool = False
+    ratio_max: float | None = None
+    sapo_temperature_pos: float = 1.0
+    sapo_temperature_neg: float = 1.05
 
     def __post_init__(self) -> None:
         if self.agg_mode not in AGG_MODES:
             raise ValueError(f"unknown loss agg_mode {self.agg_mode!r}; choose one of {', '.join(AGG_MODES)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"unknown loss objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.objective == "cispo" and not (self.ratio_max is not None and self.ratio_max > 0):
+            raise ValueError(
+                f"loss.objective cispo caps the ratio at loss.ratio_max, which must be a number > 0 (got "
+                f"{self.ratio_max}). Fix: set loss.ratio_max to the trainer's cap (TRL: epsilon_high)"
+            )
         if not (self.temperature > 0 and math.isfinite(self.temperature)):
             raise ValueError(
                 f"loss.temperature must be a finite number > 0, got {self.temperature}: the loss's log-probs are those "
@@ -113,19 +135,27 @@ def per_sequence_loss(
     clip range (and those whose gradient the clip zeroes) are added to ``clip_counts``."""
     mask_f = mask.to(logprobs.dtype)
     adv = advantages.to(logprobs.dtype)[:, None]  # [B, 1]
-    if cfg.use_old_logprobs:
-        if old_logprobs is None:
-            raise ValueError(
-                "loss.use_old_logprobs is on but U has no old_logprobs; add them to the rollouts or turn it off"
-            )
-        ratio = torch.exp((logprobs - old_logprobs.to(logprobs.dtype)) * mask_f)  # [B, T-1]
-        high = cfg.clip_ratio if cfg.clip_ratio_high is None else cfg.clip_ratio_high
-        clipped = ratio.clamp(1.0 - cfg.clip_ratio, 1.0 + high)
-        per_token = torch.maximum(-adv * ratio, -adv * clipped)  # [B, T-1]
-        if clip_counts is not None:
-            clip_counts.add(ratio, clipped, adv, mask.bool())
-    else:
+    if cfg.use_old_logprobs and old_logprobs is None:
+        raise ValueError(
+            "loss.use_old_logprobs is on but U has no old_logprobs; add them to the rollouts or turn it off"
+        )
+    ratio_form = cfg.use_old_logprobs or cfg.ratio_at_current or cfg.objective != "ppo_clip"
+    if not ratio_form:
         per_token = -adv * logprobs  # [B, T-1]; gradient equals the ratio form at ratio = 1
+    else:
+        old = old_logprobs.to(logprobs.dtype) if cfg.use_old_logprobs else logprobs.detach()
+        ratio = torch.exp((logprobs - old) * mask_f)  # [B, T-1]
+        if cfg.objective == "cispo":
+            per_token = -ratio.clamp(max=cfg.ratio_max).detach() * adv * logprobs
+        elif cfg.objective == "sapo":
+            tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)  # [B, 1]
+            per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+        else:
+            high = cfg.clip_ratio if cfg.clip_ratio_high is None else cfg.clip_ratio_high
+            clipped = ratio.clamp(1.0 - cfg.clip_ratio, 1.0 + high)
+            per_token = torch.maximum(-adv * ratio, -adv * clipped)  # [B, T-1]
+            if clip_counts is not None:
+                clip_counts.add(ratio, clipped, adv, mask.bool())
     token_sum = (per_token * mask_f).sum(-1)  # [B]
     if cfg.agg_mode == "seq-mean-token-mean":
         return token_sum / mask_f.sum(-1).clamp(min=1.0) / norm.n_sequences
