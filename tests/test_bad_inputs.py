@@ -573,8 +573,8 @@ def test_yaml_nodes_are_counted_with_aliases_expanded_without_expanding_them(cap
         check_config_sizes(["predict", "--config", "a: &a [*a]"])
     assert "(an alias refers to itself (&a ... *a)): an alias bomb" in capsys.readouterr().err
     assert expanded_yaml_nodes("{a: [1") is None  # not YAML: the parser says so
-    for config in ("toy.yaml", "toy_grpo.yaml", "template.yaml"):
-        assert expanded_yaml_nodes((REPO / "configs" / config).read_text())[0] < 300
+    for config in sorted((REPO / "configs").glob("*.yaml")):  # every shipped config, far below the 100,000 limit
+        assert expanded_yaml_nodes(config.read_text())[0] < 400, config.name
     laughs = "[" + ", ".join(["&a0 [x, x, x, x, x, x, x, x, x]"] + ["*a0"] * 8) + "]"
     for i in range(1, 7):
         laughs = "[" + ", ".join([f"&a{i} {laughs}"] + [f"*a{i}"] * 8) + "]"
