@@ -103,13 +103,13 @@ _MEM_CHILD = "--memory-child"
 MEASUREMENTS = ("sweep_point", "reconstruction", "attribution")
 
 
-HEAD_BUDGET_MIB: list[float] = []  # --head-budget, when given
+HEAD_BUDGET_MIB: float | None = None  # --head-budget, when given
 
 
 def head_budget_mib() -> float:
     """The teacher-forcing head's memory budget: ``--head-budget``, else probe's default
     (``TeacherForcing().head_budget_mib``)."""
-    return float(HEAD_BUDGET_MIB[0] if HEAD_BUDGET_MIB else TeacherForcing().head_budget_mib)
+    return float(TeacherForcing().head_budget_mib if HEAD_BUDGET_MIB is None else HEAD_BUDGET_MIB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -639,7 +639,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    HEAD_BUDGET_MIB[:] = [] if args.head_budget is None else [args.head_budget]
+    global HEAD_BUDGET_MIB
+    HEAD_BUDGET_MIB = args.head_budget
     if args.memory_child:
         print(json.dumps(memory_child(args.memory_child, args)))
         return None

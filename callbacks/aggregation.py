@@ -21,7 +21,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from probe.engine import complete_eval, sort_rows, summarise_eval
 from probe.run_state import run_state_of
-from probe.sharding import is_sharded
+from probe.sharding import sharded_view
 
 log = logging.getLogger("probe")
 
@@ -114,7 +114,8 @@ class SNISAggregation(pl.Callback):
             E = inputs.eval_batch(k)
             result = summarise_eval(table, plan, E, state.require("resolution"))
             rank_zero = trainer.global_rank == 0
-            if rank_zero or is_sharded(state.policy):  # sharded: every rank takes part in the passes (collectives)
+            sharded = sharded_view(state.policy) is not None  # then every rank takes part in the passes (collectives)
+            if rank_zero or sharded:
                 swept = len(result.warnings)
                 for warning in result.warnings if rank_zero else ():
                     if "non-finite" in warning:  # (ESS warnings: see RunWriter)

@@ -16,7 +16,7 @@ from probe.loading import policy_step
 from probe.optim_loading import load_optimizer_state, zero_lr_message
 from probe.results import CHANGED_FLAGGED, ROUNDING_UNMEASURABLE
 from probe.run_state import on_rank_zero, run_state_of
-from probe.sharding import is_sharded
+from probe.sharding import sharded_view
 from probe.update import Update, reconstruct_update
 
 log = logging.getLogger("probe")
@@ -55,7 +55,7 @@ class UpdateReconstruction(pl.Callback):
                 U = inputs.update_batch.to(pl_module.device)
                 return reconstruct_update(policy, optimizer_state, U, settings.loss, settings.reconstruction)
 
-        sharded = is_sharded(policy)
+        sharded = sharded_view(policy) is not None
         if sharded:  # every rank its own rows (the passes over U are collectives)
             update = reconstruct()
         else:

@@ -542,7 +542,7 @@ def lightning_checkpoint(path: Path) -> Path | None:
 def _lightning_state(path: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], int | None]:
     """The weights a Lightning checkpoint holds for ``model`` (keyed like ``model.state_dict()``: the training
     module's attribute prefix, e.g. ``policy.``, stripped) and its ``global_step`` (None when it has none)."""
-    from probe.optim_loading import _load_weights_only, _safe_checkpoint_reader, _weights_only_planner
+    from probe.optim_loading import _load_weights_only, checkpoint_entries, load_checkpoint
 
     wanted = model.state_dict()
     if path.is_file():
@@ -553,9 +553,7 @@ def _lightning_state(path: Path, model: torch.nn.Module) -> tuple[dict[str, torc
         step = saved.get("global_step")
         shapes = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
     else:
-        import torch.distributed.checkpoint as dcp
-
-        entries = _safe_checkpoint_reader(path).read_metadata().state_dict_metadata
+        entries = checkpoint_entries(path)
         shapes = {
             k.removeprefix("state_dict."): tuple(getattr(v, "size", ()))
             for k, v in entries.items()
@@ -592,7 +590,7 @@ def _lightning_state(path: Path, model: torch.nn.Module) -> tuple[dict[str, torc
         )
     if state is None:  # a distributed checkpoint: read the policy's tensors whole, on this rank alone
         template = {f"state_dict.{prefix}{k}": torch.empty_like(v) for k, v in wanted.items()}
-        dcp.load(template, storage_reader=_safe_checkpoint_reader(path), planner=_weights_only_planner(), no_dist=True)
+        load_checkpoint(path, template)
         return {k: template[f"state_dict.{prefix}{k}"] for k in wanted}, step
     return {k: state[prefix + k] for k in wanted}, step
 

@@ -467,17 +467,11 @@ def _load_weights_only(file: Path) -> Any:
         ) from e
 
 
-def _read_distributed(path: Path, model: nn.Module, optimizer_index: int) -> dict[str, Any]:
-    """A distributed checkpoint's optimizer state as a Lightning checkpoint holds one (``optimizer_states``,
-    ``global_step``, ``lr_schedulers``), its moments laid out like the model's parameters (a sharded policy: this
-    rank's rows only). Read with ``torch.distributed.checkpoint.load`` on this rank alone (no collective)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = _safe_checkpoint_reader(path)
+def checkpoint_entries(path: Path) -> dict[str, Any]:
+    """A distributed checkpoint's entries (name -> tensor or value metadata), its ``.metadata`` read by
+    :class:`_CheckpointMetadataUnpickler`: a pickle of anything else is refused for safety, with the fix."""
     try:
-        entries = reader.read_metadata().state_dict_metadata
+        return _safe_checkpoint_reader(path).read_metadata().state_dict_metadata
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{path / DCP_METADATA} was refused for safety: it pickles {e}, which a distributed checkpoint's "
@@ -487,6 +481,35 @@ def _read_distributed(path: Path, model: nn.Module, optimizer_index: int) -> dic
         ) from e
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign directory: say which and why
         raise ValueError(f"could not read the distributed checkpoint {path} ({type(e).__name__}: {e})") from e
+
+
+def load_checkpoint(path: Path, template: dict[str, Any]) -> None:
+    """Fill ``template`` (entry name -> a tensor laid out as wanted, or None for a plain value) from the distributed
+    checkpoint ``path``, on this rank alone (no collective); plain values with ``torch.load(weights_only=True)``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(template, storage_reader=_safe_checkpoint_reader(path), planner=_weights_only_planner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch wraps each rank's failure (a BaseException)
+        refused = re.search(r"Unsupported global: (GLOBAL \S+)", str(e))
+        if refused:
+            raise ValueError(
+                f"{path} was refused for safety: a plain value of it pickles {refused.group(1)}, which could run "
+                "code when loaded, and probe only loads with weights_only=True. Fix: if you trust the checkpoint, "
+                "save its optimizer state again (torch.save(optimizer.state_dict()) from a run that loads it); "
+                "otherwise copy the checkpoint again from its source"
+            ) from None
+        raise ValueError(f"could not read the distributed checkpoint {path} ({type(e).__name__}: {e})") from e
+
+
+def _read_distributed(path: Path, model: nn.Module, optimizer_index: int) -> dict[str, Any]:
+    """A distributed checkpoint's optimizer state as a Lightning checkpoint holds one (``optimizer_states``,
+    ``global_step``, ``lr_schedulers``), its moments laid out like the model's parameters (a sharded policy: this
+    rank's rows only). Read with ``torch.distributed.checkpoint.load`` on this rank alone (no collective)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = checkpoint_entries(path)
     prefix = f"optimizer_{optimizer_index}."
     keys = [k for k in entries if k.startswith(prefix)]
     if not keys:
@@ -510,18 +533,7 @@ def _read_distributed(path: Path, model: nn.Module, optimizer_index: int) -> dic
             template[key] = torch.zeros_like(reference, dtype=dtype)  # a DTensor of the parameter's layout, or whole
         else:
             template[key] = torch.zeros(shape, dtype=dtype)
-    try:
-        dcp.load(template, storage_reader=reader, planner=_weights_only_planner(), no_dist=True)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - torch wraps each rank's failure (a BaseException)
-        refused = re.search(r"Unsupported global: (GLOBAL \S+)", str(e))
-        if refused:
-            raise ValueError(
-                f"{path} was refused for safety: a plain value of its optimizer state pickles {refused.group(1)}, "
-                "which could run code when loaded, and probe only loads with weights_only=True. Fix: if you trust "
-                "the checkpoint, save its optimizer state again (torch.save(optimizer.state_dict()) from a run that "
-                "loads it); otherwise copy the checkpoint again from its source"
-            ) from None
-        raise ValueError(f"could not read the distributed checkpoint {path} ({type(e).__name__}: {e})") from e
+    load_checkpoint(path, template)
     state: dict[str, dict[str, Any]] = {}
     groups: dict[int, dict[str, Any]] = {}
     for key, value in template.items():

@@ -57,16 +57,13 @@ def is_dtensor(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether any parameter of ``model`` is a ``DTensor`` (a policy sharded by FSDP2 or another DTensor plan)."""
-    return any(is_dtensor(p) for p in model.parameters())
-
-
 def sharded_view(model: nn.Module) -> "ShardedPolicy | None":
     """The :class:`ShardedPolicy` of a policy sharded with ``fully_shard`` (the policy itself is an FSDP2 module,
     whether its parameters are sharded or gathered by FSDP2 at this moment), None for an ordinary one."""
     if FSDPModule is not None and isinstance(model, FSDPModule):
         return ShardedPolicy.of(model)
+    if model in _ORDINARY:  # (every teacher-forcing pass asks: the parameters are looked through once)
+        return None
     if any(is_dtensor(p) for p in model.parameters()):
         raise ValueError(
             f"the policy ({type(model).__name__}) holds DTensor parameters but was not itself sharded with "
@@ -74,7 +71,11 @@ def sharded_view(model: nn.Module) -> "ShardedPolicy | None":
             "probe gathers a sharded policy by its FSDP2 units, the policy itself the root. Fix: call "
             "fully_shard(policy) after its layers (probe.sharding.shard_policy does both)"
         )
+    _ORDINARY.add(model)
     return None
+
+
+_ORDINARY: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # policies seen to hold no DTensor
 
 
 def from_rows(rows: Tensor, reference: Tensor) -> Tensor:
@@ -199,7 +200,9 @@ class ShardedPolicy:
         if FSDPModule is None or not isinstance(model, FSDPModule):
             raise ValueError("ShardedPolicy needs a policy sharded with torch.distributed.fsdp.fully_shard")
         self.model = model
-        self._reshard()  # FSDP2 may hold a unit gathered (the root after a forward): its DTensors are the parameters
+        unit_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the policy itself first
+        for module in unit_modules:  # FSDP2 may hold a unit gathered (the root after a forward): shards first
+            module.reshard()
         self.params: dict[str, Tensor] = dict(model.named_parameters())  # canonical names (tied ones once)
         canonical = {id(p): n for n, p in self.params.items()}
         self.slots: dict[str, list[tuple[nn.Module, str]]] = {n: [] for n in self.params}  # every module slot
@@ -207,7 +210,6 @@ class ShardedPolicy:
             for attr, p in module._parameters.items():
                 if p is not None and id(p) in canonical:
                     self.slots[canonical[id(p)]].append((module, attr))
-        unit_modules = [m for m in model.modules() if isinstance(m, FSDPModule)]  # the policy itself first
         owner = self._owners(unit_modules)
         self.units = [_Unit(module, [n for n in self.params if owner.get(n) is module]) for module in unit_modules]
         self.root, self.inner = self.units[0], self.units[1:]
@@ -215,12 +217,6 @@ class ShardedPolicy:
         self._reverse = False  # a differentiable gather: the graph saves gathered layers by name
         self._gathered: dict[str, Tensor] = {}  # name -> the full tensor installed now
         self._saved: dict[int, str] = {}  # storage pointer of an inner unit's gathered theta -> name (reverse passes)
-
-    def _reshard(self) -> None:
-        """Every FSDP2 unit in its sharded state (``FSDPModule.reshard``; a no-op where it is already)."""
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
 
     def _owners(self, units: list[nn.Module]) -> dict[str, nn.Module]:
         """Parameter name -> the innermost unit whose subtree holds it."""
@@ -387,7 +383,8 @@ class ShardedPolicy:
         unit at a time; FSDP2's own forward hooks are off meanwhile. Not re-entrant."""
         if self._value is not None:
             raise RuntimeError("ShardedPolicy.gathered is not re-entrant")
-        self._reshard()
+        for unit in self.units:  # every FSDP2 unit sharded (a no-op where it is): its DTensors are the parameters
+            unit.module.reshard()  # type: ignore[operator]
         self._value = value or self.theta()
         self._reverse = bool(getattr(self._value, "reverse", False))
         with ExitStack() as stack:

@@ -172,12 +172,7 @@ class Update:
             shard_meta = {"rank": rank, "world": world}
         tensors = {
             f"{part}.{name}": local(t.detach()).contiguous().cpu()
-            for part, d in (
-                ("full", self.full),
-                ("baseline", self.baseline),
-                ("grad", self.grad),
-                ("scale", self.scale),
-            )
+            for part, d in self.parts_with_scale().items()
             for name, t in d.items()
         }
         meta = {
