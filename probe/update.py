@@ -755,12 +755,12 @@ def per_sequence_inner_products(
 
 
 def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The torch optimizer inside ``optimizer`` (itself, or Lightning's ``LightningOptimizer`` wrapper's)."""
+    """The torch optimizer inside ``optimizer``: itself, or the one its wrappers hold as ``.optimizer`` (Lightning's
+    ``LightningOptimizer``, accelerate's ``AcceleratedOptimizer``, itself a ``torch.optim.Optimizer``)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
     if isinstance(optimizer, torch.optim.Optimizer):
         return optimizer
-    inner = getattr(optimizer, "optimizer", None)  # e.g. Lightning's LightningOptimizer wrapper
-    if isinstance(inner, torch.optim.Optimizer):
-        return inner
     raise TypeError(f"expected a torch.optim.Adam/AdamW or a probe.adam.AdamState, got {type(optimizer).__name__}")
 
 

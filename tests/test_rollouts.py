@@ -761,25 +761,22 @@ def test_an_evaluation_file_whose_responses_mostly_stop_without_eos_is_reported(
     ],
 )
 def test_the_live_probe_names_its_own_settings_when_it_refuses_an_evaluation_file(tmp_path, sampling, message):
-    from types import SimpleNamespace
-
-    from callbacks.live import LiveEntropyProbe, LiveEvalSettings
+    from probe.live import LiveEvalSettings, LiveProbe, LiveProbeSettings
 
     from support import tiny_llama
 
     path = tmp_path / "e.jsonl"
     write_rollouts(list(eval_records(**sampling)), path)
-    probe = LiveEntropyProbe(eval=LiveEvalSettings(path=str(path), refresh=False))
+    settings = LiveProbeSettings(eval=LiveEvalSettings(path=str(path), refresh=False))
+    probe = LiveProbe(settings, settings_name="the LiveEntropyProbe callback's init_args.eval")
     probe._pad, probe._eos = PAD, [EOS]  # what setup reads from the tokenizer and the policy
     with pytest.raises(ValueError, match=message) as info:
-        probe.on_train_start(SimpleNamespace(global_rank=0), SimpleNamespace(policy=tiny_llama()))
+        probe.hold_eval(tiny_llama())
     assert "allow_truncated_sampling" not in str(info.value)  # the callback has no such setting
 
 
 def test_the_live_probe_refuses_an_evaluation_file_longer_than_the_policys_context(tmp_path):
-    from types import SimpleNamespace
-
-    from callbacks.live import LiveEntropyProbe, LiveEvalSettings
+    from probe.live import LiveEvalSettings, LiveProbe, LiveProbeSettings
 
     from support import tiny_llama
 
@@ -787,12 +784,10 @@ def test_the_live_probe_refuses_an_evaluation_file_longer_than_the_policys_conte
     records = list(eval_records(temperature=1.0))
     records[2] = dict(records[2], response_ids=[3] * 7 + [EOS])  # 1 prompt + 8 response tokens
     write_rollouts(records, path)
-    probe = LiveEntropyProbe(eval=LiveEvalSettings(path=str(path), refresh=False))
+    probe = LiveProbe(LiveProbeSettings(eval=LiveEvalSettings(path=str(path), refresh=False)))
     probe._pad, probe._eos = PAD, [EOS]
     with pytest.raises(ValueError, match=r"e\.jsonl, line 3: the sequence is 9 tokens long .* context of 8 positions"):
-        probe.on_train_start(
-            SimpleNamespace(global_rank=0), SimpleNamespace(policy=tiny_llama(max_position_embeddings=8))
-        )
+        probe.hold_eval(tiny_llama(max_position_embeddings=8))
 
 
 def test_sampling_fields_read_back_from_float32_or_pandas_columns_are_what_was_written():

@@ -1,0 +1,573 @@
+"""The live entropy probe, whatever the trainer: predict, verify and measure a training run's optimizer steps.
+
+One :class:`LiveProbe` per training run; the trainer's adapter calls it at two points of every probed step
+(docs/DESIGN.md section 10):
+
+1. :meth:`LiveProbe.before_step`, after backward (and the data-parallel all-reduce), before ``optimizer.step()``:
+   reconstructs the step about to happen from the REAL gradients and the optimizer's state
+   (:func:`probe.update.update_from_gradients`: no second backward over U), then probes it on an evaluation batch
+   E with the engine (:func:`probe.engine.probe_eval`): SNIS over a small sweep of eta around lr (eta = lr is the
+   real step), first order (with its SE), second order by JVP, and the attribution of the gradient part's
+   first-order change to the step's sequences;
+2. :meth:`LiveProbe.after_step`, after ``optimizer.step()``: verifies that the parameters moved by exactly the
+   reconstruction (:func:`probe.verification.verify_step`; loudly, ``logging.warning`` and ``warnings.warn``,
+   beyond one rounding unit) and measures the realised change on FRESH samples
+   (:func:`probe.engine.realised_change`): H(new) - H(old) on independent samples of the new and the old policy,
+   and the z-scores of the predictions against it.
+
+One JSON line per probed step goes to ``<run_dir>/records.jsonl``: ``plan``, ``update`` and ``eval`` hold the same
+fields as ``summary.json``'s ``plan``, ``update`` and ``evals[k]`` of an offline run; :meth:`LiveProbe.metrics` gives
+the scalars an offline run logs (:func:`probe.results.metrics`) plus ``live/...`` for the verification, the
+realised change and the overhead; :meth:`LiveProbe.finish` draws ``<run_dir>/plots/live_entropy.png``.
+
+The adapters: ``callbacks.live.LiveEntropyProbe`` (a Lightning fit; the module declares its step through
+:mod:`probe.live_contract`) and ``callbacks.trl_live.TRLEntropyProbe`` (TRL's ``GRPOTrainer``; the step's U is
+captured from the trainer's own micro-batches). No Lightning, no transformers import here.
+
+Data parallel (DDP): every rank reconstructs the step from its (identical, all-reduced) gradients and verifies its
+own parameters; U is gathered to rank 0 (one ``all_gather_object``), which samples E, predicts, attributes and
+measures; the verification numbers of all ranks are gathered to rank 0 after the step. On a policy sharded with
+FSDP2 every rank reconstructs and verifies the rows of its own shards, U is gathered to every rank, and every rank
+samples the same E (same seed) and takes part in every pass (each forward gathers the policy's layers, a
+collective); rank 0 alone writes (docs/DESIGN.md section 11).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from probe.adam import AdamState
+from probe.batch import SequenceBatch, collate
+from probe.engine import EvalBatch, Plan, probe_eval, realised_change
+from probe.jsonable import dumps, json_safe
+from probe.live_contract import ProbedStep
+from probe.loading import context_length
+from probe.logprobs import TeacherForcing
+from probe.losses import normalisers as loss_normalisers
+from probe.overrides import base_statistics
+from probe.plots import plot_live
+from probe.prompts import PromptSource, load_prompts
+from probe.results import EvalResult, metrics, update_metrics
+from probe.sampling import SamplingSettings, derived_seed, sample_responses, special_token_ids
+from probe.sharding import sharded_view
+from probe.snis import SNISConfig
+from probe.statistics import INTEGRANDS, SequenceStats
+from probe.update import Update, unwrap_optimizer, update_from_gradients
+from probe.verification import verify_step
+
+log = logging.getLogger("probe")
+
+
+@dataclass
+class LiveEvalSettings:
+    """The evaluation batch E of the live probe.
+
+    Args:
+        path: a rollout file (JSONL or Parquet, docs/DESIGN.md section 9) holding E; empty: sample E from the policy.
+        source: prompts E is sampled from (when ``path`` is empty); held out from training by ``offset``.
+        sampling: how E is sampled (``temperature`` is the tau whose entropy is measured; no top-p/top-k).
+        refresh: sample E afresh from the current policy at every probed step (same prompts, a new seed per
+            step), so that E ~ pi_theta as the estimators assume. False: hold E fixed (sampled at the start
+            of fit, or read from ``path`` and taken as sampled from the policy at the start); importance
+            weights are then relative to that policy, and the attribution (which assumes E ~ pi_theta)
+            is skipped.
+        realised_n_per_prompt: responses per prompt of the fresh samples that measure the realised change
+            (default: ``sampling.n_per_prompt``).
+        forward_batch_size: sequences of E teacher-forced per forward pass (memory; results do not depend on it
+            beyond float rounding).
+    """
+
+    path: str = ""
+    source: PromptSource = field(default_factory=lambda: PromptSource(prompts="toy", n_prompts=32, offset=1000, seed=0))
+    sampling: SamplingSettings = field(
+        default_factory=lambda: SamplingSettings(n_per_prompt=8, max_new_tokens=4, seed=1)
+    )
+    refresh: bool = True
+    realised_n_per_prompt: int | None = None
+    forward_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.sampling.truncated:
+            raise ValueError(
+                "the live probe's E must be sampled without top_p/top_k (its entropy is the temperature-tau "
+                "policy's); remove them"
+            )
+        if self.path and self.refresh:
+            raise ValueError(
+                "eval.path gives a fixed E, which cannot be refreshed; set eval.refresh=false (or drop eval.path)"
+            )
+
+
+@dataclass
+class LiveProbeSettings:
+    """What the live probe does, and at which optimizer steps.
+
+    Args:
+        every_n_steps: probe the optimizer steps ``start_step``, ``start_step + k``, ... (k = every_n_steps).
+        eval: the evaluation batch E (sampled from the policy, or a rollout file).
+        integrand: ``token_entropy`` (sum of full-vocabulary token entropies) or ``logprob`` (-log p).
+        eta_factors: the SNIS sweep, eta = factor * lr (1.0, the real step, is always included).
+        second_order: also the second eta-derivative (a JVP of a JVP) and the linear radius.
+        attribution: attribute the gradient part's first-order change to each update sequence.
+        verify: after the step, compare the parameters' change with the reconstruction.
+        realised: after the step, measure the realised entropy change on fresh samples.
+        start_step: first probed step (0: the run's first optimizer step).
+    """
+
+    every_n_steps: int = 1
+    eval: LiveEvalSettings = field(default_factory=LiveEvalSettings)
+    integrand: str = "token_entropy"
+    eta_factors: list[float] = field(default_factory=lambda: [0.1, 1.0, 10.0])
+    second_order: bool = True
+    attribution: bool = True
+    verify: bool = True
+    realised: bool = True
+    start_step: int = 0
+
+    def __post_init__(self) -> None:
+        if self.every_n_steps < 1:
+            raise ValueError(f"every_n_steps={self.every_n_steps} must be >= 1")
+        if self.start_step < 0:
+            raise ValueError(f"start_step={self.start_step} must be >= 0 (0: the run's first optimizer step)")
+        if self.integrand not in INTEGRANDS:
+            raise ValueError(f"unknown integrand {self.integrand!r}; choose one of {', '.join(INTEGRANDS)}")
+        bad = [f for f in self.eta_factors if not (isinstance(f, (int, float)) and f > 0 and math.isfinite(f))]
+        if bad:
+            raise ValueError(f"eta_factors must be finite and > 0, got {bad}")
+        self.eta_factors = sorted(set(float(f) for f in self.eta_factors) | {1.0})
+
+    def is_probed(self, step: int) -> bool:
+        return step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
+
+
+@dataclass
+class GradientHandling:
+    """How the trainer turns its gradients into the optimizer's input at the probed step.
+
+    Attributes:
+        max_norm: the clip value of ``clip_grad_norm_`` (None: no clipping).
+        clipped: the gradients the probe reads are already clipped (HF Trainer's ``on_pre_optimizer_step``);
+            ``grad_norm`` then gives the pre-clip norm, from which the clip coefficient is recovered.
+        grad_norm: the pre-clip global norm (only with ``clipped``).
+        autocast: the autocast dtype of mixed precision (None: none).
+        grad_scale: a GradScaler's scale of this step (None: none).
+    """
+
+    max_norm: float | None = None
+    clipped: bool = False
+    grad_norm: torch.Tensor | float | None = None
+    autocast: torch.dtype | None = None
+    grad_scale: float | None = None
+
+
+@dataclass
+class Processes:
+    """The training run's processes as the probe sees them: this one's rank and how many there are."""
+
+    rank: int = 0
+    world_size: int = 1
+
+    def gather(self, obj: Any) -> list[Any]:
+        """``obj`` of every rank, in rank order (one ``all_gather_object``; ``[obj]`` in one process)."""
+        if self.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            out: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(out, obj)
+            return out
+        return [obj]
+
+
+@dataclass
+class PendingStep:
+    """What the probe keeps between :meth:`LiveProbe.before_step` and :meth:`LiveProbe.after_step`."""
+
+    step: int
+    update: Update
+    snapshot: dict[str, torch.Tensor]  # parameters before the step (for the verification)
+    record: dict[str, Any]  # the record so far (JSON-ready)
+    timings: dict[str, float]
+    result: EvalResult | None = None  # the prediction (rank 0; every rank of a sharded policy)
+    plan: Plan | None = None
+    old_sample: SequenceStats | None = None  # a sample of pi_old for the realised change
+
+
+@dataclass
+class ProbedRecord:
+    """One probed step's outcome: the record written to ``records.jsonl`` and its scalar metrics."""
+
+    step: int
+    record: dict[str, Any]
+    metrics: dict[str, float]
+
+
+class LiveProbe:
+    """The live probe of one training run (module docstring); its adapters call :meth:`setup`, :meth:`hold_eval`,
+    :meth:`before_step`, :meth:`after_step` and :meth:`finish`."""
+
+    def __init__(
+        self,
+        settings: LiveProbeSettings,
+        processes: Processes = Processes(),
+        run_dir: Path | None = None,
+        settings_name: str = "the live probe's eval",
+    ):
+        """
+        Args:
+            settings: what to probe and how.
+            processes: this process's rank and the world size.
+            run_dir: where rank 0 writes ``settings.json``, ``records.jsonl`` and ``plots/`` (None: nowhere).
+            settings_name: how error messages name ``settings.eval`` (the adapter's own config key).
+        """
+        self.settings, self.processes, self.settings_name = settings, processes, settings_name
+        self.run_dir = run_dir if processes.rank == 0 else None
+        self.records: list[dict] = []  # rank 0: full records; other ranks: their verification only
+        self.pending: PendingStep | None = None
+        self._prompts: list[list[int]] = []
+        self._held: tuple[SequenceBatch, SequenceStats] | None = None  # held E and its stats at the sampling policy
+        self._eos: list[int] = []
+        self._pad = 0
+
+    # ---- set-up -----------------------------------------------------------------------------
+    def setup(self, policy: torch.nn.Module, tokenizer: Any, context: dict[str, Any] | None = None) -> None:
+        """Read the special tokens and E's prompts; rank 0 writes ``settings.json`` (with ``context``: what the
+        adapter adds, such as the trainer's name)."""
+        self._pad, self._eos = special_token_ids(tokenizer, model=policy)  # + generation_config
+        if not self.settings.eval.path:
+            prompts, _ = load_prompts(self.settings.eval.source, tokenizer)
+            self._prompts = [list(map(int, p)) for p in prompts]
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            written = {**asdict(self.settings), "world_size": self.processes.world_size, **(context or {})}
+            (self.run_dir / "settings.json").write_text(json.dumps(written, indent=2, default=str))
+
+    def _takes_part(self, policy: torch.nn.Module) -> bool:
+        """Whether this rank runs the prediction's passes: rank 0, or every rank of a sharded policy."""
+        return self.processes.rank == 0 or sharded_view(policy) is not None
+
+    def hold_eval(self, policy: torch.nn.Module) -> None:
+        """With ``eval.refresh`` off: sample (or read) the held E at the start of training."""
+        if self.settings.eval.refresh or not self._takes_part(policy):
+            return
+        settings = self.settings.eval
+        with eval_mode(policy):
+            if settings.path:
+                from datamodules.rollouts import check_eval_sampling, read_rollouts
+
+                vocab = int(policy.get_input_embeddings().weight.shape[0])
+                context = context_length(policy)  # with RoPE scaling; None: the config names none
+                records = read_rollouts(
+                    settings.path, vocab_size=vocab, max_length=context, eos_token_ids=self._eos, pad_token_id=self._pad
+                )
+                check_eval_sampling(  # E must say how it was sampled: from the full distribution at tau
+                    records,
+                    temperature=settings.sampling.temperature,
+                    setting=f"{self.settings_name}.sampling.temperature",
+                    allow_setting=None,  # the live probe has no allow_truncated_sampling: the fix is to resample E
+                )
+                E = collate(list(records), pad_token_id=self._pad)
+            else:
+                E = self._sample(policy, settings.sampling.n_per_prompt, self._seed(-1, "eval"))
+            self._held = (E, self._statistics(policy, E))
+        log.info("live probe: holding an evaluation batch of %d sequences (sampled at the start of fit)", len(E))
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def _seed(self, step: int, purpose: str) -> int:
+        return derived_seed("live", self.settings.eval.sampling.seed, step, purpose)
+
+    def plan(self, lr: float, with_attribution: bool) -> Plan:
+        """The engine's plan of one probed step: the full step over eta = factor * lr, first/second order."""
+        s = self.settings
+        return Plan(
+            parts=("full",),
+            etas=tuple(f * lr for f in s.eta_factors),
+            lr=lr,
+            reference_eta=lr,
+            integrand=s.integrand,
+            snis=SNISConfig(),
+            first_order=True,
+            second_order=s.second_order,
+            attribution=with_attribution,
+            eval_update_matrix=False,
+            head_dtype=torch.float64,
+            batch_size=s.eval.forward_batch_size,
+        )
+
+    def _sample(self, policy: torch.nn.Module, n_per_prompt: int, seed: int) -> SequenceBatch:
+        device = next(policy.parameters()).device
+        sampling = replace(self.settings.eval.sampling, n_per_prompt=n_per_prompt)
+        records = sample_responses(
+            policy,
+            self._prompts,
+            sampling,
+            eos_token_id=self._eos,
+            pad_token_id=self._pad,
+            generator=torch.Generator(device=device).manual_seed(seed),
+        )
+        return collate(records, pad_token_id=self._pad)
+
+    def _statistics(self, policy: torch.nn.Module, E: SequenceBatch) -> SequenceStats:
+        """E's statistics at the current theta, teacher-forced as the step's plan does."""
+        s = self.settings.eval
+        forcing = TeacherForcing(temperature=s.sampling.temperature, batch_size=s.forward_batch_size)
+        return base_statistics(policy, E, forcing.for_integrand(self.settings.integrand))
+
+    # ---- before the step: reconstruct and predict ------------------------------------------
+    def before_step(
+        self,
+        step: int,
+        policy: torch.nn.Module,
+        optimizer: Any,
+        probed: ProbedStep | None,
+        gradients: GradientHandling = GradientHandling(),
+        trainer_name: str = "the trainer",
+    ) -> None:
+        """Reconstruct the step about to happen and predict its entropy change (module docstring, 1.). Every rank
+        calls it at every probed step (it holds collectives); ``probed`` is this rank's view of the step (None:
+        nothing to probe). ``optimizer``: a torch Adam/AdamW, or a wrapper of one (Lightning's, accelerate's)."""
+        self.pending = None
+        timings: dict[str, float] = {}
+        start = clock = time.perf_counter()
+
+        def lap(name: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            timings[f"{name}_s"] = now - clock
+            clock = now
+
+        # one collective on every rank before anything can return or raise, so that all ranks decide alike
+        mine = (
+            None if probed is None else (None if probed.batch is None else probed.batch.to("cpu"), probed.normalisers)
+        )
+        everyone = self.processes.gather(mine)
+        lap("gather")
+        if any(e is None for e in everyone):
+            message = "live probe: %s declares no probed step at step %d on some rank; not probed"
+            log.warning(message, trainer_name, step)
+            return
+        if self.processes.world_size > 1 and any(normalisers is None for _, normalisers in everyone):
+            raise ValueError(
+                "with several processes the ProbedStep must carry the normalisers of the global U (every rank's "
+                "sequences); see probe.grpo.GRPOModule"
+            )
+        takes_part = self._takes_part(policy)
+        batches = [b for b, _ in everyone if b is not None and len(b) > 0]
+        U_all = SequenceBatch.concat(batches, self._pad) if batches and takes_part else None
+        norm = probed.normalisers
+        if norm is None and U_all is not None:
+            norm = loss_normalisers(U_all.target_mask, probed.loss)
+        state = AdamState.from_optimizer(adam_of(optimizer), policy)
+        named = dict(policy.named_parameters())
+        grads = {n: named[n].grad for n in state.hyper if n in named}
+        try:
+            update = update_from_gradients(
+                named,
+                grads,
+                state,
+                gradients.max_norm,
+                clipped=gradients.clipped,
+                grad_norm=gradients.grad_norm,
+                loss=probed.loss,
+                normalisers=norm,
+                autocast_dtype=gradients.autocast,
+                grad_scale=gradients.grad_scale,
+                head_dtype=probed.head_dtype,
+            )
+        except ValueError as e:  # no or non-finite gradients (e.g. a GradScaler step that will be skipped)
+            log.warning("live probe: step %d not reconstructed: %s", step, e)
+            return
+        snapshot = {n: named[n].detach().clone() for n in update.full} if self.settings.verify else {}
+        lap("reconstruct")
+        record: dict[str, Any] = {"step": step, "world_size": self.processes.world_size, "update": update.summary()}
+        pending = PendingStep(step=step, update=update, snapshot=snapshot, record=record, timings=timings)
+        if takes_part:
+            with eval_mode(policy), torch.inference_mode(False):
+                self._predict(pending, policy, U_all, lap)
+        timings["before_step_s"] = time.perf_counter() - start
+        self.pending = pending
+
+    def _predict(self, pending: PendingStep, policy: torch.nn.Module, U: SequenceBatch | None, lap: Any) -> None:
+        """Sample (or take) E, probe the step on it with the engine, keep a sample of pi_old."""
+        settings, step, update = self.settings.eval, pending.step, pending.update
+        tau = settings.sampling.temperature
+        if settings.refresh:
+            E = self._sample(policy, settings.sampling.n_per_prompt, self._seed(step, "eval"))
+            E_batch = EvalBatch(name="eval_00", batch=E, temperature=tau)
+        else:
+            E, at_sampling = self._held
+            E_batch = EvalBatch(name="eval_00", batch=E, temperature=tau, sampling=at_sampling)
+        lap("sample_eval")
+        # the attribution assumes E ~ pi_theta (a fresh E) and needs the step's sequences
+        plan = self.plan(update.lr, self.settings.attribution and settings.refresh and U is not None)
+        result, base = probe_eval(policy, update, U, E_batch, plan, timings=pending.timings)
+        pending.result, pending.plan = result, plan
+        pending.record.update(plan=plan.describe(), eval=result.to_dict())
+        if "attributions" in result.arrays:
+            pending.record["attributions"] = {
+                "index": U.index.tolist(),
+                "group": [_plain(g) for g in U.group],
+                "values": result.arrays["attributions"].tolist(),
+            }
+        lap("probe")
+        if self.settings.realised:
+            if settings.refresh:
+                pending.old_sample = base  # a fresh sample of pi_old already
+            else:  # H(old) needs a fresh sample of pi_old
+                n = settings.realised_n_per_prompt or settings.sampling.n_per_prompt
+                E_old = self._sample(policy, n, self._seed(step, "realised_old"))
+                pending.old_sample = self._statistics(policy, E_old)
+                lap("sample_old")
+
+    # ---- after the step: verify and measure ------------------------------------------------
+    def after_step(self, policy: torch.nn.Module) -> ProbedRecord | None:
+        """Verify the step and measure its realised change (module docstring, 2.); every rank calls it after every
+        step (it holds collectives when a step was probed). Rank 0 writes the record and gets it back with its
+        metrics; other ranks and unprobed steps get None."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return None
+        timings, record, update = pending.timings, pending.record, pending.update
+        start = time.perf_counter()
+        check = verify_step(policy, update, pending.snapshot) if self.settings.verify else None
+        timings["verify_s"] = time.perf_counter() - start
+        # every rank verified its own parameters; rank 0 collects them (and checks the ranks took one step)
+        everyone = self.processes.gather({"verification": check, "update_norm": update.norms["full"]})
+        if check is not None:
+            worst = max(e["verification"]["max_units"] for e in everyone)
+            record["verification"] = dict(check, ranks=[e["verification"] for e in everyone], max_units_all_ranks=worst)
+            self._warn_if_off(pending.step, worst, check)
+        norms = [e["update_norm"] for e in everyone]
+        record["update"]["rank_norm_spread"] = (max(norms) - min(norms)) / max(abs(max(norms)), 1e-300)
+        if self._takes_part(policy) and pending.old_sample is not None:
+            clock = time.perf_counter()
+            with eval_mode(policy), torch.inference_mode(False):
+                realised = self._realised(policy, pending)
+            record["realised"] = json_safe(realised)
+            timings["realised_s"] = time.perf_counter() - clock
+        timings["after_step_s"] = time.perf_counter() - start
+        timings["total_s"] = timings["before_step_s"] + timings["after_step_s"]
+        record["timings"] = timings
+        record = json_safe(record)
+        self.records.append(record)
+        if self.processes.rank != 0:
+            return None
+        self._write(record)
+        return ProbedRecord(step=pending.step, record=record, metrics=self.metrics(pending, record))
+
+    def _warn_if_off(self, step: int, worst: float, check: dict) -> None:
+        if worst > 1.0:
+            message = (
+                f"live probe: at step {step} the parameters moved {worst:.3g} rounding units away from the "
+                f"reconstructed step (worst: {check['worst_parameter']}, |error| {check['max_abs_error']:.3g}); the "
+                "optimizer step is not the AdamW step of the declared loss: check the step's batch, loss and "
+                "normalisers, gradient clipping, and that nothing else changes parameters or gradients between "
+                "backward and step"
+            )
+            log.warning(message)
+            warnings.warn(message, stacklevel=3)
+
+    def _realised(self, policy: torch.nn.Module, pending: PendingStep) -> Any:
+        """H(new) - H(old) on independent samples of pi_new and pi_old, and the predictions' z-scores."""
+        settings = self.settings.eval
+        n = settings.realised_n_per_prompt or settings.sampling.n_per_prompt
+        E_new = self._sample(policy, n, self._seed(pending.step, "realised"))
+        new = self._statistics(policy, E_new)
+        at = self.settings.eta_factors.index(1.0)
+        predicted = None if pending.result is None else pending.result.parts["full"]
+        integrand, eta = self.settings.integrand, pending.update.lr
+        return realised_change(pending.old_sample, new, integrand, predicted, at=at, eta=eta)
+
+    # ---- outputs (rank 0) ---------------------------------------------------------------------
+    def _write(self, record: dict) -> None:
+        if self.run_dir is None:
+            return
+        with open(self.run_dir / "records.jsonl", "a") as f:
+            f.write(dumps(record) + "\n")
+
+    @staticmethod
+    def metrics(pending: PendingStep, record: dict) -> dict[str, float]:
+        """Scalar metrics of a probed step: the offline run's keys (``eval_00/full/delta_h@lr``, ``update/...``) and
+        ``live/...`` for what only a live run has (verification, realised change, z-scores, overhead)."""
+        out = update_metrics(record["update"])
+        if pending.result is not None:
+            out.update(metrics(pending.result, list(pending.plan.etas), pending.update.lr))
+        live: dict[str, Any] = {"live/overhead_s": record["timings"]["total_s"]}
+        if "verification" in record:
+            live["live/verification/max_units"] = record["verification"]["max_units_all_ranks"]
+        if "realised" in record:
+            realised = record["realised"]
+            live.update({"live/realised/delta_h": realised["delta_h"], "live/realised/se": realised["se"]})
+            live.update({f"live/realised/z_{key}": z for key, z in realised.get("z", {}).items()})
+        out.update({k: float(v) for k, v in live.items() if v is not None and math.isfinite(float(v))})
+        return out
+
+    def finish(self) -> Path | None:
+        """Rank 0, at the end of training: ``plots/live_entropy.png`` of the probed steps (None: nothing probed)."""
+        if self.run_dir is None or not self.records:
+            return None
+        path = plot_live(self.records, self.run_dir / "plots" / "live_entropy.png")
+        overhead = self.overhead_seconds()
+        log.info(
+            "live probe: %d probed steps, %.3f s per probed step on average; records in %s",
+            len(overhead),
+            sum(overhead) / len(overhead),
+            self.run_dir,
+        )
+        return path
+
+    def overhead_seconds(self) -> list[float]:
+        """The probe's own time per probed step (``timings.total_s`` of each record)."""
+        return [r["timings"]["total_s"] for r in self.records]
+
+
+def adam_of(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch Adam/AdamW inside a trainer's optimizer wrapper; anything else is refused."""
+    inner = unwrap_optimizer(optimizer)
+    if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
+        raise TypeError(
+            "the live probe reconstructs torch.optim.Adam/AdamW steps, the run uses "
+            f"{type(inner).__name__}; train with AdamW (or detach the probe)"
+        )
+    return inner
+
+
+class eval_mode:
+    """The policy as the probe's passes need it: in eval mode (no dropout, no gradient checkpointing) and without
+    transformers' input-require-grads hooks (``enable_input_require_grads``, registered on the input embeddings by
+    ``gradient_checkpointing_enable``, once per call: TRL's trainer leaves several). They call ``requires_grad_``
+    inside the probe's ``torch.func`` transforms, which torch refuses, and are not needed by its passes. Both are
+    restored after, the hooks in their order."""
+
+    HOOK = "make_inputs_require_grads"  # the hook's name in transformers' enable_input_require_grads
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.was_training = module, module.training
+        self.suspended: list[tuple[torch.nn.Module, OrderedDict]] = []
+
+    def __enter__(self) -> None:
+        self.module.eval()
+        for m in self.module.modules():
+            hooks = m._forward_hooks
+            if any(getattr(fn, "__name__", "") == self.HOOK for fn in hooks.values()):
+                self.suspended.append((m, OrderedDict(hooks)))
+                for key in [k for k, fn in hooks.items() if getattr(fn, "__name__", "") == self.HOOK]:
+                    del hooks[key]
+
+    def __exit__(self, *exc: Any) -> None:
+        for m, hooks in self.suspended:
+            m._forward_hooks.clear()
+            m._forward_hooks.update(hooks)
+        self.suspended = []
+        self.module.train(self.was_training)
+
+
+def _plain(x: Any) -> Any:
+    return x if isinstance(x, (int, float, str, type(None))) else str(x)
