@@ -103,7 +103,7 @@ class Normalisers:
     """Counts over the whole update batch that fix the loss scale."""
 
     n_sequences: int  # N
-    n_tokens: int  # T_total, response tokens in U
+    n_tokens: int | float  # T_total, response tokens in U (a trainer may normalise by another count, TRL's dapo)
     max_length: int  # L_max
 
 

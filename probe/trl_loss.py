@@ -26,10 +26,10 @@ Tested against TRL's own ``GRPOTrainer._compute_loss`` on one micro-batch (loss 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from probe.losses import LossConfig
+from probe.losses import LossConfig, Normalisers
 
 AGGREGATION = {
     "grpo": "seq-mean-token-mean",
@@ -53,14 +53,17 @@ class TRLLoss:
         epsilon_high: the upper one (default: ``epsilon``); ``cispo``'s cap on the ratio.
         max_completion_length: ``dr_grpo``'s normaliser.
         temperature: the temperature TRL's log-probs use (its sampling temperature).
-        num_iterations: steps per generation batch; above 1 the ratio is against U's ``old_logprobs``.
+        num_iterations: optimizer passes over each generation batch; above 1 the ratio is against U's
+            ``old_logprobs`` (:attr:`uses_old_logprobs`).
         beta: the KL coefficient (only 0 is reproduced).
         delta: two-sided clipping of the ratio (only None is reproduced).
         importance_sampling_level: ``token`` (``sequence``, GSPO, is not reproduced).
         sapo_temperature_pos: ``sapo``'s tau for positive advantages.
         sapo_temperature_neg: ``sapo``'s tau for the others.
-        micro_batches: micro-batches per optimizer step over all processes (``gradient_accumulation_steps`` x
-            processes): ``bnpo`` normalises by each micro-batch's own tokens, reproduced for 1 only.
+        gradient_accumulation_steps: micro-batches a process accumulates per optimizer step.
+        num_processes: data-parallel processes.
+        steps_per_generation: micro-batches one generation batch is split into (default:
+            ``gradient_accumulation_steps``); ``dapo`` and ``cispo`` normalise by the generation batch's tokens.
     """
 
     loss_type: str = "dapo"
@@ -74,7 +77,56 @@ class TRLLoss:
     importance_sampling_level: str = "token"
     sapo_temperature_pos: float = 1.0
     sapo_temperature_neg: float = 1.05
-    micro_batches: int = 1
+    gradient_accumulation_steps: int = 1
+    num_processes: int = 1
+    steps_per_generation: int | None = None
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per optimizer step over all processes."""
+        return self.gradient_accumulation_steps * self.num_processes
+
+    @property
+    def generation_steps(self) -> int:
+        return self.steps_per_generation or self.gradient_accumulation_steps
+
+    @property
+    def uses_old_logprobs(self) -> bool:
+        """Whether TRL computes old log-probs for the ratio: when a generation batch is used by more than one
+        optimizer step (``num_iterations > 1``, or ``steps_per_generation`` beyond the accumulation window), i.e.
+        ``gradient_accumulation_steps % (steps_per_generation * num_iterations) != 0``. Otherwise the ratio is
+        against the current log-probs held constant."""
+        return self.gradient_accumulation_steps % (self.generation_steps * self.num_iterations) != 0
+
+    def normalisers(
+        self, n_sequences: int, n_tokens: int, num_items_in_batch: int, accumulation_steps: int | None = None
+    ) -> Normalisers:
+        """The normalisers of one optimizer step's U (every process's micro-batches of the step) that make probe's
+        per-sequence losses add up to the gradient TRL accumulates (DDP averaging over processes included).
+
+        Args:
+            n_sequences: the step's sequences over all processes.
+            n_tokens: their response (loss-mask) tokens.
+            num_items_in_batch: TRL's ``num_items_in_batch`` of the step's micro-batches: the loss-mask tokens of
+                their generation batch over all processes.
+            accumulation_steps: the trainer's ``current_gradient_accumulation_steps`` (the last window of an
+                epoch may be shorter; default ``gradient_accumulation_steps``).
+
+        ``grpo``, ``sapo``, ``luspo``, ``dr_grpo``: each micro-batch's mean over its sequences, divided by the
+        accumulation steps and averaged over processes, is the mean over the step's ``n_sequences``. ``dapo``,
+        ``cispo``: each micro-batch's token sum over ``num_items_in_batch / processes * accumulation /
+        steps_per_generation``, so the step's tokens over ``num_items_in_batch * accumulation /
+        steps_per_generation`` (the step's own ``n_tokens`` when a generation batch is one step).
+        """
+        self.loss_config()  # refuses what is not reproduced
+        accumulation = accumulation_steps or self.gradient_accumulation_steps
+        tokens: int | float = n_tokens
+        if self.loss_type in ("dapo", "cispo"):
+            tokens = num_items_in_batch * accumulation / self.generation_steps
+            tokens = int(tokens) if float(tokens).is_integer() else tokens
+        if not tokens:
+            raise ValueError("the step's update batch has no completion tokens: every completion is masked")
+        return Normalisers(n_sequences=n_sequences, n_tokens=tokens, max_length=self.max_completion_length)
 
     def loss_config(self) -> LossConfig:
         """The :class:`~probe.losses.LossConfig` of this TRL loss (refusing, by name, what it cannot reproduce)."""
@@ -103,7 +155,7 @@ class TRLLoss:
             agg_mode=AGGREGATION[self.loss_type],
             clip_ratio=self.epsilon,
             clip_ratio_high=high,
-            use_old_logprobs=self.num_iterations > 1,
+            use_old_logprobs=self.uses_old_logprobs,
             max_response_length=self.max_completion_length if self.loss_type == "dr_grpo" else None,
             temperature=self.temperature,
             objective=OBJECTIVE.get(self.loss_type, "ppo_clip"),
@@ -112,6 +164,12 @@ class TRLLoss:
             sapo_temperature_pos=self.sapo_temperature_pos,
             sapo_temperature_neg=self.sapo_temperature_neg,
         )
+
+    def flags(self, prefix: str = "--model.init_args.loss.") -> list[str]:
+        """The loss as ``python -m probe predict`` flags (README "Trained with TRL"), e.g.
+        ``TRLLoss(loss_type="dapo", epsilon_high=0.28).flags()``."""
+        text = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+        return [f"{prefix}{k}={text(v)}" for k, v in asdict(self.loss_config()).items()]
 
     @classmethod
     def from_trainer_args(cls, args: Any, num_processes: int = 1) -> "TRLLoss":
@@ -142,5 +200,7 @@ class TRLLoss:
             importance_sampling_level=getattr(args, "importance_sampling_level", "token"),
             sapo_temperature_pos=float(getattr(args, "sapo_temperature_pos", 1.0)),
             sapo_temperature_neg=float(getattr(args, "sapo_temperature_neg", 1.05)),
-            micro_batches=int(args.gradient_accumulation_steps) * num_processes,
+            gradient_accumulation_steps=int(args.gradient_accumulation_steps),
+            num_processes=int(num_processes),
+            steps_per_generation=int(getattr(args, "steps_per_generation", None) or args.gradient_accumulation_steps),
         )

@@ -216,3 +216,20 @@ def assert_live_runs_agree(one: Path, two: Path, attribution_atol: float) -> Non
         assert close(b["eval"]["attribution"]["sum"], a["eval"]["attribution"]["sum"])
         assert b["attributions"]["values"] == pytest.approx(a["attributions"]["values"], rel=1e-9, abs=attribution_atol)
         assert close(b["realised"]["delta_h"], a["realised"]["delta_h"])
+
+
+def use_exact_trl_logprobs(trainer: Any) -> None:
+    """Replace TRL's per-token log-probs by exact ones in the policy's dtype (on this trainer instance).
+
+    TRL's fused head kernel accumulates log-probs and their gradients in float32 whatever the policy's dtype (its
+    float64 gradients differ from exact ones by ~1e-6 relative): with this, a float64 comparison checks what TRL does
+    with the log-probs, its loss, to float64 rounding."""
+
+    def exact_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy=False, **_):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=False).logits
+        logp = (logits[:, :-1] / trainer.temperature).log_softmax(-1)  # [B, T-1, V]
+        token = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)[:, -logits_to_keep:]
+        entropy = -(logp.exp() * logp).sum(-1)[:, -logits_to_keep:] if compute_entropy else None
+        return token, entropy, None
+
+    trainer._get_per_token_logps_and_entropies = exact_logps

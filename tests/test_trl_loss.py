@@ -25,6 +25,8 @@ from probe.losses import normalisers  # noqa: E402
 from probe.trl_loss import AGGREGATION, TRLLoss  # noqa: E402
 from probe.update import sequence_losses  # noqa: E402
 
+from support import use_exact_trl_logprobs  # noqa: E402
+
 PROMPT, COMPLETION = 4, 6
 
 
@@ -61,17 +63,7 @@ def trainer(tiny_llama, toy_world_dir, tmp_path_factory):
     trainer.current_gradient_accumulation_steps = 1  # (set by the training loop; one micro-batch here)
     trainer.model.train()
 
-    def exact_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy=False, **_):
-        """TRL's per-token log-probs without its fused head kernel, which accumulates in float32 whatever the
-        policy's dtype (its gradients differ from float64 ones by ~1e-6 relative): what is compared is what TRL
-        does with the log-probs, the loss."""
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, fused_lm_head=False).logits
-        logp = (logits[:, :-1] / trainer.temperature).log_softmax(-1)  # [B, T-1, V]
-        token = logp.gather(-1, input_ids[:, 1:, None]).squeeze(-1)[:, -logits_to_keep:]
-        entropy = -(logp.exp() * logp).sum(-1)[:, -logits_to_keep:] if compute_entropy else None
-        return token, entropy, None
-
-    trainer._get_per_token_logps_and_entropies = exact_logps
+    use_exact_trl_logprobs(trainer)  # what is compared is what TRL does with the log-probs, the loss
     return trainer
 
 
@@ -154,7 +146,7 @@ def test_probes_loss_and_gradient_are_trls(trainer, loss_type, old):
         ({"delta": 1.5}, "delta 1.5"),
         ({"importance_sampling_level": "sequence"}, "GSPO"),
         ({"loss_type": "vespo"}, "loss_type 'vespo'"),
-        ({"loss_type": "bnpo", "micro_batches": 2}, "bnpo over 2 micro-batches"),
+        ({"loss_type": "bnpo", "gradient_accumulation_steps": 2}, "bnpo over 2 micro-batches"),
     ],
 )
 def test_what_probe_does_not_reproduce_is_refused_by_name(change, named):
