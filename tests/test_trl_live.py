@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -186,3 +187,31 @@ def test_what_the_probe_does_not_reproduce_is_refused_when_it_is_attached(exampl
         TRLEntropyProbe.attach(trainer)
     with pytest.raises(TypeError, match="attaches to TRL's GRPOTrainer"):
         TRLEntropyProbe.attach(dataclasses.make_dataclass("NotTRL", [])())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_two_ddp_processes_give_the_probe_the_whole_steps_u_and_its_normalisers(tmp_path, loss_type, toy_world_dir):
+    # each process keeps its own micro-batches; the normalisers count both processes' sequences (grpo) or TRL's
+    # num_items_in_batch over both (dapo); summed over the processes, probe's gradient of each U is the all-reduced
+    # gradient DDP gives the optimizer (measured 4e-16 of its largest element), and every process verifies its step
+    import os
+    import subprocess
+
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    worker = str(REPO / "tests" / "trl_ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", worker, str(tmp_path), loss_type]
+    out = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    for step in range(2):
+        ours = [r["compared"][step] for r in ranks]
+        assert all(c["n"] == 64 and c["N"] == 128 and c["worst"] < 1e-12 for c in ours), ours
+        assert sorted(ours[0]["index"] + ours[1]["index"]) == list(range(128))  # unique across the processes
+    records = ranks[0]["records"]
+    assert [r["step"] for r in records] == [0, 1]
+    for r in records:
+        assert r["world_size"] == 2 and r["update"]["n_sequences"] == 128
+        assert r["verification"]["max_units_all_ranks"] <= 1.0 and len(r["verification"]["ranks"]) == 2
+        assert sorted(r["attributions"]["index"]) == list(range(128))
