@@ -167,9 +167,10 @@ class TRLLoss:
 
     def flags(self, prefix: str = "--model.init_args.loss.") -> list[str]:
         """The loss as ``python -m probe predict`` flags (README "Trained with TRL"), e.g.
-        ``TRLLoss(loss_type="dapo", epsilon_high=0.28).flags()``."""
-        text = lambda v: "null" if v is None else str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
-        return [f"{prefix}{k}={text(v)}" for k, v in asdict(self.loss_config()).items()]
+        ``TRLLoss(loss_type="dapo", epsilon_high=0.28).flags()``. Settings that are None (no cap, no fixed length)
+        are left out: they keep the config's value, None in the shipped configs."""
+        text = lambda v: str(v).lower() if isinstance(v, bool) else str(v)  # noqa: E731
+        return [f"{prefix}{k}={text(v)}" for k, v in asdict(self.loss_config()).items() if v is not None]
 
     @classmethod
     def from_trainer_args(cls, args: Any, num_processes: int = 1) -> "TRLLoss":
