@@ -6,7 +6,7 @@ Attach it to a trainer before ``train()``::
     TRLEntropyProbe.attach(trainer, LiveProbeSettings(every_n_steps=10))
     trainer.train()
 
-At every probed optimizer step (docs/DESIGN.md section 10):
+At every probed optimizer step (docs/DESIGN.md section 6, "A live step"):
 
 * while the step's micro-batches are computed, the probe keeps each one as TRL built it (the ``inputs`` of
   ``compute_loss``: prompt and completion ids and masks, advantages, old log-probs, ``num_items_in_batch``), and
@@ -22,9 +22,9 @@ At every probed optimizer step (docs/DESIGN.md section 10):
 
 Probing does not change training: the probe samples with its own generators, never writes ``.grad`` or the
 parameters, and restores the policy's mode (``tests/test_trl_live.py`` trains with and without it and compares the
-parameters bitwise). What it does not reproduce is refused when it is attached, by name: the loss options of
-:class:`probe.trl_loss.TRLLoss`, DeepSpeed and FSDP, optimizers other than torch's Adam/AdamW, per-token
-advantages and multimodal inputs.
+parameters bitwise). What it does not reproduce is refused by name: when it is attached, the loss options
+:class:`probe.trl_loss.TRLLoss` refuses, DeepSpeed and FSDP; at the first probed step, optimizers other than torch's
+Adam/AdamW, per-token advantages and multimodal inputs.
 
 U's ``index`` orders the step's sequences by process, then micro-batch, then row; ``group`` is the prompt text
 (TRL shuffles a generation batch, so a group is its prompt).
@@ -32,7 +32,6 @@ U's ``index`` orders the step's sequences by process, then micro-batch, then row
 
 from __future__ import annotations
 
-import logging
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -44,8 +43,6 @@ from probe.batch import SequenceBatch
 from probe.live import GradientHandling, LiveProbe, LiveProbeSettings, Processes
 from probe.live_contract import ProbedStep
 from probe.trl_loss import TRLLoss
-
-log = logging.getLogger("probe")
 
 KEPT = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_per_token_logps")
 KNOWN = (*KEPT, "num_items_in_batch", "tool_mask", "sampling_per_token_logps", "importance_sampling_ratio")

@@ -1,7 +1,7 @@
 """The live entropy probe, whatever the trainer: predict, verify and measure a training run's optimizer steps.
 
 One :class:`LiveProbe` per training run; the trainer's adapter calls it at two points of every probed step
-(docs/DESIGN.md section 10):
+(docs/DESIGN.md section 6, "A live step"):
 
 1. :meth:`LiveProbe.before_step`, after backward (and the data-parallel all-reduce), before ``optimizer.step()``:
    reconstructs the step about to happen from the REAL gradients and the optimizer's state
