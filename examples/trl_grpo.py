@@ -83,7 +83,8 @@ def make_trainer(run: ToyTRLRun) -> Any:
         save_strategy="no",
         disable_tqdm=True,
     )
-    train = Dataset.from_dict({"prompt": make_prompt_texts(256, seed=3)})  # the probe's E: toy prompts from 1000 on
+    # (the toy task has 100 problems, so E's prompts, probe_settings, are drawn from the same ones)
+    train = Dataset.from_dict({"prompt": make_prompt_texts(256, seed=3)})
     return GRPOTrainer(model=model, reward_funcs=toy_reward, args=args, train_dataset=train, processing_class=tokenizer)
 
 
