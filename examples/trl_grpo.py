@@ -39,6 +39,7 @@ class ToyTRLRun:
     seed: int = 0
     report_to: list[str] = field(default_factory=list)
     dtype: torch.dtype = torch.float32
+    use_cpu: bool = True  # False: the accelerator TRL finds (one GPU)
 
 
 def toy_reward(prompts: list[str], completions: list[str], completion_ids: list[list[int]], **_: Any) -> list[float]:
@@ -65,7 +66,7 @@ def make_trainer(run: ToyTRLRun) -> Any:
     per_device = run.prompts_per_micro_batch * run.num_generations
     args = GRPOConfig(
         output_dir=run.output_dir,
-        use_cpu=True,
+        use_cpu=run.use_cpu,
         bf16=False,
         per_device_train_batch_size=per_device,
         num_generations=run.num_generations,
