@@ -105,7 +105,8 @@ def main(out: str, device: str = "gpu") -> None:
             except Exception as e:  # report and go on to the next check
                 import traceback
 
-                result[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+                text = traceback.format_exc()
+                result[name] = {"error": f"{type(e).__name__}: {e}", "traceback": text[:4000] + " ... " + text[-1500:]}
             (out_dir / "gpu_live_check.json").write_text(json.dumps(result, indent=2, default=str))
     print(json.dumps(result, indent=2, default=str))
 

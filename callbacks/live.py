@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 
 from probe.live import GradientHandling, LiveEvalSettings, LiveProbe, LiveProbeSettings, Processes
-from probe.live_contract import LiveProbeTarget, OwnsRunDirectory
+from probe.live_contract import OwnsRunDirectory, is_live_probe_target
 
 __all__ = ["LiveEntropyProbe", "LiveEvalSettings"]
 
@@ -85,7 +85,7 @@ class LiveEntropyProbe(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        if not isinstance(pl_module, LiveProbeTarget):
+        if not is_live_probe_target(pl_module):
             raise TypeError(
                 f"{type(pl_module).__name__} does not implement probe.live_contract.LiveProbeTarget (policy, "
                 "tokenizer, probed_step()): LiveEntropyProbe reads the step's update batch and loss from it. Fix: "

@@ -47,13 +47,24 @@ class ProbedStep:
 
 @runtime_checkable
 class LiveProbeTarget(Protocol):
-    """A training module the live entropy probe can attach to."""
+    """A training module the live entropy probe can attach to (check with :func:`is_live_probe_target`)."""
 
     policy: nn.Module  # the trained model (HF causal LM, optionally PEFT); the optimizer holds its parameters
     tokenizer: Any  # its tokenizer (EOS / pad ids, prompt files); None: the ids of the policy's config
 
     def probed_step(self) -> ProbedStep | None:
         """The step whose backward just ran (None: nothing to probe at this step)."""
+
+
+def is_live_probe_target(module: Any) -> bool:
+    """Whether ``module`` implements :class:`LiveProbeTarget`.
+
+    Not ``isinstance(module, LiveProbeTarget)``: from Python 3.12 that looks attributes up with
+    ``inspect.getattr_static``, which does not see an ``nn.Module``'s submodules (``policy`` lives in
+    ``module._modules``), so every LightningModule would be refused there."""
+    return all(hasattr(module, name) for name in ("policy", "tokenizer")) and callable(
+        getattr(module, "probed_step", None)
+    )
 
 
 @runtime_checkable

@@ -258,7 +258,7 @@ def test_the_readme_minimal_module_is_probed_exactly(tmp_path, toy_world_dir):
     import torch
 
     from callbacks.live import LiveEntropyProbe, LiveEvalSettings
-    from probe.live_contract import LiveProbeTarget
+    from probe.live_contract import is_live_probe_target
     from probe.loading import load_policy
     from probe.sampling import SamplingSettings, sample_update_batch
     from probe.toy import task
@@ -269,7 +269,7 @@ def test_the_readme_minimal_module_is_probed_exactly(tmp_path, toy_world_dir):
         policy, task.make_prompts(4, seed=0), sampling, reward_fn=task.reward_ids, tokenizer=tokenizer
     )
     module = readme_module()(policy, tokenizer, records, lr=1e-3)
-    assert isinstance(module, LiveProbeTarget)
+    assert is_live_probe_target(module)
     probe = LiveEntropyProbe(every_n_steps=1, eval=LiveEvalSettings(sampling=SamplingSettings(2, 4)), realised=False)
     quiet = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer = pl.Trainer(max_steps=3, gradient_clip_val=1.0, callbacks=[probe], default_root_dir=tmp_path, **quiet)
