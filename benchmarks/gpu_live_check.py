@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 import tempfile
 import time
@@ -33,6 +34,9 @@ def summary(records: list[dict]) -> list[dict]:
             {
                 "step": r["step"],
                 "verification_units": r["verification"]["max_units"],
+                "verification_worst": r["verification"]["worst_parameter"],
+                "verification_step_rounding": r["verification"].get("step_rounding"),
+                "verification_max_relative_error": r["verification"]["max_relative_error"],
                 "attribution_relative_difference": r["eval"].get("attribution", {}).get("relative_difference"),
                 "predicted": full["delta_h"][at],
                 "predicted_se": full["se"][at],
@@ -43,6 +47,24 @@ def summary(records: list[dict]) -> list[dict]:
             }
         )
     return out
+
+
+def random_fingerprints_if_hashing_fails() -> bool:
+    """On the GPU machine (Python 3.12.3, datasets 5.2, dill 0.4.1) ``datasets`` cannot hash a new in-memory table
+    (dill fails on pyarrow's ``MonthDayNano``), so ``Dataset.from_dict`` raises: give datasets random fingerprints
+    there (they only name its cache files). Returns whether it was needed."""
+    import pickle
+
+    import datasets
+
+    try:
+        datasets.Dataset.from_dict({"x": [1]})
+        return False
+    except pickle.PicklingError:
+        from datasets import arrow_dataset, fingerprint
+
+        arrow_dataset.generate_fingerprint = lambda dataset: fingerprint.generate_random_fingerprint()
+        return True
 
 
 def trl_check(root: Path, gpu: bool) -> dict:
@@ -59,11 +81,14 @@ def trl_check(root: Path, gpu: bool) -> dict:
         trainer.train()
         return trainer, probe, time.perf_counter() - clock
 
+    patched = random_fingerprints_if_hashing_fails()
     alone, _, alone_s = train("alone", False)
+    device = str(next(alone.model.parameters()).device)
     probed, probe, probed_s = train("probed", True)
     a, b = dict(alone.model.named_parameters()), dict(probed.model.named_parameters())
     return {
-        "device": str(next(probed.model.parameters()).device),
+        "device": device,
+        "datasets_random_fingerprints": patched,
         "steps": summary(probe.records),
         "bitwise_equal": all(torch.equal(a[k], b[k]) for k in a),
         "max_abs_difference": max(float((a[k] - b[k]).abs().max()) for k in a),
@@ -91,7 +116,84 @@ def lightning_check(root: Path, gpu: bool) -> dict:
         accelerator="gpu" if gpu else "cpu", devices=1, max_steps=3, gradient_clip_val=1.0, callbacks=[probe], **quiet
     )
     trainer.fit(module, datamodule=PromptDataModule(prompts_per_step=4))
-    return {"device": str(next(module.policy.parameters()).device), "steps": summary(probe.records)}
+    # (Lightning moves the module back to the CPU at the end of fit: the device is read from the probed steps)
+    peak = torch.cuda.max_memory_allocated() if gpu else 0
+    return {"cuda_peak_bytes": peak, "steps": summary(probe.records)}
+
+
+def adam_kernels_check(root: Path, gpu: bool) -> dict:
+    """probe's reconstruction against torch's AdamW kernels (foreach, fused) on one float32 tensor of 1M elements:
+    the verification's rounding units at each of five steps (random gradients, lr 1e-3, weight decay 0 and 0.1)."""
+    from probe.adam import AdamState
+    from probe.update import update_from_gradients
+    from probe.verification import verify_step
+
+    device = "cuda" if gpu else "cpu"
+    out: dict = {}
+    for decay in (0.0, 0.1):
+        for kernel in ("foreach", "fused"):
+            torch.manual_seed(0)
+            model = torch.nn.Module()
+            model.w = torch.nn.Parameter(torch.randn(1024, 1024, device=device))
+            opt = torch.optim.AdamW([model.w], lr=1e-3, weight_decay=decay, **{kernel: True})
+            gen = torch.Generator(device=device).manual_seed(1)
+            units, worst = [], []
+            for _ in range(5):
+                model.w.grad = torch.randn(model.w.shape, generator=gen, device=device) * 1e-2
+                state = AdamState.from_optimizer(opt, model)
+                update = update_from_gradients(dict(model.named_parameters()), {"w": model.w.grad}, state)
+                before = {"w": model.w.detach().clone()}
+                opt.step()
+                check = verify_step(model, update, before)
+                units.append(check["max_units"])
+                worst.append(check["max_relative_error"])
+            out[f"{kernel}_decay{decay}"] = {"units": units, "max_relative_error": worst}
+    return out
+
+
+def fused_kernel_check(root: Path, gpu: bool) -> dict:
+    """Which arithmetic the fused AdamW kernel follows: its steps against emulations in float64 with the bias
+    corrections computed (a) in float64, (b) rounded to float32, (c) with float32 powers; in verify_step's units
+    (the largest |difference| / (2 ulp(p_new) + 1e-6 |step|)) and the largest difference."""
+    device = "cuda" if gpu else "cpu"
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(1024, 1024, device=device))
+    opt = torch.optim.AdamW([w], lr=1e-3, weight_decay=0.1, fused=True)
+    gen = torch.Generator(device=device).manual_seed(1)
+    b1, b2, eps, lr, wd = 0.9, 0.999, 1e-8, 1e-3, 0.1
+    m = torch.zeros_like(w, dtype=torch.float64)
+    v = torch.zeros_like(w, dtype=torch.float64)
+    out: dict = {}
+    for t in range(1, 6):
+        g = torch.randn(w.shape, generator=gen, device=device) * 1e-2
+        w.grad = g
+        p0 = w.detach().clone()
+        state = opt.state.get(w)
+        m = state["exp_avg"].double() if state else m
+        v = state["exp_avg_sq"].double() if state else v
+        opt.step()
+        p1 = w.detach()
+        f32 = lambda x: torch.tensor(x, dtype=torch.float32).double().item()  # noqa: E731
+        pow32 = lambda b: (1 - torch.tensor(b, dtype=torch.float32) ** float(t)).double().item()  # noqa: E731
+        variants = {
+            "float64": (1 - b1**t, (1 - b2**t) ** 0.5),
+            "rounded_float32": (f32(1 - b1**t), f32(f32(1 - b2**t) ** 0.5)),
+            "float32_pow": (f32(pow32(b1)), f32(f32(pow32(b2)) ** 0.5)),
+        }
+        row = {}
+        for name, (bc1, bc2_sqrt) in variants.items():
+            gd = g.double()
+            p = p0.double() * (1 - lr * wd)
+            m1 = (b1 * m + (1 - b1) * gd).float().double()
+            v1 = (b2 * v + (1 - b2) * gd * gd).float().double()
+            expected = p - (lr / bc1) * m1 / (v1.sqrt() / bc2_sqrt + eps)
+            diff = (expected - p1.double()).abs()
+            ulp = (torch.nextafter(p1.abs(), torch.full_like(p1, math.inf)) - p1.abs()).double()
+            step = (p1.double() - p0.double()).abs()
+            units = float((diff / (2 * ulp + 1e-6 * step)).max())  # verify_step's units, with the step as scale
+            row[name] = {"units": units, "largest_difference": float(diff.max())}
+        out[f"t{t}"] = row
+    return out
 
 
 def main(out: str, device: str = "gpu") -> None:
@@ -99,7 +201,13 @@ def main(out: str, device: str = "gpu") -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict = {"gpu": torch.cuda.get_device_name(0) if gpu else None, "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, check in (("trl", trl_check), ("lightning", lightning_check)):
+        checks = (
+            ("fused_kernel", fused_kernel_check),
+            ("adam_kernels", adam_kernels_check),
+            ("trl", trl_check),
+            ("lightning", lightning_check),
+        )
+        for name, check in checks:
             try:
                 result[name] = check(Path(tmp) / name, gpu)
             except Exception as e:  # report and go on to the next check

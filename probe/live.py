@@ -63,7 +63,7 @@ from probe.sharding import sharded_view
 from probe.snis import SNISConfig
 from probe.statistics import INTEGRANDS, SequenceStats
 from probe.update import Update, unwrap_optimizer, update_from_gradients
-from probe.verification import verify_step
+from probe.verification import step_rounding, verify_step
 
 log = logging.getLogger("probe")
 
@@ -198,6 +198,7 @@ class PendingStep:
     result: EvalResult | None = None  # the prediction (rank 0; every rank of a sharded policy)
     plan: Plan | None = None
     old_sample: SequenceStats | None = None  # a sample of pi_old for the realised change
+    rounding: float | None = None  # the optimizer kernel's relative rounding for the verification (step_rounding)
 
 
 @dataclass
@@ -364,7 +365,8 @@ class LiveProbe:
         norm = probed.normalisers
         if norm is None and U_all is not None:
             norm = loss_normalisers(U_all.target_mask, probed.loss)
-        state = AdamState.from_optimizer(adam_of(optimizer), policy)
+        adam = adam_of(optimizer)
+        state = AdamState.from_optimizer(adam, policy)
         named = dict(policy.named_parameters())
         grads = {n: named[n].grad for n in state.hyper if n in named}
         try:
@@ -387,7 +389,14 @@ class LiveProbe:
         snapshot = {n: named[n].detach().clone() for n in update.full} if self.settings.verify else {}
         lap("reconstruct")
         record: dict[str, Any] = {"step": step, "world_size": self.processes.world_size, "update": update.summary()}
-        pending = PendingStep(step=step, update=update, snapshot=snapshot, record=record, timings=timings)
+        pending = PendingStep(
+            step=step,
+            update=update,
+            snapshot=snapshot,
+            record=record,
+            timings=timings,
+            rounding=step_rounding(adam, named),
+        )
         if takes_part:
             with eval_mode(policy), torch.inference_mode(False):
                 self._predict(pending, policy, U_all, lap)
@@ -436,7 +445,7 @@ class LiveProbe:
             return None
         timings, record, update = pending.timings, pending.record, pending.update
         start = time.perf_counter()
-        check = verify_step(policy, update, pending.snapshot) if self.settings.verify else None
+        check = verify_step(policy, update, pending.snapshot, pending.rounding) if self.settings.verify else None
         timings["verify_s"] = time.perf_counter() - start
         # every rank verified its own parameters; rank 0 collects them (and checks the ranks took one step)
         everyone = self.processes.gather({"verification": check, "update_norm": update.norms["full"]})
