@@ -113,7 +113,7 @@ class TRLEntropyProbe(TrainerCallback):
 
         def capturing_training_step(model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
             loss = training_step(model, inputs, *args, **kwargs)
-            if self._probing() and trainer.accelerator.sync_gradients and trainer.args.max_grad_norm > 0:
+            if self._probing() and trainer.accelerator.sync_gradients and (trainer.args.max_grad_norm or 0) > 0:
                 # the norm clip_grad_norm_ computes next, over the same gradients, by the same function
                 grads = [p.grad for p in model.parameters() if p.grad is not None]
                 self._grad_norm = torch.nn.utils.get_total_norm(grads, 2.0)
