@@ -1,8 +1,8 @@
 """TRL's ``GRPOTrainer`` loss as probe's loss settings (README "Trained with TRL", docs/DESIGN.md section 2).
 
 TRL (1.16) computes, per response token with ratio ``r = exp(log p - old log p)`` (``old log p`` the current
-log-probs held constant when ``num_iterations == 1``), a per-token objective set by ``loss_type`` and aggregates it
-over a micro-batch:
+log-probs held constant unless TRL computed old ones: :attr:`TRLLoss.uses_old_logprobs`), a per-token objective
+set by ``loss_type`` and aggregates it over a micro-batch:
 
 | ``loss_type`` | per token | aggregation | probe |
 |---|---|---|---|
@@ -15,13 +15,16 @@ over a micro-batch:
 | ``sapo`` | ``-sigmoid(tau (r - 1)) 4 / tau A`` | as ``grpo`` | ``objective: sapo``, ``seq-mean-token-mean`` |
 
 :class:`TRLLoss` holds the ``GRPOConfig`` fields that decide it and gives the :class:`~probe.losses.LossConfig`
-(:meth:`TRLLoss.loss_config`); :meth:`TRLLoss.from_trainer_args` reads a live ``GRPOConfig``. What probe does not
+(:meth:`TRLLoss.loss_config`) and the normalisers of a whole optimizer step over its micro-batches and processes
+(:meth:`TRLLoss.normalisers`, docs/DESIGN.md section 6); :meth:`TRLLoss.from_trainer_args` reads a live
+``GRPOConfig``. What probe does not
 reproduce is refused by name: a KL term (``beta != 0``, it needs the reference model), sequence-level importance
 sampling (GSPO), ``delta`` (two-sided clipping), ``vespo``, vLLM importance-sampling corrections, the entropy mask
 (``top_entropy_quantile < 1``), the off-policy mask and the entropy bonus. No TRL import here.
 
 Tested against TRL's own ``GRPOTrainer._compute_loss`` on one micro-batch (loss value and gradient, float64):
-``tests/test_trl_loss.py``.
+``tests/test_trl_loss.py``; against the gradient a real TRL step accumulates over micro-batches and DDP processes:
+``tests/test_trl_live.py``.
 """
 
 from __future__ import annotations
