@@ -42,10 +42,18 @@ from transformers import TrainerCallback
 from probe.batch import SequenceBatch
 from probe.live import GradientHandling, LiveProbe, LiveProbeSettings, Processes
 from probe.live_contract import ProbedStep
-from probe.trl_loss import TRLLoss
+from probe.trl_loss import TRLLoss, trl_sequence_batch
 
-KEPT = ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask", "advantages", "old_per_token_logps")
-KNOWN = (*KEPT, "num_items_in_batch", "tool_mask", "sampling_per_token_logps", "importance_sampling_ratio")
+KEPT = (
+    "prompt_ids",
+    "prompt_mask",
+    "completion_ids",
+    "completion_mask",
+    "tool_mask",
+    "advantages",
+    "old_per_token_logps",
+)
+KNOWN = (*KEPT, "num_items_in_batch", "sampling_per_token_logps", "importance_sampling_ratio")
 
 
 class TRLEntropyProbe(TrainerCallback):
@@ -77,7 +85,8 @@ class TRLEntropyProbe(TrainerCallback):
         directory = Path(run_dir).expanduser() if run_dir else Path(trainer.args.output_dir) / "live_probe"
         self.probe = LiveProbe(settings, processes, directory, "TRLEntropyProbe's settings.eval")
         self.settings = settings
-        self._micro_batches: list[dict[str, Any]] = []  # the probed step's, as TRL built them (on CPU)
+        # the probed step's micro-batches as TRL built them (on CPU), each with its num_items_in_batch
+        self._micro_batches: list[tuple[SequenceBatch, int]] = []
         self._accumulation = 0
         self._grad_norm: torch.Tensor | None = None
         self._capture()
@@ -131,45 +140,13 @@ class TRLEntropyProbe(TrainerCallback):
         if torch.as_tensor(inputs["advantages"]).dim() != 1:
             raise ValueError("TRLEntropyProbe: per-token advantages are not reproduced; detach the probe")
         kept = {k: inputs[k].detach().to("cpu") for k in KEPT if inputs.get(k) is not None}
-        if inputs.get("tool_mask") is not None:
-            kept["completion_mask"] = kept["completion_mask"] * inputs["tool_mask"].detach().to("cpu")
-        kept["attention_completion_mask"] = inputs["completion_mask"].detach().to("cpu")
-        kept["num_items_in_batch"] = int(inputs["num_items_in_batch"])
-        self._micro_batches.append(kept)
+        prompts = zip(kept["prompt_ids"], kept["prompt_mask"])
+        groups = [self.trainer.processing_class.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in prompts]
+        batch = trl_sequence_batch(kept, groups)
+        start = sum(len(b) for b, _ in self._micro_batches)  # this process's rows so far: micro-batch, then row
+        batch = replace(batch, index=torch.arange(start, start + len(batch)))
+        self._micro_batches.append((batch, int(inputs["num_items_in_batch"])))
         self._accumulation = int(getattr(self.trainer, "current_gradient_accumulation_steps", 0) or 0)
-
-    def _update_batch(self, rank_offset: int) -> SequenceBatch:
-        """This process's micro-batches of the step as one :class:`SequenceBatch` (TRL's left-padded prompts and
-        right-padded completions kept; old log-probs aligned with probe's targets)."""
-        tokenizer = self.trainer.processing_class
-        pad = int(tokenizer.pad_token_id or 0)
-        parts, start = [], rank_offset
-        for mb in self._micro_batches:
-            P = mb["prompt_ids"].shape[1]
-            input_ids = torch.cat([mb["prompt_ids"], mb["completion_ids"]], dim=1)
-            attention = torch.cat([mb["prompt_mask"], mb["attention_completion_mask"]], dim=1)
-            response = torch.zeros_like(input_ids, dtype=torch.bool)
-            response[:, P:] = mb["completion_mask"].bool()
-            old = None
-            if "old_per_token_logps" in mb:
-                old = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float64)
-                old[:, P - 1 :] = mb["old_per_token_logps"].double() * mb["completion_mask"]
-            B = input_ids.shape[0]
-            prompts = zip(mb["prompt_ids"], mb["prompt_mask"])
-            groups = [tokenizer.decode(ids[m.bool()], skip_special_tokens=True) for ids, m in prompts]
-            parts.append(
-                SequenceBatch(
-                    input_ids=input_ids,
-                    attention_mask=attention,
-                    response_mask=response,
-                    advantages=mb["advantages"].double(),
-                    old_logprobs=old,
-                    index=torch.arange(start, start + B),
-                    group=groups,
-                )
-            )
-            start += B
-        return SequenceBatch.concat(parts, pad)
 
     # ---- the step ------------------------------------------------------------------------------
     def probed_step(self) -> ProbedStep | None:
@@ -179,10 +156,10 @@ class TRLEntropyProbe(TrainerCallback):
         processes = self.probe.processes
         mine = (
             len(self._micro_batches),
-            sum(len(mb["prompt_ids"]) for mb in self._micro_batches),
-            sum(int(mb["completion_mask"].sum()) for mb in self._micro_batches),
-            sorted({mb["num_items_in_batch"] for mb in self._micro_batches}),
-            sorted({"old_per_token_logps" in mb for mb in self._micro_batches}),
+            sum(len(b) for b, _ in self._micro_batches),
+            sum(int(b.target_mask.sum()) for b, _ in self._micro_batches),
+            sorted({items for _, items in self._micro_batches}),
+            sorted({b.old_logprobs is not None for b, _ in self._micro_batches}),
         )
         everyone = processes.gather(mine)
         if not all(e[0] for e in everyone):
@@ -205,7 +182,10 @@ class TRLEntropyProbe(TrainerCallback):
         offset = sum(e[1] for e in everyone[: processes.rank])
         loss = replace(self.loss.loss_config(), use_old_logprobs=has_old[0])
         norm = self.loss.normalisers(n_sequences, n_tokens, items[0], self._accumulation or None)
-        return ProbedStep(batch=self._update_batch(offset), loss=loss, normalisers=norm)
+        pad = int(self.trainer.processing_class.pad_token_id or 0)
+        U = SequenceBatch.concat([b for b, _ in self._micro_batches], pad)
+        U = replace(U, index=U.index + offset)  # positions in the step's global U: process, micro-batch, row
+        return ProbedStep(batch=U, loss=loss, normalisers=norm)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         step = int(state.global_step)

@@ -205,8 +205,7 @@ class PendingStep:
 class ProbedRecord:
     """One probed step's outcome: the record written to ``records.jsonl`` and its scalar metrics."""
 
-    step: int
-    record: dict[str, Any]
+    record: dict[str, Any]  # (its "step" is the probed step)
     metrics: dict[str, float]
 
 
@@ -469,7 +468,7 @@ class LiveProbe:
         if self.processes.rank != 0:
             return None
         self._write(record)
-        return ProbedRecord(step=pending.step, record=record, metrics=self.metrics(pending, record))
+        return ProbedRecord(record=record, metrics=self.metrics(pending, record))
 
     def _warn_if_off(self, step: int, worst: float, check: dict) -> None:
         if worst > 1.0:

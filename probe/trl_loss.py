@@ -29,9 +29,14 @@ Tested against TRL's own ``GRPOTrainer._compute_loss`` on one micro-batch (loss 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
+from torch import Tensor
+
+from probe.batch import SequenceBatch
 from probe.losses import LossConfig, Normalisers
 
 AGGREGATION = {
@@ -208,3 +213,32 @@ class TRLLoss:
             num_processes=int(num_processes),
             steps_per_generation=int(getattr(args, "steps_per_generation", None) or args.gradient_accumulation_steps),
         )
+
+
+def trl_sequence_batch(micro_batch: Mapping[str, Any], group: list[Any] | None = None) -> SequenceBatch:
+    """One TRL micro-batch (the ``inputs`` of ``GRPOTrainer.compute_loss``) as probe's :class:`SequenceBatch`.
+
+    TRL's left-padded prompts and right-padded completions are kept as they are (probe counts positions from the
+    first real token). The response mask is TRL's loss mask, ``completion_mask`` times ``tool_mask`` when there is
+    one; the attention mask is ``prompt_mask`` then ``completion_mask``. ``old_per_token_logps`` ([B, C]) goes to
+    probe's targets ([B, T-1]: a completion token at position P + j is the target of position P - 1 + j)."""
+    prompt_ids, completion_ids = micro_batch["prompt_ids"], micro_batch["completion_ids"]  # [B, P], [B, C]
+    P = prompt_ids.shape[1]
+    loss_mask = micro_batch["completion_mask"]  # [B, C]
+    if micro_batch.get("tool_mask") is not None:
+        loss_mask = loss_mask * micro_batch["tool_mask"]
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1)  # [B, T]
+    response = torch.zeros_like(input_ids, dtype=torch.bool)  # [B, T]
+    response[:, P:] = loss_mask.bool()
+    old: Tensor | None = None
+    if micro_batch.get("old_per_token_logps") is not None:
+        old = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float64)  # [B, T-1]
+        old[:, P - 1 :] = micro_batch["old_per_token_logps"].double() * loss_mask
+    return SequenceBatch(
+        input_ids=input_ids,
+        attention_mask=torch.cat([micro_batch["prompt_mask"], micro_batch["completion_mask"]], dim=1),
+        response_mask=response,
+        advantages=micro_batch["advantages"].double(),
+        old_logprobs=old,
+        group=list(group or []),
+    )

@@ -20,9 +20,8 @@ import torch
 
 pytest.importorskip("trl", reason="TRL is probe's optional dependency (pip install 'probe[trl]')")
 
-from probe.batch import SequenceBatch  # noqa: E402
 from probe.losses import normalisers  # noqa: E402
-from probe.trl_loss import AGGREGATION, TRLLoss  # noqa: E402
+from probe.trl_loss import AGGREGATION, TRLLoss, trl_sequence_batch  # noqa: E402
 from probe.update import sequence_losses  # noqa: E402
 
 from support import use_exact_trl_logprobs  # noqa: E402
@@ -89,25 +88,6 @@ def trl_batch(vocab: int, old: bool) -> dict[str, torch.Tensor]:
     return batch
 
 
-def probe_batch(batch: dict[str, torch.Tensor]) -> SequenceBatch:
-    """The TRL micro-batch as probe's SequenceBatch (old log-probs aligned with probe's targets)."""
-    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    response_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-    response_mask[:, PROMPT:] = batch["completion_mask"].bool()
-    old = None
-    if "old_per_token_logps" in batch:
-        old = torch.zeros(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float64)
-        old[:, PROMPT - 1 :] = batch["old_per_token_logps"] * batch["completion_mask"]
-    return SequenceBatch(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        response_mask=response_mask,
-        advantages=batch["advantages"],
-        old_logprobs=old,
-    )
-
-
 def gradient(loss: torch.Tensor, model: torch.nn.Module) -> list[torch.Tensor]:
     return list(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
 
@@ -127,7 +107,7 @@ def test_probes_loss_and_gradient_are_trls(trainer, loss_type, old):
     their_grad = gradient(theirs, model)
 
     cfg = settings.loss_config()
-    U = probe_batch(batch)
+    U = trl_sequence_batch(batch)  # the conversion the live probe applies to each micro-batch
     with torch.enable_grad():
         ours = sequence_losses(model, U, cfg, normalisers(U.target_mask, cfg)).sum()
     our_grad = gradient(ours, model)
