@@ -163,16 +163,16 @@ def test_attaching_the_probe_leaves_training_bitwise_unchanged(example, tmp_path
 
 def test_the_predicted_change_at_eta_lr_agrees_with_the_realised_change(example, tmp_path):
     # six steps at lr 2e-3, each probed on E = 128 prompts x 64 (8192) and measured on 8192 fresh samples of the new
-    # policy. The realised changes must be jointly far from zero (sum of (delta_h / se)^2 over the steps > 30, which
-    # no change would give with p < 1e-4), which makes the agreement a test. Measured over six TRL seeds: that sum
-    # 40 .. 1500, every |z| <= 2.45 (36 steps)
+    # policy. The realised changes must be jointly far from zero (sum of (delta_h / se)^2 over the six steps > 20,
+    # which no change would give with p < 0.003), which makes the agreement a test. Measured over six TRL seeds (as
+    # another CPU's sampling would differ): that sum 40 .. 1500, every |z| <= 2.45 (36 steps)
     settings = example.probe_settings(
         n_prompts=128, n_per_prompt=64, second_order=False, attribution=False, eta_factors=[1.0]
     )
     _, probe = train(example, tmp_path, settings, steps=6, learning_rate=2e-3)
     real = [r["realised"] for r in probe.records]
     assert len(real) == 6
-    assert sum((x["delta_h"] / x["se"]) ** 2 for x in real) > 30, "the steps did not change the entropy: no test"
+    assert sum((x["delta_h"] / x["se"]) ** 2 for x in real) > 20, "the steps did not change the entropy: no test"
     for r, x in zip(probe.records, real):
         full = r["eval"]["parts"]["full"]
         assert x["z"]["snis"] == pytest.approx((full["delta_h"][0] - x["delta_h"]) / math.hypot(x["se"], full["se"][0]))
