@@ -20,22 +20,14 @@ from probe.attribution import (
     per_sequence_exact,
 )
 from probe.batch import SequenceBatch, collate
-from probe.engine import (
-    EvalBatch,
-    Plan,
-    batch_rows,
-    complete_eval,
-    make_plan,
-    probe_eval,
-    realised_change,
-    summarise_eval,
-)
+from probe.engine import EvalBatch, Plan, batch_rows, complete_eval, make_plan, probe_eval, summarise_eval
 from probe.live_contract import LiveProbeTarget, ProbedStep
 from probe.loading import LoraSettings, PolicySettings, load_policy, toy_policy
 from probe.logprobs import TeacherForcing, TokenStats, teacher_force, token_logprobs_and_entropy
 from probe.losses import LossConfig, Normalisers, normalisers, per_sequence_loss
 from probe.optim_loading import OptimizerSettings, hf_trainer_decay_names, load_optimizer_state
 from probe.overrides import Sweep, base_statistics, iter_sweep, sweep
+from probe.realised import RealisedChange, realised_change
 from probe.results import AttributionSummary, BaseEntropy, EvalResult, PartResult
 from probe.rewards import RewardFunction, extract_final_number, gsm8k_reward, resolve_reward
 from probe.sampling import SamplingSettings, group_advantages, sample_responses, sample_update_batch
@@ -150,6 +142,7 @@ __all__ = [
     "make_plan",
     "probe_eval",
     "realised_change",
+    "RealisedChange",
     "summarise_eval",
     "LiveProbeTarget",
     "ProbedStep",

@@ -12,7 +12,7 @@ One :class:`LiveProbe` per training run; the trainer's adapter calls it at two p
 2. :meth:`LiveProbe.after_step`, after ``optimizer.step()``: verifies that the parameters moved by exactly the
    reconstruction (:func:`probe.verification.verify_step`; loudly, ``logging.warning`` and ``warnings.warn``,
    beyond one rounding unit) and measures the realised change on FRESH samples
-   (:func:`probe.engine.realised_change`): H(new) - H(old) on independent samples of the new and the old policy,
+   (:func:`probe.realised.realised_change`): H(new) - H(old) on independent samples of the new and the old policy,
    and the z-scores of the predictions against it.
 
 One JSON line per probed step goes to ``<run_dir>/records.jsonl``: ``plan``, ``update`` and ``eval`` hold the same
@@ -48,7 +48,7 @@ import torch
 
 from probe.adam import AdamState
 from probe.batch import SequenceBatch, collate
-from probe.engine import EvalBatch, Plan, probe_eval, realised_change
+from probe.engine import EvalBatch, Plan, probe_eval
 from probe.jsonable import dumps, json_safe
 from probe.live_contract import ProbedStep
 from probe.loading import context_length
@@ -57,6 +57,7 @@ from probe.losses import normalisers as loss_normalisers
 from probe.overrides import base_statistics
 from probe.plots import plot_live
 from probe.prompts import PromptSource, load_prompts
+from probe.realised import realised_change
 from probe.results import EvalResult, metrics, update_metrics
 from probe.sampling import SamplingSettings, derived_seed, sample_responses, special_token_ids
 from probe.sharding import sharded_view
