@@ -79,6 +79,11 @@ class EvalBatchSettings:
         allow_truncated_sampling: accept top-p/top-k sampling for E. The entropy measured is then
             that of the untruncated temperature-tau policy while E came from another
             distribution: only turn this on knowingly.
+        reward: score every sequence of E with this reward (``toy``, ``gsm8k`` or ``package.module:function``, as
+            the update batch's), so that the run also measures the change of E's expected reward and attributes it
+            (``probe.reward``); a file E's own ``reward`` fields are then replaced (logged). Empty: E's rewards are
+            those of its file's ``reward`` field, if every record has one, else none.
+        skip_special_tokens: decode prompt and response for the reward without special tokens, as for U.
     """
 
     path: str = ""
@@ -87,6 +92,8 @@ class EvalBatchSettings:
         default_factory=lambda: SamplingSettings(n_per_prompt=16, max_new_tokens=4, seed=1)
     )
     allow_truncated_sampling: bool = False
+    reward: str = ""
+    skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
         s = self.sampling
@@ -151,8 +158,36 @@ class ProbeDataModule(pl.LightningDataModule):
         prompts, _ = load_prompts(settings.source, tokenizer)
         return sample_responses(policy, prompts, settings.sampling, tokenizer=tokenizer)
 
-    def _materialise(self, target: Path, settings: Any, make: Callable[[], list[dict]], read: Callable) -> None:
-        """Write the batch's rollout file into the run directory unless a previous run already did."""
+    @staticmethod
+    def _score_eval(
+        settings: EvalBatchSettings, policy: torch.nn.Module, tokenizer: Any, records: list[dict]
+    ) -> list[dict]:
+        """E's records with ``reward`` from ``settings.reward`` (the prompts' answers from ``settings.source``)."""
+        if not settings.reward:
+            return records
+        answers = load_prompts(settings.source, tokenizer)[1] if not settings.path else None
+        reward = ids_reward_from_text(
+            resolve_reward(settings.reward),
+            tokenizer,
+            answers,
+            skip_special_tokens=settings.skip_special_tokens,
+            eos_token_id=special_token_ids(tokenizer, model=policy)[1],
+        )
+        replaced = sum(r.get("reward") is not None for r in records)
+        if replaced:
+            log.info("evaluation batch %s: %d rewards of the file replaced by %s", settings.path, replaced, reward)
+        return [dict(r, reward=float(reward(r["prompt_ids"], r["response_ids"]))) for r in records]
+
+    def _materialise(
+        self,
+        target: Path,
+        settings: Any,
+        make: Callable[[], list[dict]],
+        read: Callable,
+        score: Callable[[list[dict]], list[dict]] | None = None,
+    ) -> None:
+        """Write the batch's rollout file into the run directory unless a previous run already did; ``score`` adds
+        what the records get from the run's settings (E's rewards)."""
         if target.exists():
             log.debug("reusing %s (resumed run)", target)
             return
@@ -165,6 +200,9 @@ class ProbeDataModule(pl.LightningDataModule):
             log.debug("read %d sequences from %s", len(records), settings.path)
         else:
             records = make()
+        if score is not None:
+            records = score(list(records))
+        if not settings.path:
             self._log_sampled(target.stem, records)
         write_rollouts(list(records), target)
 
@@ -235,6 +273,7 @@ class ProbeDataModule(pl.LightningDataModule):
                     settings,
                     partial(self._sample_eval, settings, policy, tokenizer),
                     read,
+                    partial(self._score_eval, settings, policy, tokenizer),
                 )
 
         on_rank_zero(trainer, materialise)

@@ -43,7 +43,13 @@ from probe.sharding import sharded_view
 from probe.snis import SNISConfig, SNISResult, snis_difference, snis_estimates
 from probe.statistics import INTEGRANDS, SequenceStats, check_integrand
 from probe.taylor import first_order, sequence_derivatives
-from probe.update import Update, per_sequence_directions, per_sequence_inner_products
+from probe.update import (
+    TokenInnerProducts,
+    Update,
+    per_sequence_directions,
+    per_sequence_inner_products,
+    per_token_inner_products,
+)
 
 MATRIX_METHODS = ("auto", "reverse", "forward", "per_sample")
 
@@ -94,13 +100,26 @@ class AttributionInputs:
         return float(self.base.integrand(self.integrand).mean())
 
 
-def eval_gradient(inputs: AttributionInputs, rows: SequenceBatch | None = None) -> dict[str, Tensor]:
+def eval_gradient(
+    inputs: AttributionInputs, rows: SequenceBatch | None = None, rewards: Tensor | None = None
+) -> dict[str, Tensor]:
     """G_E = grad_theta (1/M) sum_j [stopgrad(h_j - hbar) l_j + h_j] over the step's trained parameters.
 
     ``rows``: a part of E (one sequence for G_E,j) instead of all of it; ``hbar`` and M stay those of
-    the whole E. One backward per chunk of ``forcing.batch_size`` sequences; ``.grad`` is never touched.
+    the whole E. ``rewards`` (``[M]``, one per sequence of E): the gradient of the expected reward's SNIS
+    estimate instead, G_R = grad_theta (1/M) sum_j (r_j - rbar) l_j (a reward does not depend on theta).
+    One backward per chunk of ``forcing.batch_size`` sequences; ``.grad`` is never touched.
     """
-    model, forcing, hbar, M = inputs.model, inputs.forcing, inputs.hbar, inputs.M
+    model, forcing, M = inputs.model, inputs.forcing, inputs.M
+    if rewards is not None:
+        rewards = torch.as_tensor(rewards, dtype=torch.float64).cpu()
+        if rewards.shape != (M,) or not torch.isfinite(rewards).all():
+            raise ValueError(
+                f"E's rewards must be {M} finite numbers, one per sequence of E (got shape {tuple(rewards.shape)}, or "
+                "a nan/inf among them). Fix: give every sequence of E a finite reward"
+            )
+        forcing = replace(forcing, with_entropy=False)
+    hbar = float(rewards.mean()) if rewards is not None else inputs.hbar
     named = dict(model.named_parameters())
     missing = [n for n in inputs.update.scale if n not in named]
     if missing:
@@ -120,6 +139,9 @@ def eval_gradient(inputs: AttributionInputs, rows: SequenceBatch | None = None) 
             with torch.enable_grad():
                 ts = teacher_force(model, chunk, params, forcing)
                 l = ts.sequence_logprobs  # [c]
+                if rewards is not None:  # r_j: a constant of theta
+                    r = rewards[chunk.index.cpu()].to(l)  # [c]
+                    return ((r - hbar) * l).sum() / M
                 h = -l if inputs.integrand == "logprob" else ts.sequence_entropies  # [c]
                 return ((h.detach() - hbar) * l + h).sum() / M
 
@@ -149,34 +171,45 @@ class Attribution:
     first_order_grad: float | None  # dDelta H/deta along update.grad by a JVP over E (None: not checked)
     relative_gap: float | None  # |total - first_order_grad| / |first_order_grad|
     attributions: Tensor = field(repr=False)  # [N] a_i, nats per unit eta
+    tokens: TokenInnerProducts | None = field(default=None, repr=False)  # a_it per response token, sum_t a_it = a_i
 
     def to_dict(self, per_sequence: bool = False) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "attributions"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("attributions", "tokens")}
         if per_sequence:
             out["attributions"] = self.attributions.tolist()
         return out
 
 
-def attribute(inputs: AttributionInputs, *, check: bool = True, microbatch_size: int | None = None) -> Attribution:
-    """a_i = <G_E, v_i> for every sequence of U: one backward over E, one JVP over U.
+def attribute(
+    inputs: AttributionInputs, *, check: bool = True, microbatch_size: int | None = None, rewards: Tensor | None = None
+) -> Attribution:
+    """a_i = <G_E, v_i> for every sequence of U, and a_it for every one of its response tokens (sum_t a_it = a_i):
+    one backward over E, one JVP over U kept at token resolution.
 
     Args:
         inputs: the policy, the step, U, E, teacher forcing and integrand.
         check: also compute the first-order slope of ``update.grad`` by a JVP over E and report
             how far sum_i a_i is from it (they are equal up to float rounding).
         microbatch_size: sequences of U per JVP (None: all of U at once).
+        rewards: ``[M]`` rewards of E's sequences: attribute the first-order change of E's expected reward instead
+            (r_i = <G_R, v_i>, :func:`eval_gradient`); the check then takes the reward's slope along ``update.grad``.
     """
     model, update, U = inputs.model, inputs.update, inputs.U
-    G = eval_gradient(inputs)
-    a = per_sequence_inner_products(model, update, U, G, microbatch_size=microbatch_size)  # [N]
+    G = eval_gradient(inputs, rewards=rewards)
+    tokens = per_token_inner_products(model, update, U, G, microbatch_size=microbatch_size)
+    a = tokens.per_sequence()  # [N]
     total = float(a.sum())
     slope = gap = None
     if check:
         derivs = sequence_derivatives(model, inputs.E, update.grad, inputs.forcing, order=1)
-        slope = first_order(derivs, inputs.integrand).slope
+        if rewards is None:
+            slope = first_order(derivs, inputs.integrand).slope
+        else:  # (1/M) sum_j l'_j (r_j - rbar)
+            r = torch.as_tensor(rewards, dtype=torch.float64).cpu()
+            slope = float((derivs.first.logprobs.double().cpu() * (r - r.mean())).mean())
         gap = abs(total - slope) / max(abs(slope), 1e-300)
-    counts = dict(integrand=inputs.integrand, n_update=len(U), n_eval=inputs.M)
-    return Attribution(**counts, total=total, first_order_grad=slope, relative_gap=gap, attributions=a)
+    counts = dict(integrand="reward" if rewards is not None else inputs.integrand, n_update=len(U), n_eval=inputs.M)
+    return Attribution(**counts, total=total, first_order_grad=slope, relative_gap=gap, attributions=a, tokens=tokens)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class SequenceBatch:
     old_logprobs: Tensor | None = None  # [B, T-1] float64, aligned with targets, 0 off the response
     index: Tensor | None = None  # [B] long, position of each sequence in its whole set (U or E)
     group: list[Any] = field(default_factory=list)  # [B] prompt group of each sequence
+    rewards: Tensor | None = None  # [B] float64, each sequence's reward (E sampled with a reward function, or read)
 
     def __post_init__(self) -> None:
         if self.index is None:
@@ -53,7 +54,7 @@ class SequenceBatch:
     def response_lengths(self) -> Tensor:  # [B] long
         return self.target_mask.sum(-1)
 
-    TENSORS = ("input_ids", "attention_mask", "response_mask", "advantages", "old_logprobs", "index")
+    TENSORS = ("input_ids", "attention_mask", "response_mask", "advantages", "old_logprobs", "index", "rewards")
 
     def map_tensors(self, fn: Any, group: list[Any] | None = None) -> SequenceBatch:
         """A batch with ``fn`` applied to every tensor field (None stays None), and ``group`` if given."""
@@ -89,6 +90,7 @@ class SequenceBatch:
 
         has_old = all(b.old_logprobs is not None for b in batches)
         has_advantages = all(b.advantages is not None for b in batches)
+        has_rewards = all(b.rewards is not None for b in batches)
         merged = SequenceBatch(
             input_ids=torch.cat([widen(b.input_ids, T, pad_token_id) for b in batches]),
             attention_mask=torch.cat([widen(b.attention_mask, T, 0) for b in batches]),
@@ -97,6 +99,7 @@ class SequenceBatch:
             old_logprobs=torch.cat([widen(b.old_logprobs, T - 1, 0.0) for b in batches]) if has_old else None,
             index=torch.cat([b.index for b in batches]),
             group=[g for b in batches for g in (b.group or [None] * len(b))],
+            rewards=torch.cat([b.rewards for b in batches]) if has_rewards else None,
         )
         return merged.select(torch.argsort(merged.index, stable=True))
 
@@ -139,9 +142,11 @@ def collate(
                     "old_logprobs must hold one log-prob per response token"
                 )
             old[b, start + len(p) : start + L] = torch.tensor(lp, dtype=torch.float64)
-    advantages = None
+    advantages = rewards = None
     if all(r.get("advantage") is not None for r in records):
         advantages = torch.tensor([float(r["advantage"]) for r in records], dtype=torch.float64)
+    if all(r.get("reward") is not None for r in records):
+        rewards = torch.tensor([float(r["reward"]) for r in records], dtype=torch.float64)
     return SequenceBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -150,4 +155,5 @@ def collate(
         old_logprobs=None if old is None else old[:, 1:].contiguous(),
         index=torch.as_tensor(list(index) if index is not None else range(B), dtype=torch.long),
         group=[r.get("group") for r in records],
+        rewards=rewards,
     )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from probe.attribution import AttributionInputs, attribute, eval_update_matrix, per_sequence_exact
 from probe.batch import SequenceBatch
+from probe.covariance import covariance_law
 from probe.logprobs import TeacherForcing, teacher_force
 from probe.overrides import Direction, ShiftedPolicy, Sweep, base_parameters, iter_sweep, step_resolution
 from probe.precision import resolve_dtype
@@ -73,6 +74,9 @@ class Plan:
     eval_update_matrix: bool = False
     per_sequence_exact: tuple[int, ...] = ()
     per_token_views: bool = False
+    reward: bool = False  # E's expected reward as well, where E carries rewards
+    covariance_law: bool = False  # the covariance term of Cui et al. 2025 on U (probe.covariance)
+    covariance_fraction: float = 2e-4
     head_dtype: torch.dtype | None = torch.float64
     head_budget_mib: float = 256.0  # MiB for the head's [tokens, V] temporaries
     autocast_dtype: torch.dtype | None = None  # forwards over E under torch.autocast (parameters keep their dtype)
@@ -144,6 +148,9 @@ def make_plan(settings: ProbeSettings, precision: PrecisionSettings, lr: float) 
         eval_update_matrix=settings.eval_update_matrix,
         per_sequence_exact=tuple(settings.per_sequence_exact),
         per_token_views=settings.per_token_views,
+        reward=settings.reward,
+        covariance_law=settings.covariance_law,
+        covariance_fraction=settings.covariance_fraction,
         head_dtype=torch.float64 if precision.float64_head else None,
         head_budget_mib=settings.head_budget_mib,
         autocast_dtype=resolve_dtype(precision.autocast),
@@ -421,6 +428,37 @@ def _resolution_warnings(parts: dict[str, PartResult], etas: Sequence[float], dt
     return out
 
 
+def _reward_result(
+    rows: dict[str, np.ndarray], plan: Plan, E: EvalBatch, swept: Sweep, groups: Sequence[Any] | None
+) -> dict[str, Any]:
+    """E's expected reward and its change along every part, by the entropy's machinery with the reward as the
+    integrand: r_j does not depend on theta, so its eta-derivatives are 0 and only the weights move (SNIS
+    R^(eta) = sum_j W_j r_j; first order (1/M) sum_j l'_j (r_j - rbar); docs/DESIGN.md section 3)."""
+    r = E.batch.rewards.double().cpu().numpy()  # [M]
+    as_entropy = {**rows, "entropies": r, "sweep_entropies": np.broadcast_to(r, rows["sweep_logprobs"].shape).copy()}
+    for prefix in ("d", "d2"):
+        if f"{prefix}_logprobs" in rows:
+            as_entropy[f"{prefix}_entropies"] = np.zeros_like(rows[f"{prefix}_logprobs"])
+    on_reward = replace(plan, integrand="token_entropy")
+    base = _stats(as_entropy, "logprobs", "entropies")
+    swept = replace(swept, base=base, entropies=torch.as_tensor(as_entropy["sweep_entropies"], dtype=torch.float64))
+    mean, se = mean_and_se(base.entropies)
+    out: dict[str, Any] = {"base": mean, "base_se": se, "parts": {}}
+    for k, part in enumerate(plan.parts):
+        estimates = snis_estimates(swept, part, integrand="token_entropy", config=plan.snis, groups=groups)
+        res = _part_result(estimates, as_entropy, k, base, on_reward, E)
+        out["parts"][part] = {
+            "delta_r": res.delta_h,
+            "se": res.se,
+            "first_order": res.first_order,
+            "first_order_se": res.first_order_se,
+            "predicted_first": res.predicted_first,
+            "second_order": res.second_order,
+            "predicted_second": res.predicted_second,
+        }
+    return out
+
+
 def summarise_eval(
     rows: dict[str, np.ndarray], plan: Plan, E: EvalBatch, resolution: EtaResolution | None = None
 ) -> EvalResult:
@@ -466,6 +504,8 @@ def summarise_eval(
         result.parts[part] = _part_result(estimates[part], rows, k, base, plan, E)
         for j, r in enumerate(estimates[part]):
             result.arrays[f"per_sequence/{part}/eta_{j}"] = r.contributions.numpy()
+    if plan.reward and E.batch.rewards is not None and E.sampling is None:
+        result.reward = _reward_result(rows, plan, E, swept, groups)
     if resolution is not None:
         for part, res in result.parts.items():
             res.step_rounding_error = list(resolution.rounding_error[part])
@@ -473,6 +513,8 @@ def summarise_eval(
             for j, error in enumerate(res.step_rounding_error):
                 if not error <= ROUNDING_UNMEASURABLE:  # the passes were of theta, or of a mostly rounded-away step
                     res.delta_h[j] = res.se[j] = res.delta_h_per_token[j] = res.se_per_token[j] = math.nan
+                    if result.reward is not None:
+                        result.reward["parts"][part]["delta_r"][j] = result.reward["parts"][part]["se"][j] = math.nan
                     path = f"per_sequence/{part}/eta_{j}"
                     result.arrays[path] = np.full_like(result.arrays[path], np.nan)  # no contributions either
     if "full" in result.parts and "baseline_plus_grad" in result.parts:  # (null where a step rounded away)
@@ -517,7 +559,9 @@ def complete_eval(
             timings[f"{stage}_{E.name}_s"] = now - clock
         clock = now
 
-    if not (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact or plan.per_token_views):
+    if not (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact or plan.per_token_views) and not (
+        plan.covariance_law and U is not None
+    ):
         return
     if U is None and (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact):
         raise ValueError("the attribution, the eval x update matrix and the exact per-sequence path need U; pass it")
@@ -529,6 +573,7 @@ def complete_eval(
     if U is not None:
         forcing = plan.forcing(E.temperature)
         inputs = AttributionInputs(policy, update, U.to(device), batch, forcing, integrand=plan.integrand, base=base)
+    token_logprobs = None  # [N, T-1] U's log-probs at theta, from the attribution's JVP
     with torch.inference_mode(False):
         if (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact) and E.sampling is not None:
             result.warnings.append(
@@ -545,6 +590,8 @@ def complete_eval(
             a = att.attributions.numpy()
             order = np.argsort(a)
             result.arrays["attributions"] = a
+            token_logprobs = att.tokens.logprobs
+            result.arrays.update(_update_token_arrays(U, att.tokens.values, token_logprobs))
             abs_sum = float(np.abs(a).sum())
             result.attribution = AttributionSummary(
                 sum=att.total,
@@ -555,6 +602,7 @@ def complete_eval(
                 reference_eta=ref_eta,
                 top_positive=[int(i) for i in order[::-1][:5]],
                 top_negative=[int(i) for i in order[:5]],
+                top_tokens=_top_tokens(result.arrays),
             )
             if not result.attribution.ok:
                 result.warnings.append(
@@ -564,7 +612,14 @@ def complete_eval(
                     "sum of per-sequence terms, or the update was computed on other sequences than U; see "
                     "docs/DESIGN.md section 5"
                 )
+            if result.reward is not None:
+                _attribute_reward(inputs, result, plan)
             timed("attribution")
+        if plan.covariance_law and U is not None and U.advantages is not None:
+            if token_logprobs is None:  # no attribution: U's log-probs by one forward
+                token_logprobs = update_token_logprobs(policy, update, U)
+            _covariance_law(U, token_logprobs, result, plan)
+            timed("covariance_law")
         if plan.eval_update_matrix and E.sampling is None:
             S = eval_update_matrix(inputs).numpy()
             result.arrays["eval_delta_matrix"] = ref_eta * S  # [M, N] at the reference eta
@@ -582,6 +637,98 @@ def complete_eval(
             {f"per_token/{k}": v for k, v in per_token_views(policy, update, batch, plan, E.temperature).items()}
         )
         timed("per_token_views")
+
+
+def _update_token_arrays(U: SequenceBatch, values: Tensor, logprobs: Tensor, prefix: str = "") -> dict[str, Any]:
+    """U's response tokens, flat (sequence i's at ``offsets[i]:offsets[i+1]``): ``update_tokens/offsets``,
+    ``token_ids``, ``logprobs`` and ``<prefix>attributions`` (a_it, or r_it with ``prefix="reward_"``)."""
+    mask = U.target_mask.cpu()
+    out = {f"update_tokens/{prefix}attributions": values[mask].numpy()}
+    if not prefix:
+        lengths = mask.sum(-1)
+        out["update_tokens/offsets"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).numpy()
+        out["update_tokens/token_ids"] = U.targets.cpu()[mask].numpy()
+        out["update_tokens/logprobs"] = logprobs[mask].numpy()
+    return out
+
+
+def _top_tokens(arrays: dict[str, np.ndarray], n: int = 10) -> list[dict[str, Any]]:
+    """The n response tokens of U with the largest |a_it|: sequence, position in its response, token id, a_it."""
+    values, offsets = arrays["update_tokens/attributions"], arrays["update_tokens/offsets"]
+    sequence = np.searchsorted(offsets, np.arange(len(values)), side="right") - 1  # [T] each token's sequence
+    out = []
+    for t in np.argsort(-np.abs(values), kind="stable")[:n]:
+        i = int(sequence[t])
+        out.append(
+            {
+                "sequence": i,
+                "position": int(t - offsets[i]),
+                "token_id": int(arrays["update_tokens/token_ids"][t]),
+                "value": float(values[t]),
+            }
+        )
+    return out
+
+
+def _attribute_reward(inputs: AttributionInputs, result: EvalResult, plan: Plan) -> None:
+    """r_i and r_it: each update sequence's (and token's) share of the first-order change of E's expected reward,
+    checked against the gradient part's reward slope (docs/DESIGN.md section 5)."""
+    grad = result.reward["parts"].get("grad")
+    slope = grad["first_order"] if grad is not None and plan.snis.normalisation == "global" else None
+    att = attribute(inputs, check=slope is None, rewards=inputs.E.rewards)
+    slope = att.first_order_grad if slope is None else slope
+    r = att.attributions.numpy()
+    result.arrays["reward_attributions"] = r
+    result.arrays.update(_update_token_arrays(inputs.U, att.tokens.values, att.tokens.logprobs, prefix="reward_"))
+    abs_sum = float(np.abs(r).sum())
+    order = np.argsort(r)
+    result.reward["attribution"] = {
+        "sum": att.total,
+        "abs_sum": abs_sum,
+        "grad_first_order": slope,
+        **attribution_check(att.total, slope, abs_sum, next(inputs.model.parameters()).dtype),
+        "top_positive": [int(i) for i in order[::-1][:5]],
+        "top_negative": [int(i) for i in order[:5]],
+    }
+    if not result.reward["attribution"]["ok"]:
+        result.warnings.append(
+            f"the reward attributions do not add up: sum_i r_i = {att.total:.6g} but the grad part's first-order "
+            f"reward slope is {slope:.6g}; see docs/DESIGN.md section 5"
+        )
+
+
+def update_token_logprobs(policy: nn.Module, update: Update, U: SequenceBatch) -> Tensor:  # [N, T-1]
+    """U's response-token log-probs at theta, as the step's loss teacher-forces them (0 off the response)."""
+    if update.loss is None:
+        raise ValueError(
+            "the update carries no loss settings, so U's log-probs cannot be teacher-forced as its loss does"
+        )
+    device = next(policy.parameters()).device
+    with torch.no_grad():
+        stats = teacher_force(policy, U.to(device), forcing=update.loss.forcing(update.head_dtype))
+    return (stats.logprobs.double() * stats.mask).cpu()
+
+
+def _covariance_law(U: SequenceBatch, token_logprobs: Tensor, result: EvalResult, plan: Plan) -> None:
+    """The covariance term of Cui et al. 2025 on U (``update_tokens/covariance``), next to the exact changes."""
+    values = result.arrays.get("update_tokens/attributions")
+    mask = U.target_mask.cpu()
+    tokens = None
+    if values is not None:
+        tokens = torch.zeros(mask.shape, dtype=torch.float64)
+        tokens[mask] = torch.as_tensor(values)
+    law, cov = covariance_law(token_logprobs, U.advantages.cpu(), mask, tokens, fraction=plan.covariance_fraction)
+    result.arrays["update_tokens/covariance"] = cov[mask].numpy()
+    lr = plan.lr
+    law.law_at_lr = -lr * law.batch_mean
+    if "full" in result.parts:
+        full = result.parts["full"]
+        at = [j for j, eta in enumerate(plan.etas) if math.isclose(eta, lr, rel_tol=1e-9)]
+        law.delta_h_at_lr = full.delta_h[at[0]] if at else None
+        law.first_order_at_lr = None if full.first_order is None else lr * full.first_order
+    if result.attribution is not None:
+        law.grad_first_order_at_lr = lr * result.attribution.sum
+    result.covariance_law = asdict(law)
 
 
 def _per_sequence_exact(inputs: AttributionInputs, result: EvalResult, plan: Plan) -> list[dict]:

@@ -120,6 +120,23 @@ def normalisers(target_mask: Tensor, cfg: LossConfig) -> Normalisers:
     )
 
 
+def per_token_loss(
+    logprobs: Tensor,  # [B, T-1] log p of each target, 0 off the response
+    mask: Tensor,  # [B, T-1] bool
+    advantages: Tensor,  # [B]
+    norm: Normalisers,
+    cfg: LossConfig,
+    old_logprobs: Tensor | None = None,  # [B, T-1]
+    clip_counts: ClipCounts | None = None,
+) -> Tensor:  # [B, T-1]  c_it, 0 off the response
+    """Each response token's term c_it of the loss, with the sequence's normaliser: ``sum_t c_it = c_i`` of
+    :func:`per_sequence_loss` (the same arithmetic per token; the sum over t is the only other rounding). A token
+    whose PPO ratio the clip holds (the clipped term is the larger) has a constant term: its gradient is 0."""
+    mask_f = mask.to(logprobs.dtype)
+    per_token = _token_objective(logprobs, mask_f, advantages, cfg, old_logprobs, clip_counts, mask)
+    return _normalised(per_token * mask_f, mask_f.sum(-1, keepdim=True), norm, cfg)
+
+
 def per_sequence_loss(
     logprobs: Tensor,  # [B, T-1] log p of each target, 0 off the response
     mask: Tensor,  # [B, T-1] bool
@@ -134,6 +151,31 @@ def per_sequence_loss(
     With ``use_old_logprobs`` and ``clip_counts`` given, the response tokens whose PPO ratio lies outside the
     clip range (and those whose gradient the clip zeroes) are added to ``clip_counts``."""
     mask_f = mask.to(logprobs.dtype)
+    per_token = _token_objective(logprobs, mask_f, advantages, cfg, old_logprobs, clip_counts, mask)
+    return _normalised((per_token * mask_f).sum(-1), mask_f.sum(-1), norm, cfg)
+
+
+def _normalised(total: Tensor, lengths: Tensor, norm: Normalisers, cfg: LossConfig) -> Tensor:
+    """A token sum ``[B]`` (or per-token terms ``[B, T-1]`` with ``lengths`` ``[B, 1]``) divided by the aggregation
+    mode's normaliser (docs/DESIGN.md section 2), in the same operations either way."""
+    if cfg.agg_mode == "seq-mean-token-mean":
+        return total / lengths.clamp(min=1.0) / norm.n_sequences
+    if cfg.agg_mode == "token-mean":
+        return total / norm.n_tokens
+    if cfg.agg_mode == "seq-mean-token-sum":
+        return total / norm.n_sequences
+    return total / (norm.n_sequences * norm.max_length)  # seq-mean-token-sum-norm
+
+
+def _token_objective(
+    logprobs: Tensor,  # [B, T-1]
+    mask_f: Tensor,  # [B, T-1]
+    advantages: Tensor,  # [B]
+    cfg: LossConfig,
+    old_logprobs: Tensor | None,  # [B, T-1]
+    clip_counts: ClipCounts | None,
+    mask: Tensor,  # [B, T-1] bool
+) -> Tensor:  # [B, T-1] the per-token objective before masking and normalisation
     adv = advantages.to(logprobs.dtype)[:, None]  # [B, 1]
     if cfg.use_old_logprobs and old_logprobs is None:
         raise ValueError(
@@ -141,26 +183,16 @@ def per_sequence_loss(
         )
     ratio_form = cfg.use_old_logprobs or cfg.ratio_at_current or cfg.objective != "ppo_clip"
     if not ratio_form:
-        per_token = -adv * logprobs  # [B, T-1]; gradient equals the ratio form at ratio = 1
-    else:
-        old = old_logprobs.to(logprobs.dtype) if cfg.use_old_logprobs else logprobs.detach()
-        ratio = torch.exp((logprobs - old) * mask_f)  # [B, T-1]
-        if cfg.objective == "cispo":
-            per_token = -ratio.clamp(max=cfg.ratio_max).detach() * adv * logprobs
-        elif cfg.objective == "sapo":
-            tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)  # [B, 1]
-            per_token = -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
-        else:
-            high = cfg.clip_ratio if cfg.clip_ratio_high is None else cfg.clip_ratio_high
-            clipped = ratio.clamp(1.0 - cfg.clip_ratio, 1.0 + high)
-            per_token = torch.maximum(-adv * ratio, -adv * clipped)  # [B, T-1]
-            if clip_counts is not None:
-                clip_counts.add(ratio, clipped, adv, mask.bool())
-    token_sum = (per_token * mask_f).sum(-1)  # [B]
-    if cfg.agg_mode == "seq-mean-token-mean":
-        return token_sum / mask_f.sum(-1).clamp(min=1.0) / norm.n_sequences
-    if cfg.agg_mode == "token-mean":
-        return token_sum / norm.n_tokens
-    if cfg.agg_mode == "seq-mean-token-sum":
-        return token_sum / norm.n_sequences
-    return token_sum / (norm.n_sequences * norm.max_length)  # seq-mean-token-sum-norm
+        return -adv * logprobs  # gradient equals the ratio form at ratio = 1
+    old = old_logprobs.to(logprobs.dtype) if cfg.use_old_logprobs else logprobs.detach()
+    ratio = torch.exp((logprobs - old) * mask_f)  # [B, T-1]
+    if cfg.objective == "cispo":
+        return -ratio.clamp(max=cfg.ratio_max).detach() * adv * logprobs
+    if cfg.objective == "sapo":
+        tau = torch.where(adv > 0, cfg.sapo_temperature_pos, cfg.sapo_temperature_neg)  # [B, 1]
+        return -torch.sigmoid(tau * (ratio - 1)) * 4 / tau * adv
+    high = cfg.clip_ratio if cfg.clip_ratio_high is None else cfg.clip_ratio_high
+    clipped = ratio.clamp(1.0 - cfg.clip_ratio, 1.0 + high)
+    if clip_counts is not None:
+        clip_counts.add(ratio, clipped, adv, mask.bool())
+    return torch.maximum(-adv * ratio, -adv * clipped)  # [B, T-1]

@@ -88,6 +88,9 @@ class AttributionSummary:
     scaled_difference: float | None = None  # |sum - grad_first_order| / max(abs_sum, |grad_first_order|)
     tolerance: float | None = None  # what scaled_difference is read against (by the policy's dtype)
     ok: bool | None = None  # scaled_difference <= tolerance
+    # the response tokens of U with the largest |a_it| (``update_tokens/attributions.npy``): each
+    # {"sequence", "position" (in its response), "token_id", "value" (a_it)}
+    top_tokens: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -108,6 +111,10 @@ class EvalResult:
     attribution: AttributionSummary | None = None
     eval_update_matrix: dict[str, Any] | None = None
     per_sequence_exact: list[dict[str, Any]] | None = None
+    # E's expected reward (E carries rewards): base, base_se, per part delta_r, se, first and second order, and the
+    # attribution r_i of its first-order change to U's sequences (reward_attributions.npy)
+    reward: dict[str, Any] | None = None
+    covariance_law: dict[str, Any] | None = None  # probe.covariance.CovarianceLaw on U, next to the exact numbers
     arrays: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # run-directory path -> array
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +180,18 @@ def metrics(result: EvalResult, etas: list[float], lr: float) -> dict[str, float
                 out[f"{name}/{part}/{key}"] = getattr(res, key)
     out[f"{name}/base_entropy"] = result.base_entropy.sequence
     out[f"{name}/base_entropy_per_token"] = result.base_entropy.per_token
+    if result.reward is not None:
+        for part, res in result.reward["parts"].items():
+            for j, eta in enumerate(etas):
+                for key in ("delta_r", "se", "predicted_first"):
+                    if res.get(key) is not None:
+                        out[f"{name}/reward/{part}/{key}@{eta_label(eta, lr)}"] = res[key][j]
+            if res.get("first_order") is not None:
+                out[f"{name}/reward/{part}/first_order"] = res["first_order"]
+        out[f"{name}/reward/base"] = result.reward["base"]
+    if result.covariance_law is not None:
+        for key in ("batch_mean", "top_overlap", "rank_correlation", "law_at_lr"):
+            out[f"{name}/covariance_law/{key}"] = result.covariance_law.get(key)
     if result.attribution is not None:
         out[f"{name}/attribution/sum"] = result.attribution.sum
         out[f"{name}/attribution/relative_difference"] = result.attribution.relative_difference

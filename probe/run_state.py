@@ -119,6 +119,9 @@ NOT_IN_RESUME_FINGERPRINT = (
     "probe.eval_update_matrix",
     "probe.per_sequence_exact",
     "probe.per_token_views",
+    "probe.reward",
+    "probe.covariance_law",
+    "probe.covariance_fraction",
 )
 
 

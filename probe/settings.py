@@ -46,6 +46,14 @@ class ProbeSettings:
             H(theta + eta b + eta v_i) - H(theta + eta b) is reported beside it.
         per_token_views: save per-token log-probs and entropies of E at theta and at theta + reference_eta * full
             (``per_token/*.npy``, flat over response tokens; sequence j at ``offsets[j]:offsets[j+1]``).
+        reward: when E carries rewards (sampled with a ``reward`` function, or a ``reward`` field in its file), also
+            the change of E's expected reward Delta R(eta) by the same SNIS (with SE, first and second order) and,
+            with ``attribution``, each update sequence's first-order share r_i of it (docs/DESIGN.md section 5).
+        covariance_law: the covariance term of Cui et al. 2025 (arXiv 2505.22617) on U, per token
+            (log p - mean)(A - mean) centred over U's response tokens, and its batch mean, reported next to the
+            exact changes; with ``attribution``, how its top tokens overlap those of largest |a_it|.
+        covariance_fraction: the fraction of U's response tokens the covariance law's overlap takes (at least
+            one): Clip-Cov's and KL-Cov's default 2e-4 (verl's ``clip_cov_ratio``, ``kl_cov_ratio``).
         forward_batch_size: sequences of E teacher-forced per forward pass (memory; the results do not depend on
             it beyond float rounding). Not ``data.eval_batch_size``, the sequences per predict batch (the unit
             of resuming and of DDP sharding).
@@ -70,6 +78,9 @@ class ProbeSettings:
     eval_update_matrix: bool = False
     per_sequence_exact: list[int] = field(default_factory=list)
     per_token_views: bool = False
+    reward: bool = True
+    covariance_law: bool = True
+    covariance_fraction: float = 2e-4
     forward_batch_size: int = 32
     head_budget_mib: float = 256.0
     save_update: bool = True
@@ -82,6 +93,11 @@ class ProbeSettings:
             raise ValueError(f"unknown integrand {self.integrand!r}; choose 'logprob' or 'token_entropy'")
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {self.normalisation!r}; choose one of {', '.join(NORMALISATIONS)}")
+        if not (0 < self.covariance_fraction <= 1):
+            raise ValueError(
+                f"probe.covariance_fraction must be in (0, 1], got {self.covariance_fraction}: the fraction of U's "
+                "response tokens compared (Clip-Cov's default 2e-4)"
+            )
         bad = [e for e in self.etas if not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0)]
         if bad:
             raise ValueError(

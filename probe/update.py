@@ -30,7 +30,7 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from torch.func import jvp
 from probe.adam import AdamHyper, AdamState, ParamAdamState
 from probe.batch import SequenceBatch, collate
 from probe.logprobs import teacher_force
-from probe.losses import ClipCounts, LossConfig, Normalisers, normalisers, per_sequence_loss
+from probe.losses import ClipCounts, LossConfig, Normalisers, normalisers, per_sequence_loss, per_token_loss
 from probe.precision import autocast, dtype_name, math_attention, resolve_dtype
 from probe.sharding import all_reduce_sum, full, global_sum, is_dtensor, local, sharded_view
 
@@ -716,6 +716,82 @@ def per_sequence_inner_products(
     vector ``[c_1..c_N]`` along ``K * w`` per microbatch. Names of ``w`` outside the update count as zero.
     """
     loss, norm = _require_loss(update)
+
+    def sequence_terms(mb: SequenceBatch, params: Mapping[str, Tensor]) -> tuple[Tensor]:  # ([b],)
+        return (sequence_losses(model, mb, loss, norm, params, head_dtype=update.head_dtype),)
+
+    batch = _as_batch(batch, pad_token_id)
+    pieces = _directional_derivatives(model, update, batch, w, sequence_terms, microbatch_size)
+    if pieces is None:
+        return torch.zeros(len(batch), dtype=torch.float64)
+    return torch.cat([tangent.to(torch.float64) for (_,), (tangent,) in pieces]).cpu()
+
+
+@dataclass
+class TokenInnerProducts:
+    """``<w, v_it>`` for every response token of a batch (v_it = K g_it, g_it the gradient of token t's loss term
+    c_it; ``sum_t v_it = v_i``), with the tokens' log-probabilities at theta, all ``[N, T-1]`` float64, 0 off the
+    response (:func:`per_token_inner_products`)."""
+
+    values: Tensor  # [N, T-1] <w, v_it>
+    logprobs: Tensor  # [N, T-1] log p of each response token at theta, at the loss temperature
+    mask: Tensor  # [N, T-1] bool, the response tokens
+
+    def per_sequence(self) -> Tensor:  # [N]  <w, v_i> = sum_t <w, v_it>
+        return self.values.sum(-1)
+
+    def flat(self) -> dict[str, Tensor]:
+        """The response tokens only, sequence after sequence: ``values``, ``logprobs`` ``[T]`` and ``offsets``
+        ``[N+1]`` (sequence i's tokens at ``offsets[i]:offsets[i+1]``)."""
+        lengths = self.mask.sum(-1)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        return {"values": self.values[self.mask], "logprobs": self.logprobs[self.mask], "offsets": offsets}
+
+
+def per_token_inner_products(
+    model: nn.Module,
+    update: Update,
+    batch: SequenceBatch | Sequence[dict],
+    w: Mapping[str, Tensor],
+    microbatch_size: int | None = None,
+    pad_token_id: int = 0,
+) -> TokenInnerProducts:
+    """``<w, v_it>`` for every response token of ``batch``: the JVP of :func:`per_sequence_inner_products` kept at
+    token resolution (the vector of every token's loss term c_it along ``K * w``), so ``sum_t`` gives ``<w, v_i>``.
+    A token whose PPO ratio the clip holds contributes 0 (its term does not depend on theta)."""
+    loss, norm = _require_loss(update)
+    forcing = loss.forcing(update.head_dtype)
+
+    def token_terms(mb: SequenceBatch, params: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:  # [b, T-1] each
+        stats = teacher_force(model, mb, params, forcing)
+        terms = per_token_loss(stats.logprobs, stats.mask, mb.advantages, norm, loss, mb.old_logprobs)
+        return terms, stats.logprobs
+
+    batch = _as_batch(batch, pad_token_id)
+    mask = batch.target_mask.cpu()
+    pieces = _directional_derivatives(model, update, batch, w, token_terms, microbatch_size)
+    if pieces is None:
+        zeros = torch.zeros(mask.shape, dtype=torch.float64)
+        with torch.no_grad():
+            logprobs = teacher_force(model, batch.to(next(model.parameters()).device), forcing=forcing).logprobs
+        return TokenInnerProducts(values=zeros, logprobs=logprobs.detach().double().cpu() * mask, mask=mask)
+    values = torch.cat([tangent.to(torch.float64) for _, (tangent, _) in pieces]).cpu()
+    logprobs = torch.cat([lp.detach().to(torch.float64) for (_, lp), _ in pieces]).cpu()
+    return TokenInnerProducts(values=values * mask, logprobs=logprobs * mask, mask=mask)
+
+
+def _directional_derivatives(
+    model: nn.Module,
+    update: Update,
+    batch: SequenceBatch,
+    w: Mapping[str, Tensor],
+    fn: Callable[[SequenceBatch, Mapping[str, Tensor]], tuple[Tensor, ...]],
+    microbatch_size: int | None,
+) -> list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]] | None:
+    """``(fn(mb, theta), d/de fn(mb, theta + e * (K * w)))`` per microbatch of ``batch``: one forward-mode JVP each
+    (over the scalar e, each unit gathered in turn, on a sharded policy). None when ``w`` touches no parameter of
+    the update."""
+    loss, _ = _require_loss(update)
     named = dict(model.named_parameters())
     unknown = [n for n in w if n not in named]
     if unknown:
@@ -724,10 +800,10 @@ def per_sequence_inner_products(
         )
     names = [n for n in _update_names_in_model(update, named) if n in w]
     device = next(iter(named.values())).device
-    batch = _as_batch(batch, pad_token_id).to(device)
+    batch = batch.to(device)
     _check_batch(batch, loss)
     if not names:
-        return torch.zeros(len(batch), dtype=torch.float64)
+        return None
     for n in names:
         if w[n].shape != named[n].shape:
             raise ValueError(f"w[{n!r}] has shape {tuple(w[n].shape)} but the parameter has {tuple(named[n].shape)}")
@@ -740,13 +816,12 @@ def per_sequence_inner_products(
     sharded = sharded_view(model)  # a sharded policy: a JVP over the scalar eta, each unit gathered in turn
     with torch.no_grad(), math_attention(), autocast(device, update.autocast_dtype):
         for mb in batch.chunks(microbatch_size):
-            fn = lambda ps, mb=mb: sequence_losses(model, mb, loss, norm, ps, head_dtype=update.head_dtype)  # noqa: E731
             if sharded is not None:
-                _, dc, _ = sharded.directional(lambda fn=fn: fn({}), tangents)
+                value, tangent, _ = sharded.directional(lambda mb=mb: fn(mb, {}), tangents)
             else:
-                _, dc = jvp(fn, (primals,), (tangents,))  # [b]
-            out.append(dc.to(torch.float64))
-    return torch.cat(out).cpu()
+                value, tangent = jvp(lambda ps, mb=mb: fn(mb, ps), (primals,), (tangents,))
+            out.append((tuple(value), tuple(tangent)))
+    return out
 
 
 # --------------------------------------------------------------------------------------
