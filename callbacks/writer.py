@@ -12,6 +12,7 @@ import logging
 import time
 
 import lightning.pytorch as pl
+import numpy as np
 
 from probe.engine import run_summary
 from probe.plots import plot_attributions, plot_delta_h, plot_ess
@@ -50,7 +51,21 @@ class RunWriter(pl.Callback):
             plot_delta_h(ev_json, list(plan.etas), plots / f"delta_h{suffix}.png", title=f"{ev.name}: Delta H vs eta")
             plot_ess(ev_json, list(plan.etas), ev.n_sequences, plots / f"ess{suffix}.png")
             if "attributions" in ev.arrays:
-                plot_attributions(ev.arrays["attributions"], plan.reference_eta, plots / f"attributions{suffix}.png")
+                advantages = np.array([float(r["advantage"]) for r in state.require("inputs").update_records])
+                offsets = ev.arrays["update_tokens/offsets"]
+                token_logprobs = ev.arrays["update_tokens/logprobs"]
+                logprobs = np.array([token_logprobs[s:e].sum() for s, e in zip(offsets[:-1], offsets[1:])])
+                plot_attributions(
+                    ev.arrays["attributions"],
+                    advantages,
+                    logprobs,
+                    plan.reference_eta,
+                    plots / f"attributions{suffix}.png",
+                    reward_attributions=ev.arrays.get("reward_attributions"),
+                )
+            if ev.attribution is not None and ev.attribution.top_tokens:  # the tokens as text, for the table
+                for token in ev.attribution.top_tokens:
+                    token["text"] = state.tokenizer.decode([token["token_id"]])
             for part, res in ev.parts.items():
                 low = [f"{e:.3g}" for e, f in zip(plan.etas, res.ess_fraction) if f < 0.1]
                 if low:
@@ -75,5 +90,5 @@ class RunWriter(pl.Callback):
         )
         log.debug("timings: %s", ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
         run_dir.finish(summary)
-        print(format_table(summary["evals"], plan.etas))
+        print(format_table(summary["evals"], plan.etas, plan.lr))
         print(f"run directory: {run_dir.path}")

@@ -1,4 +1,4 @@
-"""Plots of a run (matplotlib, headless): Delta H vs eta, attribution histogram, ESS vs eta."""
+"""Plots of a run (matplotlib, headless): Delta H vs eta, the attributions against advantage and reward, ESS vs eta."""
 
 from __future__ import annotations
 
@@ -71,14 +71,38 @@ def plot_ess(eval_result: dict, etas: list[float], n_samples: int, path: Path) -
     return save_figure(fig, path)
 
 
-def plot_attributions(attributions: np.ndarray, eta: float, path: Path) -> Path:
-    """Histogram of each update sequence's first-order share eta * a_i of Delta H."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    ax.hist(eta * np.asarray(attributions), bins=min(50, max(5, len(attributions) // 2)), color="C0")
+def plot_attributions(
+    attributions: np.ndarray,  # [N] a_i per unit eta
+    advantages: np.ndarray,  # [N]
+    logprobs: np.ndarray,  # [N] log p of each update sequence's response
+    eta: float,
+    path: Path,
+    reward_attributions: np.ndarray | None = None,  # [N] r_i per unit eta
+) -> Path:
+    """Each update sequence's first-order share eta * a_i of Delta H against its advantage, coloured by its
+    log-probability; beside it, with rewards on E, eta * a_i against its share eta * r_i of Delta R: which sequences
+    buy reward at the cost of entropy."""
+    panels = 1 if reward_attributions is None else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.4 * panels, 4.4), squeeze=False)
+    a = eta * np.asarray(attributions)
+    ax = axes[0, 0]
+    points = ax.scatter(advantages, a, c=logprobs, cmap="viridis", s=18)
+    fig.colorbar(points, ax=ax, label="log p of the response")
+    ax.axhline(0.0, color="grey", lw=0.5)
     ax.axvline(0.0, color="grey", lw=0.5)
-    ax.set_xlabel(f"eta * a_i at eta = {eta:.3g} (nats)")
-    ax.set_ylabel("update sequences")
-    ax.set_title("per-sequence first-order attribution")
+    ax.set_xlabel("advantage A_i")
+    ax.set_ylabel(f"eta * a_i at eta = {eta:.3g} (nats)")
+    ax.set_title("per-sequence share of the first-order Delta H")
+    if reward_attributions is not None:
+        ax = axes[0, 1]
+        r = eta * np.asarray(reward_attributions)
+        points = ax.scatter(r, a, c=advantages, cmap="coolwarm", s=18)
+        fig.colorbar(points, ax=ax, label="advantage A_i")
+        ax.axhline(0.0, color="grey", lw=0.5)
+        ax.axvline(0.0, color="grey", lw=0.5)
+        ax.set_xlabel("eta * r_i (share of Delta R, reward units)")
+        ax.set_ylabel("eta * a_i (nats)")
+        ax.set_title("entropy vs reward, per update sequence")
     return save_figure(fig, path)
 
 

@@ -16,8 +16,9 @@ import torch
 from probe.results import CHANGED_FLAGGED, ROUNDING_UNMEASURABLE
 
 
-def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
-    """The short table printed at the end of a run: part x eta, Delta H +- SE, first and second order, ESS."""
+def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float], lr: float | None = None) -> str:
+    """The short table printed at the end of a run: part x eta, Delta H +- SE, first and second order, ESS; then the
+    attribution, the change of E's expected reward (at eta = ``lr``) and the covariance law, where computed."""
 
     def number(x: float | None, width: int, spec: str) -> str:
         return f"{x:{width}{spec}}" if x is not None and math.isfinite(x) else f"{'n/a':>{width}}"
@@ -62,7 +63,56 @@ def format_table(evals: Sequence[dict[str, Any]], etas: Sequence[float]) -> str:
                     f"of sum_i |a_i| = {a['abs_sum']:.4e}, tolerance {a['tolerance']:.0e})"
                 )
             lines.append(f"  attribution: top +: {a['top_positive']}, top -: {a['top_negative']}")
+            if a.get("top_tokens"):
+                shown = ", ".join(
+                    f"{t.get('text', t['token_id'])!r} (seq {t['sequence']}, pos {t['position']}) {t['value']:.3e}"
+                    for t in a["top_tokens"][:5]
+                )
+                lines.append(f"  attribution: top tokens a_it: {shown}")
+        if ev.get("reward"):
+            lines += _reward_lines(ev["reward"], etas, lr, number)
+        if ev.get("covariance_law"):
+            lines += _covariance_lines(ev["covariance_law"], number)
     return "\n".join(lines)
+
+
+def _reward_lines(reward: dict[str, Any], etas: Sequence[float], lr: float | None, number: Any) -> list[str]:
+    """E's expected reward and its change along every part at eta = lr (the real step; the middle eta without lr)."""
+    j = min(range(len(etas)), key=lambda k: abs(etas[k] - lr)) if lr is not None else len(etas) // 2
+    lines = [
+        f"  reward on E: R = {number(reward['base'], 0, '.4f')} +- {number(reward['base_se'], 0, '.2g')}; "
+        f"at eta = {etas[j]:.3g}:"
+    ]
+    for part, res in reward["parts"].items():
+        first = (res.get("predicted_first") or [None] * len(etas))[j]
+        lines.append(
+            f"  {'Delta R ' + part:<20}{number(res['delta_r'][j], 23, '.4e')}{number(res['se'][j], 11, '.2e')}"
+            f"{number(first, 13, '.4e')}"
+        )
+    if reward.get("attribution"):
+        r = reward["attribution"]
+        lines.append(
+            f"  reward attribution: sum_i r_i = {r['sum']:.6e} vs first order of grad {r['grad_first_order']:.6e}: "
+            f"{'ok' if r['ok'] else 'NOT OK'}; top +: {r['top_positive']}, top -: {r['top_negative']}"
+        )
+    return lines
+
+
+def _covariance_lines(law: dict[str, Any], number: Any) -> list[str]:
+    """The covariance law of Cui et al. 2025 on U next to the exact change at eta = lr."""
+    lines = [
+        f"  covariance law: Cov(log p, A) = {number(law['batch_mean'], 0, '.4e')} over {law['n_tokens']} tokens of U, "
+        f"so -lr Cov = {number(law.get('law_at_lr'), 0, '.3e')}; exact at eta = lr: SNIS "
+        f"{number(law.get('delta_h_at_lr'), 0, '.3e')}, 1st order {number(law.get('first_order_at_lr'), 0, '.3e')} "
+        f"(grad part {number(law.get('grad_first_order_at_lr'), 0, '.3e')})"
+    ]
+    if law.get("top_overlap") is not None:
+        lines.append(
+            f"  covariance law: top-{law['k']} covariance tokens vs top-{law['k']} |a_it|: overlap "
+            f"{law['top_overlap']:.0%} (chance {law['chance_overlap']:.1%}); rank correlation of cov_t and a_it "
+            f"{number(law.get('rank_correlation'), 0, '.3f')}"
+        )
+    return lines
 
 
 def environment() -> dict[str, str]:

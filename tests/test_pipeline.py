@@ -87,6 +87,42 @@ def test_attributions_sum_to_the_first_order_of_the_gradient_part(finished_run):
     assert att["grad_first_order"] == pytest.approx(summary["aggregate"]["grad"]["first_order"], rel=1e-4)
 
 
+def test_the_demo_saves_each_update_tokens_attribution_and_names_the_top_tokens(finished_run):
+    run, summary = finished_run
+    tokens = {p.stem: np.load(p) for p in (run / "update_tokens").glob("*.npy")}
+    assert set(tokens) == {"offsets", "token_ids", "logprobs", "attributions", "covariance", "reward_attributions"}
+    offsets, a = tokens["offsets"], np.load(run / "attributions.npy")
+    assert offsets[0] == 0 and offsets[-1] == len(tokens["attributions"]) == summary["update"]["n_tokens"]
+    summed = np.array([tokens["attributions"][offsets[i] : offsets[i + 1]].sum() for i in range(len(a))])
+    np.testing.assert_allclose(summed, a, rtol=1e-12, atol=1e-12 * np.abs(a).max())
+    top = summary["evals"][0]["attribution"]["top_tokens"]
+    biggest = np.abs(tokens["attributions"]).max()
+    assert abs(top[0]["value"]) == biggest
+    first = top[0]
+    assert tokens["attributions"][offsets[first["sequence"]] + first["position"]] == first["value"]
+    assert tokens["token_ids"][offsets[first["sequence"]] + first["position"]] == first["token_id"]
+
+
+def test_the_demo_reports_the_change_of_the_expected_reward_and_the_covariance_law(finished_run):
+    run, summary = finished_run
+    ev = summary["evals"][0]
+    rewards = [json.loads(line)["reward"] for line in (run / "rollouts" / "eval_00.jsonl").read_text().splitlines()]
+    assert ev["reward"]["base"] == pytest.approx(np.mean(rewards), rel=1e-12)  # E scored with the toy reward
+    assert ev["reward"]["attribution"]["ok"]
+    assert np.load(run / "reward_attributions.npy").sum() == pytest.approx(ev["reward"]["attribution"]["sum"], rel=1e-9)
+    for part in summary["plan"]["parts"]:
+        assert len(ev["reward"]["parts"][part]["delta_r"]) == len(summary["plan"]["etas"])
+    law = ev["covariance_law"]
+    cov = np.load(run / "update_tokens" / "covariance.npy")
+    assert law["batch_mean"] == pytest.approx(cov.mean(), rel=1e-12) and law["n_tokens"] == len(cov)
+    lr = summary["update"]["lr"]
+    at_lr = summary["plan"]["etas"].index(lr)
+    assert law["delta_h_at_lr"] == ev["parts"]["full"]["delta_h"][at_lr]
+    assert law["first_order_at_lr"] == pytest.approx(lr * ev["parts"]["full"]["first_order"], rel=1e-12)
+    assert law["law_at_lr"] == pytest.approx(-lr * law["batch_mean"], rel=1e-12)
+    assert -1 <= law["rank_correlation"] <= 1 and law["top_overlap"] in (0.0, 1.0)  # k = 1 token of U's ~50
+
+
 def test_eval_update_matrix_sums_to_the_first_order_gradient_change(finished_run):
     run, summary = finished_run
     S = np.load(run / "eval_delta_matrix.npy")  # [M, N] at the reference eta
