@@ -9,7 +9,8 @@ Plain functions, no Lightning. The offline run and the live callback call the sa
   into an :class:`~probe.results.EvalResult`: SNIS Delta H with SEs, ESS and clipping, first and
   second order, warnings (``SNISAggregation`` runs it after its one gather);
 * :func:`complete_eval` adds what needs all of E in one process: the attribution to U's
-  sequences, the eval x update matrix, the exact per-sequence path and per-token views;
+  sequences and tokens (of Delta H, and of Delta R where E carries rewards), the covariance law on U
+  (:mod:`probe.covariance`), the eval x update matrix, the exact per-sequence path and per-token views;
 * :func:`probe_eval` is the three in one process (the live callback, and library use).
 
 The realised change of a live step, measured on fresh samples, is :mod:`probe.realised`.
@@ -545,8 +546,9 @@ def complete_eval(
     plan: Plan,
     timings: dict[str, float] | None = None,
 ) -> None:
-    """Add to ``result`` what needs all of E in one process: the attribution a_i (one backward over E, one JVP
-    over U), the eval x update matrix, the exact per-sequence path and per-token views, as the plan asks.
+    """Add to ``result`` what needs all of E in one process: the attribution a_i and a_it (one backward over E, one
+    JVP over U) and, where E carries rewards, r_i and r_it; the covariance law on U; the eval x update matrix, the
+    exact per-sequence path and per-token views, as the plan asks.
     ``U`` (the update batch) is needed for all but the per-token views. ``timings`` (if given) gets the seconds
     of each, as ``attribution_<E>_s``, ``eval_update_matrix_<E>_s``, ``per_sequence_exact_<E>_s`` and
     ``per_token_views_<E>_s``."""

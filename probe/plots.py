@@ -155,3 +155,49 @@ def plot_live(records: list[dict], path: Path) -> Path:
     ax2.set_ylabel("step error (ulp units)")
     ax2.set_xlabel("optimizer step")
     return save_figure(fig, path)
+
+
+def plot_covariance_law(records: list[dict], path: Path) -> Path | None:
+    """The covariance law of Cui et al. 2025 on a training run: per probed step, the law's prediction -lr Cov(log p, A)
+    on U beside probe's exact change at eta = lr (SNIS +- SE, and the first order of the full step and of its gradient
+    part); and the exact first-order change against the batch covariance across steps, with their rank correlation.
+    None when no record holds the covariance law."""
+    laws = [(r["step"], r["eval"]["covariance_law"]) for r in records if r.get("eval", {}).get("covariance_law")]
+    if not laws:
+        return None
+    import torch
+
+    from probe.covariance import rank_correlation
+
+    def value(law: dict, key: str) -> float:
+        return np.nan if law.get(key) is None else float(law[key])
+
+    steps = [s for s, _ in laws]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12.0, 4.4))
+    se = [
+        (r["eval"]["parts"]["full"]["se"][r["plan"]["etas"].index(r["update"]["lr"])] or np.nan)
+        for r in records
+        if r.get("eval", {}).get("covariance_law")
+    ]
+    ax.errorbar(steps, [value(law, "delta_h_at_lr") for _, law in laws], yerr=se, fmt="o", capsize=3, label="SNIS")
+    ax.plot(steps, [value(law, "first_order_at_lr") for _, law in laws], "-", label="first order, full step")
+    ax.plot(steps, [value(law, "grad_first_order_at_lr") for _, law in laws], ":", label="first order, gradient part")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("Delta H at eta = lr (nats / sequence)")
+    ax.axhline(0.0, color="grey", lw=0.5)
+    twin = ax.twinx()
+    twin.plot(steps, [value(law, "law_at_lr") for _, law in laws], "s--", color="C3", alpha=0.7)
+    twin.set_ylabel("-lr Cov(log p, A) on U (the law)", color="C3")
+    ax.legend(fontsize=7)
+    ax.set_title("exact change vs the covariance law, per step")
+    cov = np.array([value(law, "batch_mean") for _, law in laws])
+    first = np.array([value(law, "first_order_at_lr") for _, law in laws])
+    ax2.scatter(cov, first, c=steps, cmap="viridis")
+    ax2.axhline(0.0, color="grey", lw=0.5)
+    ax2.axvline(0.0, color="grey", lw=0.5)
+    ok = np.isfinite(cov) & np.isfinite(first)
+    rho = rank_correlation(torch.as_tensor(cov[ok]), torch.as_tensor(first[ok])) if ok.sum() >= 2 else np.nan
+    ax2.set_xlabel("Cov(log p, A) on U")
+    ax2.set_ylabel("first-order Delta H at eta = lr (nats)")
+    ax2.set_title(f"across steps: rank correlation {rho:.2f} (the law: negative)")
+    return save_figure(fig, path)
