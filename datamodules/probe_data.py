@@ -307,6 +307,15 @@ class ProbeDataModule(pl.LightningDataModule):
         """E must say how it was sampled: the full distribution at the probe's tau (datamodules.rollouts);
         ``report_unended``: report an E whose responses mostly do not end (once per batch, not per look)."""
         k = next(k for k, s in enumerate(self.eval_settings) if s is settings)
+        scored = [i for i, r in enumerate(records) if r.get("reward") is not None]
+        if scored and len(scored) < len(records) and not settings.reward:
+            unscored = next(i for i, r in enumerate(records) if r.get("reward") is None)
+            raise ValueError(
+                f"{path}: {len(scored)} of the {len(records)} records of this evaluation batch carry a reward and the "
+                f"others do not (line {unscored + 1} has none), so the change of E's expected reward cannot be "
+                "measured. Fix: give every record its reward, remove the field from all, or score E with "
+                f"data.init_args.evals[{k}].reward (which replaces the file's rewards)"
+            )
         check_eval_sampling(
             records,
             temperature=float(settings.sampling.temperature),

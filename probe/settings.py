@@ -96,7 +96,7 @@ class ProbeSettings:
         if not (0 < self.covariance_fraction <= 1):
             raise ValueError(
                 f"probe.covariance_fraction must be in (0, 1], got {self.covariance_fraction}: the fraction of U's "
-                "response tokens compared (Clip-Cov's default 2e-4)"
+                "response tokens compared. Fix: give a fraction in (0, 1], e.g. Clip-Cov's default 2e-4"
             )
         bad = [e for e in self.etas if not (isinstance(e, (int, float)) and math.isfinite(e) and e > 0)]
         if bad:

@@ -136,6 +136,7 @@ def files(tmp_path_factory, toy_world_dir: Path, tiny_llama) -> dict[str, str]:
     jsonl(
         "update_one_group_reversed", [dict(r, reward=float((r["advantage"] > 0) == (r["group"] == 0))) for r in UPDATE]
     )
+    jsonl("eval_some_rewards", [dict(EVAL[0], reward=1.0), *EVAL[1:]])
     jsonl("eval_without_eos", [dict(r, response_ids=r["response_ids"][:1] + [13]) for r in EVAL])  # cut, no EOS
     # the toy policy's context is 32 positions: 5 prompt + 28 response tokens do not fit
     jsonl("eval_longer_than_context", [EVAL[0], dict(EVAL[1], response_ids=[12] * 27 + [2]), *EVAL[2:]])
@@ -344,6 +345,14 @@ REFUSED = [
         id="eval-file-mixed-sampling",
     ),
     pytest.param(
+        [*U_OK, E, '[{{path: {eval_some_rewards}, reward: ""}}]'],
+        ValueError,
+        r"eval_some_rewards.jsonl: 1 of the 4 records of this evaluation batch carry a reward and the others do not "
+        r"\(line 2 has none\).*Fix: give every record its reward, remove the field from all, or score E with "
+        r"data.init_args.evals\[0\].reward",
+        id="eval-file-some-rewards",
+    ),
+    pytest.param(
         [U, "{update_token_after_eos}"],
         ValueError,
         r"update_token_after_eos.jsonl, line 2: 'response_ids' goes on after its first EOS \(id 2 at position 1, "
@@ -456,6 +465,12 @@ REFUSED = [
         id="chat-template-on-without-one",
     ),
     # settings
+    pytest.param(
+        ["--model.init_args.probe.covariance_fraction", "0"],
+        ValueError,
+        r"probe.covariance_fraction must be in \(0, 1\], got 0.0: the fraction of U's response tokens compared",
+        id="covariance-fraction-zero",
+    ),
     pytest.param(
         ["--model.init_args.loss.temperature", "0"],
         ValueError,
