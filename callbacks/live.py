@@ -5,8 +5,11 @@ all-reduced by DDP, not yet clipped), the probe reconstructs the step about to h
 (clipping at the Trainer's ``gradient_clip_val``) and predicts its entropy change on E; after the step
 (``on_train_batch_end``) it verifies the parameters' change and measures the realised change on fresh samples
 (:mod:`probe.live`). One JSON line per probed step goes to ``<run_dir>/records.jsonl``; the metrics go to every
-logger of the Trainer (W&B included) under the keys an offline run logs plus ``live/...``; at the end of fit
-``<run_dir>/plots/live_entropy.png``. Only rank 0 writes.
+logger of the Trainer (W&B included) under the keys an offline run logs plus ``live/...``, at the probed step (where
+the module's own metrics of that batch are logged, one less than the Trainer's ``global_step`` after the step); at
+the end of fit ``<run_dir>/plots/live_entropy.png``. Only rank 0 writes. A ``WandbLogger`` gets the probe's series
+against ``trainer/global_step`` (``define_metric``) and, at the end of fit, the table ``live/probed_steps`` (one row
+per probed step) with the line chart ``charts/live/delta_h_per_step`` over it, and the plot as ``live/entropy``.
 
 The training module implements :class:`probe.live_contract.LiveProbeTarget` (``policy``, ``tokenizer``,
 ``probed_step()``); see that module for what it guarantees. One optimizer (``torch.optim.Adam``/``AdamW``),
@@ -22,8 +25,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from callbacks.wandb_report import prefixed
 from probe.live import GradientHandling, LiveEvalSettings, LiveProbe, LiveProbeSettings, Processes
 from probe.live_contract import OwnsRunDirectory, is_live_probe_target
+from probe.wandb_tables import live_series, live_steps_table
 
 __all__ = ["LiveEntropyProbe", "LiveEvalSettings"]
 
@@ -43,6 +48,8 @@ class LiveEntropyProbe(pl.Callback):
         realised: bool = True,
         run_dir: str = "",
         start_step: int = 0,
+        parts: list[str] = ["full"],  # noqa: B006 (jsonargparse default)
+        covariance_fraction: float = 2e-4,
     ):
         """
         Args:
@@ -57,6 +64,10 @@ class LiveEntropyProbe(pl.Callback):
             run_dir: where rank 0 writes ``records.jsonl`` and ``plots/``; empty: ``<module run dir>/live_probe``
                 for modules with a run directory (``GRPOModule``), else ``<trainer.log_dir>/live_probe``.
             start_step: first probed step.
+            parts: the parts of the update swept (``full``, ``baseline``, ``grad``); ``full``, the real step, is
+                always swept (the realised change is compared with it).
+            covariance_fraction: the fraction of the step's response tokens the covariance law's overlap takes (at
+                least one; Clip-Cov's and KL-Cov's default 2e-4).
         """
         self.settings = LiveProbeSettings(
             every_n_steps=every_n_steps,
@@ -68,6 +79,8 @@ class LiveEntropyProbe(pl.Callback):
             verify=verify,
             realised=realised,
             start_step=start_step,
+            parts=list(parts),
+            covariance_fraction=covariance_fraction,
         )
         self.run_dir_arg = run_dir
         self.probe: LiveProbe | None = None
@@ -116,6 +129,9 @@ class LiveEntropyProbe(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.probe.hold_eval(pl_module.policy)
+        if trainer.global_rank == 0:
+            for logger in wandb_loggers(trainer):
+                define_probe_metrics(logger)
 
     # ---- before the step: reconstruct and predict; after it: verify and measure --------------
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -138,16 +154,56 @@ class LiveEntropyProbe(pl.Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         probed = self.probe.after_step(pl_module.policy)
-        if probed is not None:
-            for logger in trainer.loggers:
-                logger.log_metrics(probed.metrics, step=trainer.global_step)
+        if probed is not None:  # at the probed step (the Trainer's global_step already counts the step just taken),
+            for logger in trainer.loggers:  # the step the module's own metrics of this batch are logged at
+                logger.log_metrics(probed.metrics, step=probed.record["step"])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        path = self.probe.finish() if trainer.global_rank == 0 else None
-        if path is None:
+        if trainer.global_rank != 0:
             return
-        from lightning.pytorch.loggers import WandbLogger
-
-        for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
+        path = self.probe.finish()
+        for logger in wandb_loggers(trainer):
+            if path is not None:
                 logger.log_image(key="live/entropy", images=[str(path)])
+            log_probed_steps(logger, self.records, trainer.global_step)
+
+
+# ---- W&B (only with a WandbLogger attached; wandb is imported only then) ----------------------------
+
+# The keys of the probe's metrics (probe.live.LiveProbe.metrics: the live E is always eval_00) and the trainer's step
+PROBE_METRICS, TRAINER_STEP = ("eval_00/*", "update/*", "live/*"), "trainer/global_step"
+
+
+def wandb_loggers(trainer: pl.Trainer) -> list[Any]:
+    from lightning.pytorch.loggers import WandbLogger
+
+    return [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+
+
+def define_probe_metrics(logger: Any) -> None:
+    """Plot the probe's series against the trainer's step (Lightning's logger does so for every key of a W&B run it
+    starts itself, but not for a run it adopts from an earlier ``wandb.init``)."""
+    run = logger.experiment
+    run.define_metric(TRAINER_STEP)  # log_metrics adds it unprefixed
+    for name in PROBE_METRICS:
+        run.define_metric(prefixed(logger, name), step_metric=TRAINER_STEP)
+
+
+def log_probed_steps(logger: Any, records: list[dict], step: int) -> None:
+    """At the end of fit: ``live/probed_steps``, one row per probed step (:func:`probe.wandb_tables.live_steps_table`),
+    and the line chart ``charts/live/delta_h_per_step`` over it (predicted, first and second order, realised)."""
+    import wandb
+
+    table = live_steps_table(records)
+    if not table[1]:
+        return
+    series = live_series(table)
+    chart = wandb.plot.line(
+        wandb.Table(columns=series[0], data=series[1]),
+        x="step",
+        y="delta_h",
+        stroke="series",
+        title="Delta H of each probed step (nats per sequence): predicted vs realised",
+    )
+    steps = wandb.Table(columns=table[0], data=table[1])
+    logger.log_metrics({"live/probed_steps": steps, "charts/live/delta_h_per_step": chart}, step=step)

@@ -1,9 +1,26 @@
 """Weights & Biases reporting through Lightning's ``WandbLogger`` (offline by default; ``wandb sync`` uploads later).
 
-Logs the metrics of every evaluation batch (:func:`probe.results.metrics`: the keys the live probe logs too),
-one table of the update sequences (text, reward, advantage, attribution), the plots and the run directory
-as an artifact. It observes the run once it is over (``teardown``, after every writer), so its place among
-the callbacks does not matter. With no ``WandbLogger`` attached (or ``WANDB_MODE=disabled``) it does nothing.
+What a finished predict run sends (``teardown``, after every writer, so its place among the callbacks does not
+matter; the tables are built by :mod:`probe.wandb_tables`):
+
+* the scalar metrics of every evaluation batch (:func:`probe.results.metrics`, the keys the live probe logs too) in
+  the run's **summary**, not its history: a predict run measures one update, so each would be a one-point line
+  panel; in the summary they are columns of the project's runs table and what bar, scatter and parallel-coordinates
+  panels compare across runs;
+* per evaluation batch ``tables/<eval>/delta_h`` (one row per part x eta: eta, eta/lr, part, Delta H, SE, per
+  token, ESS, first- and second-order prediction) and the line chart ``charts/<eval>/delta_h_vs_eta`` over the same
+  numbers (x: eta / lr; one line per part for SNIS, first and second order; W&B keeps its data as
+  ``charts/<eval>/delta_h_vs_eta_table``);
+* ``update_sequences``: the update sequences with text, reward, advantage, attribution a_i, and, when the first
+  evaluation batch holds them, the reward attribution r_i and the response's log-probability;
+* with the per-token arrays (``update_tokens/*``): ``update_tokens``, one row per response token (text, a_{i,t},
+  its share of a_i, the covariance term, log p, the sequence's advantage; the sequences with the largest |a_i|
+  first, at most ``wandb.Table.MAX_ROWS`` rows), and ``html/update_top_sequences``, the top sequences with each
+  token coloured by a_{i,t};
+* the plots (``plots/<name>``) and the run directory as an artifact.
+
+All of it is logged in one history step. With no ``WandbLogger`` attached (or ``WANDB_MODE=disabled``) it does
+nothing.
 
 The CLI's W&B handling lives here too: :func:`prepare_wandb_loggers` before the W&B run starts (its folder, no
 deprecated ``anonymous`` argument at log_level standard) and :func:`report_offline_runs` after a finished run (finish
@@ -28,7 +45,7 @@ import shutil
 import sys
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import WandbLogger
@@ -36,22 +53,93 @@ from lightning.pytorch.trainer.states import TrainerFn
 
 from probe.results import metrics, update_metrics
 from probe.run_state import PredictRunState, run_state_of
+from probe.wandb_tables import (
+    Table,
+    UpdateTokens,
+    check_tokens_match,
+    delta_h_series,
+    delta_h_table,
+    token_table,
+    top_sequences_html,
+    update_sequence_table,
+)
 
 log = logging.getLogger("probe")
 
 
-def update_table(state: PredictRunState) -> tuple[list[str], list[list[Any]]]:
-    """Columns and rows of the update sequences: text, reward, advantage and attribution (first evaluation batch)."""
-    inputs, evals = state.require("inputs"), state.require("result")
-    attributions = evals[0].arrays.get("attributions")
-    columns = ["index", "group", "prompt", "response", "reward", "advantage", "attribution"]
-    rows = []
-    for r in inputs.update_records:
-        prompt = r.get("prompt") or state.tokenizer.decode(r["prompt_ids"], skip_special_tokens=False)
-        response = r.get("response") or state.tokenizer.decode(r["response_ids"], skip_special_tokens=False)
-        a = None if attributions is None else float(attributions[r["index"]])
-        rows.append([r["index"], str(r.get("group")), prompt, response, r.get("reward"), r.get("advantage"), a])
-    return columns, rows
+def _decoders(tokenizer: Any) -> tuple[Callable[[list[int]], str], Callable[[list[int]], list[str]]]:
+    """The tokenizer's text of a list of ids, and of each id alone (special tokens shown)."""
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    def decode_tokens(ids: list[int]) -> list[str]:
+        return tokenizer.batch_decode([[i] for i in ids], skip_special_tokens=False)
+
+    return decode, decode_tokens
+
+
+def update_tokens(state: PredictRunState) -> UpdateTokens | None:
+    """The per-token arrays of the update batch in the first evaluation batch's result (None when not computed),
+    checked against U's sequences."""
+    records, first = state.require("inputs").update_records, state.require("result")[0]
+    tokens = UpdateTokens.from_arrays(first.arrays, len(records))
+    if tokens is not None:
+        check_tokens_match(records, tokens)
+    return tokens
+
+
+def update_table(state: PredictRunState) -> Table:
+    """Columns and rows of the update sequences: text, reward, advantage and attribution, and the reward attribution
+    and log-probability where computed (first evaluation batch; :func:`probe.wandb_tables.update_sequence_table`)."""
+    records, first = state.require("inputs").update_records, state.require("result")[0]
+    decode, _ = _decoders(state.tokenizer)
+    return update_sequence_table(records, first.arrays, decode, update_tokens(state))
+
+
+def predict_media(state: PredictRunState) -> dict[str, Any]:
+    """The W&B objects of a finished predict run by key (module docstring): tables, charts, HTML and plots."""
+    import wandb
+
+    plan, run_dir, evals = state.require("plan"), state.require("run_dir").path, state.require("result")
+    media: dict[str, Any] = {}
+    for ev in evals:
+        table = delta_h_table(ev, list(plan.etas), plan.lr)
+        media[f"tables/{ev.name}/delta_h"] = wandb.Table(columns=table[0], data=table[1])
+        columns, rows = delta_h_series(table)
+        media[f"charts/{ev.name}/delta_h_vs_eta"] = wandb.plot.line(
+            wandb.Table(columns=columns, data=rows),
+            x="eta/lr",
+            y="delta_h",
+            stroke="series",
+            title=f"{ev.name}: Delta H (nats per sequence) vs eta / lr",
+        )
+    records, first, tokens = state.require("inputs").update_records, evals[0], update_tokens(state)
+    decode, decode_tokens = _decoders(state.tokenizer)
+    columns, rows = update_sequence_table(records, first.arrays, decode, tokens)
+    media["update_sequences"] = wandb.Table(columns=columns, data=rows)
+    if tokens is not None:
+        a = first.arrays.get("attributions")
+        columns, rows, shown = token_table(records, tokens, a, decode_tokens, max_rows=wandb.Table.MAX_ROWS)
+        media["update_tokens"] = wandb.Table(columns=columns, data=rows)
+        media["html/update_top_sequences"] = wandb.Html(top_sequences_html(records, tokens, a, decode, decode_tokens))
+        if len(shown) < len(records):
+            log.info(
+                "W&B: update_tokens holds the tokens of the %d update sequences with the largest |a_i| (of %d): a "
+                "W&B table shows at most %d rows",
+                len(shown),
+                len(records),
+                wandb.Table.MAX_ROWS,
+            )
+    for plot in sorted((run_dir / "plots").glob("*.png")):
+        media[f"plots/{plot.stem}"] = wandb.Image(str(plot))
+    return media
+
+
+def prefixed(logger: WandbLogger, key: str) -> str:
+    """``key`` as ``logger.log_metrics`` writes it (a ``WandbLogger(prefix=...)`` puts its prefix first)."""
+    prefix = getattr(logger, "_prefix", "")  # Lightning keeps the prefix only privately
+    return f"{prefix}{logger.LOGGER_JOIN_CHAR}{key}" if prefix else key
 
 
 # The loggers that start their own W&B run (prepared by the CLI while no run was in progress): only their offline
@@ -200,12 +288,10 @@ class WandbReport(pl.Callback):
         values = update_metrics(state.require("update").summary())
         for ev in state.require("result"):
             values.update(metrics(ev, list(plan.etas), plan.lr))
-        columns, rows = update_table(state)
         for lg in loggers:
-            lg.log_metrics(values)
-            lg.log_table(key="update_sequences", columns=columns, data=rows)
-            for plot in sorted((run_dir / "plots").glob("*.png")):  # one key each: the plots differ in size
-                lg.log_image(key=f"plots/{plot.stem}", images=[str(plot)])
+            # the summary, not the history: one update (module docstring)
+            lg.experiment.summary.update({prefixed(lg, key): value for key, value in values.items()})
+            lg.log_metrics(predict_media(state))  # one history step; built per logger (a table binds to its run)
             if self.log_artifact and hasattr(lg.experiment, "log_artifact"):
                 import wandb
 

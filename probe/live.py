@@ -12,8 +12,9 @@ One :class:`LiveProbe` per training run; the trainer's adapter calls it at two p
 2. :meth:`LiveProbe.after_step`, after ``optimizer.step()``: verifies that the parameters moved by exactly the
    reconstruction (:func:`probe.verification.verify_step`; loudly, ``logging.warning`` and ``warnings.warn``,
    beyond one rounding unit) and measures the realised change on FRESH samples
-   (:func:`probe.realised.realised_change`): H(new) - H(old) on independent samples of the new and the old policy,
-   and the z-scores of the predictions against it.
+   (:func:`probe.realised.realised_change`): H(new) - H(old) on a sample of the old policy (drawn before the step,
+   independent of E) and one of the new policy drawn with the same uniforms row by row (common random numbers: the
+   paired difference resolves the change of one step), and the z-scores of the predictions against it.
 
 One JSON line per probed step goes to ``<run_dir>/records.jsonl``: ``plan``, ``update`` and ``eval`` hold the same
 fields as ``summary.json``'s ``plan``, ``update`` and ``evals[k]`` of an offline run; :meth:`LiveProbe.metrics` gives
@@ -55,15 +56,15 @@ from probe.loading import context_length
 from probe.logprobs import TeacherForcing
 from probe.losses import normalisers as loss_normalisers
 from probe.overrides import base_statistics
-from probe.plots import plot_live
+from probe.plots import plot_covariance_law, plot_live
 from probe.prompts import PromptSource, load_prompts
-from probe.realised import realised_change
+from probe.realised import check_pairing, identical_fraction, realised_change
 from probe.results import EvalResult, metrics, update_metrics
-from probe.sampling import SamplingSettings, derived_seed, sample_responses, special_token_ids
+from probe.sampling import SamplingSettings, common_uniforms, derived_seed, sample_responses, special_token_ids
 from probe.sharding import sharded_view
 from probe.snis import SNISConfig
 from probe.statistics import INTEGRANDS, SequenceStats
-from probe.update import Update, unwrap_optimizer, update_from_gradients
+from probe.update import PARTS, Update, unwrap_optimizer, update_from_gradients
 from probe.verification import step_rounding, verify_step
 
 log = logging.getLogger("probe")
@@ -84,6 +85,12 @@ class LiveEvalSettings:
             is skipped.
         realised_n_per_prompt: responses per prompt of the fresh samples that measure the realised change
             (default: ``sampling.n_per_prompt``).
+        realised_pairing: how the fresh samples of the old and the new policy are drawn.
+            ``common_random_numbers``: before the step a sample of pi_old (independent of E), after it one of
+            pi_new with the same uniforms row by row (inverse-CDF sampling); each is exactly from its policy, most
+            rows come out identical after a small step, and the SE of the paired difference is many times smaller
+            (docs/DESIGN.md section 6). ``independent``: two independent samples (the old one is E itself when
+            refreshed), SE = hypot(se_old, se_new).
         forward_batch_size: sequences of E teacher-forced per forward pass (memory; results do not depend on it
             beyond float rounding).
     """
@@ -95,6 +102,7 @@ class LiveEvalSettings:
     )
     refresh: bool = True
     realised_n_per_prompt: int | None = None
+    realised_pairing: str = "common_random_numbers"
     forward_batch_size: int = 256
 
     def __post_init__(self) -> None:
@@ -106,6 +114,11 @@ class LiveEvalSettings:
         if self.path and self.refresh:
             raise ValueError(
                 "eval.path gives a fixed E, which cannot be refreshed; set eval.refresh=false (or drop eval.path)"
+            )
+        check_pairing(self.realised_pairing)
+        if self.realised_n_per_prompt is not None and self.realised_n_per_prompt < 1:
+            raise ValueError(
+                f"eval.realised_n_per_prompt={self.realised_n_per_prompt} must be >= 1 (null: sampling.n_per_prompt)"
             )
 
 
@@ -123,6 +136,10 @@ class LiveProbeSettings:
         verify: after the step, compare the parameters' change with the reconstruction.
         realised: after the step, measure the realised entropy change on fresh samples.
         start_step: first probed step (0: the run's first optimizer step).
+        parts: the parts of the update swept (``full``, ``baseline``, ``grad``); ``full``, the real step, is always
+            swept (the realised change is compared with it).
+        covariance_fraction: the fraction of the step's response tokens the covariance law's overlap takes (at
+            least one; Clip-Cov's and KL-Cov's default 2e-4; docs/DESIGN.md section 5).
     """
 
     every_n_steps: int = 1
@@ -134,6 +151,8 @@ class LiveProbeSettings:
     verify: bool = True
     realised: bool = True
     start_step: int = 0
+    parts: list[str] = field(default_factory=lambda: ["full"])
+    covariance_fraction: float = 2e-4
 
     def __post_init__(self) -> None:
         if self.every_n_steps < 1:
@@ -146,6 +165,20 @@ class LiveProbeSettings:
         if bad:
             raise ValueError(f"eta_factors must be finite and > 0, got {bad}")
         self.eta_factors = sorted(set(float(f) for f in self.eta_factors) | {1.0})
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown:
+            raise ValueError(f"unknown part(s) {unknown} in parts; choose from {', '.join(PARTS)}")
+        if "full" not in self.parts:
+            raise ValueError(
+                f"parts={list(self.parts)} leaves out 'full', the real step (the realised change and the metrics at "
+                "eta = lr compare with it); add full"
+            )
+        self.parts = [p for p in PARTS if p in self.parts]  # each once, in the update's order
+        if not (0 < self.covariance_fraction <= 1):
+            raise ValueError(
+                f"covariance_fraction={self.covariance_fraction} must be in (0, 1]: the fraction of the step's "
+                "response tokens compared. Fix: give a fraction in (0, 1], e.g. Clip-Cov's default 2e-4"
+            )
 
     def is_probed(self, step: int) -> bool:
         return step >= self.start_step and (step - self.start_step) % self.every_n_steps == 0
@@ -198,8 +231,20 @@ class PendingStep:
     timings: dict[str, float]
     result: EvalResult | None = None  # the prediction (rank 0; every rank of a sharded policy)
     plan: Plan | None = None
-    old_sample: SequenceStats | None = None  # a sample of pi_old for the realised change
+    old_sample: RealisedSample | None = None  # a sample of pi_old for the realised change
     rounding: float | None = None  # the optimizer kernel's relative rounding for the verification (step_rounding)
+
+
+@dataclass
+class RealisedSample:
+    """A fresh sample of pi_old for the realised change, and how its partner of pi_new is drawn after the step."""
+
+    stats: SequenceStats  # at theta_old
+    pairing: str  # common_random_numbers: pi_new is sampled with the same uniforms; independent: with a new seed
+    prompts: list[list[int]]  # the prompts, each n_per_prompt times in a row (the rows of the sample)
+    n_per_prompt: int
+    seed: int  # the uniforms' seed (paired); the seed of pi_old's own sample (independent, not E)
+    responses: list[list[int]]  # the sampled responses, row by row
 
 
 @dataclass
@@ -278,6 +323,8 @@ class LiveProbe:
             else:
                 E = self._sample(policy, settings.sampling.n_per_prompt, self._seed(-1, "eval"))
             self._held = (E, self._statistics(policy, E))
+            if settings.path and not self._prompts:  # the realised change samples the held E's prompts
+                self._prompts = distinct_prompts(E)
         log.info("live probe: holding an evaluation batch of %d sequences (sampled at the start of fit)", len(E))
 
     # ---- helpers ----------------------------------------------------------------------------
@@ -285,10 +332,10 @@ class LiveProbe:
         return derived_seed("live", self.settings.eval.sampling.seed, step, purpose)
 
     def plan(self, lr: float, with_attribution: bool) -> Plan:
-        """The engine's plan of one probed step: the full step over eta = factor * lr, first/second order."""
+        """The engine's plan of one probed step: the swept parts over eta = factor * lr, first/second order."""
         s = self.settings
         return Plan(
-            parts=("full",),
+            parts=tuple(s.parts),
             etas=tuple(f * lr for f in s.eta_factors),
             lr=lr,
             reference_eta=lr,
@@ -297,23 +344,41 @@ class LiveProbe:
             first_order=True,
             second_order=s.second_order,
             attribution=with_attribution,
+            covariance_law=True,  # on the step's U, beside the exact change (probe.covariance)
+            covariance_fraction=s.covariance_fraction,
             eval_update_matrix=False,
             head_dtype=torch.float64,
             batch_size=s.eval.forward_batch_size,
         )
 
     def _sample(self, policy: torch.nn.Module, n_per_prompt: int, seed: int) -> SequenceBatch:
+        return collate(self._sample_records(policy, n_per_prompt, seed), pad_token_id=self._pad)
+
+    def _sample_records(
+        self,
+        policy: torch.nn.Module,
+        n_per_prompt: int,
+        seed: int,
+        coupled: bool = False,
+        prompts: list[list[int]] | None = None,
+    ) -> list[dict]:
+        """``n_per_prompt`` responses to each prompt (default: E's): drawn with a generator seeded ``seed``, or
+        (``coupled``) by inverse CDF from the uniforms of ``seed`` (:func:`probe.sampling.common_uniforms`)."""
+        prompts = self._prompts if prompts is None else prompts
+        if not prompts:
+            raise ValueError("the live probe has no prompts to sample from: call LiveProbe.setup first")
         device = next(policy.parameters()).device
         sampling = replace(self.settings.eval.sampling, n_per_prompt=n_per_prompt)
-        records = sample_responses(
+        uniforms = common_uniforms(seed, len(prompts) * n_per_prompt, sampling.max_new_tokens) if coupled else None
+        return sample_responses(
             policy,
-            self._prompts,
+            prompts,
             sampling,
             eos_token_id=self._eos,
             pad_token_id=self._pad,
             generator=torch.Generator(device=device).manual_seed(seed),
+            uniforms=uniforms,
         )
-        return collate(records, pad_token_id=self._pad)
 
     def _statistics(self, policy: torch.nn.Module, E: SequenceBatch) -> SequenceStats:
         """E's statistics at the current theta, teacher-forced as the step's plan does."""
@@ -427,13 +492,24 @@ class LiveProbe:
             }
         lap("probe")
         if self.settings.realised:
-            if settings.refresh:
-                pending.old_sample = base  # a fresh sample of pi_old already
-            else:  # H(old) needs a fresh sample of pi_old
-                n = settings.realised_n_per_prompt or settings.sampling.n_per_prompt
-                E_old = self._sample(policy, n, self._seed(step, "realised_old"))
-                pending.old_sample = self._statistics(policy, E_old)
-                lap("sample_old")
+            pending.old_sample = self._old_sample(policy, step, base if settings.refresh else None)
+            lap("sample_old")
+
+    def _old_sample(self, policy: torch.nn.Module, step: int, E_stats: SequenceStats | None) -> RealisedSample:
+        """The sample of pi_old the realised change starts from. Paired: a new sample (not E, so that the
+        prediction's and the realisation's errors stay independent) drawn with the uniforms of this step's
+        "realised" seed, which pi_new reuses after the step. Independent: E itself when it is a fresh sample of pi_old
+        (``E_stats``), else a fresh sample."""
+        settings = self.settings.eval
+        n = settings.realised_n_per_prompt or settings.sampling.n_per_prompt
+        pairing = settings.realised_pairing
+        paired = pairing == "common_random_numbers"
+        if not paired and E_stats is not None:
+            return RealisedSample(E_stats, pairing, self._prompts, n, self._seed(step, "eval"), [])
+        seed = self._seed(step, "realised" if paired else "realised_old")
+        records = self._sample_records(policy, n, seed, coupled=paired)
+        stats = self._statistics(policy, collate(records, pad_token_id=self._pad))
+        return RealisedSample(stats, pairing, self._prompts, n, seed, [r["response_ids"] for r in records])
 
     # ---- after the step: verify and measure ------------------------------------------------
     def after_step(self, policy: torch.nn.Module) -> ProbedRecord | None:
@@ -484,15 +560,20 @@ class LiveProbe:
             warnings.warn(message, stacklevel=3)
 
     def _realised(self, policy: torch.nn.Module, pending: PendingStep) -> Any:
-        """H(new) - H(old) on independent samples of pi_new and pi_old, and the predictions' z-scores."""
-        settings = self.settings.eval
-        n = settings.realised_n_per_prompt or settings.sampling.n_per_prompt
-        E_new = self._sample(policy, n, self._seed(pending.step, "realised"))
-        new = self._statistics(policy, E_new)
+        """H(new) - H(old) on the sample of pi_old taken before the step and one of pi_new (with the same uniforms
+        when paired, else independent), and the predictions' z-scores."""
+        old = pending.old_sample
+        paired = old.pairing == "common_random_numbers"
+        seed = old.seed if paired else self._seed(pending.step, "realised")
+        records = self._sample_records(policy, old.n_per_prompt, seed, coupled=paired, prompts=old.prompts)
+        new = self._statistics(policy, collate(records, pad_token_id=self._pad))
+        identical = identical_fraction(old.responses, [r["response_ids"] for r in records]) if paired else None
         at = self.settings.eta_factors.index(1.0)
         predicted = None if pending.result is None else pending.result.parts["full"]
         integrand, eta = self.settings.integrand, pending.update.lr
-        return realised_change(pending.old_sample, new, integrand, predicted, at=at, eta=eta)
+        return realised_change(
+            old.stats, new, integrand, predicted, at=at, eta=eta, pairing=old.pairing, identical=identical
+        )
 
     # ---- outputs (rank 0) ---------------------------------------------------------------------
     def _write(self, record: dict) -> None:
@@ -514,6 +595,8 @@ class LiveProbe:
         if "realised" in record:
             realised = record["realised"]
             live.update({"live/realised/delta_h": realised["delta_h"], "live/realised/se": realised["se"]})
+            live["live/realised/se_independent"] = realised.get("se_independent")
+            live["live/realised/identical_fraction"] = realised.get("identical_fraction")
             live.update({f"live/realised/z_{key}": z for key, z in realised.get("z", {}).items()})
         out.update({k: float(v) for k, v in live.items() if v is not None and math.isfinite(float(v))})
         return out
@@ -523,6 +606,7 @@ class LiveProbe:
         if self.run_dir is None or not self.records:
             return None
         path = plot_live(self.records, self.run_dir / "plots" / "live_entropy.png")
+        plot_covariance_law(self.records, self.run_dir / "plots" / "covariance_law.png")
         overhead = self.overhead_seconds()
         log.info(
             "live probe: %d probed steps, %.3f s per probed step on average; records in %s",
@@ -576,6 +660,16 @@ class eval_mode:
             m._forward_hooks.update(hooks)
         self.suspended = []
         self.module.train(self.was_training)
+
+
+def distinct_prompts(E: SequenceBatch) -> list[list[int]]:
+    """The prompts of E's sequences (the tokens before the response), each once, in order of first appearance."""
+    out: dict[tuple[int, ...], None] = {}
+    for ids, attention, response in zip(E.input_ids.tolist(), E.attention_mask.tolist(), E.response_mask.tolist()):
+        start = response.index(True) if True in response else len(ids)
+        prompt = tuple(t for t, a in zip(ids[:start], attention[:start]) if a)
+        out.setdefault(prompt, None)
+    return [list(p) for p in out]
 
 
 def _plain(x: Any) -> Any:

@@ -135,6 +135,7 @@ def plot_live(records: list[dict], path: Path) -> Path:
         )
     real = [r for r in records if "realised" in r]
     if real:
+        paired = real[0]["realised"].get("pairing") == "common_random_numbers"
         ax.errorbar(
             [r["step"] + 0.15 for r in real],
             [r["realised"]["delta_h"] for r in real],
@@ -142,7 +143,7 @@ def plot_live(records: list[dict], path: Path) -> Path:
             fmt="s",
             capsize=3,
             color="C3",
-            label="realised (fresh samples)",
+            label="realised (fresh samples, paired by common uniforms)" if paired else "realised (fresh samples)",
         )
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.set_ylabel("Delta H (nats / sequence)")

@@ -9,6 +9,12 @@ Pure torch/transformers. Records follow the rollout contract (docs/DESIGN.md sec
 in float64, i.e. what :func:`probe.logprobs.teacher_force` gives at the same temperature.
 With top-p/top-k truncation the behaviour distribution differs from that policy; its
 log-probs (renormalised over the kept tokens) are then recorded as ``sampling_logprobs``.
+
+Tokens are drawn with ``torch.multinomial`` from a generator, or, given common uniforms
+(:func:`common_uniforms`, one per row and token position), by inverse CDF (:func:`inverse_cdf`):
+each sample is then still exactly from the policy, and two policies sampled with the same
+uniforms draw the same token wherever their CDFs put the uniform in the same bin (common random
+numbers: the paired realised change of a live step, docs/DESIGN.md section 6).
 """
 
 from __future__ import annotations
@@ -144,6 +150,37 @@ def truncate_logits(logits: Tensor, top_p: float | None, top_k: int | None) -> T
     return logits
 
 
+def common_uniforms(seed: int, n_rows: int, max_new_tokens: int) -> Tensor:  # [R, S] float64 in [0, 1)
+    """The uniforms of inverse-CDF sampling: row r, position t holds the uniform of token t of response r.
+
+    Drawn on the CPU in float64 from one generator seeded with ``seed``, row after row, so they do not depend on
+    the device, on the batch size of the sampling passes, or on how many rows follow (the first R rows of a
+    longer draw are the same)."""
+    if n_rows < 0 or max_new_tokens < 1:
+        raise ValueError(f"common uniforms need n_rows >= 0 and max_new_tokens >= 1, got {n_rows}, {max_new_tokens}")
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.rand(n_rows, max_new_tokens, dtype=torch.float64, generator=generator)
+
+
+def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:  # [R, V], [R] -> [R] long
+    """The token of each row at uniform u: the first v (vocabulary order) whose cumulative probability exceeds u.
+
+    ``probs`` (rows summing to ~1, zeros allowed) are accumulated in float64 and divided by their total, so the
+    last token of positive probability reaches exactly 1 > u: rounding cannot leave u past the end, and a token of
+    probability 0 is never drawn. P(token = v) = p_v / sum p, exactly the distribution (up to float64 rounding)."""
+    cdf = probs.double().cumsum(-1)  # [R, V]
+    total = cdf[:, -1:]  # [R, 1]
+    if not bool((torch.isfinite(total) & (total > 0)).all()):
+        raise ValueError(
+            "the sampling distribution of some row is not finite or sums to 0 (non-finite logits): the policy's "
+            "logits overflowed; check the policy's dtype and weights"
+        )
+    cdf = cdf / total  # the total is exactly 1.0 (x / x)
+    u = u.to(cdf).contiguous()[:, None]  # [R, 1]
+    token = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [R] the first v with cdf_v > u
+    return token.clamp(max=probs.shape[-1] - 1)  # (only u >= 1, which [0, 1) uniforms never are)
+
+
 def _last_logits_only(model: torch.nn.Module) -> dict:
     """``logits_to_keep=1`` where the model takes it: the prompt pass then never builds [R, P, V] logits."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wrapper -> HF model
@@ -158,8 +195,12 @@ def _sample_rows(
     eos: list[int],
     pad_id: int,
     generator: Any,
+    uniforms: Tensor | None = None,  # [R, max_new_tokens] float64: draw by inverse CDF (None: multinomial)
 ) -> tuple[list[list[int]], list[list[float]], list[list[float]], list[bool]]:
-    """Sample one response per row with a KV cache. Returns ids, policy log-probs, sampling log-probs, truncated."""
+    """Sample one response per row with a KV cache. Returns ids, policy log-probs, sampling log-probs, truncated.
+
+    Token t of row r is ``multinomial`` from ``generator``, or with ``uniforms`` the inverse CDF at ``uniforms[r,
+    t]`` (one uniform per position, used or not, so the positions of a row keep their uniforms)."""
     max_new_tokens, temperature = sampling.max_new_tokens, float(sampling.temperature)
     top_p, top_k = sampling.top_p, sampling.top_k
     device = next(model.parameters()).device
@@ -189,7 +230,10 @@ def _sample_rows(
         z = logits.double() / temperature  # [R, V]
         policy_logp = torch.log_softmax(z, dim=-1)  # [R, V]
         sampling_logp = torch.log_softmax(truncate_logits(z, top_p, top_k), dim=-1)  # [R, V]
-        token = torch.multinomial(sampling_logp.exp(), 1, generator=generator).squeeze(-1)  # [R]
+        if uniforms is None:
+            token = torch.multinomial(sampling_logp.exp(), 1, generator=generator).squeeze(-1)  # [R]
+        else:
+            token = inverse_cdf(sampling_logp.exp(), uniforms[:, step].to(device))  # [R]
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         tokens.append(token)
         policy_lps.append(policy_logp.gather(-1, token[:, None]).squeeze(-1))
@@ -233,6 +277,7 @@ def sample_responses(
     pad_token_id: int | None = None,
     generator: torch.Generator | None = None,
     groups: Sequence[Hashable] | None = None,
+    uniforms: Tensor | None = None,
 ) -> list[dict]:
     """Sample ``sampling.n_per_prompt`` responses to each prompt; records are grouped prompt by prompt.
 
@@ -250,6 +295,12 @@ def sample_responses(
         generator: a ``torch.Generator`` on the model's device, advanced in place (default: a fresh one
             seeded with ``sampling.seed``).
         groups: the ``group`` of each prompt (default: the prompt's position 0..len(prompts)-1).
+        uniforms: ``[R, max_new_tokens]`` uniforms in [0, 1) (:func:`common_uniforms`), R = len(prompts) x
+            n_per_prompt rows in record order: each token is drawn by inverse CDF (:func:`inverse_cdf`) from its
+            row's and position's uniform instead of ``torch.multinomial`` (``generator`` is then unused). The
+            responses are then a function of the uniforms alone (whatever ``sampling.batch_size``), each exactly
+            from the policy, and two policies given the same uniforms are coupled (common random numbers). With
+            top-p/top-k the inverse CDF is that of the truncated distribution.
 
     Returns:
         One record per response: ``prompt_ids``, ``response_ids``, ``group``, ``old_logprobs``,
@@ -273,12 +324,25 @@ def sample_responses(
     batch_size, truncated_sampling = sampling.batch_size, sampling.truncated
 
     rows = [(k, list(map(int, p))) for k, p in enumerate(prompts) for _ in range(sampling.n_per_prompt)]
+    if uniforms is not None:
+        expected = (len(rows), sampling.max_new_tokens)
+        if uniforms.ndim != 2 or tuple(uniforms.shape) != expected:
+            raise ValueError(
+                f"uniforms of shape {tuple(uniforms.shape)} for {len(prompts)} prompts x {sampling.n_per_prompt} "
+                f"responses of up to {sampling.max_new_tokens} tokens: give one uniform per row and token position, "
+                f"shape {expected} (common_uniforms(seed, {expected[0]}, {expected[1]}))"
+            )
+        if not bool(((uniforms >= 0) & (uniforms < 1)).all()):
+            raise ValueError("uniforms must lie in [0, 1) (common_uniforms draws them so)")
     size = len(rows) if not batch_size or batch_size <= 0 else batch_size
     records: list[dict] = []
     for start in range(0, len(rows), size):
         chunk = rows[start : start + size]
         rows_ids = [r for _, r in chunk]
-        responses, policy_lps, sampling_lps, truncated = _sample_rows(model, rows_ids, sampling, eos, pad_id, generator)
+        chunk_uniforms = None if uniforms is None else uniforms[start : start + size]
+        responses, policy_lps, sampling_lps, truncated = _sample_rows(
+            model, rows_ids, sampling, eos, pad_id, generator, chunk_uniforms
+        )
         for (k, prompt), response, lp, slp, cut in zip(chunk, responses, policy_lps, sampling_lps, truncated):
             record = {
                 "prompt_ids": prompt,

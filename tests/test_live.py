@@ -119,8 +119,11 @@ def test_records_carry_predictions_realised_changes_and_timings(float32_run):
         assert r["plan"]["etas"].index(r["update"]["lr"]) == 1 and len(full["delta_h"]) == 3  # 0.1, 1, 10 x lr
         assert math.isfinite(full["second_order"]) and math.isfinite(full["first_order"])
         assert full["predicted_first"][1] == pytest.approx(full["first_order"] * r["update"]["lr"], rel=1e-12)
-        assert r["realised"]["se"] == pytest.approx(math.hypot(r["realised"]["old"]["se"], r["realised"]["new"]["se"]))
-        assert r["realised"]["old"]["mean"] == pytest.approx(r["eval"]["base_entropy"]["sequence"])  # refreshed E
+        x = r["realised"]  # paired by default: pi_old's own sample (not E) and pi_new's with the same uniforms
+        assert x["pairing"] == "common_random_numbers" and x["old"]["n"] == x["new"]["n"] == 8 * 4
+        assert x["delta_h"] == pytest.approx(x["new"]["mean"] - x["old"]["mean"], abs=1e-12)
+        assert x["se_independent"] == pytest.approx(math.hypot(x["old"]["se"], x["new"]["se"]))
+        assert 0 <= x["identical_fraction"] <= 1 and x["se"] > 0
         t = r["timings"]
         assert t["total_s"] == pytest.approx(t["before_step_s"] + t["after_step_s"]) and t["total_s"] > 0
     assert (float32_run / "live_probe" / "plots" / "live_entropy.png").is_file()
@@ -132,9 +135,11 @@ def test_offline_and_live_results_use_the_same_field_names(float32_run, tmp_path
     summary = run_predict(tmp_path, "offline", "--model.init_args.probe.parts", "[full]")
     live = records(float32_run)[0]
     offline_eval, live_eval = summary["evals"][0], live["eval"]
-    # the same schema: an EvalResult; the live record leaves out what it did not compute (the matrix)
+    # the same schema: an EvalResult; the live record leaves out what it did not compute (the matrix, and the
+    # expected reward: the live E carries no rewards)
     assert set(live_eval) <= {f.name for f in EvalResult.__dataclass_fields__.values()}
-    assert set(offline_eval) - {"eval_update_matrix", "additivity"} == set(live_eval)
+    assert set(offline_eval) - {"eval_update_matrix", "additivity", "reward"} == set(live_eval)
+    assert set(offline_eval["covariance_law"]) == set(live_eval["covariance_law"])
     assert set(offline_eval["parts"]["full"]) == set(live_eval["parts"]["full"]) == set(PartResult.__dataclass_fields__)
     assert set(offline_eval["attribution"]) == set(live_eval["attribution"])
     assert set(offline_eval["base_entropy"]) == set(live_eval["base_entropy"])
@@ -143,7 +148,13 @@ def test_offline_and_live_results_use_the_same_field_names(float32_run, tmp_path
     # and the same metric keys, with the real step labelled "lr" in both
     offline_keys = set(metrics(EvalResult.from_dict(offline_eval), summary["plan"]["etas"], summary["update"]["lr"]))
     live_keys = set(metrics(EvalResult.from_dict(live_eval), live["plan"]["etas"], live["update"]["lr"]))
-    for key in ("eval_00/full/delta_h@lr", "eval_00/full/se@lr", "eval_00/full/first_order", "eval_00/base_entropy"):
+    for key in (
+        "eval_00/full/delta_h@lr",
+        "eval_00/full/se@lr",
+        "eval_00/full/first_order",
+        "eval_00/base_entropy",
+        "eval_00/covariance_law/batch_mean",
+    ):
         assert key in offline_keys and key in live_keys, key
 
 
@@ -175,12 +186,13 @@ def test_a_step_that_differs_from_the_reconstruction_is_reported_loudly(tmp_path
     assert not v["ok"] and v["worst_parameter"] == "lm_head.weight" and v["max_units"] > 1e3
 
 
-def test_the_predicted_change_at_eta_lr_agrees_with_the_realised_change_on_fresh_samples(tmp_path, fit):
+def test_the_predicted_change_at_eta_lr_agrees_with_the_realised_change_on_independent_fresh_samples(tmp_path, fit):
     # three GRPO steps at lr 5e-4 from the toy world, each probed on E = 128 prompts x 64 samples (8192) and
-    # measured on E' = 128 x 64 fresh samples of the new policy. How much one step changes the entropy depends on
-    # the sampled U (so on the CPU's rounding); over three steps at least one changes it measurably, which makes the
-    # agreement a test (measured here: realised -0.036 +- 0.003 at one step, |z| <= 1.1 at all three)
-    E = eval_arg(128, 64, seed=1, realised_n_per_prompt=64)
+    # measured on E' = 128 x 64 independent fresh samples of the new policy (E itself is pi_old's sample). How much one
+    # step changes the entropy depends on the sampled U (so on the CPU's rounding); over three steps at least one
+    # changes it measurably, which makes the agreement a test (measured here: realised -0.036 +- 0.003 at one step,
+    # |z| <= 1.1 at all three). The paired realised change (the default) is tests/test_realised.py's
+    E = eval_arg(128, 64, seed=1, realised_n_per_prompt=64, realised_pairing="independent")
     settings = probe(every_n_steps=1, second_order=False, attribution=False, eta_factors="[1.0]", eval=E)
     steps = flags({"trainer.max_steps": 3, "model.init_args.optimizer.lr": 5e-4})
     run = fit(tmp_path, "pred", *steps, *settings)
@@ -190,6 +202,9 @@ def test_the_predicted_change_at_eta_lr_agrees_with_the_realised_change_on_fresh
     assert max(abs(x["delta_h"]) / x["se"] for x in real) > 4, "no step changed the entropy measurably: no test"
     for r, x in zip(recs, real):
         full = r["eval"]["parts"]["full"]
+        assert x["pairing"] == "independent" and "identical_fraction" not in x  # (rows not paired)
+        assert x["se"] == pytest.approx(math.hypot(x["old"]["se"], x["new"]["se"])) == x["se_independent"]
+        assert x["old"]["mean"] == pytest.approx(r["eval"]["base_entropy"]["sequence"])  # the refreshed E is pi_old's
         assert x["z"]["snis"] == pytest.approx((full["delta_h"][0] - x["delta_h"]) / math.hypot(x["se"], full["se"][0]))
         assert abs(x["z"]["snis"]) < 3.5, (r["step"], full["delta_h"], full["se"], x)  # 3 steps: ~0.05% each if right
 
@@ -207,13 +222,15 @@ def test_a_held_evaluation_batch_is_reweighted_to_the_current_policy(tmp_path, f
         full = r["eval"]["parts"]["full"]
         assert full["ess"][1] > 0 and math.isfinite(full["delta_h"][1])
         assert r["realised"]["old"]["n"] == 32  # H(old) from a fresh sample of pi_old, not from the held E
+        assert r["realised"]["pairing"] == "common_random_numbers" and r["realised"]["new"]["n"] == 32
     entropy = [r["eval"]["base_entropy"]["sequence"] for r in recs]
     assert entropy[1] != entropy[0]  # same E, evaluated at the new theta
     assert recs[0]["eval"]["ess_vs_sampling_policy"] == pytest.approx(32)  # step 0: theta is the sampling policy
     # the Trainer's logger got the same numbers (any Lightning logger; W&B through WandbLogger.log_metrics)
     (metrics,) = list(tmp_path.glob("csv/version_*/metrics.csv"))
     header, *rows = metrics.read_text().splitlines()
-    for key in ("eval_00/full/delta_h@lr", "live/realised/delta_h", "live/verification/max_units", "live/overhead_s"):
+    keys = ("eval_00/full/delta_h@lr", "live/realised/delta_h", "live/realised/se_independent")
+    for key in (*keys, "live/verification/max_units", "live/overhead_s"):
         assert key in header.split(","), key
 
 
