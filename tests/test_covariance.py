@@ -80,3 +80,43 @@ def test_the_rank_correlation_is_spearmans_with_average_ranks_for_ties():
 def test_a_batch_without_response_tokens_is_refused():
     with pytest.raises(ValueError, match="no response tokens"):
         covariance_law(LOGPROBS, ADVANTAGES, torch.zeros_like(MASK))
+
+
+def test_the_engine_reports_the_law_with_or_without_the_attribution(enumerated_step):
+    """Without the attribution, U's log-probs come from one forward instead of the attribution's JVP: same law."""
+    from probe.engine import EvalBatch, Plan, probe_eval
+    from probe.snis import SNISConfig
+
+    from enumeration import LR
+
+    world, update, U = enumerated_step
+    E = EvalBatch("eval_00", world.sample(20, seed=3), temperature=1.0)
+    laws = {}
+    for attribution in (True, False):
+        plan = Plan(
+            parts=("full",),
+            etas=(LR,),
+            lr=LR,
+            reference_eta=LR,
+            integrand="token_entropy",
+            snis=SNISConfig(),
+            attribution=attribution,
+            covariance_law=True,
+            batch_size=None,
+        )
+        result, _ = probe_eval(world.model, update, U, E, plan)
+        laws[attribution] = result.covariance_law
+    direct = paper_covariance(*_teacher_forced(world, U, update))
+    assert laws[True]["batch_mean"] == pytest.approx(sum(direct) / len(direct), rel=1e-12)
+    assert laws[False]["batch_mean"] == pytest.approx(laws[True]["batch_mean"], rel=1e-12)
+    assert laws[False]["top_overlap"] is None and laws[True]["top_overlap"] is not None
+    assert laws[True]["delta_h_at_lr"] == result.parts["full"].delta_h[0]
+    assert laws[True]["law_at_lr"] == pytest.approx(-LR * laws[True]["batch_mean"], rel=1e-15)
+
+
+def _teacher_forced(world, U, update):
+    from probe.logprobs import teacher_force
+
+    with torch.no_grad():
+        stats = teacher_force(world.model, U, forcing=update.loss.forcing())
+    return stats.logprobs, U.advantages, stats.mask
