@@ -43,7 +43,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -60,7 +60,15 @@ from probe.plots import plot_covariance_law, plot_live
 from probe.prompts import PromptSource, load_prompts
 from probe.realised import check_pairing, identical_fraction, realised_change
 from probe.results import EvalResult, metrics, update_metrics
-from probe.sampling import SamplingSettings, common_uniforms, derived_seed, sample_responses, special_token_ids
+from probe.rewards import resolve_reward
+from probe.sampling import (
+    SamplingSettings,
+    common_uniforms,
+    derived_seed,
+    ids_reward_from_text,
+    sample_responses,
+    special_token_ids,
+)
 from probe.sharding import sharded_view
 from probe.snis import SNISConfig
 from probe.statistics import INTEGRANDS, SequenceStats
@@ -93,6 +101,10 @@ class LiveEvalSettings:
             refreshed), SE = hypot(se_old, se_new).
         forward_batch_size: sequences of E teacher-forced per forward pass (memory; results do not depend on it
             beyond float rounding).
+        reward: score each sequence of a refreshed E with this reward (``toy``, ``gsm8k`` or
+            ``package.module:function``, decoded without special tokens), so that each probed step also measures the
+            change of E's expected reward and attributes it to the step's sequences (docs/DESIGN.md section 5);
+            empty: none. (A held E is not scored: its reward change would be against the policy it came from.)
     """
 
     path: str = ""
@@ -104,6 +116,7 @@ class LiveEvalSettings:
     realised_n_per_prompt: int | None = None
     realised_pairing: str = "common_random_numbers"
     forward_batch_size: int = 256
+    reward: str = ""
 
     def __post_init__(self) -> None:
         if self.sampling.truncated:
@@ -281,15 +294,20 @@ class LiveProbe:
         self._held: tuple[SequenceBatch, SequenceStats] | None = None  # held E and its stats at the sampling policy
         self._eos: list[int] = []
         self._pad = 0
+        self._reward: Callable[[list[int], list[int]], float] | None = None  # E's reward on token ids (eval.reward)
 
     # ---- set-up -----------------------------------------------------------------------------
     def setup(self, policy: torch.nn.Module, tokenizer: Any, context: dict[str, Any] | None = None) -> None:
         """Read the special tokens and E's prompts; rank 0 writes ``settings.json`` (with ``context``: what the
         adapter adds, such as the trainer's name)."""
         self._pad, self._eos = special_token_ids(tokenizer, model=policy)  # + generation_config
+        answers = None
         if not self.settings.eval.path:
-            prompts, _ = load_prompts(self.settings.eval.source, tokenizer)
+            prompts, answers = load_prompts(self.settings.eval.source, tokenizer)
             self._prompts = [list(map(int, p)) for p in prompts]
+        if self.settings.eval.reward:
+            reward = resolve_reward(self.settings.eval.reward)
+            self._reward = ids_reward_from_text(reward, tokenizer, answers, eos_token_id=self._eos)
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             written = {**asdict(self.settings), "world_size": self.processes.world_size, **(context or {})}
@@ -321,7 +339,7 @@ class LiveProbe:
                 )
                 E = collate(list(records), pad_token_id=self._pad)
             else:
-                E = self._sample(policy, settings.sampling.n_per_prompt, self._seed(-1, "eval"))
+                E = self._sample_eval(policy, self._seed(-1, "eval"))
             self._held = (E, self._statistics(policy, E))
             if settings.path and not self._prompts:  # the realised change samples the held E's prompts
                 self._prompts = distinct_prompts(E)
@@ -345,14 +363,19 @@ class LiveProbe:
             second_order=s.second_order,
             attribution=with_attribution,
             covariance_law=True,  # on the step's U, beside the exact change (probe.covariance)
+            reward=True,  # where E carries rewards (eval.reward)
             covariance_fraction=s.covariance_fraction,
             eval_update_matrix=False,
             head_dtype=torch.float64,
             batch_size=s.eval.forward_batch_size,
         )
 
-    def _sample(self, policy: torch.nn.Module, n_per_prompt: int, seed: int) -> SequenceBatch:
-        return collate(self._sample_records(policy, n_per_prompt, seed), pad_token_id=self._pad)
+    def _sample_eval(self, policy: torch.nn.Module, seed: int) -> SequenceBatch:
+        """A fresh E of ``eval.sampling``, each sequence scored with ``eval.reward`` when one is set."""
+        records = self._sample_records(policy, self.settings.eval.sampling.n_per_prompt, seed)
+        if self._reward is not None:
+            records = [dict(r, reward=float(self._reward(r["prompt_ids"], r["response_ids"]))) for r in records]
+        return collate(records, pad_token_id=self._pad)
 
     def _sample_records(
         self,
@@ -473,7 +496,7 @@ class LiveProbe:
         settings, step, update = self.settings.eval, pending.step, pending.update
         tau = settings.sampling.temperature
         if settings.refresh:
-            E = self._sample(policy, settings.sampling.n_per_prompt, self._seed(step, "eval"))
+            E = self._sample_eval(policy, self._seed(step, "eval"))
             E_batch = EvalBatch(name="eval_00", batch=E, temperature=tau)
         else:
             E, at_sampling = self._held

@@ -81,6 +81,7 @@ def step_row(record: dict, decode) -> dict:
     law = ev.get("covariance_law") or {}
     top = (ev.get("attribution") or {}).get("top_tokens") or [{}]
     realised = record.get("realised") or {}
+    reward = (ev.get("reward") or {}).get("parts", {}).get("full", {})
     share = abs(first["baseline"]) / (abs(first["baseline"]) + abs(first["grad"]))
     return {
         "step": record["step"],
@@ -100,6 +101,8 @@ def step_row(record: dict, decode) -> dict:
         "top_overlap": law.get("top_overlap", math.nan),
         "chance_overlap": law.get("chance_overlap", math.nan),
         "k": law.get("k"),
+        "delta_r": (reward.get("delta_r") or [math.nan] * (j + 1))[j],  # E's expected reward, the full step at lr
+        "delta_r_se": (reward.get("se") or [math.nan] * (j + 1))[j],
         "realised": realised.get("delta_h", math.nan),
         "realised_se": realised.get("se", math.nan),
         "realised_se_independent": realised.get("se_independent", math.nan),

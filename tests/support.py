@@ -173,10 +173,10 @@ def probe(**settings) -> list[str]:
 
 
 # A small run probed at every step: 4 prompts x G = 8 per step, two PPO inner epochs per rollout (step 1
-# reuses step 0's rollout with ratio != 1 and clipping), E = 8 prompts x 4 samples.
+# reuses step 0's rollout with ratio != 1 and clipping), E = 8 prompts x 4 samples scored with the toy reward.
 STEPS = flags({"trainer.max_steps": 3, "data.init_args.prompts_per_step": 4, "model.init_args.optimizer.lr": 1e-3})
 PPO = flags({"model.init_args.rollout.inner_epochs": 2, "model.init_args.loss.clip_ratio": 0.05})
-SMALL = [*STEPS, *PPO, *probe(every_n_steps=1, eval=eval_arg(8, 4, seed=1))]
+SMALL = [*STEPS, *PPO, *probe(every_n_steps=1, eval=eval_arg(8, 4, seed=1, reward="toy"))]
 
 
 def records(run: Path) -> list[dict]:

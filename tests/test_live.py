@@ -135,11 +135,12 @@ def test_offline_and_live_results_use_the_same_field_names(float32_run, tmp_path
     summary = run_predict(tmp_path, "offline", "--model.init_args.probe.parts", "[full]")
     live = records(float32_run)[0]
     offline_eval, live_eval = summary["evals"][0], live["eval"]
-    # the same schema: an EvalResult; the live record leaves out what it did not compute (the matrix, and the
-    # expected reward: the live E carries no rewards)
+    # the same schema: an EvalResult; the live record leaves out what it did not compute (the matrix)
     assert set(live_eval) <= {f.name for f in EvalResult.__dataclass_fields__.values()}
-    assert set(offline_eval) - {"eval_update_matrix", "additivity", "reward"} == set(live_eval)
+    assert set(offline_eval) - {"eval_update_matrix", "additivity"} == set(live_eval)
     assert set(offline_eval["covariance_law"]) == set(live_eval["covariance_law"])
+    assert set(offline_eval["reward"]) == set(live_eval["reward"])  # both E scored with the toy reward
+    assert set(offline_eval["reward"]["parts"]["full"]) == set(live_eval["reward"]["parts"]["full"])
     assert set(offline_eval["parts"]["full"]) == set(live_eval["parts"]["full"]) == set(PartResult.__dataclass_fields__)
     assert set(offline_eval["attribution"]) == set(live_eval["attribution"])
     assert set(offline_eval["base_entropy"]) == set(live_eval["base_entropy"])
@@ -154,6 +155,7 @@ def test_offline_and_live_results_use_the_same_field_names(float32_run, tmp_path
         "eval_00/full/first_order",
         "eval_00/base_entropy",
         "eval_00/covariance_law/batch_mean",
+        "eval_00/reward/full/delta_r@lr",
     ):
         assert key in offline_keys and key in live_keys, key
 
