@@ -129,6 +129,21 @@ def test_records_carry_predictions_realised_changes_and_timings(float32_run):
     assert (float32_run / "live_probe" / "plots" / "live_entropy.png").is_file()
 
 
+def test_records_set_the_covariance_law_and_the_reward_beside_the_exact_change(float32_run):
+    for r in records(float32_run):
+        ev, lr = r["eval"], r["update"]["lr"]
+        law = ev["covariance_law"]  # on the step's U, its tokens compared with the exact per-token attribution
+        assert law["delta_h_at_lr"] == ev["parts"]["full"]["delta_h"][1]
+        assert law["grad_first_order_at_lr"] == pytest.approx(lr * ev["attribution"]["sum"], rel=1e-12)
+        assert law["law_at_lr"] == pytest.approx(-lr * law["batch_mean"], rel=1e-12)
+        assert law["k"] >= 1 and 0 <= law["top_overlap"] <= 1 and -1 <= law["rank_correlation"] <= 1
+        assert ev["attribution"]["top_tokens"] and "value" in ev["attribution"]["top_tokens"][0]
+        reward = ev["reward"]  # E scored with the toy reward: its change along the step, attributed to U
+        assert len(reward["parts"]["full"]["delta_r"]) == 3 and reward["attribution"]["ok"]
+        assert reward["attribution"]["grad_first_order"] is not None
+    assert (float32_run / "live_probe" / "plots" / "covariance_law.png").is_file()
+
+
 def test_offline_and_live_results_use_the_same_field_names(float32_run, tmp_path, run_predict):
     from probe.results import EvalResult, PartResult, metrics
 
