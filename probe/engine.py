@@ -46,7 +46,7 @@ from probe.settings import PrecisionSettings, ProbeSettings
 from probe.snis import SNISConfig, SNISResult, snis_estimate, snis_estimates
 from probe.statistics import SequenceStats, mean_and_se, ratio_and_se
 from probe.taylor import SequenceDerivatives, first_order, sequence_derivatives, snis_derivatives
-from probe.update import Update
+from probe.update import TokenInnerProducts, Update
 from probe.verification import attribution_check
 
 Tick = Callable[[float], None]  # progress: called with the number of teacher-forcing passes just done
@@ -593,7 +593,7 @@ def complete_eval(
             order = np.argsort(a)
             result.arrays["attributions"] = a
             token_logprobs = att.tokens.logprobs
-            result.arrays.update(_update_token_arrays(U, att.tokens.values, token_logprobs))
+            result.arrays.update(_update_token_arrays(U, att.tokens))
             abs_sum = float(np.abs(a).sum())
             result.attribution = AttributionSummary(
                 sum=att.total,
@@ -641,16 +641,15 @@ def complete_eval(
         timed("per_token_views")
 
 
-def _update_token_arrays(U: SequenceBatch, values: Tensor, logprobs: Tensor, prefix: str = "") -> dict[str, Any]:
+def _update_token_arrays(U: SequenceBatch, tokens: TokenInnerProducts, prefix: str = "") -> dict[str, Any]:
     """U's response tokens, flat (sequence i's at ``offsets[i]:offsets[i+1]``): ``update_tokens/offsets``,
     ``token_ids``, ``logprobs`` and ``<prefix>attributions`` (a_it, or r_it with ``prefix="reward_"``)."""
-    mask = U.target_mask.cpu()
-    out = {f"update_tokens/{prefix}attributions": values[mask].numpy()}
+    flat = tokens.flat()
+    out = {f"update_tokens/{prefix}attributions": flat["values"].numpy()}
     if not prefix:
-        lengths = mask.sum(-1)
-        out["update_tokens/offsets"] = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).numpy()
-        out["update_tokens/token_ids"] = U.targets.cpu()[mask].numpy()
-        out["update_tokens/logprobs"] = logprobs[mask].numpy()
+        out["update_tokens/offsets"] = flat["offsets"].numpy()
+        out["update_tokens/token_ids"] = U.targets.cpu()[tokens.mask].numpy()
+        out["update_tokens/logprobs"] = flat["logprobs"].numpy()
     return out
 
 
@@ -681,7 +680,7 @@ def _attribute_reward(inputs: AttributionInputs, result: EvalResult, plan: Plan)
     slope = att.first_order_grad if slope is None else slope
     r = att.attributions.numpy()
     result.arrays["reward_attributions"] = r
-    result.arrays.update(_update_token_arrays(inputs.U, att.tokens.values, att.tokens.logprobs, prefix="reward_"))
+    result.arrays.update(_update_token_arrays(inputs.U, att.tokens, prefix="reward_"))
     abs_sum = float(np.abs(r).sum())
     order = np.argsort(r)
     result.reward["attribution"] = {
