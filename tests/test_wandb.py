@@ -177,6 +177,7 @@ def test_the_scalar_metrics_are_in_the_run_summary_not_one_point_history(predict
     for ev in summary["evals"]:
         expected.update(metrics(EvalResult.from_dict(ev), summary["plan"]["etas"], summary["update"]["lr"]))
     assert "eval_00/full/delta_h@lr" in expected and "eval_00/grad/first_order" in expected
+    assert "eval_00/covariance_law/batch_mean" in expected and "eval_00/reward/full/delta_r@lr" in expected
     logged = final_summary(records)
     assert {k: logged[k] for k in expected} == expected
     rows = history(records)
