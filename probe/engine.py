@@ -702,7 +702,8 @@ def update_token_logprobs(policy: nn.Module, update: Update, U: SequenceBatch) -
     """U's response-token log-probs at theta, as the step's loss teacher-forces them (0 off the response)."""
     if update.loss is None:
         raise ValueError(
-            "the update carries no loss settings, so U's log-probs cannot be teacher-forced as its loss does"
+            "the update carries no loss settings, so U's log-probs cannot be teacher-forced as its loss does. Fix: "
+            "build it with reconstruct_update, or pass loss= to update_from_gradients"
         )
     device = next(policy.parameters()).device
     with torch.no_grad():
