@@ -364,13 +364,16 @@ def _fmt(x: Any) -> str:
 def live_steps_table(records: list[dict]) -> Table:
     """One row per probed step of a live run (its records, those with a prediction): ``step``, ``lr``, the full
     update's SNIS ``delta_h`` and ``se`` at eta = lr, ``first_order_x_lr`` (the slope times lr) and
-    ``predicted_second``; ``covariance_batch_mean`` when a record's ``eval`` holds ``covariance_law``, and
-    ``realised_delta_h`` and ``realised_se`` when a record holds ``realised`` (None in the other rows)."""
+    ``predicted_second``; ``covariance_batch_mean`` when a record's ``eval`` holds ``covariance_law``, ``delta_r`` and
+    ``delta_r_se`` (E's expected reward along the full step at lr) when it holds ``reward``, and ``realised_delta_h``
+    and ``realised_se`` when a record holds ``realised`` (None in the other rows)."""
     probed = [r for r in records if "eval" in r]
     with_covariance = any("covariance_law" in r["eval"] for r in probed)
+    with_reward = any("reward" in r["eval"] for r in probed)
     with_realised = any("realised" in r for r in probed)
     columns = ["step", "lr", "delta_h", "se", "first_order_x_lr", "predicted_second"]
     columns += ["covariance_batch_mean"] if with_covariance else []
+    columns += ["delta_r", "delta_r_se"] if with_reward else []
     columns += ["realised_delta_h", "realised_se"] if with_realised else []
     rows = []
     for r in probed:
@@ -383,6 +386,9 @@ def live_steps_table(records: list[dict]) -> Table:
         row += [None if first is None else number(first * lr), number_at(full.get("predicted_second"), j)]
         if with_covariance:
             row.append(number((r["eval"].get("covariance_law") or {}).get("batch_mean")))
+        if with_reward:
+            reward = (r["eval"].get("reward") or {}).get("parts", {}).get("full", {})
+            row += [number_at(reward.get("delta_r"), j), number_at(reward.get("se"), j)]
         if with_realised:
             realised = r.get("realised") or {}
             row += [number(realised.get("delta_h")), number(realised.get("se"))]

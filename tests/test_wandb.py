@@ -433,9 +433,12 @@ def test_the_live_table_has_one_row_per_probed_step():
     assert rows == [[0, 1e-3, -0.01, 0.002, -8e-3, -0.009], [5, 1e-3, -0.01, 0.002, -8e-3, -0.009]]
     with_more = live_record(5, realised={"delta_h": -0.02, "se": 0.005})
     with_more["eval"]["covariance_law"] = {"batch_mean": 3.5}
+    with_more["eval"]["reward"] = {"parts": {"full": {"delta_r": [0.1, 0.3, 0.9], "se": [0.01, 0.02, 0.05]}}}
     columns, rows = live_steps_table([live_record(0), with_more])
-    assert columns[-3:] == ["covariance_batch_mean", "realised_delta_h", "realised_se"]
-    assert [r[-3:] for r in rows] == [[None, None, None], [3.5, -0.02, 0.005]]
+    assert columns[-5:] == ["covariance_batch_mean", "delta_r", "delta_r_se", "realised_delta_h", "realised_se"]
+    j = with_more["plan"]["etas"].index(with_more["update"]["lr"])
+    expected = [3.5, [0.1, 0.3, 0.9][j], [0.01, 0.02, 0.05][j], -0.02, 0.005]
+    assert [r[-5:] for r in rows] == [[None] * 5, expected]
     series_columns, series = live_series((columns, rows))
     assert series_columns == ["step", "delta_h", "series"]
     assert [s for s in series if s[0] == 5] == [
