@@ -1,6 +1,6 @@
 """The entropy mechanism over a short GRPO run on the toy world, step by step.
 
-    python studies/entropy_mechanism.py        # ~3 min on one CPU thread; writes studies/results/entropy_mechanism.*
+    python studies/entropy_mechanism.py        # ~2 min on one CPU thread; writes studies/results/entropy_mechanism.*
 
 Runs ``python -m probe fit --config studies/entropy_mechanism.yaml`` (the toy GRPO run with the live probe at every
 second step, along the full step, its baseline and its gradient part) and reads the live records: per probed step the
