@@ -17,7 +17,9 @@ matter; the tables are built by :mod:`probe.wandb_tables`):
   its share of a_i, the covariance term, log p, the sequence's advantage; the sequences with the largest |a_i|
   first, at most ``wandb.Table.MAX_ROWS`` rows), and ``html/update_top_sequences``, the top sequences with each
   token coloured by a_{i,t};
-* the plots (``plots/<name>``) and the run directory as an artifact.
+* the plots (``plots/<name>``) and the run directory as an artifact;
+* the run's settings (``summary.json["config"]``) and its plan as the W&B run's config, so the runs table can
+  filter and group runs by them.
 
 All of it is logged in one history step. With no ``WandbLogger`` attached (or ``WANDB_MODE=disabled``) it does
 nothing.
@@ -59,6 +61,7 @@ from probe.wandb_tables import (
     check_tokens_match,
     delta_h_series,
     delta_h_table,
+    largest_first,
     token_table,
     top_sequences_html,
     update_sequence_table,
@@ -116,8 +119,18 @@ def predict_media(state: PredictRunState) -> dict[str, Any]:
         )
     records, first, tokens = state.require("inputs").update_records, evals[0], update_tokens(state)
     decode, decode_tokens = _decoders(state.tokenizer)
-    columns, rows = update_sequence_table(records, first.arrays, decode, tokens)
+    columns, rows = largest_first(
+        update_sequence_table(records, first.arrays, decode, tokens), "attribution", wandb.Table.MAX_ROWS
+    )
     media["update_sequences"] = wandb.Table(columns=columns, data=rows)
+    if len(rows) < len(records):
+        log.info(
+            "W&B: update_sequences holds the %d update sequences with the largest |a_i| (of %d): a W&B table shows at "
+            "most %d rows",
+            len(rows),
+            len(records),
+            wandb.Table.MAX_ROWS,
+        )
     if tokens is not None:
         a = first.arrays.get("attributions")
         columns, rows, shown = token_table(records, tokens, a, decode_tokens, max_rows=wandb.Table.MAX_ROWS)
@@ -288,7 +301,9 @@ class WandbReport(pl.Callback):
         values = update_metrics(state.require("update").summary())
         for ev in state.require("result"):
             values.update(metrics(ev, list(plan.etas), plan.lr))
+        settings = {**state.settings.as_dict(), "plan": plan.describe()}  # the run's settings, to filter runs by
         for lg in loggers:
+            lg.log_hyperparams(settings)
             # the summary, not the history: one update (module docstring)
             lg.experiment.summary.update({prefixed(lg, key): value for key, value in values.items()})
             lg.log_metrics(predict_media(state))  # one history step; built per logger (a table binds to its run)

@@ -210,6 +210,20 @@ def update_sequence_table(
     return columns, rows
 
 
+def largest_first(table: Table, column: str, max_rows: int) -> Table:
+    """At most ``max_rows`` rows of ``table``: all of them when they fit, else those of largest |``column``| (rows
+    without a value last, ties in their order), kept in their original order."""
+    columns, rows = table
+    if max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    if len(rows) <= max_rows:
+        return columns, rows
+    k = columns.index(column)
+    ranked = sorted(range(len(rows)), key=lambda i: (rows[i][k] is None, -abs(rows[i][k] or 0.0), i))
+    keep = sorted(ranked[:max_rows])
+    return columns, [rows[i] for i in keep]
+
+
 def check_tokens_match(records: list[dict], tokens: UpdateTokens) -> None:
     """Each sequence's ``update_tokens/token_ids`` are its record's ``response_ids``: else the arrays belong to another
     update batch (or another order of it)."""

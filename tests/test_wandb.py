@@ -186,6 +186,14 @@ def test_the_scalar_metrics_are_in_the_run_summary_not_one_point_history(predict
     assert {"plots/delta_h/_type", "update_sequences/_type", "tables/eval_00/delta_h/_type"} <= set(rows[0])
 
 
+def test_the_runs_settings_and_plan_are_the_wandb_config(predict_run):
+    _, run, summary = predict_run
+    config = config_updates(event_log(run))
+    for section, settings in summary["config"].items():  # what summary.json records, so runs can be filtered by it
+        assert config[section] == json.loads(json.dumps(settings)), section
+    assert config["plan"]["etas"] == summary["plan"]["etas"] and config["plan"]["parts"] == summary["plan"]["parts"]
+
+
 def test_the_update_sequences_table_has_decoded_text_and_attributions(predict_run, toy_world_dir):
     from transformers import AutoTokenizer
 
@@ -353,6 +361,17 @@ def test_the_update_sequence_table_adds_reward_attribution_and_logprob_when_comp
     assert [r[-1] for r in rows] == [None, None, None]  # no attribution computed
     with pytest.raises(ValueError, match=r"reward_attributions has shape \(2,\), expected \[3\]"):
         update_sequence_table(records, {"reward_attributions": np.zeros(2)}, decode)
+
+
+def test_a_table_over_the_row_limit_keeps_the_rows_of_largest_magnitude_in_their_order():
+    from probe.wandb_tables import largest_first
+
+    table = (["index", "attribution"], [[0, 0.5], [1, -3.0], [2, None], [3, 2.0], [4, -0.1]])
+    assert largest_first(table, "attribution", 5) == table
+    assert largest_first(table, "attribution", 2) == (["index", "attribution"], [[1, -3.0], [3, 2.0]])
+    assert largest_first(table, "attribution", 4)[1] == [[0, 0.5], [1, -3.0], [3, 2.0], [4, -0.1]]  # null last
+    with pytest.raises(ValueError, match="max_rows must be at least 1"):
+        largest_first(table, "attribution", 0)
 
 
 def test_the_token_table_has_one_row_per_token_with_its_share_of_the_sequence():
