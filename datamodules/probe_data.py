@@ -162,10 +162,14 @@ class ProbeDataModule(pl.LightningDataModule):
     def _score_eval(
         settings: EvalBatchSettings, policy: torch.nn.Module, tokenizer: Any, records: list[dict]
     ) -> list[dict]:
-        """E's records with ``reward`` from ``settings.reward`` (the prompts' answers from ``settings.source``)."""
+        """E's records with ``reward`` from ``settings.reward``; the reference answers (GSM8K's) come from
+        ``settings.source`` for a sampled E, from each record's ``answer`` field for a file E."""
         if not settings.reward:
             return records
-        answers = load_prompts(settings.source, tokenizer)[1] if not settings.path else None
+        if settings.path:
+            answers = {tuple(r["prompt_ids"]): r["answer"] for r in records if r.get("answer") is not None}
+        else:
+            answers = load_prompts(settings.source, tokenizer)[1]
         reward = ids_reward_from_text(
             resolve_reward(settings.reward),
             tokenizer,

@@ -210,3 +210,25 @@ def test_nan_reward_is_an_error_naming_the_function(reward_module):
 def test_non_numeric_reward_is_an_error_naming_the_function(reward_module, name):
     with pytest.raises(TypeError, match=rf"reward function '{reward_module}:{name}' returned .*Fix: return a float"):
         resolve_reward(f"{reward_module}:{name}")("p", "r")
+
+
+def test_an_evaluation_batch_is_scored_with_its_reward_and_a_file_brings_its_answers():
+    """E scored for the change of its expected reward (data.evals[k].reward): a sampled E's answers come from its
+    prompt source, a file E's from each record's ``answer`` field; the file's own rewards are replaced."""
+    from datamodules.probe_data import EvalBatchSettings, ProbeDataModule
+    from probe.toy.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    prompt, seven = (
+        tokenizer.encode("3 + 4 =", add_special_tokens=False),
+        tokenizer.encode("7", add_special_tokens=False),
+    )
+    records = [
+        {"prompt_ids": prompt, "response_ids": seven + [tokenizer.eos_token_id], "answer": "7", "reward": 0.5},
+        {"prompt_ids": [1, *prompt], "response_ids": seven + [tokenizer.eos_token_id], "answer": "8"},
+    ]
+    settings = EvalBatchSettings(path="E.jsonl", reward="gsm8k")
+    scored = ProbeDataModule._score_eval(settings, None, tokenizer, records)
+    assert [r["reward"] for r in scored] == [1.0, 0.0]  # each against its own record's answer
+    assert records[0]["reward"] == 0.5, "the records read are not changed in place"
+    assert ProbeDataModule._score_eval(EvalBatchSettings(path="E.jsonl"), None, tokenizer, records) is records
