@@ -42,7 +42,7 @@ from probe.overrides import Sweep, base_statistics, sweep
 from probe.sharding import sharded_view
 from probe.snis import SNISConfig, SNISResult, snis_difference, snis_estimates
 from probe.statistics import INTEGRANDS, SequenceStats, check_integrand
-from probe.taylor import first_order, sequence_derivatives
+from probe.taylor import SequenceDerivatives, first_order, sequence_derivatives
 from probe.update import (
     TokenInnerProducts,
     Update,
@@ -202,14 +202,17 @@ def attribute(
     slope = gap = None
     if check:
         derivs = sequence_derivatives(model, inputs.E, update.grad, inputs.forcing, order=1)
-        if rewards is None:
-            slope = first_order(derivs, inputs.integrand).slope
-        else:  # (1/M) sum_j l'_j (r_j - rbar)
-            r = torch.as_tensor(rewards, dtype=torch.float64).cpu()
-            slope = float((derivs.first.logprobs.double().cpu() * (r - r.mean())).mean())
+        slope = first_order(derivs, inputs.integrand).slope if rewards is None else reward_slope(derivs, rewards)
         gap = abs(total - slope) / max(abs(slope), 1e-300)
     counts = dict(integrand="reward" if rewards is not None else inputs.integrand, n_update=len(U), n_eval=inputs.M)
     return Attribution(**counts, total=total, first_order_grad=slope, relative_gap=gap, attributions=a, tokens=tokens)
+
+
+def reward_slope(derivs: SequenceDerivatives, rewards: Tensor) -> float:
+    """The first-order change of E's expected reward along the derivatives' direction, (1/M) sum_j l'_j (r_j - rbar)
+    (a reward is a constant of theta, so only the importance weights move)."""
+    r = torch.as_tensor(rewards, dtype=torch.float64).cpu()  # [M]
+    return float((derivs.first.logprobs.double().cpu() * (r - r.mean())).mean())
 
 
 # ---------------------------------------------------------------------------------------------

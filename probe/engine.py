@@ -18,6 +18,7 @@ The realised change of a live step, measured on fresh samples, is :mod:`probe.re
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from probe.attribution import AttributionInputs, attribute, eval_update_matrix, per_sequence_exact
+from probe.attribution import AttributionInputs, attribute, eval_update_matrix, per_sequence_exact, reward_slope
 from probe.batch import SequenceBatch
 from probe.covariance import covariance_law
 from probe.logprobs import TeacherForcing, teacher_force
@@ -575,7 +576,12 @@ def complete_eval(
     if U is not None:
         forcing = plan.forcing(E.temperature)
         inputs = AttributionInputs(policy, update, U.to(device), batch, forcing, integrand=plan.integrand, base=base)
-    token_logprobs = None  # [N, T-1] U's log-probs at theta, from the attribution's JVP
+    tokens = None  # a_it and U's log-probs at theta, from the attribution's JVP over U
+
+    @functools.cache
+    def along_grad() -> SequenceDerivatives:  # the JVP over E along the grad part: taken at most once, for the checks
+        return sequence_derivatives(policy, batch, update.grad, inputs.forcing, order=1)
+
     with torch.inference_mode(False):
         if (plan.attribution or plan.eval_update_matrix or plan.per_sequence_exact) and E.sampling is not None:
             result.warnings.append(
@@ -583,17 +589,16 @@ def complete_eval(
                 "sampled from another policy (a held E), so they are not computed"
             )
         elif plan.attribution:
-            # the grad part's slope from the sweep is the check on sum_i a_i (no second JVP over E) where it
-            # is the same estimator; else attribute() takes it
-            swept_slope = result.parts["grad"].first_order if "grad" in result.parts else None
-            slope = swept_slope if plan.snis.normalisation == "global" else None
-            att = attribute(inputs, check=slope is None)
-            slope = att.first_order_grad if slope is None else slope
+            # the grad part's slope from the sweep is the check on sum_i a_i (no JVP over E) where it is the same
+            # estimator; else one JVP over E along the grad part, shared with the reward's check
+            swept = "grad" in result.parts and plan.snis.normalisation == "global"
+            slope = result.parts["grad"].first_order if swept else first_order(along_grad(), plan.integrand).slope
+            att = attribute(inputs, check=False)
             a = att.attributions.numpy()
             order = np.argsort(a)
             result.arrays["attributions"] = a
-            token_logprobs = att.tokens.logprobs
-            result.arrays.update(_update_token_arrays(U, att.tokens))
+            tokens = att.tokens
+            result.arrays.update(_update_token_arrays(U, tokens))
             abs_sum = float(np.abs(a).sum())
             result.attribution = AttributionSummary(
                 sum=att.total,
@@ -615,12 +620,13 @@ def complete_eval(
                     "docs/DESIGN.md section 5"
                 )
             if result.reward is not None:
-                _attribute_reward(inputs, result, plan)
+                _attribute_reward(inputs, result, plan, along_grad)
             timed("attribution")
         if plan.covariance_law and U is not None and U.advantages is not None:
-            if token_logprobs is None:  # no attribution: U's log-probs by one forward
-                token_logprobs = update_token_logprobs(policy, update, U)
-            _covariance_law(U, token_logprobs, result, plan)
+            if tokens is None:  # no attribution: U's log-probs by one forward
+                _covariance_law(U, _update_token_logprobs(policy, update, U), None, result, plan)
+            else:
+                _covariance_law(U, tokens.logprobs, tokens.values, result, plan)
             timed("covariance_law")
         if plan.eval_update_matrix and E.sampling is None:
             S = eval_update_matrix(inputs).numpy()
@@ -671,13 +677,18 @@ def _top_tokens(arrays: dict[str, np.ndarray], n: int = 10) -> list[dict[str, An
     return out
 
 
-def _attribute_reward(inputs: AttributionInputs, result: EvalResult, plan: Plan) -> None:
+def _attribute_reward(
+    inputs: AttributionInputs, result: EvalResult, plan: Plan, along_grad: Callable[[], SequenceDerivatives]
+) -> None:
     """r_i and r_it: each update sequence's (and token's) share of the first-order change of E's expected reward,
-    checked against the gradient part's reward slope (docs/DESIGN.md section 5)."""
+    checked against the gradient part's reward slope (from the sweep, else from ``along_grad``, the JVP over E along
+    the grad part; docs/DESIGN.md section 5)."""
     grad = result.reward["parts"].get("grad")
-    slope = grad["first_order"] if grad is not None and plan.snis.normalisation == "global" else None
-    att = attribute(inputs, check=slope is None, rewards=inputs.E.rewards)
-    slope = att.first_order_grad if slope is None else slope
+    if grad is not None and plan.snis.normalisation == "global":
+        slope = grad["first_order"]
+    else:
+        slope = reward_slope(along_grad(), inputs.E.rewards)
+    att = attribute(inputs, check=False, rewards=inputs.E.rewards)
     r = att.attributions.numpy()
     result.arrays["reward_attributions"] = r
     result.arrays.update(_update_token_arrays(inputs.U, att.tokens, prefix="reward_"))
@@ -698,7 +709,7 @@ def _attribute_reward(inputs: AttributionInputs, result: EvalResult, plan: Plan)
         )
 
 
-def update_token_logprobs(policy: nn.Module, update: Update, U: SequenceBatch) -> Tensor:  # [N, T-1]
+def _update_token_logprobs(policy: nn.Module, update: Update, U: SequenceBatch) -> Tensor:  # [N, T-1]
     """U's response-token log-probs at theta, as the step's loss teacher-forces them (0 off the response)."""
     if update.loss is None:
         raise ValueError(
@@ -711,15 +722,18 @@ def update_token_logprobs(policy: nn.Module, update: Update, U: SequenceBatch) -
     return (stats.logprobs.double() * stats.mask).cpu()
 
 
-def _covariance_law(U: SequenceBatch, token_logprobs: Tensor, result: EvalResult, plan: Plan) -> None:
+def _covariance_law(
+    U: SequenceBatch,
+    token_logprobs: Tensor,  # [N, T-1]
+    token_attributions: Tensor | None,  # [N, T-1] a_it (None: not computed)
+    result: EvalResult,
+    plan: Plan,
+) -> None:
     """The covariance term of Cui et al. 2025 on U (``update_tokens/covariance``), next to the exact changes."""
-    values = result.arrays.get("update_tokens/attributions")
     mask = U.target_mask.cpu()
-    tokens = None
-    if values is not None:
-        tokens = torch.zeros(mask.shape, dtype=torch.float64)
-        tokens[mask] = torch.as_tensor(values)
-    law, cov = covariance_law(token_logprobs, U.advantages.cpu(), mask, tokens, fraction=plan.covariance_fraction)
+    law, cov = covariance_law(
+        token_logprobs, U.advantages.cpu(), mask, token_attributions, fraction=plan.covariance_fraction
+    )
     result.arrays["update_tokens/covariance"] = cov[mask].numpy()
     lr = plan.lr
     law.law_at_lr = -lr * law.batch_mean
