@@ -19,35 +19,18 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import commit, cpu_model
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONFIG = HERE / "entropy_mechanism.yaml"
 PARTS = ("full", "baseline", "grad")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _cpu_model() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def run_fit(root: Path) -> Path:
@@ -282,8 +265,8 @@ def main(argv: list[str] | None = None) -> None:
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "platform": platform.platform(),
-            "processor": _cpu_model(),
-            "commit": _commit(),
+            "processor": cpu_model(),
+            "commit": commit(),
             "date": time.strftime("%Y-%m-%d"),
             "fit_seconds": seconds if args.records is None else None,
         },

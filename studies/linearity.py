@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import commit
 
 from probe.analyze import analyse_part, markdown_table, plot_linearity
 from probe.batch import collate
@@ -47,15 +47,6 @@ from probe.update import ReconstructionConfig, reconstruct_update
 PARTS = ("full", "baseline", "grad")
 INTEGRANDS = ("token_entropy", "logprob")
 HERE = Path(__file__).resolve().parent
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -133,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
             "torch": torch.__version__,
             "platform": platform.platform(),
             "threads": args.threads,
-            "commit": _commit(),
+            "commit": commit(),
             "date": time.strftime("%Y-%m-%d"),
         },
     }
