@@ -175,7 +175,7 @@ def inverse_cdf(probs: Tensor, u: Tensor) -> Tensor:  # [R, V], [R] -> [R] long
             "the sampling distribution of some row is not finite or sums to 0 (non-finite logits): the policy's "
             "logits overflowed; check the policy's dtype and weights"
         )
-    cdf = cdf / total  # the total is exactly 1.0 (x / x)
+    cdf.div_(total.clone())  # in place (no second [R, V] buffer); the total becomes exactly 1.0 (x / x)
     u = u.to(cdf).contiguous()[:, None]  # [R, 1]
     token = torch.searchsorted(cdf, u, right=True).squeeze(-1)  # [R] the first v with cdf_v > u
     return token.clamp(max=probs.shape[-1] - 1)  # (only u >= 1, which [0, 1) uniforms never are)
